@@ -1,0 +1,274 @@
+//! Map keys and values shared by the sockgate eBPF programs and the node agent.
+//!
+//! Every type here is `#[repr(C)]` with explicit padding so that the kernel and the
+//! agent agree on the layout byte for byte, and so that `bpftool map dump` shows each
+//! field by name (the maps are declared with BTF). Byte order is part of a field's name
+//! where it is not host order (`addr_be`). Each type has a size assertion: changing a
+//! layout is a deliberate act that also changes the pinned-map compatibility check.
+//!
+//! # Layout
+//!
+//! * [`GW_LISTENERS`]: listener port ([`ListenerKey`]) -> [`ListenerInfo`]
+//! * [`GW_BACKENDS`]: [`BackendKey`] (listener port + index) -> [`Backend`]
+//! * [`GW_SOCKS`]: sockhash, socket cookie (`u64`) -> socket
+//! * [`GW_PEERS`]: socket cookie (`u64`) -> [`Peer`]
+//! * [`GW_STATS`]: per-CPU, [`StatsKey`] (listener port + owner) -> [`ListenerStats`]
+#![no_std]
+
+use core::mem::size_of;
+
+/// Name of the listener map (listener port -> [`ListenerInfo`]).
+pub const GW_LISTENERS: &str = "GW_LISTENERS";
+/// Name of the backend map ([`BackendKey`] -> [`Backend`]).
+pub const GW_BACKENDS: &str = "GW_BACKENDS";
+/// Name of the socket hash (socket cookie -> socket).
+pub const GW_SOCKS: &str = "GW_SOCKS";
+/// Name of the peer map (socket cookie -> [`Peer`]).
+pub const GW_PEERS: &str = "GW_PEERS";
+/// Name of the per-CPU counter map ([`StatsKey`] -> [`ListenerStats`]).
+pub const GW_STATS: &str = "GW_STATS";
+
+/// Every map the programs declare, in the order the loader pins them.
+pub const MAP_NAMES: [&str; 5] = [GW_LISTENERS, GW_BACKENDS, GW_SOCKS, GW_PEERS, GW_STATS];
+
+/// Capacity of [`GW_LISTENERS`].
+pub const MAX_LISTENERS: u32 = 1024;
+/// Capacity of [`GW_BACKENDS`] (all listeners together).
+pub const MAX_BACKENDS: u32 = 16384;
+/// Most backends one listener may have (indexes `0..MAX_BACKENDS_PER_LISTENER`).
+pub const MAX_BACKENDS_PER_LISTENER: u32 = 256;
+/// Capacity of [`GW_SOCKS`] and [`GW_PEERS`]: two entries per proxied connection.
+pub const MAX_SOCKETS: u32 = 65536;
+/// Capacity of [`GW_STATS`]: one entry per listener and owner.
+pub const MAX_STATS: u32 = 2 * MAX_LISTENERS;
+
+/// Name of the `sk_skb` stream verdict program.
+pub const PROG_VERDICT: &str = "gw_verdict";
+/// Name of the `sk_msg` program.
+pub const PROG_MSG: &str = "gw_msg";
+
+/// Key of [`GW_LISTENERS`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct ListenerKey {
+    /// TCP port of the listener, host byte order.
+    pub port: u16,
+    /// Always zero.
+    pub _pad: u16,
+}
+const _: () = assert!(size_of::<ListenerKey>() == 4);
+
+/// Value of [`GW_LISTENERS`]: what the agent programmed for one listener port.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct ListenerInfo {
+    /// Number of entries in [`GW_BACKENDS`] for this port (indexes `0..backend_count`).
+    pub backend_count: u32,
+    /// Sum of the weights of those entries; 0 means every connection is rejected.
+    pub total_weight: u32,
+    /// `LISTENER_F_*` bits.
+    pub flags: u32,
+    /// Generation of the desired state that last wrote this entry.
+    pub generation: u32,
+}
+const _: () = assert!(size_of::<ListenerInfo>() == 16);
+
+/// [`ListenerInfo::flags`]: the listener is draining (accepts nothing new).
+pub const LISTENER_F_DRAINING: u32 = 1;
+
+/// Key of [`GW_BACKENDS`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct BackendKey {
+    /// Listener port, host byte order.
+    pub listener_port: u16,
+    /// Always zero.
+    pub _pad: u16,
+    /// Index of the backend within the listener, `0..ListenerInfo::backend_count`.
+    pub index: u32,
+}
+const _: () = assert!(size_of::<BackendKey>() == 8);
+
+/// Value of [`GW_BACKENDS`]: one backend endpoint and its weight.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct Backend {
+    /// IPv6 address, or IPv4-mapped IPv6 (`::ffff:a.b.c.d`), network byte order.
+    pub addr_be: [u8; 16],
+    /// TCP port, host byte order.
+    pub port: u16,
+    /// `AF_INET` (2) or `AF_INET6` (10): the family to connect with.
+    pub family: u16,
+    /// Share of new connections; 0 is never picked.
+    pub weight: u32,
+    /// `BACKEND_F_*` bits.
+    pub flags: u32,
+    /// Always zero.
+    pub _pad: u32,
+}
+const _: () = assert!(size_of::<Backend>() == 32);
+
+/// [`Backend::flags`]: the backendRef is invalid; connections picked for it are rejected.
+pub const BACKEND_F_INVALID: u32 = 1;
+
+/// Value of [`GW_PEERS`]: the other socket of a proxied pair.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct Peer {
+    /// Socket cookie of the peer socket (its key in [`GW_SOCKS`]).
+    pub peer_cookie: u64,
+    /// Listener port the pair belongs to, host byte order (the [`GW_STATS`] key).
+    pub listener_port: u16,
+    /// Always zero.
+    pub _pad: u16,
+    /// [`DIR_CLIENT_TO_BACKEND`] when this socket is the client side, else
+    /// [`DIR_BACKEND_TO_CLIENT`]: the direction of the bytes it receives.
+    pub direction: u32,
+}
+const _: () = assert!(size_of::<Peer>() == 16);
+
+/// Bytes received on the client socket, sent to the backend.
+pub const DIR_CLIENT_TO_BACKEND: u32 = 0;
+/// Bytes received on the backend socket, sent to the client.
+pub const DIR_BACKEND_TO_CLIENT: u32 = 1;
+
+/// Key of [`GW_STATS`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct StatsKey {
+    /// Listener port, host byte order.
+    pub listener_port: u16,
+    /// Always zero.
+    pub _pad: u16,
+    /// Who writes this entry: [`OWNER_KERNEL`] (the eBPF programs) or
+    /// [`OWNER_AGENT`] (the node agent). Each entry has exactly one writer, so the
+    /// agent never overwrites a count the kernel made.
+    pub owner: u32,
+}
+const _: () = assert!(size_of::<StatsKey>() == 8);
+
+/// [`StatsKey::owner`]: counted by the eBPF programs.
+pub const OWNER_KERNEL: u32 = 0;
+/// [`StatsKey::owner`]: counted by the node agent.
+pub const OWNER_AGENT: u32 = 1;
+
+/// Value of [`GW_STATS`], per CPU: counters of one listener. Sum over CPUs and owners
+/// to read them.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct ListenerStats {
+    /// Client connections accepted.
+    pub accepted: u64,
+    /// Client connections connected to a backend.
+    pub connected: u64,
+    /// Rejected (reset): the listener had no backend with weight > 0.
+    pub rejected_no_backend: u64,
+    /// Rejected (reset): the backendRef picked is invalid.
+    pub rejected_invalid_backend: u64,
+    /// Rejected (reset): every connect attempt failed or timed out.
+    pub rejected_connect_failed: u64,
+    /// Backend connect attempts that failed or timed out (retried or not).
+    pub connect_failures: u64,
+    /// Connections spliced in the kernel (sockmap), cumulative.
+    pub kernel_connections: u64,
+    /// Connections spliced in userspace (`splice(2)`), cumulative.
+    pub userspace_connections: u64,
+    /// Connections open now on the kernel path.
+    pub active_kernel: u64,
+    /// Connections open now on the userspace path.
+    pub active_userspace: u64,
+    /// Bytes client -> backend redirected by the kernel path.
+    pub bytes_c2b_kernel: u64,
+    /// Bytes backend -> client redirected by the kernel path.
+    pub bytes_b2c_kernel: u64,
+    /// Bytes client -> backend moved by the userspace path (and early data).
+    pub bytes_c2b_userspace: u64,
+    /// Bytes backend -> client moved by the userspace path (and early data).
+    pub bytes_b2c_userspace: u64,
+    /// Segments the verdict program redirected.
+    pub redirects: u64,
+    /// Segments the verdict program passed to the socket (no peer, redirect failed).
+    pub passes: u64,
+    /// Messages seen by the `sk_msg` program.
+    pub msgs: u64,
+    /// Always zero; room for one more counter without a layout change.
+    pub _reserved: u64,
+}
+const _: () = assert!(size_of::<ListenerStats>() == 18 * 8);
+
+#[cfg(feature = "user")]
+mod user {
+    //! `aya::Pod` for every map type, so the agent can read and write the maps.
+    use super::{Backend, BackendKey, ListenerInfo, ListenerKey, ListenerStats, Peer, StatsKey};
+
+    // SAFETY: all of these are #[repr(C)], have no padding bytes left implicit (see the
+    // size asserts) and are valid for any bit pattern.
+    unsafe impl aya::Pod for ListenerKey {}
+    unsafe impl aya::Pod for ListenerInfo {}
+    unsafe impl aya::Pod for BackendKey {}
+    unsafe impl aya::Pod for Backend {}
+    unsafe impl aya::Pod for Peer {}
+    unsafe impl aya::Pod for StatsKey {}
+    unsafe impl aya::Pod for ListenerStats {}
+}
+
+impl ListenerKey {
+    /// The key of listener `port`.
+    pub const fn new(port: u16) -> Self {
+        Self { port, _pad: 0 }
+    }
+}
+
+impl BackendKey {
+    /// The key of backend `index` of listener `listener_port`.
+    pub const fn new(listener_port: u16, index: u32) -> Self {
+        Self {
+            listener_port,
+            _pad: 0,
+            index,
+        }
+    }
+}
+
+impl StatsKey {
+    /// The counters of listener `listener_port` written by `owner`.
+    pub const fn new(listener_port: u16, owner: u32) -> Self {
+        Self {
+            listener_port,
+            _pad: 0,
+            owner,
+        }
+    }
+}
+
+impl ListenerStats {
+    /// Field-wise sum, for adding up per-CPU and per-owner values.
+    #[must_use]
+    pub const fn add(mut self, o: &Self) -> Self {
+        self.accepted += o.accepted;
+        self.connected += o.connected;
+        self.rejected_no_backend += o.rejected_no_backend;
+        self.rejected_invalid_backend += o.rejected_invalid_backend;
+        self.rejected_connect_failed += o.rejected_connect_failed;
+        self.connect_failures += o.connect_failures;
+        self.kernel_connections += o.kernel_connections;
+        self.userspace_connections += o.userspace_connections;
+        self.active_kernel += o.active_kernel;
+        self.active_userspace += o.active_userspace;
+        self.bytes_c2b_kernel += o.bytes_c2b_kernel;
+        self.bytes_b2c_kernel += o.bytes_b2c_kernel;
+        self.bytes_c2b_userspace += o.bytes_c2b_userspace;
+        self.bytes_b2c_userspace += o.bytes_b2c_userspace;
+        self.redirects += o.redirects;
+        self.passes += o.passes;
+        self.msgs += o.msgs;
+        self
+    }
+}

@@ -1,0 +1,51 @@
+//! The desired state: what the data path serves, computed by the model from the
+//! Gateway API objects (or, before the model, from a fixed table).
+//!
+//! It is plain data: listeners by port, each with its backends and weights. The map
+//! writer turns it into `GW_LISTENERS` / `GW_BACKENDS` entries, and the proxy reads it
+//! through a `tokio::sync::watch` channel, so established connections keep their
+//! backend while new connections see the new state.
+use std::{collections::BTreeMap, net::SocketAddr};
+
+/// Everything the node serves.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct DesiredState {
+    /// Bumped by the producer on every change; written to `ListenerInfo::generation`.
+    pub generation: u32,
+    /// TCP listeners by port.
+    pub listeners: BTreeMap<u16, Listener>,
+}
+
+/// One TCP listener port and where its connections go.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Listener {
+    /// The TCP port, on every address of the node.
+    pub port: u16,
+    /// Where this listener comes from, for logs and status: `namespace/gateway/listener`.
+    pub origin: String,
+    /// The route carrying traffic (`namespace/name`), if any.
+    pub route: Option<String>,
+    /// Weighted backends, in a stable order (their index in `GW_BACKENDS`).
+    pub backends: Vec<Backend>,
+}
+
+/// One endpoint of a backendRef, or a placeholder for an invalid backendRef.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Backend {
+    /// Endpoint address and port; `None` for an invalid backendRef, whose weight share
+    /// is kept so that its connections are rejected.
+    pub addr: Option<SocketAddr>,
+    /// Share of new connections; 0 is never picked.
+    pub weight: u32,
+    /// The backendRef this endpoint comes from (`namespace/service:port`), for logs.
+    pub backend_ref: String,
+}
+
+impl DesiredState {
+    /// Sum of the weights of `port`'s backends, 0 when the listener is unknown.
+    pub fn total_weight(&self, port: u16) -> u64 {
+        self.listeners
+            .get(&port)
+            .map_or(0, |l| l.backends.iter().map(|b| u64::from(b.weight)).sum())
+    }
+}
