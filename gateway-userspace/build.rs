@@ -5,6 +5,8 @@ use std::path::Path;
 fn main() -> anyhow::Result<()> {
     let manifest_dir = std::env::var("CARGO_MANIFEST_DIR")?;
     let root = Path::new(&manifest_dir).join("../gateway-ebpf");
+    // The programs also compile gateway-common: rebuild them when it changes.
+    println!("cargo:rerun-if-changed={manifest_dir}/../gateway-common");
     let root = root.to_str().ok_or_else(|| anyhow::anyhow!("non-UTF-8 path {root:?}"))?;
     aya_build::build_ebpf(
         [aya_build::Package {

@@ -116,12 +116,20 @@ const _: () = assert!(size_of::<Backend>() == 32);
 pub const BACKEND_F_INVALID: u32 = 1;
 
 /// Value of [`GW_PEERS`]: the other socket of a proxied pair.
+///
+/// The agent writes an entry once, when the pair is made, and deletes it when the pair
+/// ends; in between only the verdict program writes it (`bytes_redirected`), so the two
+/// never race on a field.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 #[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
 pub struct Peer {
     /// Socket cookie of the peer socket (its key in [`GW_SOCKS`]).
     pub peer_cookie: u64,
+    /// Bytes received on this socket and redirected to the peer's egress by the verdict
+    /// program. The agent compares it with what the peer's TCP took before it
+    /// propagates a FIN.
+    pub bytes_redirected: u64,
     /// Listener port the pair belongs to, host byte order (the [`GW_STATS`] key).
     pub listener_port: u16,
     /// Always zero.
@@ -129,8 +137,12 @@ pub struct Peer {
     /// [`DIR_CLIENT_TO_BACKEND`] when this socket is the client side, else
     /// [`DIR_BACKEND_TO_CLIENT`]: the direction of the bytes it receives.
     pub direction: u32,
+    /// `PEER_F_*` bits; none defined yet.
+    pub flags: u32,
+    /// Always zero.
+    pub _pad2: u32,
 }
-const _: () = assert!(size_of::<Peer>() == 16);
+const _: () = assert!(size_of::<Peer>() == 32);
 
 /// Bytes received on the client socket, sent to the backend.
 pub const DIR_CLIENT_TO_BACKEND: u32 = 0;

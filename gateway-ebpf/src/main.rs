@@ -68,11 +68,12 @@ fn stats(port: u16) -> Option<&'static mut ListenerStats> {
 pub fn gw_verdict(ctx: SkBuffContext) -> u32 {
     // SAFETY: the context is a valid __sk_buff for this program type.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    let Some(peer) = GW_PEERS.get_ptr(&cookie) else {
+    let Some(entry) = GW_PEERS.get_ptr_mut(&cookie) else {
         return sk_action::SK_PASS;
     };
-    // SAFETY: pointer returned by the map lookup, read once.
-    let peer: Peer = unsafe { *peer };
+    // SAFETY: pointer returned by the map lookup; the verdict runs under this socket's
+    // lock, so it is the only writer of this entry's counter.
+    let peer: Peer = unsafe { *entry };
     let len = ctx.len();
     if len == 0 {
         // A FIN: userspace propagates it once the peer has sent everything.
@@ -81,6 +82,10 @@ pub fn gw_verdict(ctx: SkBuffContext) -> u32 {
     let mut key = peer.peer_cookie;
     let ret = GW_SOCKS.redirect_skb(&ctx, &mut key, 0);
     let redirected = ret == i64::from(sk_action::SK_PASS);
+    if redirected {
+        // SAFETY: as above.
+        unsafe { (*entry).bytes_redirected += u64::from(len) };
+    }
     if let Some(s) = stats(peer.listener_port) {
         if redirected {
             s.redirects += 1;

@@ -1,4 +1,572 @@
-//! The embedded eBPF object.
+//! The embedded eBPF object: loading, pinning, the pin compatibility check, and the
+//! typed handles the agent uses to write the maps.
+//!
+//! Maps are pinned under a directory of bpffs (default `/sys/fs/bpf/sockgate`), one
+//! file per map named as in the object (`GW_LISTENERS`, ...). Before a pin is reused its
+//! type, key size, value size and max entries are compared with what this build
+//! declares (as cilium/ebpf's `MapSpec.Compatible` does); a pin that does not match is
+//! replaced, with a log line saying why, or refused when [`PinMismatch::Fail`] is asked.
+use std::{
+    fs,
+    io,
+    os::fd::AsRawFd,
+    path::{Path, PathBuf},
+    sync::Mutex,
+};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{HashMap, MapData, MapInfo, MapType, PerCpuHashMap, PerCpuValues, SockHash},
+    programs::{SkMsg, SkSkb},
+};
+use gateway_common::{
+    Backend, BackendKey, GW_BACKENDS, GW_LISTENERS, GW_PEERS, GW_SOCKS, GW_STATS, ListenerInfo,
+    ListenerKey, ListenerStats, MAP_NAMES, MAX_BACKENDS, MAX_LISTENERS, MAX_SOCKETS, MAX_STATS,
+    PROG_MSG, PROG_VERDICT, Peer, StatsKey,
+};
+use tracing::{info, warn};
 
 /// The eBPF object built by `build.rs` from `gateway-ebpf`.
 pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/gateway"));
+
+/// Default pin directory.
+pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/sockgate";
+/// Where the kernel exposes its own BTF.
+pub const DEFAULT_KERNEL_BTF: &str = "/sys/kernel/btf/vmlinux";
+/// `statfs.f_type` of bpffs.
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+
+/// Errors of loading the programs and pinning the maps.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error("missing privileges: {missing} (run as root, or grant CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON)")]
+    Privileges { missing: String },
+    #[error("kernel has no BTF ({path} does not exist): sockgate needs a kernel built with CONFIG_DEBUG_INFO_BTF=y")]
+    NoBtf { path: PathBuf },
+    #[error("cannot mount bpffs on {path}: {source}")]
+    MountBpffs {
+        path: PathBuf,
+        #[source]
+        source: nix::Error,
+    },
+    #[error("pin directory {path}: {source}")]
+    PinDir {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("incompatible pinned map {path}: {reason} (remove it, or run with --on-pin-mismatch replace)")]
+    IncompatiblePin { path: PathBuf, reason: String },
+    #[error("pinned map {path} cannot be replaced: {source}")]
+    ReplacePin {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("loading the eBPF object: {0}")]
+    Load(#[from] aya::EbpfError),
+    #[error("program {name}: {source}")]
+    Program {
+        name: &'static str,
+        #[source]
+        source: aya::programs::ProgramError,
+    },
+    #[error("map {name}: {source}")]
+    Map {
+        name: &'static str,
+        #[source]
+        source: aya::maps::MapError,
+    },
+    #[error("the eBPF object has no {0}")]
+    Missing(&'static str),
+}
+
+/// Errors of writing or reading the maps at run time.
+#[derive(Debug, thiserror::Error)]
+#[error("map {map}: {source}")]
+pub struct MapOpError {
+    pub map: &'static str,
+    #[source]
+    pub source: aya::maps::MapError,
+}
+
+/// What to do with a pinned map whose layout differs from this build's.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum PinMismatch {
+    /// Remove the old pin (with a log line) and pin a new map.
+    #[default]
+    Replace,
+    /// Refuse to start.
+    Fail,
+}
+
+/// How to load.
+#[derive(Clone, Debug)]
+pub struct LoadOptions {
+    /// Directory on bpffs for the pins.
+    pub pin_dir: PathBuf,
+    /// Leave the pins in place when [`Datapath`] is dropped.
+    pub keep_pins: bool,
+    /// What to do with an incompatible pin.
+    pub on_mismatch: PinMismatch,
+    /// The kernel BTF file whose presence is required.
+    pub kernel_btf: PathBuf,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        Self {
+            pin_dir: PathBuf::from(DEFAULT_PIN_DIR),
+            keep_pins: false,
+            on_mismatch: PinMismatch::Replace,
+            kernel_btf: PathBuf::from(DEFAULT_KERNEL_BTF),
+        }
+    }
+}
+
+/// Type and sizes of a map, as this build declares it.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct MapSpec {
+    pub name: &'static str,
+    pub map_type: MapType,
+    pub key_size: u32,
+    pub value_size: u32,
+    pub max_entries: u32,
+}
+
+const fn size32<T>() -> u32 {
+    size_of::<T>() as u32
+}
+
+/// The maps of this build, as [`MAP_NAMES`] orders them.
+pub const MAP_SPECS: [MapSpec; 5] = [
+    MapSpec {
+        name: GW_LISTENERS,
+        map_type: MapType::Hash,
+        key_size: size32::<ListenerKey>(),
+        value_size: size32::<ListenerInfo>(),
+        max_entries: MAX_LISTENERS,
+    },
+    MapSpec {
+        name: GW_BACKENDS,
+        map_type: MapType::Hash,
+        key_size: size32::<BackendKey>(),
+        value_size: size32::<Backend>(),
+        max_entries: MAX_BACKENDS,
+    },
+    MapSpec {
+        name: GW_SOCKS,
+        map_type: MapType::SockHash,
+        key_size: size32::<u64>(),
+        value_size: size32::<u32>(),
+        max_entries: MAX_SOCKETS,
+    },
+    MapSpec {
+        name: GW_PEERS,
+        map_type: MapType::Hash,
+        key_size: size32::<u64>(),
+        value_size: size32::<Peer>(),
+        max_entries: MAX_SOCKETS,
+    },
+    MapSpec {
+        name: GW_STATS,
+        map_type: MapType::PerCpuHash,
+        key_size: size32::<StatsKey>(),
+        value_size: size32::<ListenerStats>(),
+        max_entries: MAX_STATS,
+    },
+];
+
+impl MapSpec {
+    /// Why a pinned map with `info` cannot stand for this one, or `None` when it can.
+    pub fn incompatibility(&self, info: &MapInfo) -> Option<String> {
+        let actual_type = info.map_type().ok();
+        if actual_type != Some(self.map_type) {
+            return Some(format!("type {actual_type:?}, want {:?}", self.map_type));
+        }
+        let pairs = [
+            ("key size", info.key_size(), self.key_size),
+            ("value size", info.value_size(), self.value_size),
+            ("max entries", info.max_entries(), self.max_entries),
+        ];
+        pairs
+            .iter()
+            .find(|(_, got, want)| got != want)
+            .map(|(what, got, want)| format!("{what} {got}, want {want}"))
+    }
+}
+
+/// Checks that this process may load programs: CAP_BPF (or CAP_SYS_ADMIN) and
+/// CAP_NET_ADMIN in the effective set.
+pub fn check_privileges() -> Result<(), LoadError> {
+    const CAP_NET_ADMIN: u32 = 12;
+    const CAP_SYS_ADMIN: u32 = 21;
+    const CAP_BPF: u32 = 39;
+    let status = fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let eff = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+        .unwrap_or(0);
+    let has = |cap: u32| eff & (1 << cap) != 0;
+    let mut missing = Vec::new();
+    if !has(CAP_BPF) && !has(CAP_SYS_ADMIN) {
+        missing.push("CAP_BPF");
+    }
+    if !has(CAP_NET_ADMIN) {
+        missing.push("CAP_NET_ADMIN");
+    }
+    if missing.is_empty() {
+        Ok(())
+    } else {
+        Err(LoadError::Privileges {
+            missing: missing.join(", "),
+        })
+    }
+}
+
+/// Mounts bpffs on `/sys/fs/bpf` when `dir` is below it and it is not bpffs yet, then
+/// creates `dir`.
+fn ensure_pin_dir(dir: &Path) -> Result<(), LoadError> {
+    let root = Path::new("/sys/fs/bpf");
+    if dir.starts_with(root) {
+        let is_bpffs = nix::sys::statfs::statfs(root)
+            .is_ok_and(|s| i64::from(s.filesystem_type().0) == BPF_FS_MAGIC);
+        if !is_bpffs {
+            info!(path = %root.display(), "mounting bpffs");
+            nix::mount::mount(
+                Some("bpf"),
+                root,
+                Some("bpf"),
+                nix::mount::MsFlags::empty(),
+                None::<&str>,
+            )
+            .map_err(|source| LoadError::MountBpffs {
+                path: root.to_path_buf(),
+                source,
+            })?;
+        }
+    }
+    fs::create_dir_all(dir).map_err(|source| LoadError::PinDir {
+        path: dir.to_path_buf(),
+        source,
+    })
+}
+
+/// Checks the pin of `spec` in `dir`: keeps a compatible one, removes (or refuses) an
+/// incompatible one. Returns whether a pin is reused.
+fn check_pin(dir: &Path, spec: &MapSpec, on_mismatch: PinMismatch) -> Result<bool, LoadError> {
+    let path = dir.join(spec.name);
+    if fs::symlink_metadata(&path).is_err() {
+        return Ok(false);
+    }
+    let reason = match MapInfo::from_pin(&path) {
+        Ok(info) => spec.incompatibility(&info),
+        Err(e) => Some(format!("not a readable map pin ({e})")),
+    };
+    let Some(reason) = reason else {
+        info!(map = spec.name, path = %path.display(), "reusing pinned map");
+        return Ok(true);
+    };
+    match on_mismatch {
+        PinMismatch::Fail => Err(LoadError::IncompatiblePin { path, reason }),
+        PinMismatch::Replace => {
+            warn!(map = spec.name, path = %path.display(), %reason, "replacing incompatible pinned map");
+            fs::remove_file(&path).map_err(|source| LoadError::ReplacePin { path, source })?;
+            Ok(false)
+        }
+    }
+}
+
+/// Typed handles on the maps, each behind its own lock (map syscalls are short).
+pub struct Maps {
+    pub listeners: Mutex<HashMap<MapData, ListenerKey, ListenerInfo>>,
+    pub backends: Mutex<HashMap<MapData, BackendKey, Backend>>,
+    pub socks: Mutex<SockHash<MapData, u64>>,
+    pub peers: Mutex<HashMap<MapData, u64, Peer>>,
+    pub stats: Mutex<PerCpuHashMap<MapData, StatsKey, ListenerStats>>,
+}
+
+/// The loaded and attached programs, and their maps.
+pub struct Datapath {
+    // Owns the programs and their attachments: dropping it detaches them.
+    _ebpf: Ebpf,
+    pub maps: Maps,
+    pin_dir: PathBuf,
+    keep_pins: bool,
+    /// Maps found pinned and reused rather than created.
+    pub reused: Vec<&'static str>,
+}
+
+fn take<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, LoadError>
+where
+    T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>,
+{
+    let map = ebpf.take_map(name).ok_or(LoadError::Missing(name))?;
+    T::try_from(map).map_err(|source| LoadError::Map { name, source })
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+impl Datapath {
+    /// Checks privileges and BTF, pins the maps (reusing compatible pins), loads the
+    /// programs and attaches them to `GW_SOCKS`.
+    pub fn load(opts: &LoadOptions) -> Result<Self, LoadError> {
+        check_privileges()?;
+        if !opts.kernel_btf.exists() {
+            return Err(LoadError::NoBtf {
+                path: opts.kernel_btf.clone(),
+            });
+        }
+        ensure_pin_dir(&opts.pin_dir)?;
+        let mut reused = Vec::new();
+        for spec in &MAP_SPECS {
+            if check_pin(&opts.pin_dir, spec, opts.on_mismatch)? {
+                reused.push(spec.name);
+            }
+        }
+        let mut loader = EbpfLoader::new();
+        for name in MAP_NAMES {
+            loader.map_pin_path(name, opts.pin_dir.join(name));
+        }
+        let mut ebpf = loader.load(OBJECT)?;
+        let socks: SockHash<MapData, u64> = take(&mut ebpf, GW_SOCKS)?;
+        let sock_fd = socks.fd().try_clone().map_err(|e| LoadError::Map {
+            name: GW_SOCKS,
+            source: aya::maps::MapError::IoError(e),
+        })?;
+        {
+            let prog: &mut SkSkb = ebpf
+                .program_mut(PROG_VERDICT)
+                .ok_or(LoadError::Missing(PROG_VERDICT))?
+                .try_into()
+                .map_err(|source| LoadError::Program {
+                    name: PROG_VERDICT,
+                    source,
+                })?;
+            prog.load().map_err(|source| LoadError::Program {
+                name: PROG_VERDICT,
+                source,
+            })?;
+            prog.attach(&sock_fd).map_err(|source| LoadError::Program {
+                name: PROG_VERDICT,
+                source,
+            })?;
+        }
+        {
+            let prog: &mut SkMsg = ebpf
+                .program_mut(PROG_MSG)
+                .ok_or(LoadError::Missing(PROG_MSG))?
+                .try_into()
+                .map_err(|source| LoadError::Program {
+                    name: PROG_MSG,
+                    source,
+                })?;
+            prog.load().map_err(|source| LoadError::Program {
+                name: PROG_MSG,
+                source,
+            })?;
+            prog.attach(&sock_fd).map_err(|source| LoadError::Program {
+                name: PROG_MSG,
+                source,
+            })?;
+        }
+        let maps = Maps {
+            listeners: Mutex::new(take(&mut ebpf, GW_LISTENERS)?),
+            backends: Mutex::new(take(&mut ebpf, GW_BACKENDS)?),
+            socks: Mutex::new(socks),
+            peers: Mutex::new(take(&mut ebpf, GW_PEERS)?),
+            stats: Mutex::new(take(&mut ebpf, GW_STATS)?),
+        };
+        info!(pin_dir = %opts.pin_dir.display(), reused = ?reused, "eBPF programs loaded and attached");
+        Ok(Self {
+            _ebpf: ebpf,
+            maps,
+            pin_dir: opts.pin_dir.clone(),
+            keep_pins: opts.keep_pins,
+            reused,
+        })
+    }
+
+    /// The pin directory.
+    pub fn pin_dir(&self) -> &Path {
+        &self.pin_dir
+    }
+
+    /// Inserts both sockets of a pair in `GW_SOCKS` and their peer entries in
+    /// `GW_PEERS`. Peers are written first so that the verdict finds them as soon as a
+    /// socket is in the hash. On error nothing is left behind.
+    pub fn insert_pair(
+        &self,
+        client: (u64, &impl AsRawFd),
+        backend: (u64, &impl AsRawFd),
+        listener_port: u16,
+    ) -> Result<(), MapOpError> {
+        let (c_cookie, c_fd) = client;
+        let (b_cookie, b_fd) = backend;
+        let c_peer = Peer {
+            peer_cookie: b_cookie,
+            listener_port,
+            direction: gateway_common::DIR_CLIENT_TO_BACKEND,
+            ..Peer::default()
+        };
+        let b_peer = Peer {
+            peer_cookie: c_cookie,
+            listener_port,
+            direction: gateway_common::DIR_BACKEND_TO_CLIENT,
+            ..Peer::default()
+        };
+        let result = (|| {
+            let mut peers = lock(&self.maps.peers);
+            peers.insert(c_cookie, c_peer, 0).map_err(|source| MapOpError {
+                map: GW_PEERS,
+                source,
+            })?;
+            peers.insert(b_cookie, b_peer, 0).map_err(|source| MapOpError {
+                map: GW_PEERS,
+                source,
+            })?;
+            drop(peers);
+            let mut socks = lock(&self.maps.socks);
+            socks
+                .insert(b_cookie, b_fd.as_raw_fd(), 0)
+                .map_err(|source| MapOpError {
+                    map: GW_SOCKS,
+                    source,
+                })?;
+            socks
+                .insert(c_cookie, c_fd.as_raw_fd(), 0)
+                .map_err(|source| MapOpError {
+                    map: GW_SOCKS,
+                    source,
+                })
+        })();
+        if result.is_err() {
+            self.remove_pair(c_cookie, b_cookie);
+        }
+        result
+    }
+
+    /// Removes a pair's entries from `GW_PEERS` and `GW_SOCKS` (missing ones are fine:
+    /// the kernel drops a socket from the hash by itself when it closes).
+    pub fn remove_pair(&self, client_cookie: u64, backend_cookie: u64) {
+        {
+            let mut peers = lock(&self.maps.peers);
+            let _ = peers.remove(&client_cookie);
+            let _ = peers.remove(&backend_cookie);
+        }
+        let mut socks = lock(&self.maps.socks);
+        let _ = socks.remove(&client_cookie);
+        let _ = socks.remove(&backend_cookie);
+    }
+
+    /// Writes a listener entry.
+    pub fn set_listener(&self, key: ListenerKey, info: ListenerInfo) -> Result<(), MapOpError> {
+        lock(&self.maps.listeners)
+            .insert(key, info, 0)
+            .map_err(|source| MapOpError {
+                map: GW_LISTENERS,
+                source,
+            })
+    }
+
+    /// Removes a listener entry.
+    pub fn remove_listener(&self, key: ListenerKey) -> Result<(), MapOpError> {
+        match lock(&self.maps.listeners).remove(&key) {
+            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+            Err(source) => Err(MapOpError {
+                map: GW_LISTENERS,
+                source,
+            }),
+        }
+    }
+
+    /// Writes a backend entry.
+    pub fn set_backend(&self, key: BackendKey, backend: Backend) -> Result<(), MapOpError> {
+        lock(&self.maps.backends)
+            .insert(key, backend, 0)
+            .map_err(|source| MapOpError {
+                map: GW_BACKENDS,
+                source,
+            })
+    }
+
+    /// Removes a backend entry.
+    pub fn remove_backend(&self, key: BackendKey) -> Result<(), MapOpError> {
+        match lock(&self.maps.backends).remove(&key) {
+            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+            Err(source) => Err(MapOpError {
+                map: GW_BACKENDS,
+                source,
+            }),
+        }
+    }
+
+    /// Keys currently in `GW_LISTENERS`.
+    pub fn listener_keys(&self) -> Vec<ListenerKey> {
+        lock(&self.maps.listeners).keys().filter_map(Result::ok).collect()
+    }
+
+    /// Keys currently in `GW_BACKENDS`.
+    pub fn backend_keys(&self) -> Vec<BackendKey> {
+        lock(&self.maps.backends).keys().filter_map(Result::ok).collect()
+    }
+
+    /// Bytes the verdict redirected from the socket `cookie` to its peer, `None` when
+    /// the socket has no entry.
+    pub fn bytes_redirected(&self, cookie: u64) -> Option<u64> {
+        lock(&self.maps.peers).get(&cookie, 0).ok().map(|p| p.bytes_redirected)
+    }
+
+    /// Number of entries in `GW_PEERS`.
+    pub fn peer_count(&self) -> usize {
+        lock(&self.maps.peers).keys().count()
+    }
+
+    /// Writes the agent-owned counters of a listener (CPU 0 holds them, the other CPUs
+    /// zero), so that summing over CPUs gives the value.
+    pub fn write_agent_stats(&self, port: u16, stats: ListenerStats) -> Result<(), MapOpError> {
+        let cpus = aya::util::nr_cpus().map_or(1, |n| n.max(1));
+        let mut values = vec![ListenerStats::default(); cpus];
+        values[0] = stats;
+        let values = PerCpuValues::try_from(values).map_err(|e| MapOpError {
+            map: GW_STATS,
+            source: aya::maps::MapError::SyscallError(aya::sys::SyscallError {
+                call: "nr_cpus",
+                io_error: e,
+            }),
+        })?;
+        lock(&self.maps.stats)
+            .insert(StatsKey::new(port, gateway_common::OWNER_AGENT), values, 0)
+            .map_err(|source| MapOpError {
+                map: GW_STATS,
+                source,
+            })
+    }
+
+    /// Counters of `port`, summed over CPUs and owners.
+    pub fn listener_stats(&self, port: u16) -> ListenerStats {
+        let stats = lock(&self.maps.stats);
+        [gateway_common::OWNER_KERNEL, gateway_common::OWNER_AGENT]
+            .iter()
+            .filter_map(|&owner| stats.get(&StatsKey::new(port, owner), 0).ok())
+            .flat_map(|per_cpu| per_cpu.iter().copied().collect::<Vec<_>>())
+            .fold(ListenerStats::default(), |acc, s| acc.add(&s))
+    }
+}
+
+impl Drop for Datapath {
+    fn drop(&mut self) {
+        if self.keep_pins {
+            info!(pin_dir = %self.pin_dir.display(), "keeping pinned maps");
+            return;
+        }
+        for name in MAP_NAMES {
+            let _ = fs::remove_file(self.pin_dir.join(name));
+        }
+        let _ = fs::remove_dir(&self.pin_dir);
+        info!(pin_dir = %self.pin_dir.display(), "removed pinned maps");
+    }
+}

@@ -1,0 +1,206 @@
+//! The kernel path: both sockets in the `GW_SOCKS` sockhash, the verdict program
+//! redirecting every segment to the peer's egress. The agent moves no payload; it
+//! only watches the two sockets for the events the kernel leaves to it.
+//!
+//! Lifecycle of a pair (see `docs/datapath.md` for the kernel sources behind it):
+//!
+//! 1. Peers are written to `GW_PEERS`, then both sockets are inserted in `GW_SOCKS`.
+//! 2. Data that arrived before the insertion still sits in the TCP receive queue, where
+//!    the verdict has not seen it. Setting `SO_RCVLOWAT` calls the socket's
+//!    `sk_data_ready`, which sockmap replaced: the queue is run through the verdict,
+//!    in order, before anything newer.
+//! 3. Each direction waits for readiness on its source socket. Readable means one of:
+//!    EOF (the verdict drops the zero-length FIN segment), data the verdict passed to
+//!    the socket itself (its redirect failed), or an error (reset).
+//! 4. On EOF the FIN is passed on only once the peer's TCP has taken every byte
+//!    redirected to it (`bytes_redirected` in `GW_PEERS` against `TCP_INFO`
+//!    `tcpi_bytes_acked` + `SIOCOUTQ`): a `shutdown()` issued earlier overtakes the
+//!    psock queue and truncates the stream.
+//! 5. A reset on either side resets the other. Entries are removed when the pair ends.
+use std::{
+    io,
+    os::fd::AsFd,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use tokio::{io::Interest, net::TcpStream};
+
+use super::{sock, stats::Counters};
+use crate::ebpf::{Datapath, MapOpError};
+
+/// How long a FIN may wait for the redirected bytes before it.
+const FIN_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Errors of setting a pair up on the kernel path; the caller falls back to splice.
+#[derive(Debug, thiserror::Error)]
+pub enum PairError {
+    #[error("socket cookie: {0}")]
+    Cookie(#[source] io::Error),
+    #[error("TCP_INFO: {0}")]
+    TcpInfo(#[source] io::Error),
+    #[error(transparent)]
+    Map(#[from] MapOpError),
+}
+
+/// One side of a pair.
+struct Side<'a> {
+    stream: &'a TcpStream,
+    cookie: u64,
+    /// `bytes_handed_to_tcp` when the pair was made.
+    handed_base: u64,
+}
+
+/// A pair on the kernel path; removes its map entries when dropped.
+pub struct Pair {
+    dp: Arc<Datapath>,
+    client_cookie: u64,
+    backend_cookie: u64,
+}
+
+impl Drop for Pair {
+    fn drop(&mut self) {
+        self.dp.remove_pair(self.client_cookie, self.backend_cookie);
+    }
+}
+
+/// Puts `client` and `backend` in the maps. On success the pair is live: the caller
+/// must then [`run`] it.
+pub fn insert(
+    dp: &Arc<Datapath>,
+    client: &TcpStream,
+    backend: &TcpStream,
+    listener_port: u16,
+) -> Result<(Pair, [u64; 2]), PairError> {
+    let c = sock::cookie(client).map_err(PairError::Cookie)?;
+    let b = sock::cookie(backend).map_err(PairError::Cookie)?;
+    let bases = [
+        sock::bytes_handed_to_tcp(client).map_err(PairError::TcpInfo)?,
+        sock::bytes_handed_to_tcp(backend).map_err(PairError::TcpInfo)?,
+    ];
+    dp.insert_pair((c, client), (b, backend), listener_port)?;
+    // Run data queued before the insertion through the verdict.
+    let _ = sock::set_rcvlowat(client, 1);
+    let _ = sock::set_rcvlowat(backend, 1);
+    Ok((
+        Pair {
+            dp: dp.clone(),
+            client_cookie: c,
+            backend_cookie: b,
+        },
+        bases,
+    ))
+}
+
+/// One direction: waits for EOF on `src`, forwards any data the verdict left on `src`,
+/// and passes the FIN on once `dst` has taken everything.
+async fn direction(
+    dp: &Datapath,
+    src: &Side<'_>,
+    dst: &Side<'_>,
+    counters: &Counters,
+    client_to_backend: bool,
+) -> io::Result<()> {
+    // Bytes this agent wrote to dst itself (data the verdict passed to src).
+    let mut written: u64 = 0;
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        src.stream.readable().await?;
+        match src.stream.try_read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => {
+                write_all(dst.stream, &buf[..n]).await?;
+                written += n as u64;
+                counters.moved(client_to_backend, n as u64);
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(e),
+        }
+    }
+    // EOF: wait until dst's TCP holds every byte before the FIN.
+    let deadline = Instant::now() + FIN_DRAIN_TIMEOUT;
+    let mut pause = Duration::from_micros(200);
+    loop {
+        let redirected = dp.bytes_redirected(src.cookie).unwrap_or(0);
+        let handed = sock::bytes_handed_to_tcp(dst.stream)?.saturating_sub(dst.handed_base);
+        if handed >= redirected + written {
+            break;
+        }
+        if Instant::now() > deadline {
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!(
+                    "redirected data not drained before FIN ({handed} of {} bytes)",
+                    redirected + written
+                ),
+            ));
+        }
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_millis(20));
+    }
+    sock::shutdown_write(dst.stream)
+}
+
+async fn write_all(dst: &TcpStream, mut data: &[u8]) -> io::Result<()> {
+    while !data.is_empty() {
+        dst.writable().await?;
+        match dst.try_io(Interest::WRITABLE, || {
+            // SAFETY: plain send on a valid fd and buffer.
+            let n = unsafe {
+                libc::send(
+                    std::os::fd::AsRawFd::as_raw_fd(dst),
+                    data.as_ptr().cast(),
+                    data.len(),
+                    libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+                )
+            };
+            usize::try_from(n).map_err(|_| io::Error::last_os_error())
+        }) {
+            Ok(n) => data = &data[n..],
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// Runs an inserted pair until both directions ended, or resets both on an error.
+pub async fn run(
+    pair: Pair,
+    bases: [u64; 2],
+    client: TcpStream,
+    backend: TcpStream,
+    counters: Arc<Counters>,
+) -> io::Result<()> {
+    let c = Side {
+        stream: &client,
+        cookie: pair.client_cookie,
+        handed_base: bases[0],
+    };
+    let b = Side {
+        stream: &backend,
+        cookie: pair.backend_cookie,
+        handed_base: bases[1],
+    };
+    let result = {
+        let c2b = direction(&pair.dp, &c, &b, &counters, true);
+        let b2c = direction(&pair.dp, &b, &c, &counters, false);
+        tokio::pin!(c2b, b2c);
+        let mut c2b_done = false;
+        let mut b2c_done = false;
+        let mut err = None;
+        while !(c2b_done && b2c_done) && err.is_none() {
+            tokio::select! {
+                r = &mut c2b, if !c2b_done => match r { Ok(()) => c2b_done = true, Err(e) => err = Some(e) },
+                r = &mut b2c, if !b2c_done => match r { Ok(()) => b2c_done = true, Err(e) => err = Some(e) },
+            }
+        }
+        err.map_or(Ok(()), Err)
+    };
+    drop(pair);
+    if result.is_err() {
+        sock::arm_reset(&client.as_fd());
+        sock::arm_reset(&backend.as_fd());
+    }
+    result
+}

@@ -1,0 +1,427 @@
+//! The data path: one TCP listener per port of the desired state, a backend picked
+//! by weight for each client connection, and the two sockets spliced in the kernel
+//! (sockmap) or in the agent (`splice(2)`).
+//!
+//! The desired state arrives through a `tokio::sync::watch` channel. A connection reads
+//! it once, when it is accepted: established connections keep their backend whatever
+//! changes later. A port that leaves the desired state stops accepting at once; its
+//! established connections may finish for up to the drain timeout, then are reset.
+pub mod kernel;
+pub mod select;
+pub mod sock;
+pub mod splice;
+pub mod stats;
+
+use std::{
+    collections::BTreeMap,
+    io,
+    net::{Ipv6Addr, SocketAddr},
+    os::fd::AsFd,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use tokio::{
+    net::{TcpListener, TcpStream},
+    sync::watch,
+};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use self::{
+    select::Swrr,
+    stats::{Counters, Path, RejectReason, Registry},
+};
+use crate::{
+    desired::{DesiredState, Listener},
+    ebpf::Datapath,
+};
+
+/// Which data path carries connections.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DatapathMode {
+    /// The kernel path, falling back to splice per connection when a pair cannot be
+    /// put in the maps.
+    #[default]
+    Auto,
+    /// The kernel path only; a connection that cannot be paired still falls back to
+    /// splice (data is never refused), with a warning.
+    Sockmap,
+    /// The userspace `splice(2)` path only.
+    Splice,
+}
+
+/// Tunables of the data path.
+#[derive(Clone, Debug)]
+pub struct ProxyConfig {
+    pub mode: DatapathMode,
+    /// Time allowed for one backend connect.
+    pub connect_timeout: Duration,
+    /// Backends tried per client connection before it is reset.
+    pub connect_attempts: usize,
+    /// Time established connections of a removed listener may still run.
+    pub drain_timeout: Duration,
+    /// Address listeners bind (port from the desired state); `[::]` takes IPv4 too.
+    pub bind: std::net::IpAddr,
+}
+
+impl Default for ProxyConfig {
+    fn default() -> Self {
+        Self {
+            mode: DatapathMode::Auto,
+            connect_timeout: Duration::from_secs(5),
+            connect_attempts: 3,
+            drain_timeout: Duration::from_secs(30),
+            bind: Ipv6Addr::UNSPECIFIED.into(),
+        }
+    }
+}
+
+/// Errors of starting a listener.
+#[derive(Debug, thiserror::Error)]
+pub enum ListenError {
+    #[error("listener port {port}: cannot bind {addr}: {source}")]
+    Bind {
+        port: u16,
+        addr: SocketAddr,
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// Selection state of a listener, rebuilt when its backend weights change.
+#[derive(Default)]
+struct Selector {
+    swrr: Mutex<Swrr>,
+}
+
+impl Selector {
+    fn pick(&self, weights: Vec<u32>, exclude: &[usize]) -> Option<usize> {
+        let mut s = self
+            .swrr
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if s.weights() != weights.as_slice() {
+            *s = Swrr::new(weights);
+        }
+        s.pick(exclude)
+    }
+}
+
+struct Running {
+    stop_accepting: CancellationToken,
+    drain: CancellationToken,
+}
+
+/// Logs a data path choice once per reason.
+#[derive(Default)]
+struct ChoiceLog {
+    seen: Mutex<std::collections::BTreeSet<String>>,
+}
+
+impl ChoiceLog {
+    fn once(&self, path: &str, reason: &str) {
+        let key = format!("{path}:{reason}");
+        let first = self
+            .seen
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(key);
+        if first {
+            info!(path, reason, "data path chosen (logged once per reason)");
+        }
+    }
+}
+
+/// Shared by every listener and connection task.
+struct Shared {
+    dp: Arc<Datapath>,
+    cfg: ProxyConfig,
+    state: watch::Receiver<Arc<DesiredState>>,
+    counters: Arc<Registry>,
+    selectors: Mutex<BTreeMap<u16, Arc<Selector>>>,
+    choices: ChoiceLog,
+}
+
+impl Shared {
+    fn selector(&self, port: u16) -> Arc<Selector> {
+        self.selectors
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .entry(port)
+            .or_default()
+            .clone()
+    }
+}
+
+/// Serves the desired state until `shutdown` is cancelled, then stops accepting and
+/// lets connections drain for the drain timeout.
+pub async fn serve(
+    dp: Arc<Datapath>,
+    cfg: ProxyConfig,
+    mut state: watch::Receiver<Arc<DesiredState>>,
+    counters: Arc<Registry>,
+    shutdown: CancellationToken,
+) {
+    let shared = Arc::new(Shared {
+        dp: dp.clone(),
+        cfg: cfg.clone(),
+        state: state.clone(),
+        counters: counters.clone(),
+        selectors: Mutex::default(),
+        choices: ChoiceLog::default(),
+    });
+    let flusher = tokio::spawn(flush_counters(dp, counters, shutdown.clone()));
+    let mut running: BTreeMap<u16, Running> = BTreeMap::new();
+    loop {
+        let desired = state.borrow_and_update().clone();
+        reconcile_listeners(&shared, &desired, &mut running);
+        tokio::select! {
+            () = shutdown.cancelled() => break,
+            changed = state.changed() => if changed.is_err() { shutdown.cancelled().await; break },
+        }
+    }
+    for (port, r) in std::mem::take(&mut running) {
+        stop_listener(port, r, cfg.drain_timeout);
+    }
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    flusher.abort();
+}
+
+fn stop_listener(port: u16, r: Running, drain: Duration) {
+    info!(listener = port, drain_secs = drain.as_secs_f64(), "listener removed: stops accepting, connections drain");
+    r.stop_accepting.cancel();
+    tokio::spawn(async move {
+        tokio::time::sleep(drain).await;
+        r.drain.cancel();
+    });
+}
+
+fn reconcile_listeners(
+    shared: &Arc<Shared>,
+    desired: &DesiredState,
+    running: &mut BTreeMap<u16, Running>,
+) {
+    let gone: Vec<u16> = running
+        .keys()
+        .filter(|p| !desired.listeners.contains_key(p))
+        .copied()
+        .collect();
+    for port in gone {
+        if let Some(r) = running.remove(&port) {
+            stop_listener(port, r, shared.cfg.drain_timeout);
+        }
+    }
+    for (&port, l) in &desired.listeners {
+        if running.contains_key(&port) {
+            continue;
+        }
+        match bind(shared.cfg.bind, port) {
+            Ok(listener) => {
+                info!(listener = port, origin = %l.origin, backends = l.backends.len(), "listening");
+                let r = Running {
+                    stop_accepting: CancellationToken::new(),
+                    drain: CancellationToken::new(),
+                };
+                tokio::spawn(accept_loop(
+                    shared.clone(),
+                    port,
+                    listener,
+                    r.stop_accepting.clone(),
+                    r.drain.clone(),
+                ));
+                running.insert(port, r);
+            }
+            Err(e) => warn!(listener = port, error = %e, "listener not started"),
+        }
+    }
+}
+
+/// Binds `addr:port`; on `[::]` also takes IPv4 (dual stack), falling back to
+/// `0.0.0.0` where IPv6 is disabled.
+pub fn bind(addr: std::net::IpAddr, port: u16) -> Result<TcpListener, ListenError> {
+    let sa = SocketAddr::new(addr, port);
+    let make = |sa: SocketAddr| -> io::Result<TcpListener> {
+        let s = socket2::Socket::new(
+            socket2::Domain::for_address(sa),
+            socket2::Type::STREAM,
+            Some(socket2::Protocol::TCP),
+        )?;
+        if sa.is_ipv6() {
+            s.set_only_v6(false)?;
+        }
+        s.set_reuse_address(true)?;
+        s.set_nonblocking(true)?;
+        s.bind(&sa.into())?;
+        s.listen(4096)?;
+        TcpListener::from_std(s.into())
+    };
+    match make(sa) {
+        Ok(l) => Ok(l),
+        Err(e) if addr == std::net::IpAddr::V6(Ipv6Addr::UNSPECIFIED)
+            && e.raw_os_error() == Some(libc::EAFNOSUPPORT) =>
+        {
+            let v4 = SocketAddr::new(std::net::Ipv4Addr::UNSPECIFIED.into(), port);
+            make(v4).map_err(|source| ListenError::Bind {
+                port,
+                addr: v4,
+                source,
+            })
+        }
+        Err(source) => Err(ListenError::Bind {
+            port,
+            addr: sa,
+            source,
+        }),
+    }
+}
+
+async fn accept_loop(
+    shared: Arc<Shared>,
+    port: u16,
+    listener: TcpListener,
+    stop: CancellationToken,
+    drain: CancellationToken,
+) {
+    let counters = shared.counters.get(port);
+    loop {
+        let accepted = tokio::select! {
+            () = stop.cancelled() => return,
+            a = listener.accept() => a,
+        };
+        match accepted {
+            Ok((client, peer)) => {
+                counters.accepted();
+                let _ = client.set_nodelay(true);
+                let shared = shared.clone();
+                let counters = counters.clone();
+                let drain = drain.clone();
+                tokio::spawn(async move {
+                    tokio::select! {
+                        () = handle(&shared, port, client, peer, &counters) => {}
+                        () = drain.cancelled() => debug!(listener = port, %peer, "drain timeout: connection closed"),
+                    }
+                });
+            }
+            Err(e) => {
+                warn!(listener = port, error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+    }
+}
+
+/// Resets `client` (RST, not FIN) and counts why.
+fn reject(client: &TcpStream, counters: &Counters, reason: RejectReason, port: u16) {
+    debug!(listener = port, ?reason, "client connection reset");
+    counters.rejected(reason);
+    sock::arm_reset(&client.as_fd());
+}
+
+/// Picks and connects a backend, retrying others on failure.
+async fn connect_backend(
+    shared: &Shared,
+    port: u16,
+    listener: &Listener,
+    counters: &Counters,
+) -> Result<TcpStream, RejectReason> {
+    let weights: Vec<u32> = listener.backends.iter().map(|b| b.weight).collect();
+    let selector = shared.selector(port);
+    let mut failed = Vec::new();
+    let mut last = RejectReason::NoBackend;
+    for _ in 0..shared.cfg.connect_attempts.max(1) {
+        let Some(i) = selector.pick(weights.clone(), &failed) else {
+            return Err(last);
+        };
+        let backend = &listener.backends[i];
+        let Some(addr) = backend.addr else {
+            return Err(RejectReason::InvalidBackend);
+        };
+        match tokio::time::timeout(shared.cfg.connect_timeout, TcpStream::connect(addr)).await {
+            Ok(Ok(s)) => {
+                let _ = s.set_nodelay(true);
+                return Ok(s);
+            }
+            Ok(Err(e)) => {
+                debug!(listener = port, backend = %addr, error = %e, "backend connect failed");
+            }
+            Err(_) => {
+                debug!(listener = port, backend = %addr, "backend connect timed out");
+            }
+        }
+        counters.connect_failure();
+        failed.push(i);
+        last = RejectReason::ConnectFailed;
+    }
+    Err(last)
+}
+
+async fn handle(
+    shared: &Shared,
+    port: u16,
+    client: TcpStream,
+    peer: SocketAddr,
+    counters: &Arc<Counters>,
+) {
+    let desired = shared.state.borrow().clone();
+    let Some(listener) = desired.listeners.get(&port) else {
+        reject(&client, counters, RejectReason::NoBackend, port);
+        return;
+    };
+    let backend = match connect_backend(shared, port, listener, counters).await {
+        Ok(b) => b,
+        Err(reason) => {
+            reject(&client, counters, reason, port);
+            return;
+        }
+    };
+    let path_taken;
+    let result = if shared.cfg.mode == DatapathMode::Splice {
+        shared.choices.once("userspace", "--datapath splice");
+        path_taken = Path::Userspace;
+        counters.opened(Path::Userspace);
+        splice::run(client, backend, counters.clone()).await
+    } else {
+        match kernel::insert(&shared.dp, &client, &backend, port) {
+            Ok((pair, bases)) => {
+                shared.choices.once("kernel", "pair in sockmap");
+                path_taken = Path::Kernel;
+                counters.opened(Path::Kernel);
+                kernel::run(pair, bases, client, backend, counters.clone()).await
+            }
+            Err(e) => {
+                let reason = e.to_string();
+                if shared.cfg.mode == DatapathMode::Sockmap {
+                    warn!(listener = port, error = %reason, "sockmap pairing failed; this connection uses splice");
+                }
+                shared.choices.once("userspace", &reason);
+                path_taken = Path::Userspace;
+                counters.opened(Path::Userspace);
+                splice::run(client, backend, counters.clone()).await
+            }
+        }
+    };
+    counters.closed(path_taken);
+    if let Err(e) = result {
+        debug!(listener = port, %peer, error = %e, "connection ended with an error; both sides reset");
+    }
+}
+
+async fn flush_counters(dp: Arc<Datapath>, counters: Arc<Registry>, shutdown: CancellationToken) {
+    loop {
+        for (port, snapshot) in counters.changed() {
+            if let Err(e) = dp.write_agent_stats(port, snapshot) {
+                warn!(listener = port, error = %e, "writing counters");
+            }
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => {}
+            () = tokio::time::sleep(Duration::from_millis(100)) => continue,
+        }
+        for (port, snapshot) in counters.changed() {
+            let _ = dp.write_agent_stats(port, snapshot);
+        }
+        return;
+    }
+}

@@ -1,0 +1,100 @@
+//! Socket options and queries the data path needs and neither std nor socket2 offers.
+use std::{io, os::fd::AsRawFd};
+
+fn getsockopt_raw<const N: usize>(
+    fd: &impl AsRawFd,
+    level: libc::c_int,
+    name: libc::c_int,
+) -> io::Result<([u8; N], usize)> {
+    let mut buf = [0u8; N];
+    let mut len = N as libc::socklen_t;
+    // SAFETY: buf is N bytes and len says so; the kernel writes at most len bytes.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            level,
+            name,
+            buf.as_mut_ptr().cast(),
+            &raw mut len,
+        )
+    };
+    if rc == 0 {
+        Ok((buf, len as usize))
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// The socket cookie (`SO_COOKIE`): the key of the socket in `GW_SOCKS`.
+pub fn cookie(fd: &impl AsRawFd) -> io::Result<u64> {
+    let (buf, len) = getsockopt_raw::<8>(fd, libc::SOL_SOCKET, libc::SO_COOKIE)?;
+    if len != 8 {
+        return Err(io::Error::other("short SO_COOKIE"));
+    }
+    Ok(u64::from_ne_bytes(buf))
+}
+
+/// Offset of `tcpi_bytes_acked` in `struct tcp_info` (include/uapi/linux/tcp.h).
+const TCPI_BYTES_ACKED: usize = 120;
+
+/// Bytes this socket's TCP has taken from the sender so far, counted from an arbitrary
+/// origin: bytes acknowledged by the peer plus bytes still in the send queue
+/// (`SIOCOUTQ`). Compare two readings, never one with a byte count.
+pub fn bytes_handed_to_tcp(fd: &impl AsRawFd) -> io::Result<u64> {
+    let (info, len) = getsockopt_raw::<256>(fd, libc::IPPROTO_TCP, libc::TCP_INFO)?;
+    if len < TCPI_BYTES_ACKED + 8 {
+        return Err(io::Error::other("tcp_info without tcpi_bytes_acked"));
+    }
+    let mut acked = [0u8; 8];
+    acked.copy_from_slice(&info[TCPI_BYTES_ACKED..TCPI_BYTES_ACKED + 8]);
+    let acked = u64::from_ne_bytes(acked);
+    let mut outq: libc::c_int = 0;
+    // SAFETY: SIOCOUTQ writes one int.
+    let rc = unsafe { libc::ioctl(fd.as_raw_fd(), libc::TIOCOUTQ, &raw mut outq) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(acked + u64::try_from(outq).unwrap_or(0))
+}
+
+/// Sets `SO_RCVLOWAT`. On a socket in a sockmap this also wakes the verdict program
+/// for data already queued (`tcp_set_rcvlowat()` calls `tcp_data_ready()`).
+pub fn set_rcvlowat(fd: &impl AsRawFd, bytes: i32) -> io::Result<()> {
+    // SAFETY: passes one int.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVLOWAT,
+            (&raw const bytes).cast(),
+            size_of::<i32>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// Arms an abortive close: closing the socket now sends a RST, not a FIN.
+pub fn arm_reset(fd: &impl std::os::fd::AsFd) {
+    let _ = socket2::SockRef::from(fd).set_linger(Some(std::time::Duration::ZERO));
+}
+
+/// `shutdown(SHUT_WR)`: sends a FIN after everything written so far.
+pub fn shutdown_write(fd: &impl std::os::fd::AsFd) -> io::Result<()> {
+    socket2::SockRef::from(fd).shutdown(std::net::Shutdown::Write)
+}
+
+/// Number of bytes waiting to be read (`FIONREAD`).
+pub fn readable_bytes(fd: &impl AsRawFd) -> io::Result<usize> {
+    let mut n: libc::c_int = 0;
+    // SAFETY: FIONREAD writes one int.
+    let rc = unsafe { libc::ioctl(fd.as_raw_fd(), libc::FIONREAD, &raw mut n) };
+    if rc == 0 {
+        Ok(usize::try_from(n).unwrap_or(0))
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}

@@ -1,0 +1,123 @@
+//! The userspace path: `splice(2)` through a pipe, in both directions, with tokio
+//! readiness.
+//!
+//! Each direction ("client->backend", "backend->client") moves bytes socket -> pipe ->
+//! socket without copying them to userspace, and has its own EOF / shutdown state: a
+//! FIN from one side is passed on (`shutdown(SHUT_WR)`) once the pipe of that direction
+//! is empty, while the other direction keeps flowing. Backpressure is natural: a
+//! direction reads only when its pipe has been emptied into the destination. A reset or
+//! error on either socket resets the other.
+use std::{
+    io,
+    os::fd::{AsFd, AsRawFd, OwnedFd},
+    sync::Arc,
+};
+
+use tokio::{io::Interest, net::TcpStream};
+
+use super::{sock, stats::Counters};
+
+/// Bytes moved per `splice` call.
+const CHUNK: usize = 256 * 1024;
+/// Pipe capacity asked for (the kernel caps it at `fs.pipe-max-size`).
+const PIPE_SIZE: libc::c_int = 1024 * 1024;
+
+/// How a direction ended.
+#[derive(Debug, PartialEq, Eq)]
+pub enum End {
+    /// EOF seen and passed on as a FIN.
+    Eof,
+}
+
+struct Pipe {
+    r: OwnedFd,
+    w: OwnedFd,
+}
+
+impl Pipe {
+    fn new() -> io::Result<Self> {
+        let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC | nix::fcntl::OFlag::O_NONBLOCK)
+            .map_err(io::Error::from)?;
+        // SAFETY: F_SETPIPE_SZ takes an int; failure only leaves the default size.
+        unsafe { libc::fcntl(w.as_raw_fd(), libc::F_SETPIPE_SZ, PIPE_SIZE) };
+        Ok(Self { r, w })
+    }
+}
+
+fn splice(from: &impl AsRawFd, to: &impl AsRawFd, len: usize) -> io::Result<usize> {
+    // SAFETY: plain fds, null offsets (sockets and pipes have none).
+    let n = unsafe {
+        libc::splice(
+            from.as_raw_fd(),
+            std::ptr::null_mut(),
+            to.as_raw_fd(),
+            std::ptr::null_mut(),
+            len,
+            libc::SPLICE_F_MOVE | libc::SPLICE_F_NONBLOCK,
+        )
+    };
+    usize::try_from(n).map_err(|_| io::Error::last_os_error())
+}
+
+/// Moves `src` -> `dst` until EOF on `src`, then shuts `dst`'s write side down.
+/// `already` bytes were moved before (early data) and only count in the result.
+pub async fn direction(
+    src: &TcpStream,
+    dst: &TcpStream,
+    counters: &Counters,
+    client_to_backend: bool,
+) -> io::Result<End> {
+    let pipe = Pipe::new()?;
+    loop {
+        // socket -> pipe
+        src.readable().await?;
+        let n = match src.try_io(Interest::READABLE, || splice(src, &pipe.w, CHUNK)) {
+            Ok(0) => {
+                sock::shutdown_write(dst)?;
+                return Ok(End::Eof);
+            }
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(e),
+        };
+        // pipe -> socket, all of it before reading more
+        let mut left = n;
+        while left > 0 {
+            dst.writable().await?;
+            match dst.try_io(Interest::WRITABLE, || splice(&pipe.r, dst, left)) {
+                Ok(m) => {
+                    left -= m;
+                    counters.moved(client_to_backend, m as u64);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => return Err(e),
+            }
+        }
+    }
+}
+
+/// Proxies `client` <-> `backend` on the userspace path until both directions ended.
+/// On an error in either direction both sockets are reset.
+pub async fn run(client: TcpStream, backend: TcpStream, counters: Arc<Counters>) -> io::Result<()> {
+    let result = {
+        let c2b = direction(&client, &backend, &counters, true);
+        let b2c = direction(&backend, &client, &counters, false);
+        tokio::pin!(c2b, b2c);
+        // Both directions must finish; the first error ends both.
+        let mut c2b_done = false;
+        let mut b2c_done = false;
+        let mut err = None;
+        while !(c2b_done && b2c_done) && err.is_none() {
+            tokio::select! {
+                r = &mut c2b, if !c2b_done => match r { Ok(_) => c2b_done = true, Err(e) => err = Some(e) },
+                r = &mut b2c, if !b2c_done => match r { Ok(_) => b2c_done = true, Err(e) => err = Some(e) },
+            }
+        }
+        err.map_or(Ok(()), Err)
+    };
+    if result.is_err() {
+        sock::arm_reset(&client.as_fd());
+        sock::arm_reset(&backend.as_fd());
+    }
+    result
+}

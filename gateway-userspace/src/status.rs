@@ -1,0 +1,215 @@
+//! `sockgate status`: what is programmed now, read from the pinned maps alone.
+use std::{collections::BTreeMap, path::Path};
+
+use aya::maps::{HashMap, Map, MapData, PerCpuHashMap};
+use gateway_common::{
+    Backend, BackendKey, GW_BACKENDS, GW_LISTENERS, GW_PEERS, GW_STATS, ListenerInfo,
+    ListenerKey, ListenerStats, Peer, StatsKey,
+};
+use serde::Serialize;
+
+use crate::mapsync::backend_addr;
+
+/// Errors of reading the pinned maps.
+#[derive(Debug, thiserror::Error)]
+pub enum StatusError {
+    #[error("nothing is pinned at {path}: is the sockgate agent running (or was it run with --keep-pins)?")]
+    NotPinned { path: String },
+    #[error("reading pinned map {path}: {source}")]
+    Map {
+        path: String,
+        #[source]
+        source: aya::maps::MapError,
+    },
+}
+
+/// One backend as programmed.
+#[derive(Debug, Serialize)]
+pub struct BackendStatus {
+    pub index: u32,
+    /// `ADDR:PORT`, or `invalid`.
+    pub address: String,
+    pub weight: u32,
+}
+
+/// One listener as programmed, with its counters.
+#[derive(Debug, Serialize)]
+pub struct ListenerStatus {
+    pub port: u16,
+    pub generation: u32,
+    pub total_weight: u32,
+    pub backends: Vec<BackendStatus>,
+    pub stats: Counts,
+}
+
+/// Counters of a listener, summed over CPUs and owners.
+#[derive(Debug, Default, Serialize)]
+pub struct Counts {
+    pub accepted: u64,
+    pub connected: u64,
+    pub rejected_no_backend: u64,
+    pub rejected_invalid_backend: u64,
+    pub rejected_connect_failed: u64,
+    pub connect_failures: u64,
+    pub kernel_connections: u64,
+    pub userspace_connections: u64,
+    pub active_kernel: u64,
+    pub active_userspace: u64,
+    pub bytes_client_to_backend_kernel: u64,
+    pub bytes_backend_to_client_kernel: u64,
+    pub bytes_client_to_backend_userspace: u64,
+    pub bytes_backend_to_client_userspace: u64,
+}
+
+impl From<ListenerStats> for Counts {
+    fn from(s: ListenerStats) -> Self {
+        Self {
+            accepted: s.accepted,
+            connected: s.connected,
+            rejected_no_backend: s.rejected_no_backend,
+            rejected_invalid_backend: s.rejected_invalid_backend,
+            rejected_connect_failed: s.rejected_connect_failed,
+            connect_failures: s.connect_failures,
+            kernel_connections: s.kernel_connections,
+            userspace_connections: s.userspace_connections,
+            active_kernel: s.active_kernel,
+            active_userspace: s.active_userspace,
+            bytes_client_to_backend_kernel: s.bytes_c2b_kernel,
+            bytes_backend_to_client_kernel: s.bytes_b2c_kernel,
+            bytes_client_to_backend_userspace: s.bytes_c2b_userspace,
+            bytes_backend_to_client_userspace: s.bytes_b2c_userspace,
+        }
+    }
+}
+
+/// Everything `sockgate status` shows.
+#[derive(Debug, Serialize)]
+pub struct Status {
+    pub pin_dir: String,
+    pub listeners: Vec<ListenerStatus>,
+    /// Sockets of kernel-path pairs now in `GW_PEERS`.
+    pub paired_sockets: usize,
+}
+
+fn open(dir: &Path, name: &str) -> Result<MapData, StatusError> {
+    let path = dir.join(name);
+    if !path.exists() {
+        return Err(StatusError::NotPinned {
+            path: path.display().to_string(),
+        });
+    }
+    MapData::from_pin(&path).map_err(|source| StatusError::Map {
+        path: path.display().to_string(),
+        source,
+    })
+}
+
+fn map_err(dir: &Path, name: &str) -> impl Fn(aya::maps::MapError) -> StatusError {
+    let path = dir.join(name).display().to_string();
+    move |source| StatusError::Map {
+        path: path.clone(),
+        source,
+    }
+}
+
+/// Reads the pinned maps in `dir`.
+pub fn read(dir: &Path) -> Result<Status, StatusError> {
+    let listeners: HashMap<_, ListenerKey, ListenerInfo> =
+        HashMap::try_from(Map::HashMap(open(dir, GW_LISTENERS)?)).map_err(map_err(dir, GW_LISTENERS))?;
+    let backends: HashMap<_, BackendKey, Backend> =
+        HashMap::try_from(Map::HashMap(open(dir, GW_BACKENDS)?)).map_err(map_err(dir, GW_BACKENDS))?;
+    let peers: HashMap<_, u64, Peer> =
+        HashMap::try_from(Map::HashMap(open(dir, GW_PEERS)?)).map_err(map_err(dir, GW_PEERS))?;
+    let stats: PerCpuHashMap<_, StatsKey, ListenerStats> =
+        PerCpuHashMap::try_from(Map::PerCpuHashMap(open(dir, GW_STATS)?))
+            .map_err(map_err(dir, GW_STATS))?;
+
+    let mut counts: BTreeMap<u16, ListenerStats> = BTreeMap::new();
+    for entry in stats.iter().filter_map(Result::ok) {
+        let (key, per_cpu) = entry;
+        let sum = per_cpu
+            .iter()
+            .fold(ListenerStats::default(), |acc, s| acc.add(s));
+        let e = counts.entry(key.listener_port).or_default();
+        *e = e.add(&sum);
+    }
+    let mut by_port: BTreeMap<u16, Vec<BackendStatus>> = BTreeMap::new();
+    for (key, b) in backends.iter().filter_map(Result::ok) {
+        by_port.entry(key.listener_port).or_default().push(BackendStatus {
+            index: key.index,
+            address: backend_addr(&b).map_or_else(|| "invalid".to_owned(), |a| a.to_string()),
+            weight: b.weight,
+        });
+    }
+    let mut out: Vec<ListenerStatus> = listeners
+        .iter()
+        .filter_map(Result::ok)
+        .map(|(key, info)| {
+            let mut backends = by_port.remove(&key.port).unwrap_or_default();
+            backends.sort_by_key(|b| b.index);
+            ListenerStatus {
+                port: key.port,
+                generation: info.generation,
+                total_weight: info.total_weight,
+                backends,
+                stats: counts.remove(&key.port).map(Counts::from).unwrap_or_default(),
+            }
+        })
+        .collect();
+    out.sort_by_key(|l| l.port);
+    Ok(Status {
+        pin_dir: dir.display().to_string(),
+        listeners: out,
+        paired_sockets: peers.keys().filter_map(Result::ok).count(),
+    })
+}
+
+/// The table a person reads.
+pub fn render(s: &Status) -> String {
+    use std::fmt::Write as _;
+    let mut o = String::new();
+    let _ = writeln!(o, "pinned maps: {}    paired sockets (kernel path): {}", s.pin_dir, s.paired_sockets);
+    if s.listeners.is_empty() {
+        let _ = writeln!(o, "no listeners programmed");
+    }
+    for l in &s.listeners {
+        let c = &l.stats;
+        let _ = writeln!(
+            o,
+            "\nlistener :{}  (generation {}, total weight {})",
+            l.port, l.generation, l.total_weight
+        );
+        for b in &l.backends {
+            let share = if l.total_weight == 0 {
+                0.0
+            } else {
+                f64::from(b.weight) * 100.0 / f64::from(l.total_weight)
+            };
+            let _ = writeln!(o, "  backend {:<3} {:<40} weight {:<5} ({share:.0}%)", b.index, b.address, b.weight);
+        }
+        let _ = writeln!(
+            o,
+            "  connections: accepted {}  connected {}  active kernel {}  active userspace {}",
+            c.accepted, c.connected, c.active_kernel, c.active_userspace
+        );
+        let _ = writeln!(
+            o,
+            "  by path:     kernel {}  userspace {}",
+            c.kernel_connections, c.userspace_connections
+        );
+        let _ = writeln!(
+            o,
+            "  rejected:    no backend {}  invalid backend {}  connect failed {}  (connect failures {})",
+            c.rejected_no_backend, c.rejected_invalid_backend, c.rejected_connect_failed, c.connect_failures
+        );
+        let _ = writeln!(
+            o,
+            "  bytes:       kernel c->b {} b->c {}  userspace c->b {} b->c {}",
+            c.bytes_client_to_backend_kernel,
+            c.bytes_backend_to_client_kernel,
+            c.bytes_client_to_backend_userspace,
+            c.bytes_backend_to_client_userspace
+        );
+    }
+    o
+}

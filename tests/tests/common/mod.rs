@@ -1,0 +1,192 @@
+//! Shared harness of the end-to-end tests: the `sockgate` binary run inside a bed's
+//! node namespace, with its own pin directory.
+#![allow(dead_code, reason = "each test binary uses a part of the harness")]
+
+use std::{
+    io::{Read, Write},
+    net::{SocketAddr, TcpStream},
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    sync::atomic::{AtomicU32, Ordering},
+    time::{Duration, Instant},
+};
+
+use netbed::Bed;
+
+static PINS: AtomicU32 = AtomicU32::new(0);
+
+/// The workspace's target directory.
+pub fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR").map_or_else(
+        || PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target"),
+        PathBuf::from,
+    )
+}
+
+/// The `sockgate` binary, built on first use if missing.
+pub fn sockgate_bin() -> PathBuf {
+    let bin = target_dir().join("debug/sockgate");
+    static BUILD: std::sync::Once = std::sync::Once::new();
+    BUILD.call_once(|| {
+        let status = Command::new(env!("CARGO"))
+            .args(["build", "--quiet", "-p", "gateway-userspace", "--bin", "sockgate"])
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .status()
+            .expect("cargo build runs");
+        assert!(status.success(), "building sockgate failed");
+    });
+    bin
+}
+
+/// Fails loudly (never skips) when the test cannot have what it needs.
+pub fn require_root() {
+    if let Err(e) = netbed::check_privileges() {
+        panic!("this end-to-end test needs privileges: {e}");
+    }
+}
+
+/// A unique pin directory for one agent.
+pub fn pin_dir() -> PathBuf {
+    let n = PINS.fetch_add(1, Ordering::Relaxed);
+    PathBuf::from(format!("/sys/fs/bpf/sg-test-{}-{n}", std::process::id()))
+}
+
+/// A running agent; stopped (SIGTERM, then SIGKILL) on drop.
+pub struct Agent {
+    pub child: Child,
+    pub pin_dir: PathBuf,
+    log: PathBuf,
+}
+
+impl Agent {
+    /// Starts `sockgate run ARGS` in the node namespace and waits until every port in
+    /// `ports` listens.
+    pub fn start(bed: &Bed, args: &[&str], ports: &[u16]) -> Self {
+        let pin_dir = pin_dir();
+        let log = std::env::temp_dir().join(format!(
+            "sockgate-test-{}-{}.log",
+            std::process::id(),
+            pin_dir.file_name().and_then(|n| n.to_str()).unwrap_or("x")
+        ));
+        let logf = std::fs::File::create(&log).expect("log file");
+        let child = bed
+            .node()
+            .command(sockgate_bin())
+            .arg("run")
+            .arg("--pin-dir")
+            .arg(&pin_dir)
+            .args(args)
+            .env("RUST_LOG", "info,sockgate=debug")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(logf)
+            .spawn()
+            .expect("sockgate starts");
+        let mut agent = Self {
+            child,
+            pin_dir,
+            log,
+        };
+        agent.wait_listening(bed, ports);
+        agent
+    }
+
+    fn wait_listening(&mut self, bed: &Bed, ports: &[u16]) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!("sockgate exited early ({status}):\n{}", self.log_text());
+            }
+            let out = bed
+                .node()
+                .output("ss", &["-Hltn"])
+                .expect("ss runs");
+            let text = String::from_utf8_lossy(&out.stdout);
+            if ports
+                .iter()
+                .all(|p| text.contains(&format!(":{p} ")))
+            {
+                return;
+            }
+            assert!(Instant::now() < deadline, "sockgate did not listen on {ports:?}:\n{}", self.log_text());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// What the agent logged so far.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// `sockgate status --json` against this agent's pins.
+    pub fn status(&self) -> serde_json::Value {
+        let out = Command::new(sockgate_bin())
+            .args(["status", "--json", "--pin-dir"])
+            .arg(&self.pin_dir)
+            .output()
+            .expect("status runs");
+        assert!(out.status.success(), "status failed: {}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice(&out.stdout).expect("status JSON")
+    }
+
+    /// Counters of listener `port` (after the agent's next flush).
+    pub fn stats(&self, port: u16) -> serde_json::Value {
+        std::thread::sleep(Duration::from_millis(250));
+        let s = self.status();
+        s["listeners"]
+            .as_array()
+            .and_then(|ls| ls.iter().find(|l| l["port"] == port))
+            .map(|l| l["stats"].clone())
+            .unwrap_or_else(|| panic!("listener {port} not in status: {s}"))
+    }
+
+    /// Sends SIGTERM and waits (bounded) for the exit.
+    pub fn stop(&mut self) -> std::process::ExitStatus {
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        let deadline = Instant::now() + Duration::from_secs(40);
+        loop {
+            if let Ok(Some(s)) = self.child.try_wait() {
+                return s;
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                return self.child.wait().expect("wait");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if self.child.try_wait().ok().flatten().is_none() {
+            self.stop();
+        }
+        let _ = std::fs::remove_file(&self.log);
+        // The agent removes its pins on a clean exit; make sure of it after a crash.
+        let _ = std::fs::remove_dir_all(&self.pin_dir);
+    }
+}
+
+/// Connects with a timeout (from the calling thread's namespace).
+pub fn connect(addr: SocketAddr) -> std::io::Result<TcpStream> {
+    let s = TcpStream::connect_timeout(&addr, Duration::from_secs(10))?;
+    s.set_read_timeout(Some(Duration::from_secs(30)))?;
+    s.set_write_timeout(Some(Duration::from_secs(30)))?;
+    Ok(s)
+}
+
+/// Writes `line`, reads one reply line.
+pub fn exchange(s: &mut TcpStream, line: &str) -> String {
+    s.write_all(line.as_bytes()).expect("write");
+    let mut out = Vec::new();
+    let mut b = [0u8; 1];
+    while s.read(&mut b).expect("read") == 1 {
+        out.push(b[0]);
+        if b[0] == b'\n' {
+            break;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
