@@ -62,7 +62,11 @@ impl Agent {
     /// Starts `sockgate run ARGS` in the node namespace and waits until every port in
     /// `ports` listens.
     pub fn start(bed: &Bed, args: &[&str], ports: &[u16]) -> Self {
-        let pin_dir = pin_dir();
+        Self::start_with_pin_dir(bed, pin_dir(), args, ports)
+    }
+
+    /// [`Agent::start`] with a given pin directory.
+    pub fn start_with_pin_dir(bed: &Bed, pin_dir: PathBuf, args: &[&str], ports: &[u16]) -> Self {
         let log = std::env::temp_dir().join(format!(
             "sockgate-test-{}-{}.log",
             std::process::id(),
