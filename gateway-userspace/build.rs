@@ -7,7 +7,9 @@ fn main() -> anyhow::Result<()> {
     let root = Path::new(&manifest_dir).join("../gateway-ebpf");
     // The programs also compile gateway-common: rebuild them when it changes.
     println!("cargo:rerun-if-changed={manifest_dir}/../gateway-common");
-    let root = root.to_str().ok_or_else(|| anyhow::anyhow!("non-UTF-8 path {root:?}"))?;
+    let root = root
+        .to_str()
+        .ok_or_else(|| anyhow::anyhow!("non-UTF-8 path {root:?}"))?;
     aya_build::build_ebpf(
         [aya_build::Package {
             name: "gateway-ebpf",

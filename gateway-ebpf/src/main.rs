@@ -16,12 +16,12 @@
 #![no_main]
 
 use aya_ebpf::{
+    EbpfContext as _,
     bindings::{BPF_NOEXIST, sk_action},
     btf_maps::{HashMap, PerCpuHashMap, SockHash},
     helpers::bpf_get_socket_cookie,
     macros::{btf_map, sk_msg, stream_verdict},
     programs::{SkBuffContext, SkMsgContext},
-    EbpfContext as _,
 };
 use gateway_common::{
     Backend, BackendKey, DIR_CLIENT_TO_BACKEND, ListenerInfo, ListenerKey, ListenerStats,

@@ -7,8 +7,7 @@
 //! declares (as cilium/ebpf's `MapSpec.Compatible` does); a pin that does not match is
 //! replaced, with a log line saying why, or refused when [`PinMismatch::Fail`] is asked.
 use std::{
-    fs,
-    io,
+    fs, io,
     os::fd::AsRawFd,
     path::{Path, PathBuf},
     sync::Mutex,
@@ -39,9 +38,13 @@ const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 /// Errors of loading the programs and pinning the maps.
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
-    #[error("missing privileges: {missing} (run as root, or grant CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON)")]
+    #[error(
+        "missing privileges: {missing} (run as root, or grant CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON)"
+    )]
     Privileges { missing: String },
-    #[error("kernel has no BTF ({path} does not exist): sockgate needs a kernel built with CONFIG_DEBUG_INFO_BTF=y")]
+    #[error(
+        "kernel has no BTF ({path} does not exist): sockgate needs a kernel built with CONFIG_DEBUG_INFO_BTF=y"
+    )]
     NoBtf { path: PathBuf },
     #[error("cannot mount bpffs on {path}: {source}")]
     MountBpffs {
@@ -55,7 +58,9 @@ pub enum LoadError {
         #[source]
         source: io::Error,
     },
-    #[error("incompatible pinned map {path}: {reason} (remove it, or run with --on-pin-mismatch replace)")]
+    #[error(
+        "incompatible pinned map {path}: {reason} (remove it, or run with --on-pin-mismatch replace)"
+    )]
     IncompatiblePin { path: PathBuf, reason: String },
     #[error("pinned map {path} cannot be replaced: {source}")]
     ReplacePin {
@@ -420,14 +425,18 @@ impl Datapath {
         };
         let result = (|| {
             let mut peers = lock(&self.maps.peers);
-            peers.insert(c_cookie, c_peer, 0).map_err(|source| MapOpError {
-                map: GW_PEERS,
-                source,
-            })?;
-            peers.insert(b_cookie, b_peer, 0).map_err(|source| MapOpError {
-                map: GW_PEERS,
-                source,
-            })?;
+            peers
+                .insert(c_cookie, c_peer, 0)
+                .map_err(|source| MapOpError {
+                    map: GW_PEERS,
+                    source,
+                })?;
+            peers
+                .insert(b_cookie, b_peer, 0)
+                .map_err(|source| MapOpError {
+                    map: GW_PEERS,
+                    source,
+                })?;
             drop(peers);
             let mut socks = lock(&self.maps.socks);
             socks
@@ -506,18 +515,27 @@ impl Datapath {
 
     /// Keys currently in `GW_LISTENERS`.
     pub fn listener_keys(&self) -> Vec<ListenerKey> {
-        lock(&self.maps.listeners).keys().filter_map(Result::ok).collect()
+        lock(&self.maps.listeners)
+            .keys()
+            .filter_map(Result::ok)
+            .collect()
     }
 
     /// Keys currently in `GW_BACKENDS`.
     pub fn backend_keys(&self) -> Vec<BackendKey> {
-        lock(&self.maps.backends).keys().filter_map(Result::ok).collect()
+        lock(&self.maps.backends)
+            .keys()
+            .filter_map(Result::ok)
+            .collect()
     }
 
     /// Bytes the verdict redirected from the socket `cookie` to its peer, `None` when
     /// the socket has no entry.
     pub fn bytes_redirected(&self, cookie: u64) -> Option<u64> {
-        lock(&self.maps.peers).get(&cookie, 0).ok().map(|p| p.bytes_redirected)
+        lock(&self.maps.peers)
+            .get(&cookie, 0)
+            .ok()
+            .map(|p| p.bytes_redirected)
     }
 
     /// Number of entries in `GW_PEERS`.

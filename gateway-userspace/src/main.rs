@@ -16,7 +16,11 @@ use tokio_util::sync::CancellationToken;
 use tracing::info;
 
 #[derive(Parser)]
-#[command(name = "sockgate", version, about = "Gateway API TCPRoute with an eBPF data path")]
+#[command(
+    name = "sockgate",
+    version,
+    about = "Gateway API TCPRoute with an eBPF data path"
+)]
 struct Cli {
     /// Log format.
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
@@ -121,7 +125,8 @@ fn show_status(pin_dir: &std::path::Path, json: bool) -> anyhow::Result<()> {
 }
 
 fn secs(v: f64, what: &str) -> anyhow::Result<Duration> {
-    Duration::try_from_secs_f64(v).with_context(|| format!("--{what} must be a non-negative number of seconds"))
+    Duration::try_from_secs_f64(v)
+        .with_context(|| format!("--{what} must be a non-negative number of seconds"))
 }
 
 fn run(args: &RunArgs) -> anyhow::Result<()> {
@@ -140,6 +145,7 @@ fn run(args: &RunArgs) -> anyhow::Result<()> {
         kernel_btf: args.kernel_btf.clone(),
     };
     let dp = Arc::new(Datapath::load(&opts)?);
+    raise_fd_limit();
     if desired.listeners.is_empty() {
         info!("no listeners configured (give --route)");
     }
@@ -157,7 +163,10 @@ fn run(args: &RunArgs) -> anyhow::Result<()> {
             shutdown.clone(),
         ));
         wait_for_signal().await?;
-        info!(drain_secs = cfg.drain_timeout.as_secs_f64(), "stopping: no new connections; established ones drain");
+        info!(
+            drain_secs = cfg.drain_timeout.as_secs_f64(),
+            "stopping: no new connections; established ones drain"
+        );
         shutdown.cancel();
         let _ = serving.await;
         anyhow::Ok(())
@@ -165,6 +174,20 @@ fn run(args: &RunArgs) -> anyhow::Result<()> {
     drop(rt);
     drop(dp);
     Ok(())
+}
+
+/// Two descriptors per proxied connection, plus pipes on the userspace path: raise the
+/// soft limit on open files to the hard limit.
+fn raise_fd_limit() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE)
+        && soft < hard
+    {
+        match setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+            Ok(()) => info!(from = soft, to = hard, "raised the open-file limit"),
+            Err(e) => tracing::warn!(error = %e, "cannot raise the open-file limit"),
+        }
+    }
 }
 
 async fn wait_for_signal() -> anyhow::Result<()> {

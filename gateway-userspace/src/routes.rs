@@ -6,7 +6,9 @@ use crate::desired::{Backend, DesiredState, Listener};
 
 /// A `--route` value that does not parse.
 #[derive(Debug, thiserror::Error)]
-#[error("invalid --route {spec:?}: {reason} (expected PORT=ADDR:PORT[*WEIGHT][,...], e.g. 8088=10.0.0.2:3001*2)")]
+#[error(
+    "invalid --route {spec:?}: {reason} (expected PORT=ADDR:PORT[*WEIGHT][,...], e.g. 8088=10.0.0.2:3001*2)"
+)]
 pub struct RouteError {
     pub spec: String,
     pub reason: String,

@@ -3,8 +3,8 @@ use std::{collections::BTreeMap, path::Path};
 
 use aya::maps::{HashMap, Map, MapData, PerCpuHashMap};
 use gateway_common::{
-    Backend, BackendKey, GW_BACKENDS, GW_LISTENERS, GW_PEERS, GW_STATS, ListenerInfo,
-    ListenerKey, ListenerStats, Peer, StatsKey,
+    Backend, BackendKey, GW_BACKENDS, GW_LISTENERS, GW_PEERS, GW_STATS, ListenerInfo, ListenerKey,
+    ListenerStats, Peer, StatsKey,
 };
 use serde::Serialize;
 
@@ -13,7 +13,9 @@ use crate::mapsync::backend_addr;
 /// Errors of reading the pinned maps.
 #[derive(Debug, thiserror::Error)]
 pub enum StatusError {
-    #[error("nothing is pinned at {path}: is the sockgate agent running (or was it run with --keep-pins)?")]
+    #[error(
+        "nothing is pinned at {path}: is the sockgate agent running (or was it run with --keep-pins)?"
+    )]
     NotPinned { path: String },
     #[error("reading pinned map {path}: {source}")]
     Map {
@@ -115,9 +117,11 @@ fn map_err(dir: &Path, name: &str) -> impl Fn(aya::maps::MapError) -> StatusErro
 /// Reads the pinned maps in `dir`.
 pub fn read(dir: &Path) -> Result<Status, StatusError> {
     let listeners: HashMap<_, ListenerKey, ListenerInfo> =
-        HashMap::try_from(Map::HashMap(open(dir, GW_LISTENERS)?)).map_err(map_err(dir, GW_LISTENERS))?;
+        HashMap::try_from(Map::HashMap(open(dir, GW_LISTENERS)?))
+            .map_err(map_err(dir, GW_LISTENERS))?;
     let backends: HashMap<_, BackendKey, Backend> =
-        HashMap::try_from(Map::HashMap(open(dir, GW_BACKENDS)?)).map_err(map_err(dir, GW_BACKENDS))?;
+        HashMap::try_from(Map::HashMap(open(dir, GW_BACKENDS)?))
+            .map_err(map_err(dir, GW_BACKENDS))?;
     let peers: HashMap<_, u64, Peer> =
         HashMap::try_from(Map::HashMap(open(dir, GW_PEERS)?)).map_err(map_err(dir, GW_PEERS))?;
     let stats: PerCpuHashMap<_, StatsKey, ListenerStats> =
@@ -135,11 +139,14 @@ pub fn read(dir: &Path) -> Result<Status, StatusError> {
     }
     let mut by_port: BTreeMap<u16, Vec<BackendStatus>> = BTreeMap::new();
     for (key, b) in backends.iter().filter_map(Result::ok) {
-        by_port.entry(key.listener_port).or_default().push(BackendStatus {
-            index: key.index,
-            address: backend_addr(&b).map_or_else(|| "invalid".to_owned(), |a| a.to_string()),
-            weight: b.weight,
-        });
+        by_port
+            .entry(key.listener_port)
+            .or_default()
+            .push(BackendStatus {
+                index: key.index,
+                address: backend_addr(&b).map_or_else(|| "invalid".to_owned(), |a| a.to_string()),
+                weight: b.weight,
+            });
     }
     let mut out: Vec<ListenerStatus> = listeners
         .iter()
@@ -152,7 +159,10 @@ pub fn read(dir: &Path) -> Result<Status, StatusError> {
                 generation: info.generation,
                 total_weight: info.total_weight,
                 backends,
-                stats: counts.remove(&key.port).map(Counts::from).unwrap_or_default(),
+                stats: counts
+                    .remove(&key.port)
+                    .map(Counts::from)
+                    .unwrap_or_default(),
             }
         })
         .collect();
@@ -168,7 +178,11 @@ pub fn read(dir: &Path) -> Result<Status, StatusError> {
 pub fn render(s: &Status) -> String {
     use std::fmt::Write as _;
     let mut o = String::new();
-    let _ = writeln!(o, "pinned maps: {}    paired sockets (kernel path): {}", s.pin_dir, s.paired_sockets);
+    let _ = writeln!(
+        o,
+        "pinned maps: {}    paired sockets (kernel path): {}",
+        s.pin_dir, s.paired_sockets
+    );
     if s.listeners.is_empty() {
         let _ = writeln!(o, "no listeners programmed");
     }
@@ -185,7 +199,11 @@ pub fn render(s: &Status) -> String {
             } else {
                 f64::from(b.weight) * 100.0 / f64::from(l.total_weight)
             };
-            let _ = writeln!(o, "  backend {:<3} {:<40} weight {:<5} ({share:.0}%)", b.index, b.address, b.weight);
+            let _ = writeln!(
+                o,
+                "  backend {:<3} {:<40} weight {:<5} ({share:.0}%)",
+                b.index, b.address, b.weight
+            );
         }
         let _ = writeln!(
             o,
@@ -200,7 +218,10 @@ pub fn render(s: &Status) -> String {
         let _ = writeln!(
             o,
             "  rejected:    no backend {}  invalid backend {}  connect failed {}  (connect failures {})",
-            c.rejected_no_backend, c.rejected_invalid_backend, c.rejected_connect_failed, c.connect_failures
+            c.rejected_no_backend,
+            c.rejected_invalid_backend,
+            c.rejected_connect_failed,
+            c.connect_failures
         );
         let _ = writeln!(
             o,

@@ -61,7 +61,8 @@ static COUNTER: AtomicU32 = AtomicU32::new(0);
 static HANDLER: Once = Once::new();
 
 fn live() -> std::sync::MutexGuard<'static, Vec<String>> {
-    LIVE.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    LIVE.lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// Prefix of every namespace made by this process.
@@ -114,7 +115,9 @@ pub fn check_privileges() -> Result<(), BedError> {
         )));
     }
     if Command::new("ip").arg("-V").output().is_err() {
-        return Err(BedError::Privileges("`ip` (iproute2) is not installed".into()));
+        return Err(BedError::Privileges(
+            "`ip` (iproute2) is not installed".into(),
+        ));
     }
     Ok(())
 }
@@ -134,9 +137,7 @@ pub fn sweep_stale() -> Vec<String> {
         else {
             continue;
         };
-        if !PathBuf::from(format!("/proc/{pid}")).exists()
-            && ip(&["netns", "del", name]).is_ok()
-        {
+        if !PathBuf::from(format!("/proc/{pid}")).exists() && ip(&["netns", "del", name]).is_ok() {
             removed.push(name.to_owned());
         }
     }
@@ -220,7 +221,9 @@ impl Netns {
         R: Send + 'static,
     {
         let handle = self.spawn(f)?;
-        Ok(handle.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
+        Ok(handle
+            .join()
+            .unwrap_or_else(|p| std::panic::resume_unwind(p)))
     }
 
     /// Starts `f` on a new thread inside this namespace.
@@ -269,7 +272,17 @@ impl Drop for Netns {
 /// Makes a veth pair with end `a_if` in `a` and `b_if` in `b`, both up.
 fn veth(a: &Netns, a_if: &str, b: &Netns, b_if: &str) -> Result<(), BedError> {
     ip(&[
-        "link", "add", a_if, "netns", a.name(), "type", "veth", "peer", "name", b_if, "netns",
+        "link",
+        "add",
+        a_if,
+        "netns",
+        a.name(),
+        "type",
+        "veth",
+        "peer",
+        "name",
+        b_if,
+        "netns",
         b.name(),
     ])?;
     a.ip(&["link", "set", a_if, "up"])?;
@@ -304,7 +317,13 @@ impl Bed {
             veth(&ns, "eth0", &node, &node_if)?;
             let net = i + 1;
             ns.ip(&["addr", "add", &format!("10.200.{net}.2/24"), "dev", "eth0"])?;
-            node.ip(&["addr", "add", &format!("10.200.{net}.1/24"), "dev", &node_if])?;
+            node.ip(&[
+                "addr",
+                "add",
+                &format!("10.200.{net}.1/24"),
+                "dev",
+                &node_if,
+            ])?;
             ns.ip(&["route", "add", "default", "via", &format!("10.200.{net}.1")])?;
             list.push(ns);
         }

@@ -125,10 +125,15 @@ pub fn banner_echo(banner: &'static [u8]) -> Handler {
     })
 }
 
-/// Answers with its name and closes: one short exchange per connection.
+/// Waits for one byte of request, answers with its name and closes: one short
+/// exchange per connection.
 pub fn name_and_close(name: &str) -> Handler {
     let name = name.to_owned();
     Arc::new(move |mut stream: TcpStream| {
+        let mut request = [0u8; 1];
+        if io::Read::read(&mut stream, &mut request).unwrap_or(0) == 0 {
+            return;
+        }
         let _ = stream.write_all(name.as_bytes());
         let _ = stream.shutdown(std::net::Shutdown::Write);
         let mut sink = [0u8; 64];

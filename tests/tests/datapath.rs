@@ -3,51 +3,724 @@
 mod common;
 
 use std::{
-    io::{Read, Write},
-    net::{Shutdown, SocketAddr},
+    io::{self, Read, Write},
+    net::{Shutdown, SocketAddr, TcpStream},
+    sync::{Arc, mpsc},
     time::Duration,
 };
 
 use common::{Agent, connect, exchange, require_root};
 use netbed::{Bed, servers};
 
-fn echo_bed() -> (Bed, servers::Server) {
-    let bed = Bed::new(1).expect("bed");
-    let server = servers::Server::start(
-        bed.backend(0),
-        SocketAddr::new(bed.backend_addr(0).into(), 3001),
-        servers::named_echo("foo"),
-    )
-    .expect("backend");
-    (bed, server)
-}
+const KERNEL: &str = "sockmap";
+const SPLICE: &str = "splice";
 
 fn listener_addr(bed: &Bed, port: u16) -> SocketAddr {
     SocketAddr::new(bed.node_addr().into(), port)
 }
 
-#[test]
-fn kernel_path_echo_and_counters() {
+fn backend(bed: &Bed, i: usize, port: u16) -> SocketAddr {
+    SocketAddr::new(bed.backend_addr(i).into(), port)
+}
+
+/// Checks which path carried `n` connections, from the counters.
+fn assert_path(stats: &serde_json::Value, path: &str, n: u64) {
+    let (on, off) = if path == KERNEL {
+        ("kernel_connections", "userspace_connections")
+    } else {
+        ("userspace_connections", "kernel_connections")
+    };
+    assert_eq!(stats[on], n, "{stats}");
+    assert_eq!(stats[off], 0, "{stats}");
+}
+
+/// Waits (bounded) until no connection is active and no pair is in the maps.
+fn assert_drained(agent: &Agent, port: u16) {
+    for _ in 0..100 {
+        let s = agent.status();
+        let l = s["listeners"]
+            .as_array()
+            .and_then(|ls| ls.iter().find(|l| l["port"] == port))
+            .cloned()
+            .expect("listener");
+        if s["paired_sockets"] == 0
+            && l["stats"]["active_kernel"] == 0
+            && l["stats"]["active_userspace"] == 0
+        {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    panic!("connections or map entries left: {}", agent.status());
+}
+
+// ---- a deterministic byte stream and its check -------------------------------------
+
+/// xorshift64* stream: `len` bytes from `seed`, in pieces.
+struct Stream {
+    state: u64,
+    buf: [u8; 8],
+    pos: usize,
+}
+
+impl Stream {
+    fn new(seed: u64) -> Self {
+        Self {
+            state: seed | 1,
+            buf: [0; 8],
+            pos: 8,
+        }
+    }
+
+    fn fill(&mut self, out: &mut [u8]) {
+        for b in out {
+            if self.pos == 8 {
+                self.state ^= self.state >> 12;
+                self.state ^= self.state << 25;
+                self.state ^= self.state >> 27;
+                self.buf = self.state.wrapping_mul(0x2545_F491_4F6C_DD1D).to_le_bytes();
+                self.pos = 0;
+            }
+            *b = self.buf[self.pos];
+            self.pos += 1;
+        }
+    }
+}
+
+/// Write sizes: fixed, or varied small writes.
+#[derive(Clone, Copy)]
+enum Writes {
+    Large,
+    Small,
+}
+
+fn send_stream(mut s: TcpStream, seed: u64, total: u64, writes: Writes) -> io::Result<()> {
+    let mut stream = Stream::new(seed);
+    let mut sizes = Stream::new(seed ^ 0xABCD);
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut left = total;
+    while left > 0 {
+        let n = match writes {
+            Writes::Large => buf.len(),
+            Writes::Small => {
+                let mut b = [0u8; 2];
+                sizes.fill(&mut b);
+                1 + usize::from(u16::from_le_bytes(b)) % 1500
+            }
+        };
+        let n = n.min(usize::try_from(left).unwrap_or(usize::MAX));
+        stream.fill(&mut buf[..n]);
+        s.write_all(&buf[..n])?;
+        left -= n as u64;
+    }
+    s.shutdown(Shutdown::Write)
+}
+
+/// Reads until EOF; returns the byte count and the offset of the first wrong byte.
+fn recv_stream(mut s: TcpStream, seed: u64) -> io::Result<(u64, Option<u64>)> {
+    let mut stream = Stream::new(seed);
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut want = vec![0u8; 256 * 1024];
+    let mut total = 0u64;
+    let mut bad = None;
+    loop {
+        let n = s.read(&mut buf)?;
+        if n == 0 {
+            return Ok((total, bad));
+        }
+        stream.fill(&mut want[..n]);
+        if bad.is_none()
+            && let Some(i) = (0..n).find(|&i| buf[i] != want[i])
+        {
+            bad = Some(total + i as u64);
+        }
+        total += n as u64;
+    }
+}
+
+/// Sends `total` bytes each way at once through `s`; the peer does the same with the
+/// seeds swapped. Returns what this side received.
+fn duplex(
+    s: &TcpStream,
+    send_seed: u64,
+    recv_seed: u64,
+    total: u64,
+    writes: Writes,
+) -> (u64, Option<u64>) {
+    let tx = s.try_clone().expect("clone");
+    let sender = std::thread::spawn(move || send_stream(tx, send_seed, total, writes));
+    let got = recv_stream(s.try_clone().expect("clone"), recv_seed).expect("receive");
+    sender.join().expect("sender").expect("send");
+    got
+}
+
+fn integrity(path: &str, total: u64, writes: Writes) {
     require_root();
-    let (bed, _server) = echo_bed();
-    let route = format!("8088={}:3001", bed.backend_addr(0));
-    let agent = Agent::start(&bed, &["--route", &route, "--datapath", "sockmap"], &[8088]);
+    let bed = Bed::new(1).expect("bed");
+    let (tx, rx) = mpsc::channel();
+    let tx = std::sync::Mutex::new(tx);
+    let handler: servers::Handler = Arc::new(move |s: TcpStream| {
+        let got = duplex(&s, 2, 1, total, writes);
+        let _ = tx.lock().expect("lock").send(got);
+    });
+    let _server =
+        servers::Server::start(bed.backend(0), backend(&bed, 0, 3001), handler).expect("server");
+    let route = format!("8088={}", backend(&bed, 0, 3001));
+    let agent = Agent::start(&bed, &["--route", &route, "--datapath", path], &[8088]);
+    let addr = listener_addr(&bed, 8088);
+    let client_got = bed
+        .client()
+        .run(move || {
+            let s = connect(addr).expect("connect");
+            s.set_read_timeout(Some(Duration::from_secs(120)))
+                .expect("timeout");
+            duplex(&s, 1, 2, total, writes)
+        })
+        .expect("client");
+    let server_got = rx
+        .recv_timeout(Duration::from_secs(120))
+        .expect("server result");
+    assert_eq!(
+        server_got,
+        (total, None),
+        "client -> backend: (bytes, first bad offset)"
+    );
+    assert_eq!(
+        client_got,
+        (total, None),
+        "backend -> client: (bytes, first bad offset)"
+    );
+    let stats = agent.stats(8088);
+    assert_path(&stats, path, 1);
+    if path == KERNEL {
+        // Everything went through the verdict program: no payload byte in userspace.
+        assert_eq!(stats["bytes_client_to_backend_kernel"], total, "{stats}");
+        assert_eq!(stats["bytes_backend_to_client_kernel"], total, "{stats}");
+        assert_eq!(stats["bytes_client_to_backend_userspace"], 0, "{stats}");
+    } else {
+        assert_eq!(stats["bytes_client_to_backend_userspace"], total, "{stats}");
+        assert_eq!(stats["bytes_backend_to_client_userspace"], total, "{stats}");
+    }
+    assert_drained(&agent, 8088);
+}
+
+const MIB: u64 = 1024 * 1024;
+
+#[test]
+fn integrity_kernel_256mib_each_way() {
+    integrity(KERNEL, 256 * MIB, Writes::Large);
+}
+
+#[test]
+fn integrity_splice_256mib_each_way() {
+    integrity(SPLICE, 256 * MIB, Writes::Large);
+}
+
+#[test]
+fn integrity_kernel_small_writes() {
+    integrity(KERNEL, 24 * MIB, Writes::Small);
+}
+
+#[test]
+fn integrity_splice_small_writes() {
+    integrity(SPLICE, 24 * MIB, Writes::Small);
+}
+
+// ---- lifecycle -----------------------------------------------------------------------
+
+/// Early data: the first backend tried never answers, so the client's bytes wait on
+/// the node for the connect timeout before the pair exists. With `fin_early` the
+/// client's FIN waits too: the kernel accepts only ESTABLISHED sockets in a sockmap
+/// (`sock_map_sk_state_allowed()`), so such a connection is carried by splice.
+fn early_data(path: &str, fin_early: bool) {
+    require_root();
+    let bed = Bed::new(1).expect("bed");
+    let _server = servers::Server::start(bed.backend(0), backend(&bed, 0, 3001), servers::echo())
+        .expect("server");
+    // 10.200.1.3 has no host: its connect times out, then 10.200.1.2 is tried.
+    let route = format!("8088=10.200.1.3:3001,{}", backend(&bed, 0, 3001));
+    let agent = Agent::start(
+        &bed,
+        &[
+            "--route",
+            &route,
+            "--datapath",
+            path,
+            "--connect-timeout",
+            "0.5",
+        ],
+        &[8088],
+    );
     let addr = listener_addr(&bed, 8088);
     let reply = bed
         .client()
         .run(move || {
             let mut s = connect(addr).expect("connect");
-            let a = exchange(&mut s, "hello\n");
-            let b = exchange(&mut s, "again\n");
-            (a, b)
+            s.write_all(b"early bytes").expect("write");
+            if fin_early {
+                s.shutdown(Shutdown::Write).expect("shutdown");
+            } else {
+                let mut first = [0u8; 11];
+                s.read_exact(&mut first).expect("early bytes echoed");
+                assert_eq!(&first, b"early bytes");
+                s.write_all(b", later bytes").expect("write");
+                s.shutdown(Shutdown::Write).expect("shutdown");
+            }
+            let mut out = Vec::new();
+            s.read_to_end(&mut out).expect("read");
+            out
         })
         .expect("client");
-    assert_eq!(reply.0, "foo: hello\n");
-    assert_eq!(reply.1, "foo: again\n");
     let stats = agent.stats(8088);
-    assert_eq!(stats["accepted"], 1, "{stats}");
-    assert_eq!(stats["kernel_connections"], 1, "{stats}");
-    assert_eq!(stats["userspace_connections"], 0, "{stats}");
-    assert_eq!(stats["bytes_client_to_backend_kernel"], 12, "{stats}");
-    assert_eq!(stats["bytes_backend_to_client_kernel"], 22, "{stats}");
+    assert_eq!(
+        stats["connect_failures"], 1,
+        "the first backend timed out: {stats}"
+    );
+    if fin_early {
+        assert_eq!(reply, b"early bytes");
+        assert_path(&stats, SPLICE, 1);
+    } else {
+        assert_eq!(reply, b", later bytes");
+        assert_path(&stats, path, 1);
+    }
+    assert_drained(&agent, 8088);
+}
+
+#[test]
+fn early_data_kernel() {
+    early_data(KERNEL, false);
+}
+
+#[test]
+fn early_data_and_fin_kernel_falls_back_to_splice() {
+    early_data(KERNEL, true);
+}
+
+#[test]
+fn early_data_splice() {
+    early_data(SPLICE, false);
+}
+
+#[test]
+fn early_data_and_fin_splice() {
+    early_data(SPLICE, true);
+}
+
+fn server_first(path: &str) {
+    require_root();
+    let bed = Bed::new(1).expect("bed");
+    let _server = servers::Server::start(
+        bed.backend(0),
+        backend(&bed, 0, 3001),
+        servers::banner_echo(b"220 banner from the backend\r\n"),
+    )
+    .expect("server");
+    let route = format!("8088={}", backend(&bed, 0, 3001));
+    let agent = Agent::start(&bed, &["--route", &route, "--datapath", path], &[8088]);
+    let addr = listener_addr(&bed, 8088);
+    let (banner, echoed) = bed
+        .client()
+        .run(move || {
+            let mut s = connect(addr).expect("connect");
+            let mut banner = [0u8; 29];
+            s.read_exact(&mut banner).expect("banner");
+            let echoed = exchange(&mut s, "then the client\n");
+            (banner.to_vec(), echoed)
+        })
+        .expect("client");
+    assert_eq!(banner, b"220 banner from the backend\r\n");
+    assert_eq!(echoed, "then the client\n");
+    assert_path(&agent.stats(8088), path, 1);
+}
+
+#[test]
+fn server_first_kernel() {
+    server_first(KERNEL);
+}
+
+#[test]
+fn server_first_splice() {
+    server_first(SPLICE);
+}
+
+/// Client FIN first: the backend still answers after it. Backend FIN first: the client
+/// still sends after it, and the backend receives it all.
+fn half_close(path: &str) {
+    require_root();
+    let bed = Bed::new(1).expect("bed");
+    let (tx, rx) = mpsc::channel::<Vec<u8>>();
+    let tx = std::sync::Mutex::new(tx);
+    let backend_fin_first: servers::Handler = Arc::new(move |mut s: TcpStream| {
+        let mut go = [0u8; 2];
+        let _ = s.read_exact(&mut go);
+        let _ = s.write_all(b"backend says bye first");
+        let _ = s.shutdown(Shutdown::Write);
+        let mut got = Vec::new();
+        let _ = s.read_to_end(&mut got);
+        let _ = tx.lock().expect("lock").send(got);
+    });
+    let _echo = servers::Server::start(bed.backend(0), backend(&bed, 0, 3001), servers::echo())
+        .expect("echo");
+    let _fin = servers::Server::start(bed.backend(0), backend(&bed, 0, 3002), backend_fin_first)
+        .expect("fin");
+    let r1 = format!("8088={}", backend(&bed, 0, 3001));
+    let r2 = format!("8089={}", backend(&bed, 0, 3002));
+    let agent = Agent::start(
+        &bed,
+        &["--route", &r1, "--route", &r2, "--datapath", path],
+        &[8088, 8089],
+    );
+    let (a1, a2) = (listener_addr(&bed, 8088), listener_addr(&bed, 8089));
+    let (echoed, from_backend) = bed
+        .client()
+        .run(move || {
+            // Client FIN first (after one exchange: the pair is made by then).
+            let mut s = connect(a1).expect("connect");
+            assert_eq!(exchange(&mut s, "ping\n"), "ping\n");
+            s.write_all(b"client half-closes").expect("write");
+            s.shutdown(Shutdown::Write).expect("shutdown");
+            let mut echoed = Vec::new();
+            s.read_to_end(&mut echoed).expect("read");
+            // Backend FIN first.
+            let mut s = connect(a2).expect("connect");
+            s.write_all(b"go").expect("write");
+            let mut from_backend = Vec::new();
+            s.read_to_end(&mut from_backend)
+                .expect("read to the backend's FIN");
+            s.write_all(b"client keeps talking after the backend's FIN")
+                .expect("write after FIN");
+            s.shutdown(Shutdown::Write).expect("shutdown");
+            (echoed, from_backend)
+        })
+        .expect("client");
+    assert_eq!(echoed, b"client half-closes");
+    assert_eq!(from_backend, b"backend says bye first");
+    let got = rx
+        .recv_timeout(Duration::from_secs(10))
+        .expect("backend result");
+    assert_eq!(got, b"client keeps talking after the backend's FIN");
+    assert_path(&agent.stats(8088), path, 1);
+    assert_path(&agent.stats(8089), path, 1);
+    assert_drained(&agent, 8088);
+    assert_drained(&agent, 8089);
+}
+
+#[test]
+fn half_close_kernel() {
+    half_close(KERNEL);
+}
+
+#[test]
+fn half_close_splice() {
+    half_close(SPLICE);
+}
+
+fn reset_with_linger(s: &TcpStream) {
+    socket2::SockRef::from(s)
+        .set_linger(Some(Duration::ZERO))
+        .expect("linger");
+}
+
+/// A reset from either side resets the other, and the pair's entries are freed.
+fn resets(path: &str) {
+    require_root();
+    let bed = Bed::new(1).expect("bed");
+    let (tx, rx) = mpsc::channel::<io::ErrorKind>();
+    let tx = std::sync::Mutex::new(tx);
+    // 3001: reads until error and reports it (the client resets).
+    let watcher: servers::Handler = Arc::new(move |mut s: TcpStream| {
+        let mut buf = [0u8; 1024];
+        let kind = loop {
+            match s.read(&mut buf) {
+                Ok(0) => break io::ErrorKind::UnexpectedEof,
+                Ok(_) => {}
+                Err(e) => break e.kind(),
+            }
+        };
+        let _ = tx.lock().expect("lock").send(kind);
+    });
+    // 3002: resets the connection at once.
+    let resetter: servers::Handler = Arc::new(|s: TcpStream| {
+        let mut s = s;
+        let mut buf = [0u8; 5];
+        let _ = s.read_exact(&mut buf);
+        reset_with_linger(&s);
+    });
+    let _w =
+        servers::Server::start(bed.backend(0), backend(&bed, 0, 3001), watcher).expect("watcher");
+    let _r =
+        servers::Server::start(bed.backend(0), backend(&bed, 0, 3002), resetter).expect("resetter");
+    let r1 = format!("8088={}", backend(&bed, 0, 3001));
+    let r2 = format!("8089={}", backend(&bed, 0, 3002));
+    let agent = Agent::start(
+        &bed,
+        &["--route", &r1, "--route", &r2, "--datapath", path],
+        &[8088, 8089],
+    );
+    let (a1, a2) = (listener_addr(&bed, 8088), listener_addr(&bed, 8089));
+    let client_saw = bed
+        .client()
+        .run(move || {
+            let mut s = connect(a1).expect("connect");
+            s.write_all(b"hello").expect("write");
+            std::thread::sleep(Duration::from_millis(200));
+            reset_with_linger(&s);
+            drop(s);
+            let mut s = connect(a2).expect("connect");
+            s.write_all(b"hello").expect("write");
+            let mut buf = [0u8; 16];
+            match s.read(&mut buf) {
+                Ok(n) => panic!("expected a reset, read {n} bytes"),
+                Err(e) => e.kind(),
+            }
+        })
+        .expect("client");
+    assert_eq!(
+        client_saw,
+        io::ErrorKind::ConnectionReset,
+        "backend reset reaches the client"
+    );
+    let backend_saw = rx
+        .recv_timeout(Duration::from_secs(10))
+        .expect("watcher result");
+    assert_eq!(
+        backend_saw,
+        io::ErrorKind::ConnectionReset,
+        "client reset reaches the backend"
+    );
+    assert_drained(&agent, 8088);
+    assert_drained(&agent, 8089);
+}
+
+#[test]
+fn resets_kernel() {
+    resets(KERNEL);
+}
+
+#[test]
+fn resets_splice() {
+    resets(SPLICE);
+}
+
+// ---- selection and failures ----------------------------------------------------------
+
+#[test]
+fn weights_over_ten_thousand_connections() {
+    require_root();
+    let bed = Bed::new(3).expect("bed");
+    let names = ["zero", "one", "two"];
+    let _servers: Vec<_> = (0..3)
+        .map(|i| {
+            servers::Server::start(
+                bed.backend(i),
+                backend(&bed, i, 3001),
+                servers::name_and_close(names[i]),
+            )
+            .expect("server")
+        })
+        .collect();
+    // Weights 1 / 2 / 0.
+    let route = format!(
+        "8088={}*1,{}*2,{}*0",
+        backend(&bed, 0, 3001),
+        backend(&bed, 1, 3001),
+        backend(&bed, 2, 3001)
+    );
+    let agent = Agent::start(&bed, &["--route", &route], &[8088]);
+    let addr = listener_addr(&bed, 8088);
+    const N: usize = 10_000;
+    let counts = bed
+        .client()
+        .run(move || {
+            let mut counts = std::collections::BTreeMap::<String, usize>::new();
+            for _ in 0..N {
+                let mut s = connect(addr).expect("connect");
+                s.write_all(b"?").expect("request");
+                let mut name = String::new();
+                s.read_to_string(&mut name).expect("read");
+                *counts.entry(name).or_default() += 1;
+            }
+            counts
+        })
+        .expect("client");
+    let zero = counts.get("zero").copied().unwrap_or(0);
+    let one = counts.get("one").copied().unwrap_or(0);
+    assert_eq!(counts.get("two"), None, "weight 0 never picked: {counts:?}");
+    assert_eq!(zero + one, N, "{counts:?}");
+    // Smooth weighted round robin is exact over every window of 3 picks; allow 1%.
+    let share = zero as f64 / N as f64;
+    assert!(
+        (share - 1.0 / 3.0).abs() < 0.01,
+        "weight 1 of 3 got {share}: {counts:?}"
+    );
+    let stats = agent.stats(8088);
+    assert_eq!(stats["accepted"], N as u64, "{stats}");
+    assert_eq!(
+        stats["kernel_connections"], N as u64,
+        "auto picks the kernel path: {stats}"
+    );
+    assert_drained(&agent, 8088);
+}
+
+#[test]
+fn backend_down_retries_then_resets() {
+    require_root();
+    let bed = Bed::new(1).expect("bed");
+    let _server = servers::Server::start(
+        bed.backend(0),
+        backend(&bed, 0, 3001),
+        servers::name_and_close("up"),
+    )
+    .expect("server");
+    // 8088: refused (nothing on :3999), then up. 8089: timeout (no host), then up.
+    // 8090: refused and timeout only: the client is reset.
+    let r1 = format!("8088={},{}", backend(&bed, 0, 3999), backend(&bed, 0, 3001));
+    let r2 = format!("8089=10.200.1.3:3001,{}", backend(&bed, 0, 3001));
+    let r3 = format!("8090={},10.200.1.3:3001", backend(&bed, 0, 3999));
+    let agent = Agent::start(
+        &bed,
+        &[
+            "--route",
+            &r1,
+            "--route",
+            &r2,
+            "--route",
+            &r3,
+            "--connect-timeout",
+            "0.3",
+        ],
+        &[8088, 8089, 8090],
+    );
+    let addrs = [
+        listener_addr(&bed, 8088),
+        listener_addr(&bed, 8089),
+        listener_addr(&bed, 8090),
+    ];
+    let results = bed
+        .client()
+        .run(move || {
+            addrs
+                .iter()
+                .map(|&a| {
+                    let mut s = connect(a).expect("connect");
+                    let _ = s.write_all(b"?");
+                    let mut out = String::new();
+                    match s.read_to_string(&mut out) {
+                        Ok(_) => Ok(out),
+                        Err(e) => Err(e.kind()),
+                    }
+                })
+                .collect::<Vec<_>>()
+        })
+        .expect("client");
+    assert_eq!(results[0], Ok("up".to_owned()), "refused, then retried");
+    assert_eq!(results[1], Ok("up".to_owned()), "timed out, then retried");
+    assert_eq!(
+        results[2],
+        Err(io::ErrorKind::ConnectionReset),
+        "no backend left: RST"
+    );
+    assert_eq!(agent.stats(8088)["connect_failures"], 1);
+    assert_eq!(agent.stats(8089)["connect_failures"], 1);
+    let s3 = agent.stats(8090);
+    assert_eq!(s3["connect_failures"], 2, "{s3}");
+    assert_eq!(s3["rejected_connect_failed"], 1, "{s3}");
+}
+
+#[test]
+fn no_valid_backend_resets() {
+    require_root();
+    let bed = Bed::new(1).expect("bed");
+    // 8088: only an invalid backendRef. 8089: only weight 0.
+    let r1 = "8088=invalid".to_owned();
+    let r2 = format!("8089={}*0", backend(&bed, 0, 3001));
+    let agent = Agent::start(&bed, &["--route", &r1, "--route", &r2], &[8088, 8089]);
+    let addrs = [listener_addr(&bed, 8088), listener_addr(&bed, 8089)];
+    let kinds = bed
+        .client()
+        .run(move || {
+            addrs
+                .iter()
+                .map(|&a| {
+                    let mut s = connect(a).expect("connect");
+                    let mut buf = [0u8; 8];
+                    s.read(&mut buf).map_err(|e| e.kind())
+                })
+                .collect::<Vec<_>>()
+        })
+        .expect("client");
+    assert_eq!(kinds, vec![Err(io::ErrorKind::ConnectionReset); 2]);
+    assert_eq!(agent.stats(8088)["rejected_invalid_backend"], 1);
+    assert_eq!(agent.stats(8089)["rejected_no_backend"], 1);
+}
+
+fn fd_count(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, Iterator::count)
+}
+
+fn many_concurrent(path: &str) {
+    require_root();
+    let bed = Bed::new(1).expect("bed");
+    let _server = servers::Server::start(bed.backend(0), backend(&bed, 0, 3001), servers::echo())
+        .expect("server");
+    let route = format!("8088={}", backend(&bed, 0, 3001));
+    let agent = Agent::start(&bed, &["--route", &route, "--datapath", path], &[8088]);
+    let pid = agent.child.id();
+    let before = fd_count(pid);
+    let addr = listener_addr(&bed, 8088);
+    const N: usize = 2000;
+    // Hold N connections open (each has echoed a byte), then close them all.
+    let open = bed
+        .client()
+        .run(move || {
+            let mut conns = Vec::with_capacity(N);
+            for i in 0..N {
+                let mut s = connect(addr).unwrap_or_else(|e| panic!("connect {i}: {e}"));
+                s.write_all(b"x").expect("write");
+                let mut b = [0u8; 1];
+                s.read_exact(&mut b).expect("echo");
+                conns.push(s);
+            }
+            conns
+        })
+        .expect("client");
+    let stats = agent.stats(8088);
+    let active = if path == KERNEL {
+        "active_kernel"
+    } else {
+        "active_userspace"
+    };
+    assert_eq!(stats[active], N as u64, "{stats}");
+    if path == KERNEL {
+        assert_eq!(agent.status()["paired_sockets"], 2 * N as u64);
+    }
+    assert!(
+        fd_count(pid) >= before + 2 * N,
+        "two sockets per connection are open"
+    );
+    drop(open);
+    assert_drained(&agent, 8088);
+    // Every socket and pipe is closed again.
+    let mut after = fd_count(pid);
+    for _ in 0..50 {
+        if after <= before {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+        after = fd_count(pid);
+    }
+    assert!(
+        after <= before,
+        "fds leaked: {before} before, {after} after"
+    );
+}
+
+#[test]
+fn concurrent_2000_kernel() {
+    many_concurrent(KERNEL);
+}
+
+#[test]
+fn concurrent_2000_splice() {
+    many_concurrent(SPLICE);
 }

@@ -17,8 +17,14 @@ fn demo_runs_and_leaves_nothing_behind() {
     assert!(stdout.contains("answered: foo: hello"), "{stdout}");
     assert!(stdout.contains("answered: bar: hello"), "{stdout}");
     assert!(stdout.contains("on the kernel (sockmap) path"), "{stdout}");
-    assert!(stdout.contains("\"port\": 8088"), "bpftool dump by field name:\n{stdout}");
-    assert!(stdout.contains("listener :8089"), "sockgate status:\n{stdout}");
+    assert!(
+        stdout.contains("\"port\": 8088"),
+        "bpftool dump by field name:\n{stdout}"
+    );
+    assert!(
+        stdout.contains("listener :8089"),
+        "sockgate status:\n{stdout}"
+    );
     assert!(stdout.contains("demo: cleaned up"), "{stdout}");
 
     let names: Vec<String> = stdout
@@ -39,7 +45,10 @@ fn demo_runs_and_leaves_nothing_behind() {
         .expect("the demo shows its pin dir")
         .trim()
         .to_owned();
-    assert!(!std::path::Path::new(&pin_dir).exists(), "pins left in {pin_dir}");
+    assert!(
+        !std::path::Path::new(&pin_dir).exists(),
+        "pins left in {pin_dir}"
+    );
     for entry in std::fs::read_dir("/proc").expect("/proc").flatten() {
         if let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) {
             let cmdline = String::from_utf8_lossy(&cmdline);

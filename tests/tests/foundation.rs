@@ -13,7 +13,11 @@ fn bpftool_dump(path: &std::path::Path) -> serde_json::Value {
         .arg(path)
         .output()
         .expect("bpftool runs (installed by `cargo xtask setup`)");
-    assert!(out.status.success(), "bpftool failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "bpftool failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     serde_json::from_slice(&out.stdout).expect("bpftool JSON")
 }
 
@@ -45,7 +49,10 @@ fn pinned_maps_dump_by_field_name() {
         .iter()
         .map(|v| v.as_u64().expect("byte"))
         .collect();
-    assert_eq!(addr, vec![0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 255, 255, 10, 200, 1, 2]);
+    assert_eq!(
+        addr,
+        vec![0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 255, 255, 10, 200, 1, 2]
+    );
 }
 
 /// Runs `sockgate ARGS` and returns (success, stderr lines).
@@ -65,12 +72,20 @@ fn without_privileges_one_clear_line() {
     let bin = common::sockgate_bin();
     let lines = sockgate_fails(
         Command::new("setpriv")
-            .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all"])
+            .args([
+                "--reuid=65534",
+                "--regid=65534",
+                "--clear-groups",
+                "--inh-caps=-all",
+            ])
             .arg(&bin)
             .args(["run", "--pin-dir", "/sys/fs/bpf/sg-test-nopriv"]),
     );
     assert_eq!(lines.len(), 1, "one line: {lines:?}");
-    assert!(lines[0].contains("missing privileges") && lines[0].contains("CAP_BPF"), "{lines:?}");
+    assert!(
+        lines[0].contains("missing privileges") && lines[0].contains("CAP_BPF"),
+        "{lines:?}"
+    );
 }
 
 #[test]
@@ -93,10 +108,25 @@ fn pin_wrong_map(dir: &std::path::Path) {
     let out = Command::new("bpftool")
         .args(["map", "create"])
         .arg(dir.join("GW_LISTENERS"))
-        .args(["type", "hash", "key", "4", "value", "8", "entries", "16", "name", "GW_LISTENERS"])
+        .args([
+            "type",
+            "hash",
+            "key",
+            "4",
+            "value",
+            "8",
+            "entries",
+            "16",
+            "name",
+            "GW_LISTENERS",
+        ])
         .output()
         .expect("bpftool runs");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 #[test]
@@ -125,7 +155,13 @@ fn incompatible_pin_refused_or_replaced() {
         .expect("bpftool");
     let info: serde_json::Value = serde_json::from_slice(&info.stdout).expect("json");
     assert_eq!(info["bytes_value"], 16, "{info}");
-    assert!(agent.log_text().contains("replacing incompatible pinned map"), "{}", agent.log_text());
+    assert!(
+        agent
+            .log_text()
+            .contains("replacing incompatible pinned map"),
+        "{}",
+        agent.log_text()
+    );
     assert!(agent.stop().success());
     assert!(!dir.exists(), "pins removed on clean exit");
 }
@@ -135,14 +171,36 @@ fn keep_pins_then_reuse() {
     require_root();
     let bed = Bed::new(0).expect("bed");
     let dir = common::pin_dir();
-    let mut agent = Agent::start_with_pin_dir(&bed, dir.clone(), &["--route", "9001=10.200.9.9:1", "--keep-pins"], &[9001]);
+    let mut agent = Agent::start_with_pin_dir(
+        &bed,
+        dir.clone(),
+        &["--route", "9001=10.200.9.9:1", "--keep-pins"],
+        &[9001],
+    );
     assert!(agent.stop().success());
-    assert!(dir.join("GW_LISTENERS").exists(), "--keep-pins keeps the pins");
-    let agent = Agent::start_with_pin_dir(&bed, dir.clone(), &["--route", "9002=10.200.9.9:1"], &[9002]);
-    assert!(agent.log_text().contains("reusing pinned map"), "{}", agent.log_text());
+    assert!(
+        dir.join("GW_LISTENERS").exists(),
+        "--keep-pins keeps the pins"
+    );
+    let agent = Agent::start_with_pin_dir(
+        &bed,
+        dir.clone(),
+        &["--route", "9002=10.200.9.9:1"],
+        &[9002],
+    );
+    assert!(
+        agent.log_text().contains("reusing pinned map"),
+        "{}",
+        agent.log_text()
+    );
     // The stale listener 9001 from the first run is gone from the reused map.
     let s = agent.status();
-    let ports: Vec<u64> = s["listeners"].as_array().expect("listeners").iter().map(|l| l["port"].as_u64().expect("port")).collect();
+    let ports: Vec<u64> = s["listeners"]
+        .as_array()
+        .expect("listeners")
+        .iter()
+        .map(|l| l["port"].as_u64().expect("port"))
+        .collect();
     assert_eq!(ports, vec![9002], "{s}");
 }
 

@@ -55,15 +55,14 @@ fn wait_listening(bed: &Bed, agent: &mut AgentProcess, ports: &[u16]) -> anyhow:
 }
 
 fn ask(bed: &Bed, addr: SocketAddr, line: String) -> anyhow::Result<String> {
-    bed.client()
-        .run(move || -> anyhow::Result<String> {
-            let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
-            s.set_read_timeout(Some(Duration::from_secs(5)))?;
-            s.write_all(line.as_bytes())?;
-            let mut reply = String::new();
-            BufReader::new(&s).read_line(&mut reply)?;
-            Ok(reply)
-        })?
+    bed.client().run(move || -> anyhow::Result<String> {
+        let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+        s.set_read_timeout(Some(Duration::from_secs(5)))?;
+        s.write_all(line.as_bytes())?;
+        let mut reply = String::new();
+        BufReader::new(&s).read_line(&mut reply)?;
+        Ok(reply)
+    })?
 }
 
 fn show(title: &str, cmd: &mut Command) -> anyhow::Result<String> {
@@ -83,11 +82,21 @@ pub fn run() -> anyhow::Result<()> {
     run_cmd(
         Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
             .current_dir(root())
-            .args(["build", "--quiet", "-p", "gateway-userspace", "--bin", "sockgate"]),
+            .args([
+                "build",
+                "--quiet",
+                "-p",
+                "gateway-userspace",
+                "--bin",
+                "sockgate",
+            ]),
     )?;
     let removed = netbed::sweep_stale();
     if !removed.is_empty() {
-        println!("demo: removed namespaces left by earlier runs: {}", removed.join(" "));
+        println!(
+            "demo: removed namespaces left by earlier runs: {}",
+            removed.join(" ")
+        );
     }
     let bed = Bed::new(2).context("making the network-namespace bed")?;
     println!("demo: bed namespaces: {}", bed.names().join(" "));
@@ -145,15 +154,23 @@ fn with_agent(bed: &Bed, pin_dir: &Path) -> anyhow::Result<()> {
     wait_listening(bed, &mut agent, &[8088, 8089])?;
     for (port, listener) in [(8088, "foo"), (8089, "bar")] {
         let addr = SocketAddr::new(bed.node_addr().into(), port);
-        let reply = ask(bed, addr, format!("hello from the client to listener {listener}\n"))?;
-        println!("demo: client -> {addr} (listener {listener}) answered: {}", reply.trim_end());
+        let reply = ask(
+            bed,
+            addr,
+            format!("hello from the client to listener {listener}\n"),
+        )?;
+        println!(
+            "demo: client -> {addr} (listener {listener}) answered: {}",
+            reply.trim_end()
+        );
     }
     std::thread::sleep(Duration::from_millis(300));
     let status = Command::new(sockgate())
         .args(["status", "--json", "--pin-dir"])
         .arg(pin_dir)
         .output()?;
-    let status: serde_json::Value = serde_json::from_slice(&status.stdout).context("status JSON")?;
+    let status: serde_json::Value =
+        serde_json::from_slice(&status.stdout).context("status JSON")?;
     for l in status["listeners"].as_array().into_iter().flatten() {
         let s = &l["stats"];
         let path = if s["kernel_connections"].as_u64() > Some(0) {
@@ -165,7 +182,10 @@ fn with_agent(bed: &Bed, pin_dir: &Path) -> anyhow::Result<()> {
         };
         println!(
             "demo: listener {} carried {} connection(s) on the {path} path ({} bytes client->backend, {} backend->client in the kernel)",
-            l["port"], s["connected"], s["bytes_client_to_backend_kernel"], s["bytes_backend_to_client_kernel"]
+            l["port"],
+            s["connected"],
+            s["bytes_client_to_backend_kernel"],
+            s["bytes_backend_to_client_kernel"]
         );
     }
     show(
@@ -176,7 +196,9 @@ fn with_agent(bed: &Bed, pin_dir: &Path) -> anyhow::Result<()> {
     )?;
     show(
         &format!("sockgate status --pin-dir {}", pin_dir.display()),
-        Command::new(sockgate()).args(["status", "--pin-dir"]).arg(pin_dir),
+        Command::new(sockgate())
+            .args(["status", "--pin-dir"])
+            .arg(pin_dir),
     )?;
     println!("\ndemo: stopping sockgate (SIGTERM)");
     let pid = nix::unistd::Pid::from_raw(i32::try_from(agent.child.id())?);

@@ -65,17 +65,33 @@ pub fn run() -> anyhow::Result<()> {
     if !nightly {
         println!("setup: installing the nightly toolchain with rust-src");
         run_cmd(Command::new("rustup").args([
-            "toolchain", "install", "nightly", "--profile", "minimal", "--component", "rust-src",
+            "toolchain",
+            "install",
+            "nightly",
+            "--profile",
+            "minimal",
+            "--component",
+            "rust-src",
         ]))?;
         did.push("nightly toolchain".to_owned());
     }
     let rust_src = output(Command::new("rustup").args([
-        "component", "list", "--toolchain", "nightly", "--installed",
+        "component",
+        "list",
+        "--toolchain",
+        "nightly",
+        "--installed",
     ]))
     .is_some_and(|c| c.lines().any(|l| l.starts_with("rust-src")));
     if !rust_src {
         println!("setup: adding rust-src to nightly (the eBPF build needs -Z build-std)");
-        run_cmd(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))?;
+        run_cmd(Command::new("rustup").args([
+            "component",
+            "add",
+            "rust-src",
+            "--toolchain",
+            "nightly",
+        ]))?;
         did.push("nightly rust-src".to_owned());
     }
 
@@ -83,7 +99,9 @@ pub fn run() -> anyhow::Result<()> {
     let linker_ok = output(Command::new(&linker).arg("--version"))
         .is_some_and(|v| v.contains(BPF_LINKER_VERSION));
     if !linker_ok {
-        println!("setup: building bpf-linker {BPF_LINKER_VERSION} against LLVM 22 (about a minute)");
+        println!(
+            "setup: building bpf-linker {BPF_LINKER_VERSION} against LLVM 22 (about a minute)"
+        );
         run_cmd(
             Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
                 .env("LLVM_PREFIX", "/usr/lib/llvm-22")
@@ -101,7 +119,10 @@ pub fn run() -> anyhow::Result<()> {
         did.push(format!("bpf-linker {BPF_LINKER_VERSION}"));
     }
     if output(Command::new(&linker).arg("--version")).is_none() {
-        bail!("bpf-linker at {} does not run after set-up", linker.display());
+        bail!(
+            "bpf-linker at {} does not run after set-up",
+            linker.display()
+        );
     }
 
     if did.is_empty() {

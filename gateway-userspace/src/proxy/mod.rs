@@ -30,7 +30,7 @@ use tracing::{debug, info, warn};
 
 use self::{
     select::Swrr,
-    stats::{Counters, Path, RejectReason, Registry},
+    stats::{Counters, Path, Registry, RejectReason},
 };
 use crate::{
     desired::{DesiredState, Listener},
@@ -190,7 +190,11 @@ pub async fn serve(
 }
 
 fn stop_listener(port: u16, r: Running, drain: Duration) {
-    info!(listener = port, drain_secs = drain.as_secs_f64(), "listener removed: stops accepting, connections drain");
+    info!(
+        listener = port,
+        drain_secs = drain.as_secs_f64(),
+        "listener removed: stops accepting, connections drain"
+    );
     r.stop_accepting.cancel();
     tokio::spawn(async move {
         tokio::time::sleep(drain).await;
@@ -259,8 +263,9 @@ pub fn bind(addr: std::net::IpAddr, port: u16) -> Result<TcpListener, ListenErro
     };
     match make(sa) {
         Ok(l) => Ok(l),
-        Err(e) if addr == std::net::IpAddr::V6(Ipv6Addr::UNSPECIFIED)
-            && e.raw_os_error() == Some(libc::EAFNOSUPPORT) =>
+        Err(e)
+            if addr == std::net::IpAddr::V6(Ipv6Addr::UNSPECIFIED)
+                && e.raw_os_error() == Some(libc::EAFNOSUPPORT) =>
         {
             let v4 = SocketAddr::new(std::net::Ipv4Addr::UNSPECIFIED.into(), port);
             make(v4).map_err(|source| ListenError::Bind {

@@ -36,8 +36,9 @@ struct Pipe {
 
 impl Pipe {
     fn new() -> io::Result<Self> {
-        let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC | nix::fcntl::OFlag::O_NONBLOCK)
-            .map_err(io::Error::from)?;
+        let (r, w) =
+            nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC | nix::fcntl::OFlag::O_NONBLOCK)
+                .map_err(io::Error::from)?;
         // SAFETY: F_SETPIPE_SZ takes an int; failure only leaves the default size.
         unsafe { libc::fcntl(w.as_raw_fd(), libc::F_SETPIPE_SZ, PIPE_SIZE) };
         Ok(Self { r, w })

@@ -29,7 +29,14 @@ pub fn sockgate_bin() -> PathBuf {
     static BUILD: std::sync::Once = std::sync::Once::new();
     BUILD.call_once(|| {
         let status = Command::new(env!("CARGO"))
-            .args(["build", "--quiet", "-p", "gateway-userspace", "--bin", "sockgate"])
+            .args([
+                "build",
+                "--quiet",
+                "-p",
+                "gateway-userspace",
+                "--bin",
+                "sockgate",
+            ])
             .current_dir(env!("CARGO_MANIFEST_DIR"))
             .status()
             .expect("cargo build runs");
@@ -42,6 +49,13 @@ pub fn sockgate_bin() -> PathBuf {
 pub fn require_root() {
     if let Err(e) = netbed::check_privileges() {
         panic!("this end-to-end test needs privileges: {e}");
+    }
+    // Tests hold thousands of sockets (client and backend sides in this process).
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE)
+        && soft < hard
+    {
+        let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
     }
 }
 
@@ -101,18 +115,16 @@ impl Agent {
             if let Ok(Some(status)) = self.child.try_wait() {
                 panic!("sockgate exited early ({status}):\n{}", self.log_text());
             }
-            let out = bed
-                .node()
-                .output("ss", &["-Hltn"])
-                .expect("ss runs");
+            let out = bed.node().output("ss", &["-Hltn"]).expect("ss runs");
             let text = String::from_utf8_lossy(&out.stdout);
-            if ports
-                .iter()
-                .all(|p| text.contains(&format!(":{p} ")))
-            {
+            if ports.iter().all(|p| text.contains(&format!(":{p} "))) {
                 return;
             }
-            assert!(Instant::now() < deadline, "sockgate did not listen on {ports:?}:\n{}", self.log_text());
+            assert!(
+                Instant::now() < deadline,
+                "sockgate did not listen on {ports:?}:\n{}",
+                self.log_text()
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
     }
@@ -129,7 +141,11 @@ impl Agent {
             .arg(&self.pin_dir)
             .output()
             .expect("status runs");
-        assert!(out.status.success(), "status failed: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "status failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         serde_json::from_slice(&out.stdout).expect("status JSON")
     }
 
