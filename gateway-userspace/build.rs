@@ -9,7 +9,7 @@ fn main() -> anyhow::Result<()> {
     println!("cargo:rerun-if-changed={manifest_dir}/../gateway-common");
     let root = root
         .to_str()
-        .ok_or_else(|| anyhow::anyhow!("non-UTF-8 path {root:?}"))?;
+        .ok_or_else(|| anyhow::anyhow!("non-UTF-8 path {}", root.display()))?;
     aya_build::build_ebpf(
         [aya_build::Package {
             name: "gateway-ebpf",

@@ -14,6 +14,10 @@
 //! * [`GW_PEERS`]: socket cookie (`u64`) -> [`Peer`]
 //! * [`GW_STATS`]: per-CPU, [`StatsKey`] (listener port + owner) -> [`ListenerStats`]
 #![no_std]
+#![expect(
+    clippy::pub_underscore_fields,
+    reason = "explicit, public padding keeps the layouts visible and constructible on both sides"
+)]
 
 use core::mem::size_of;
 

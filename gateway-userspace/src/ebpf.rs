@@ -201,8 +201,8 @@ impl MapSpec {
     }
 }
 
-/// Checks that this process may load programs: CAP_BPF (or CAP_SYS_ADMIN) and
-/// CAP_NET_ADMIN in the effective set.
+/// Checks that this process may load programs: `CAP_BPF` (or `CAP_SYS_ADMIN`) and
+/// `CAP_NET_ADMIN` in the effective set.
 pub fn check_privileges() -> Result<(), LoadError> {
     const CAP_NET_ADMIN: u32 = 12;
     const CAP_SYS_ADMIN: u32 = 21;
@@ -235,8 +235,8 @@ pub fn check_privileges() -> Result<(), LoadError> {
 fn ensure_pin_dir(dir: &Path) -> Result<(), LoadError> {
     let root = Path::new("/sys/fs/bpf");
     if dir.starts_with(root) {
-        let is_bpffs = nix::sys::statfs::statfs(root)
-            .is_ok_and(|s| i64::from(s.filesystem_type().0) == BPF_FS_MAGIC);
+        let is_bpffs =
+            nix::sys::statfs::statfs(root).is_ok_and(|s| s.filesystem_type().0 == BPF_FS_MAGIC);
         if !is_bpffs {
             info!(path = %root.display(), "mounting bpffs");
             nix::mount::mount(

@@ -1,4 +1,4 @@
-//! sockgate: the Gateway API TCPRoute node agent and its CLI.
+//! sockgate: the Gateway API `TCPRoute` node agent and its CLI.
 //!
 //! # Layout
 //!

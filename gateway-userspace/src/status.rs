@@ -133,7 +133,7 @@ pub fn read(dir: &Path) -> Result<Status, StatusError> {
         let (key, per_cpu) = entry;
         let sum = per_cpu
             .iter()
-            .fold(ListenerStats::default(), |acc, s| acc.add(s));
+            .fold(ListenerStats::default(), ListenerStats::add);
         let e = counts.entry(key.listener_port).or_default();
         *e = e.add(&sum);
     }

@@ -172,13 +172,13 @@ fn integrity(path: &str, total: u64, writes: Writes) {
         .client()
         .run(move || {
             let s = connect(addr).expect("connect");
-            s.set_read_timeout(Some(Duration::from_secs(120)))
+            s.set_read_timeout(Some(Duration::from_mins(2)))
                 .expect("timeout");
             duplex(&s, 1, 2, total, writes)
         })
         .expect("client");
     let server_got = rx
-        .recv_timeout(Duration::from_secs(120))
+        .recv_timeout(Duration::from_mins(2))
         .expect("server result");
     assert_eq!(
         server_got,
@@ -506,6 +506,7 @@ fn resets_splice() {
 
 #[test]
 fn weights_over_ten_thousand_connections() {
+    const N: u32 = 10_000;
     require_root();
     let bed = Bed::new(3).expect("bed");
     let names = ["zero", "one", "two"];
@@ -528,11 +529,10 @@ fn weights_over_ten_thousand_connections() {
     );
     let agent = Agent::start(&bed, &["--route", &route], &[8088]);
     let addr = listener_addr(&bed, 8088);
-    const N: usize = 10_000;
     let counts = bed
         .client()
         .run(move || {
-            let mut counts = std::collections::BTreeMap::<String, usize>::new();
+            let mut counts = std::collections::BTreeMap::<String, u32>::new();
             for _ in 0..N {
                 let mut s = connect(addr).expect("connect");
                 s.write_all(b"?").expect("request");
@@ -548,15 +548,16 @@ fn weights_over_ten_thousand_connections() {
     assert_eq!(counts.get("two"), None, "weight 0 never picked: {counts:?}");
     assert_eq!(zero + one, N, "{counts:?}");
     // Smooth weighted round robin is exact over every window of 3 picks; allow 1%.
-    let share = zero as f64 / N as f64;
+    let share = f64::from(zero) / f64::from(N);
     assert!(
         (share - 1.0 / 3.0).abs() < 0.01,
         "weight 1 of 3 got {share}: {counts:?}"
     );
     let stats = agent.stats(8088);
-    assert_eq!(stats["accepted"], N as u64, "{stats}");
+    assert_eq!(stats["accepted"], u64::from(N), "{stats}");
     assert_eq!(
-        stats["kernel_connections"], N as u64,
+        stats["kernel_connections"],
+        u64::from(N),
         "auto picks the kernel path: {stats}"
     );
     assert_drained(&agent, 8088);
@@ -659,6 +660,7 @@ fn fd_count(pid: u32) -> usize {
 }
 
 fn many_concurrent(path: &str) {
+    const N: usize = 2000;
     require_root();
     let bed = Bed::new(1).expect("bed");
     let _server = servers::Server::start(bed.backend(0), backend(&bed, 0, 3001), servers::echo())
@@ -668,7 +670,6 @@ fn many_concurrent(path: &str) {
     let pid = agent.child.id();
     let before = fd_count(pid);
     let addr = listener_addr(&bed, 8088);
-    const N: usize = 2000;
     // Hold N connections open (each has echoed a byte), then close them all.
     let open = bed
         .client()

@@ -102,7 +102,7 @@ fn without_btf_one_clear_line() {
     assert!(lines[0].contains("kernel has no BTF"), "{lines:?}");
 }
 
-/// Pins a hash map with the wrong value size where GW_LISTENERS belongs.
+/// Pins a hash map with the wrong value size where `GW_LISTENERS` belongs.
 fn pin_wrong_map(dir: &std::path::Path) {
     std::fs::create_dir_all(dir).expect("pin dir");
     let out = Command::new("bpftool")

@@ -1,7 +1,7 @@
 //! `cargo xtask demo`: the Envoy Gateway TCP-routing example, end to end, in network
 //! namespaces made for the occasion.
 //!
-//! Gateway `tcp-gateway` has TCP listeners `foo` (8088) and `bar` (8089); TCPRoutes send
+//! Gateway `tcp-gateway` has TCP listeners `foo` (8088) and `bar` (8089); `TCPRoutes` send
 //! them to Services `foo` (port 3001) and `bar` (port 3002), whose endpoints are echo
 //! servers in two backend namespaces that answer with their service name.
 use std::{

@@ -12,6 +12,7 @@ use std::{
 };
 
 use netbed::Bed;
+use nix::sys::resource::{Resource, getrlimit, setrlimit};
 
 static PINS: AtomicU32 = AtomicU32::new(0);
 
@@ -25,8 +26,8 @@ pub fn target_dir() -> PathBuf {
 
 /// The `sockgate` binary, built on first use if missing.
 pub fn sockgate_bin() -> PathBuf {
-    let bin = target_dir().join("debug/sockgate");
     static BUILD: std::sync::Once = std::sync::Once::new();
+    let bin = target_dir().join("debug/sockgate");
     BUILD.call_once(|| {
         let status = Command::new(env!("CARGO"))
             .args([
@@ -51,7 +52,6 @@ pub fn require_root() {
         panic!("this end-to-end test needs privileges: {e}");
     }
     // Tests hold thousands of sockets (client and backend sides in this process).
-    use nix::sys::resource::{Resource, getrlimit, setrlimit};
     if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE)
         && soft < hard
     {
@@ -156,13 +156,15 @@ impl Agent {
         s["listeners"]
             .as_array()
             .and_then(|ls| ls.iter().find(|l| l["port"] == port))
-            .map(|l| l["stats"].clone())
-            .unwrap_or_else(|| panic!("listener {port} not in status: {s}"))
+            .map_or_else(
+                || panic!("listener {port} not in status: {s}"),
+                |l| l["stats"].clone(),
+            )
     }
 
     /// Sends SIGTERM and waits (bounded) for the exit.
     pub fn stop(&mut self) -> std::process::ExitStatus {
-        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        let pid = nix::unistd::Pid::from_raw(i32::try_from(self.child.id()).expect("pid"));
         let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
         let deadline = Instant::now() + Duration::from_secs(40);
         loop {
