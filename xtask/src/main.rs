@@ -82,7 +82,7 @@ fn test(extra: &[String]) -> anyhow::Result<()> {
     run_cmd(
         Command::new(&cargo)
             .current_dir(root())
-            .args(["test", "--workspace", "--no-fail-fast"])
+            .args(["test", "--no-fail-fast"])
             .args(extra),
     )
 }
