@@ -73,11 +73,11 @@ pub fn run_cmd(cmd: &mut Command) -> anyhow::Result<()> {
 fn test(extra: &[String]) -> anyhow::Result<()> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     println!("xtask: building");
-    run_cmd(Command::new(&cargo).current_dir(root()).args([
-        "build",
-        "--workspace",
-        "--all-targets",
-    ]))?;
+    run_cmd(
+        Command::new(&cargo)
+            .current_dir(root())
+            .args(["build", "--all-targets"]),
+    )?;
     println!("xtask: running all tests (unit and privileged end-to-end)");
     run_cmd(
         Command::new(&cargo)
