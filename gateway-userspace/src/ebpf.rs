@@ -385,6 +385,21 @@ impl Datapath {
             peers: Mutex::new(take(&mut ebpf, GW_PEERS)?),
             stats: Mutex::new(take(&mut ebpf, GW_STATS)?),
         };
+        if reused.contains(&GW_PEERS) {
+            // Pairs of an earlier agent: its sockets are gone (the kernel removed them
+            // from GW_SOCKS when they closed); their peer entries must not linger.
+            let mut peers = lock(&maps.peers);
+            let stale: Vec<u64> = peers.keys().filter_map(Result::ok).collect();
+            for k in &stale {
+                let _ = peers.remove(k);
+            }
+            if !stale.is_empty() {
+                info!(
+                    entries = stale.len(),
+                    "removed stale GW_PEERS entries of an earlier run"
+                );
+            }
+        }
         info!(pin_dir = %opts.pin_dir.display(), reused = ?reused, "eBPF programs loaded and attached");
         Ok(Self {
             _ebpf: ebpf,
@@ -572,6 +587,15 @@ impl Datapath {
             .filter_map(|&owner| stats.get(&StatsKey::new(port, owner), 0).ok())
             .flat_map(|per_cpu| per_cpu.iter().copied().collect::<Vec<_>>())
             .fold(ListenerStats::default(), |acc, s| acc.add(&s))
+    }
+}
+
+impl std::fmt::Debug for Datapath {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Datapath")
+            .field("pin_dir", &self.pin_dir)
+            .field("keep_pins", &self.keep_pins)
+            .finish_non_exhaustive()
     }
 }
 

@@ -8,6 +8,7 @@ use sockgate::{
     desired::DesiredState,
     ebpf::{Datapath, LoadOptions, PinMismatch},
     mapsync,
+    metrics::{self, Metrics},
     proxy::{self, DatapathMode, ProxyConfig, stats::Registry},
     routes, status,
 };
@@ -72,6 +73,9 @@ struct RunArgs {
     /// agent is asked to stop.
     #[arg(long, default_value_t = 30.0)]
     drain_timeout: f64,
+    /// Address of the `/metrics`, `/healthz` and `/readyz` endpoint.
+    #[arg(long, default_value = "127.0.0.1:9464")]
+    metrics_addr: std::net::SocketAddr,
     /// Directory on bpffs where the maps are pinned.
     #[arg(long, default_value = sockgate::ebpf::DEFAULT_PIN_DIR)]
     pin_dir: PathBuf,
@@ -149,17 +153,25 @@ fn run(args: &RunArgs) -> anyhow::Result<()> {
     if desired.listeners.is_empty() {
         info!("no listeners configured (give --route)");
     }
+    let metrics = Arc::new(Metrics::new(dp.clone()));
+    let started = std::time::Instant::now();
     mapsync::apply(&dp, &desired).context("programming the maps")?;
+    metrics.reconciles.inc();
+    metrics
+        .reconcile_seconds
+        .observe(started.elapsed().as_secs_f64());
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(async {
         let (_tx, rx) = watch::channel(Arc::new(desired));
         let shutdown = CancellationToken::new();
         let counters = Arc::new(Registry::default());
+        let _http = metrics::serve(args.metrics_addr, metrics.clone(), shutdown.clone()).await?;
         let serving = tokio::spawn(proxy::serve(
             dp.clone(),
             cfg.clone(),
             rx,
             counters,
+            metrics.clone(),
             shutdown.clone(),
         ));
         wait_for_signal().await?;

@@ -35,6 +35,7 @@ use self::{
 use crate::{
     desired::{DesiredState, Listener},
     ebpf::Datapath,
+    metrics::Metrics,
 };
 
 /// Which data path carries connections.
@@ -142,6 +143,9 @@ struct Shared {
     counters: Arc<Registry>,
     selectors: Mutex<BTreeMap<u16, Arc<Selector>>>,
     choices: ChoiceLog,
+    metrics: Arc<Metrics>,
+    /// Every connection task, so shutdown can wait for them.
+    tracker: tokio_util::task::TaskTracker,
 }
 
 impl Shared {
@@ -155,15 +159,18 @@ impl Shared {
     }
 }
 
-/// Serves the desired state until `shutdown` is cancelled, then stops accepting and
-/// lets connections drain for the drain timeout.
+/// Serves the desired state until `shutdown` is cancelled; then stops accepting on
+/// every listener, lets established connections finish for up to the drain timeout,
+/// and returns (connections still open then are closed).
 pub async fn serve(
     dp: Arc<Datapath>,
     cfg: ProxyConfig,
     mut state: watch::Receiver<Arc<DesiredState>>,
     counters: Arc<Registry>,
+    metrics: Arc<Metrics>,
     shutdown: CancellationToken,
 ) {
+    let tracker = tokio_util::task::TaskTracker::new();
     let shared = Arc::new(Shared {
         dp: dp.clone(),
         cfg: cfg.clone(),
@@ -171,22 +178,55 @@ pub async fn serve(
         counters: counters.clone(),
         selectors: Mutex::default(),
         choices: ChoiceLog::default(),
+        metrics: metrics.clone(),
+        tracker: tracker.clone(),
     });
-    let flusher = tokio::spawn(flush_counters(dp, counters, shutdown.clone()));
+    let flush_stop = CancellationToken::new();
+    let flusher = tokio::spawn(flush_counters(dp, counters, flush_stop.clone()));
     let mut running: BTreeMap<u16, Running> = BTreeMap::new();
     loop {
         let desired = state.borrow_and_update().clone();
         reconcile_listeners(&shared, &desired, &mut running);
+        let all_bound = desired.listeners.keys().all(|p| running.contains_key(p));
+        metrics
+            .ready
+            .store(all_bound, std::sync::atomic::Ordering::Relaxed);
         tokio::select! {
             () = shutdown.cancelled() => break,
             changed = state.changed() => if changed.is_err() { shutdown.cancelled().await; break },
         }
     }
-    for (port, r) in std::mem::take(&mut running) {
-        stop_listener(port, r, cfg.drain_timeout);
+    metrics
+        .ready
+        .store(false, std::sync::atomic::Ordering::Relaxed);
+    let drains: Vec<CancellationToken> = running.values().map(|r| r.drain.clone()).collect();
+    for r in running.values() {
+        r.stop_accepting.cancel();
     }
-    tokio::time::sleep(Duration::from_millis(50)).await;
-    flusher.abort();
+    tracker.close();
+    let open = tracker.len();
+    if open > 0 {
+        info!(
+            connections = open,
+            drain_secs = cfg.drain_timeout.as_secs_f64(),
+            "draining established connections"
+        );
+    }
+    if tokio::time::timeout(cfg.drain_timeout, tracker.wait())
+        .await
+        .is_err()
+    {
+        warn!(
+            connections = tracker.len(),
+            "drain timeout: closing the connections still open"
+        );
+        for d in drains {
+            d.cancel();
+        }
+        let _ = tokio::time::timeout(Duration::from_secs(2), tracker.wait()).await;
+    }
+    flush_stop.cancel();
+    let _ = flusher.await;
 }
 
 fn stop_listener(port: u16, r: Running, drain: Duration) {
@@ -299,10 +339,11 @@ async fn accept_loop(
             Ok((client, peer)) => {
                 counters.accepted();
                 let _ = client.set_nodelay(true);
-                let shared = shared.clone();
+                let task_shared = shared.clone();
                 let counters = counters.clone();
                 let drain = drain.clone();
-                tokio::spawn(async move {
+                shared.tracker.spawn(async move {
+                    let shared = task_shared;
                     tokio::select! {
                         () = handle(&shared, port, client, peer, &counters) => {}
                         () = drain.cancelled() => debug!(listener = port, %peer, "drain timeout: connection closed"),
@@ -343,8 +384,14 @@ async fn connect_backend(
         let Some(addr) = backend.addr else {
             return Err(RejectReason::InvalidBackend);
         };
+        let started = std::time::Instant::now();
         match tokio::time::timeout(shared.cfg.connect_timeout, TcpStream::connect(addr)).await {
             Ok(Ok(s)) => {
+                shared
+                    .metrics
+                    .connect_seconds
+                    .get_or_create(&Metrics::listener(port))
+                    .observe(started.elapsed().as_secs_f64());
                 let _ = s.set_nodelay(true);
                 return Ok(s);
             }

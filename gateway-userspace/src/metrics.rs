@@ -1,0 +1,306 @@
+//! Prometheus metrics and the health endpoints, served over HTTP.
+//!
+//! `/metrics` (text exposition format, `prometheus-client`), `/healthz` (the programs
+//! are loaded: the process is alive and useful) and `/readyz` (the desired state is
+//! programmed in the maps and every listener is bound). Per-listener connection and
+//! byte counters are read from `GW_STATS` at scrape time, so they agree with
+//! `sockgate status` and `bpftool`; the agent's own histograms and counters live here.
+use std::{
+    net::SocketAddr,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+};
+
+use axum::{Router, extract::State, http::StatusCode, response::IntoResponse, routing::get};
+use prometheus_client::{
+    collector::Collector,
+    encoding::{DescriptorEncoder, EncodeMetric as _},
+    metrics::{
+        counter::{ConstCounter, Counter},
+        family::Family,
+        gauge::ConstGauge,
+        histogram::{Histogram, exponential_buckets},
+    },
+    registry::Registry,
+};
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::ebpf::Datapath;
+
+/// Labels of a per-listener metric.
+pub type ListenerLabels = Vec<(&'static str, String)>;
+
+/// The agent's metrics and health flags.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    /// Backend connect latency (successful connects), per listener.
+    pub connect_seconds: Family<ListenerLabels, Histogram>,
+    /// Desired states computed and programmed.
+    pub reconciles: Counter,
+    /// Reconciles that failed (bad input kept the last good state, or a map write failed).
+    pub reconcile_errors: Counter,
+    /// Time to compute and program one desired state.
+    pub reconcile_seconds: Histogram,
+    /// Status writes sent to the API server.
+    pub status_writes: Counter,
+    /// The programs are loaded and attached.
+    pub healthy: AtomicBool,
+    /// The desired state is programmed and the listeners are bound.
+    pub ready: AtomicBool,
+}
+
+#[derive(Debug)]
+struct MapCollector {
+    dp: Arc<Datapath>,
+}
+
+fn labels(port: u16) -> ListenerLabels {
+    vec![("listener", port.to_string())]
+}
+
+impl Collector for MapCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let ports: Vec<u16> = self.dp.listener_keys().iter().map(|k| k.port).collect();
+        let stats: Vec<_> = ports
+            .iter()
+            .map(|&p| (p, self.dp.listener_stats(p)))
+            .collect();
+
+        let counter = ConstCounter::new(0u64);
+        let mut e = encoder.encode_descriptor(
+            "sockgate_connections_accepted",
+            "Client connections accepted",
+            None,
+            counter.metric_type(),
+        )?;
+        for (p, s) in &stats {
+            ConstCounter::new(s.accepted).encode(e.encode_family(&labels(*p))?)?;
+        }
+        let mut e = encoder.encode_descriptor(
+            "sockgate_connections_rejected",
+            "Client connections reset instead of proxied, by reason",
+            None,
+            counter.metric_type(),
+        )?;
+        for (p, s) in &stats {
+            for (reason, v) in [
+                ("no_backend", s.rejected_no_backend),
+                ("invalid_backend", s.rejected_invalid_backend),
+                ("connect_failed", s.rejected_connect_failed),
+            ] {
+                let mut l = labels(*p);
+                l.push(("reason", reason.to_owned()));
+                ConstCounter::new(v).encode(e.encode_family(&l)?)?;
+            }
+        }
+        let mut e = encoder.encode_descriptor(
+            "sockgate_connections",
+            "Connections proxied, by data path",
+            None,
+            counter.metric_type(),
+        )?;
+        for (p, s) in &stats {
+            for (path, v) in [
+                ("kernel", s.kernel_connections),
+                ("userspace", s.userspace_connections),
+            ] {
+                let mut l = labels(*p);
+                l.push(("path", path.to_owned()));
+                ConstCounter::new(v).encode(e.encode_family(&l)?)?;
+            }
+        }
+        let mut e = encoder.encode_descriptor(
+            "sockgate_backend_connect_failures",
+            "Backend connect attempts that failed or timed out",
+            None,
+            counter.metric_type(),
+        )?;
+        for (p, s) in &stats {
+            ConstCounter::new(s.connect_failures).encode(e.encode_family(&labels(*p))?)?;
+        }
+        let gauge = ConstGauge::new(0i64);
+        let mut e = encoder.encode_descriptor(
+            "sockgate_connections_active",
+            "Connections open now, by data path",
+            None,
+            gauge.metric_type(),
+        )?;
+        for (p, s) in &stats {
+            for (path, v) in [
+                ("kernel", s.active_kernel),
+                ("userspace", s.active_userspace),
+            ] {
+                let mut l = labels(*p);
+                l.push(("path", path.to_owned()));
+                ConstGauge::new(i64::try_from(v).unwrap_or(i64::MAX))
+                    .encode(e.encode_family(&l)?)?;
+            }
+        }
+        let mut e = encoder.encode_descriptor(
+            "sockgate_bytes",
+            "Bytes moved, by data path and direction",
+            None,
+            counter.metric_type(),
+        )?;
+        for (p, s) in &stats {
+            for (path, dir, v) in [
+                ("kernel", "client_to_backend", s.bytes_c2b_kernel),
+                ("kernel", "backend_to_client", s.bytes_b2c_kernel),
+                ("userspace", "client_to_backend", s.bytes_c2b_userspace),
+                ("userspace", "backend_to_client", s.bytes_b2c_userspace),
+            ] {
+                let mut l = labels(*p);
+                l.push(("path", path.to_owned()));
+                l.push(("direction", dir.to_owned()));
+                ConstCounter::new(v).encode(e.encode_family(&l)?)?;
+            }
+        }
+        let mut e = encoder.encode_descriptor(
+            "sockgate_map_entries",
+            "Entries in each pinned map",
+            None,
+            gauge.metric_type(),
+        )?;
+        for (map, n) in [
+            (gateway_common::GW_LISTENERS, ports.len()),
+            (gateway_common::GW_BACKENDS, self.dp.backend_keys().len()),
+            (gateway_common::GW_PEERS, self.dp.peer_count()),
+        ] {
+            let l: ListenerLabels = vec![("map", map.to_owned())];
+            ConstGauge::new(i64::try_from(n).unwrap_or(i64::MAX)).encode(e.encode_family(&l)?)?;
+        }
+        Ok(())
+    }
+}
+
+impl Metrics {
+    /// Metrics reading `dp`'s maps at scrape time.
+    pub fn new(dp: Arc<Datapath>) -> Self {
+        let mut registry = Registry::default();
+        let connect_seconds = Family::<ListenerLabels, Histogram>::new_with_constructor(|| {
+            Histogram::new(exponential_buckets(0.000_05, 2.0, 18))
+        });
+        registry.register(
+            "sockgate_backend_connect_seconds",
+            "Backend connect latency",
+            connect_seconds.clone(),
+        );
+        let reconciles = Counter::default();
+        registry.register(
+            "sockgate_reconciles",
+            "Desired states programmed",
+            reconciles.clone(),
+        );
+        let reconcile_errors = Counter::default();
+        registry.register(
+            "sockgate_reconcile_errors",
+            "Reconciles that failed; the last good state keeps serving",
+            reconcile_errors.clone(),
+        );
+        let reconcile_seconds = Histogram::new(exponential_buckets(0.000_01, 2.0, 20));
+        registry.register(
+            "sockgate_reconcile_seconds",
+            "Time to compute and program one desired state",
+            reconcile_seconds.clone(),
+        );
+        let status_writes = Counter::default();
+        registry.register(
+            "sockgate_status_writes",
+            "Status writes sent",
+            status_writes.clone(),
+        );
+        registry.register_collector(Box::new(MapCollector { dp }));
+        Self {
+            registry,
+            connect_seconds,
+            reconciles,
+            reconcile_errors,
+            reconcile_seconds,
+            status_writes,
+            healthy: AtomicBool::new(true),
+            ready: AtomicBool::new(false),
+        }
+    }
+
+    /// Labels for the per-listener families.
+    pub fn listener(port: u16) -> ListenerLabels {
+        labels(port)
+    }
+
+    /// The text exposition of every metric.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &self.registry) {
+            warn!(error = %e, "encoding metrics");
+        }
+        out
+    }
+}
+
+async fn metrics(State(m): State<Arc<Metrics>>) -> impl IntoResponse {
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        m.render(),
+    )
+}
+
+async fn healthz(State(m): State<Arc<Metrics>>) -> impl IntoResponse {
+    if m.healthy.load(Ordering::Relaxed) {
+        (StatusCode::OK, "ok: programs loaded\n")
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "programs not loaded\n")
+    }
+}
+
+async fn readyz(State(m): State<Arc<Metrics>>) -> impl IntoResponse {
+    if m.ready.load(Ordering::Relaxed) {
+        (StatusCode::OK, "ok: state programmed\n")
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "state not programmed yet\n",
+        )
+    }
+}
+
+/// Errors of starting the HTTP endpoint.
+#[derive(Debug, thiserror::Error)]
+#[error("metrics endpoint {addr}: {source}")]
+pub struct ServeError {
+    pub addr: SocketAddr,
+    #[source]
+    pub source: std::io::Error,
+}
+
+/// Binds `addr` and serves `/metrics`, `/healthz`, `/readyz` until `shutdown`.
+pub async fn serve(
+    addr: SocketAddr,
+    m: Arc<Metrics>,
+    shutdown: CancellationToken,
+) -> Result<tokio::task::JoinHandle<()>, ServeError> {
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|source| ServeError { addr, source })?;
+    let bound = listener.local_addr().unwrap_or(addr);
+    info!(addr = %bound, "metrics and health endpoint listening");
+    let app = Router::new()
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .with_state(m);
+    Ok(tokio::spawn(async move {
+        let r = axum::serve(listener, app)
+            .with_graceful_shutdown(async move { shutdown.cancelled().await })
+            .await;
+        if let Err(e) = r {
+            warn!(error = %e, "metrics endpoint stopped");
+        }
+    }))
+}
