@@ -16,7 +16,7 @@ use std::{
 use axum::{Router, extract::State, http::StatusCode, response::IntoResponse, routing::get};
 use prometheus_client::{
     collector::Collector,
-    encoding::{DescriptorEncoder, EncodeMetric as _},
+    encoding::{DescriptorEncoder, EncodeMetric},
     metrics::{
         counter::{ConstCounter, Counter},
         family::Family,
@@ -62,6 +62,34 @@ fn labels(port: u16) -> ListenerLabels {
     vec![("listener", port.to_string())]
 }
 
+/// Encodes one metric family from `(labels, value)` rows.
+fn family<M: EncodeMetric>(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    rows: impl IntoIterator<Item = (ListenerLabels, M)>,
+) -> Result<(), std::fmt::Error> {
+    let mut rows = rows.into_iter().peekable();
+    let Some((_, first)) = rows.peek() else {
+        return Ok(());
+    };
+    let mut e = encoder.encode_descriptor(name, help, None, first.metric_type())?;
+    for (labels, metric) in rows {
+        metric.encode(e.encode_family(&labels)?)?;
+    }
+    Ok(())
+}
+
+fn with(port: u16, more: &[(&'static str, &str)]) -> ListenerLabels {
+    let mut l = labels(port);
+    l.extend(more.iter().map(|&(k, v)| (k, v.to_owned())));
+    l
+}
+
+fn gauge(v: u64) -> ConstGauge<i64> {
+    ConstGauge::new(i64::try_from(v).unwrap_or(i64::MAX))
+}
+
 impl Collector for MapCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let ports: Vec<u16> = self.dp.listener_keys().iter().map(|k| k.port).collect();
@@ -69,111 +97,90 @@ impl Collector for MapCollector {
             .iter()
             .map(|&p| (p, self.dp.listener_stats(p)))
             .collect();
-
-        let counter = ConstCounter::new(0u64);
-        let mut e = encoder.encode_descriptor(
+        let e = &mut encoder;
+        family(
+            e,
             "sockgate_connections_accepted",
             "Client connections accepted",
-            None,
-            counter.metric_type(),
+            stats
+                .iter()
+                .map(|(p, s)| (labels(*p), ConstCounter::new(s.accepted))),
         )?;
-        for (p, s) in &stats {
-            ConstCounter::new(s.accepted).encode(e.encode_family(&labels(*p))?)?;
-        }
-        let mut e = encoder.encode_descriptor(
+        family(
+            e,
             "sockgate_connections_rejected",
             "Client connections reset instead of proxied, by reason",
-            None,
-            counter.metric_type(),
+            stats.iter().flat_map(|(p, s)| {
+                [
+                    ("no_backend", s.rejected_no_backend),
+                    ("invalid_backend", s.rejected_invalid_backend),
+                    ("connect_failed", s.rejected_connect_failed),
+                ]
+                .map(|(reason, v)| (with(*p, &[("reason", reason)]), ConstCounter::new(v)))
+            }),
         )?;
-        for (p, s) in &stats {
-            for (reason, v) in [
-                ("no_backend", s.rejected_no_backend),
-                ("invalid_backend", s.rejected_invalid_backend),
-                ("connect_failed", s.rejected_connect_failed),
-            ] {
-                let mut l = labels(*p);
-                l.push(("reason", reason.to_owned()));
-                ConstCounter::new(v).encode(e.encode_family(&l)?)?;
-            }
-        }
-        let mut e = encoder.encode_descriptor(
+        family(
+            e,
             "sockgate_connections",
             "Connections proxied, by data path",
-            None,
-            counter.metric_type(),
+            stats.iter().flat_map(|(p, s)| {
+                [
+                    ("kernel", s.kernel_connections),
+                    ("userspace", s.userspace_connections),
+                ]
+                .map(|(path, v)| (with(*p, &[("path", path)]), ConstCounter::new(v)))
+            }),
         )?;
-        for (p, s) in &stats {
-            for (path, v) in [
-                ("kernel", s.kernel_connections),
-                ("userspace", s.userspace_connections),
-            ] {
-                let mut l = labels(*p);
-                l.push(("path", path.to_owned()));
-                ConstCounter::new(v).encode(e.encode_family(&l)?)?;
-            }
-        }
-        let mut e = encoder.encode_descriptor(
+        family(
+            e,
             "sockgate_backend_connect_failures",
             "Backend connect attempts that failed or timed out",
-            None,
-            counter.metric_type(),
+            stats
+                .iter()
+                .map(|(p, s)| (labels(*p), ConstCounter::new(s.connect_failures))),
         )?;
-        for (p, s) in &stats {
-            ConstCounter::new(s.connect_failures).encode(e.encode_family(&labels(*p))?)?;
-        }
-        let gauge = ConstGauge::new(0i64);
-        let mut e = encoder.encode_descriptor(
+        family(
+            e,
             "sockgate_connections_active",
             "Connections open now, by data path",
-            None,
-            gauge.metric_type(),
+            stats.iter().flat_map(|(p, s)| {
+                [
+                    ("kernel", s.active_kernel),
+                    ("userspace", s.active_userspace),
+                ]
+                .map(|(path, v)| (with(*p, &[("path", path)]), gauge(v)))
+            }),
         )?;
-        for (p, s) in &stats {
-            for (path, v) in [
-                ("kernel", s.active_kernel),
-                ("userspace", s.active_userspace),
-            ] {
-                let mut l = labels(*p);
-                l.push(("path", path.to_owned()));
-                ConstGauge::new(i64::try_from(v).unwrap_or(i64::MAX))
-                    .encode(e.encode_family(&l)?)?;
-            }
-        }
-        let mut e = encoder.encode_descriptor(
+        family(
+            e,
             "sockgate_bytes",
             "Bytes moved, by data path and direction",
-            None,
-            counter.metric_type(),
+            stats.iter().flat_map(|(p, s)| {
+                [
+                    ("kernel", "client_to_backend", s.bytes_c2b_kernel),
+                    ("kernel", "backend_to_client", s.bytes_b2c_kernel),
+                    ("userspace", "client_to_backend", s.bytes_c2b_userspace),
+                    ("userspace", "backend_to_client", s.bytes_b2c_userspace),
+                ]
+                .map(|(path, dir, v)| {
+                    (
+                        with(*p, &[("path", path), ("direction", dir)]),
+                        ConstCounter::new(v),
+                    )
+                })
+            }),
         )?;
-        for (p, s) in &stats {
-            for (path, dir, v) in [
-                ("kernel", "client_to_backend", s.bytes_c2b_kernel),
-                ("kernel", "backend_to_client", s.bytes_b2c_kernel),
-                ("userspace", "client_to_backend", s.bytes_c2b_userspace),
-                ("userspace", "backend_to_client", s.bytes_b2c_userspace),
-            ] {
-                let mut l = labels(*p);
-                l.push(("path", path.to_owned()));
-                l.push(("direction", dir.to_owned()));
-                ConstCounter::new(v).encode(e.encode_family(&l)?)?;
-            }
-        }
-        let mut e = encoder.encode_descriptor(
+        family(
+            e,
             "sockgate_map_entries",
             "Entries in each pinned map",
-            None,
-            gauge.metric_type(),
-        )?;
-        for (map, n) in [
-            (gateway_common::GW_LISTENERS, ports.len()),
-            (gateway_common::GW_BACKENDS, self.dp.backend_keys().len()),
-            (gateway_common::GW_PEERS, self.dp.peer_count()),
-        ] {
-            let l: ListenerLabels = vec![("map", map.to_owned())];
-            ConstGauge::new(i64::try_from(n).unwrap_or(i64::MAX)).encode(e.encode_family(&l)?)?;
-        }
-        Ok(())
+            [
+                (gateway_common::GW_LISTENERS, ports.len()),
+                (gateway_common::GW_BACKENDS, self.dp.backend_keys().len()),
+                (gateway_common::GW_PEERS, self.dp.peer_count()),
+            ]
+            .map(|(map, n)| (vec![("map", map.to_owned())], gauge(n as u64))),
+        )
     }
 }
 

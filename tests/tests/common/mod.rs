@@ -162,6 +162,14 @@ impl Agent {
             )
     }
 
+    /// Kills the agent (SIGKILL: no cleanup of its own) and leaves its pins in place.
+    pub fn kill_keeping_pins(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        // Drop must not remove the pins another agent is about to reuse.
+        self.pin_dir = PathBuf::new();
+    }
+
     /// Sends SIGTERM and waits (bounded) for the exit.
     pub fn stop(&mut self) -> std::process::ExitStatus {
         let pid = nix::unistd::Pid::from_raw(i32::try_from(self.child.id()).expect("pid"));
