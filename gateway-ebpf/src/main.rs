@@ -11,7 +11,10 @@
 //!
 //! Zero-length segments (a FIN is seen that way) are dropped: the agent propagates the
 //! FIN itself, only once every byte before it was handed to TCP. Counters go to the
-//! per-CPU `GW_STATS`; nothing is logged per packet.
+//! per-CPU `GW_STATS`. aya-log records only rare events: a full `GW_STATS` (error), and
+//! at debug level a redirect that failed although the socket has a peer (the peer is
+//! closing); the agent sets the kernel-side level at load time, so debug records cost
+//! nothing unless asked for.
 #![no_std]
 #![no_main]
 
@@ -23,6 +26,7 @@ use aya_ebpf::{
     macros::{btf_map, sk_msg, stream_verdict},
     programs::{SkBuffContext, SkMsgContext},
 };
+use aya_log_ebpf::{debug, error};
 use gateway_common::{
     Backend, BackendKey, DIR_CLIENT_TO_BACKEND, ListenerInfo, ListenerKey, ListenerStats,
     MAX_BACKENDS, MAX_LISTENERS, MAX_SOCKETS, MAX_STATS, OWNER_KERNEL, Peer, StatsKey,
@@ -97,6 +101,20 @@ pub fn gw_verdict(ctx: SkBuffContext) -> u32 {
         } else {
             s.passes += 1;
         }
+    } else {
+        error!(
+            &ctx,
+            "GW_STATS is full: counters of listener {} are not kept", peer.listener_port
+        );
+    }
+    if !redirected {
+        debug!(
+            &ctx,
+            "redirect to socket {} failed: {} bytes kept on socket {}",
+            peer.peer_cookie,
+            len,
+            cookie
+        );
     }
     // A failed redirect (peer gone from the map) keeps the data on this socket, where
     // the agent reads it: never drop payload.
@@ -104,10 +122,12 @@ pub fn gw_verdict(ctx: SkBuffContext) -> u32 {
 }
 
 #[sk_msg]
-pub fn gw_msg(_ctx: SkMsgContext) -> u32 {
+pub fn gw_msg(ctx: SkMsgContext) -> u32 {
     // sk_msg programs cannot read the socket cookie: count under port 0.
     if let Some(s) = stats(0) {
         s.msgs += 1;
+    } else {
+        error!(&ctx, "GW_STATS is full: sk_msg counters are not kept");
     }
     sk_action::SK_PASS
 }

@@ -292,11 +292,17 @@ pub struct Maps {
     pub stats: Mutex<PerCpuHashMap<MapData, StatsKey, ListenerStats>>,
 }
 
+/// The `log` target of the programs' aya-log records (the eBPF crate's name).
+pub const KERNEL_LOG_TARGET: &str = "gateway";
+
 /// The loaded and attached programs, and their maps.
 pub struct Datapath {
     // Owns the programs and their attachments: dropping it detaches them.
     _ebpf: Ebpf,
     pub maps: Maps,
+    /// Records of `aya-log` from the programs, until [`Datapath::forward_kernel_logs`]
+    /// takes them.
+    kernel_logs: Mutex<Option<aya_log::EbpfLogger<&'static dyn log::Log>>>,
     pin_dir: PathBuf,
     keep_pins: bool,
     /// Maps found pinned and reused rather than created.
@@ -309,6 +315,23 @@ where
 {
     let map = ebpf.take_map(name).ok_or(LoadError::Missing(name))?;
     T::try_from(map).map_err(|source| LoadError::Map { name, source })
+}
+
+/// Deletes the pairs an earlier agent left in a reused `GW_PEERS`: its sockets are
+/// gone (the kernel removed them from `GW_SOCKS` when they closed), so their peer
+/// entries must not linger.
+fn remove_stale_peers(maps: &Maps) {
+    let mut peers = lock(&maps.peers);
+    let stale: Vec<u64> = peers.keys().filter_map(Result::ok).collect();
+    for k in &stale {
+        let _ = peers.remove(k);
+    }
+    if !stale.is_empty() {
+        info!(
+            entries = stale.len(),
+            "removed stale GW_PEERS entries of an earlier run"
+        );
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -336,7 +359,22 @@ impl Datapath {
         for name in MAP_NAMES {
             loader.map_pin_path(name, opts.pin_dir.join(name));
         }
+        // Kernel-side filter of the programs' aya-log records: debug records (a failed
+        // redirect) are emitted only when the agent would print them.
+        let level = if tracing::enabled!(target: KERNEL_LOG_TARGET, tracing::Level::DEBUG) {
+            aya_log::Level::Debug
+        } else {
+            aya_log::Level::Warn
+        } as u8;
+        loader.override_global(aya_log::LEVEL, &level, true);
         let mut ebpf = loader.load(OBJECT)?;
+        let kernel_logs = match aya_log::EbpfLogger::init(&mut ebpf) {
+            Ok(l) => Some(l),
+            Err(e) => {
+                warn!(error = %e, "eBPF log records unavailable");
+                None
+            }
+        };
         let socks: SockHash<MapData, u64> = take(&mut ebpf, GW_SOCKS)?;
         let sock_fd = socks.fd().try_clone().map_err(|e| LoadError::Map {
             name: GW_SOCKS,
@@ -386,28 +424,55 @@ impl Datapath {
             stats: Mutex::new(take(&mut ebpf, GW_STATS)?),
         };
         if reused.contains(&GW_PEERS) {
-            // Pairs of an earlier agent: its sockets are gone (the kernel removed them
-            // from GW_SOCKS when they closed); their peer entries must not linger.
-            let mut peers = lock(&maps.peers);
-            let stale: Vec<u64> = peers.keys().filter_map(Result::ok).collect();
-            for k in &stale {
-                let _ = peers.remove(k);
-            }
-            if !stale.is_empty() {
-                info!(
-                    entries = stale.len(),
-                    "removed stale GW_PEERS entries of an earlier run"
-                );
-            }
+            remove_stale_peers(&maps);
         }
         info!(pin_dir = %opts.pin_dir.display(), reused = ?reused, "eBPF programs loaded and attached");
         Ok(Self {
             _ebpf: ebpf,
             maps,
+            kernel_logs: Mutex::new(kernel_logs),
             pin_dir: opts.pin_dir.clone(),
             keep_pins: opts.keep_pins,
             reused,
         })
+    }
+
+    /// Forwards the programs' aya-log records to the agent's log until `shutdown`
+    /// (target `gateway`, the eBPF crate). Call once, inside the runtime.
+    pub async fn forward_kernel_logs(&self, shutdown: tokio_util::sync::CancellationToken) {
+        let Some(logger) = lock(&self.kernel_logs).take() else {
+            return;
+        };
+        // SAFETY: the logger owns its ring buffer's descriptor and keeps it open,
+        // unchanged, for as long as it lives; the AsyncFd owns the logger.
+        let registered = unsafe {
+            tokio::io::unix::AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE)
+        };
+        let mut fd = match registered {
+            Ok(fd) => fd,
+            Err(e) => {
+                warn!(error = %e, "cannot poll eBPF log records");
+                return;
+            }
+        };
+        loop {
+            tokio::select! {
+                () = shutdown.cancelled() => {
+                    fd.get_mut().flush();
+                    return;
+                }
+                ready = fd.readable_mut() => match ready {
+                    Ok(mut guard) => {
+                        guard.get_inner_mut().flush();
+                        guard.clear_ready();
+                    }
+                    Err(e) => {
+                        warn!(error = %e, "polling eBPF log records");
+                        return;
+                    }
+                },
+            }
+        }
     }
 
     /// The pin directory.

@@ -166,6 +166,10 @@ fn run(args: &RunArgs) -> anyhow::Result<()> {
         let shutdown = CancellationToken::new();
         let counters = Arc::new(Registry::default());
         let _http = metrics::serve(args.metrics_addr, metrics.clone(), shutdown.clone()).await?;
+        let kernel_logs = {
+            let (dp, shutdown) = (dp.clone(), shutdown.clone());
+            tokio::spawn(async move { dp.forward_kernel_logs(shutdown).await })
+        };
         let serving = tokio::spawn(proxy::serve(
             dp.clone(),
             cfg.clone(),
@@ -181,6 +185,7 @@ fn run(args: &RunArgs) -> anyhow::Result<()> {
         );
         shutdown.cancel();
         let _ = serving.await;
+        let _ = kernel_logs.await;
         anyhow::Ok(())
     })?;
     drop(rt);

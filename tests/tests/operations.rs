@@ -576,3 +576,81 @@ fn netbed_status(dir: &std::path::Path) -> serde_json::Value {
     );
     serde_json::from_slice(&out.stdout).expect("JSON")
 }
+
+#[test]
+fn failed_redirect_keeps_data_and_is_logged_from_the_kernel() {
+    require_root();
+    let bed = Bed::new(1).expect("bed");
+    let _echo = servers::Server::start(bed.backend(0), backend(&bed, 0, 3001), servers::echo())
+        .expect("echo");
+    let route = format!("8088={}", backend(&bed, 0, 3001));
+    let agent = Agent::start(&bed, &["--route", &route, "--datapath", "sockmap"], &[8088]);
+    let addr = listener_addr(&bed, 8088);
+    let (up_tx, up_rx) = std::sync::mpsc::channel::<()>();
+    let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
+    let client = bed
+        .client()
+        .spawn(move || {
+            let mut s = connect(addr).expect("connect");
+            s.write_all(b"one").expect("write");
+            let mut b = [0u8; 3];
+            s.read_exact(&mut b).expect("echo");
+            up_tx.send(()).expect("up");
+            go_rx.recv_timeout(Duration::from_secs(20)).expect("go");
+            s.write_all(b"two").expect("write");
+            s.read_exact(&mut b).map(|()| b)
+        })
+        .expect("client");
+    up_rx
+        .recv_timeout(Duration::from_secs(10))
+        .expect("connection up");
+    // Take the client socket out of GW_SOCKS behind the agent's back: its GW_PEERS
+    // entry stays, so the backend socket's verdict finds a peer it cannot redirect to.
+    let peers = bpftool_json(&[
+        "map",
+        "dump",
+        "pinned",
+        &agent.pin_dir.join("GW_PEERS").display().to_string(),
+    ]);
+    let client_cookie = peers
+        .as_array()
+        .expect("array")
+        .iter()
+        .find(|e| e["formatted"]["value"]["direction"] == 0)
+        .and_then(|e| e["formatted"]["key"].as_u64())
+        .unwrap_or_else(|| panic!("client socket in GW_PEERS: {peers}"));
+    let mut cmd = Command::new("bpftool");
+    cmd.args(["map", "delete", "pinned"])
+        .arg(agent.pin_dir.join("GW_SOCKS"))
+        .arg("key");
+    for byte in client_cookie.to_le_bytes() {
+        cmd.arg(byte.to_string());
+    }
+    let out = cmd.output().expect("bpftool runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    go_tx.send(()).expect("go");
+    let echoed = client
+        .join()
+        .expect("client thread")
+        .expect("echo after the delete");
+    assert_eq!(
+        &echoed, b"two",
+        "the bytes the verdict passed were forwarded"
+    );
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let log = agent.log_text();
+        if log.contains("redirect to socket") && log.contains(&client_cookie.to_string()) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "kernel debug record not in the agent log:\n{log}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}

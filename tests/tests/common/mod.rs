@@ -94,7 +94,7 @@ impl Agent {
             .arg("--pin-dir")
             .arg(&pin_dir)
             .args(args)
-            .env("RUST_LOG", "info,sockgate=debug")
+            .env("RUST_LOG", "info,sockgate=debug,gateway=debug")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(logf)
