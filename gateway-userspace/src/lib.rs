@@ -2,6 +2,7 @@
 //!
 //! # Layout
 //!
+//! * [`cluster`]: the Kubernetes side: API access list, leader election of the status writer.
 //! * [`desired`]: the desired state the data path serves.
 //! * [`ebpf`]: the embedded eBPF object, loading, pinning and the pin compatibility check.
 //! * [`mapsync`]: writes the desired state to `GW_LISTENERS` / `GW_BACKENDS`.
@@ -9,6 +10,7 @@
 //! * [`proxy`]: listeners, backend selection, the kernel and userspace data paths.
 //! * [`routes`]: the `--route` fixed table.
 //! * [`status`]: `sockgate status`, read from the pinned maps.
+pub mod cluster;
 pub mod desired;
 pub mod ebpf;
 pub mod mapsync;

@@ -13,7 +13,13 @@ use std::{
     },
 };
 
-use axum::{Router, extract::State, http::StatusCode, response::IntoResponse, routing::get};
+use axum::{
+    Router,
+    extract::State,
+    http::{StatusCode, header::CONTENT_TYPE},
+    response::IntoResponse,
+    routing::get,
+};
 use prometheus_client::{
     collector::Collector,
     encoding::{DescriptorEncoder, EncodeMetric},
@@ -251,7 +257,7 @@ impl Metrics {
 async fn metrics(State(m): State<Arc<Metrics>>) -> impl IntoResponse {
     (
         [(
-            axum::http::header::CONTENT_TYPE,
+            CONTENT_TYPE,
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
         )],
         m.render(),
