@@ -601,6 +601,22 @@ impl Datapath {
             .collect()
     }
 
+    /// Entries currently in `GW_LISTENERS`.
+    pub fn listener_entries(&self) -> Vec<(ListenerKey, ListenerInfo)> {
+        lock(&self.maps.listeners)
+            .iter()
+            .filter_map(Result::ok)
+            .collect()
+    }
+
+    /// Entries currently in `GW_BACKENDS`.
+    pub fn backend_entries(&self) -> Vec<(BackendKey, Backend)> {
+        lock(&self.maps.backends)
+            .iter()
+            .filter_map(Result::ok)
+            .collect()
+    }
+
     /// Keys currently in `GW_BACKENDS`.
     pub fn backend_keys(&self) -> Vec<BackendKey> {
         lock(&self.maps.backends)

@@ -2,19 +2,35 @@
 //!
 //! # Layout
 //!
+//! * [`check`]: `sockgate check`, the offline report.
 //! * [`cluster`]: the Kubernetes side: API access list, leader election of the status writer.
 //! * [`desired`]: the desired state the data path serves.
+//! * [`diff`]: the map delta between what is programmed and what is desired.
 //! * [`ebpf`]: the embedded eBPF object, loading, pinning and the pin compatibility check.
 //! * [`mapsync`]: writes the desired state to `GW_LISTENERS` / `GW_BACKENDS`.
+//! * [`model`]: the Gateway API model: snapshot, reconcile, status.
 //! * [`metrics`]: Prometheus metrics, `/healthz` and `/readyz`.
 //! * [`proxy`]: listeners, backend selection, the kernel and userspace data paths.
 //! * [`routes`]: the `--route` fixed table.
+//! * [`source`]: where Gateway API objects come from (manifest files).
 //! * [`status`]: `sockgate status`, read from the pinned maps.
+pub mod check;
 pub mod cluster;
 pub mod desired;
+pub mod diff;
 pub mod ebpf;
 pub mod mapsync;
 pub mod metrics;
+#[expect(
+    clippy::doc_markdown,
+    reason = "Gateway API kind names (GatewayClass, TCPRoute, EndpointSlice) are words in these docs"
+)]
+pub mod model;
 pub mod proxy;
 pub mod routes;
+#[expect(
+    clippy::doc_markdown,
+    reason = "Gateway API kind names (GatewayClass, TCPRoute, EndpointSlice) are words in these docs"
+)]
+pub mod source;
 pub mod status;

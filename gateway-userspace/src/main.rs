@@ -5,12 +5,15 @@ use std::{path::PathBuf, process::ExitCode, sync::Arc, time::Duration};
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use sockgate::{
+    check,
     desired::DesiredState,
     ebpf::{Datapath, LoadOptions, PinMismatch},
     mapsync,
     metrics::{self, Metrics},
     proxy::{self, DatapathMode, ProxyConfig, stats::Registry},
-    routes, status,
+    routes,
+    source::files::{FileSource, follow},
+    status,
 };
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -49,6 +52,31 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Offline: print the status sockgate would write for the manifests in a directory
+    /// (or file), then the listener/backend table. No privileges needed.
+    Check(CheckArgs),
+}
+
+#[derive(clap::Args)]
+struct CheckArgs {
+    /// Directory of Kubernetes YAML (`*.yaml`, `*.yml`), or one file.
+    #[arg(short = 'f', long = "filename", value_name = "DIR")]
+    dir: PathBuf,
+    /// Output format.
+    #[arg(short = 'o', long = "output", value_enum, default_value_t = check::Format::Yaml)]
+    output: check::Format,
+    /// The `controllerName` of the `GatewayClass` objects sockgate implements.
+    #[arg(long, default_value = sockgate::model::conditions::DEFAULT_CONTROLLER_NAME)]
+    controller_name: String,
+}
+
+/// Where the desired state comes from.
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum SourceKind {
+    /// Gateway API manifests in `--dir`, re-read on change.
+    Files,
+    /// The `--route` table.
+    Routes,
 }
 
 #[derive(clap::Args)]
@@ -57,6 +85,16 @@ struct RunArgs {
     /// an invalid backendRef (its connections are reset).
     #[arg(long = "route", value_name = "SPEC")]
     routes: Vec<String>,
+    /// Where the desired state comes from; default `files` when `--dir` is given, else
+    /// the `--route` table.
+    #[arg(long, value_enum)]
+    source: Option<SourceKind>,
+    /// Directory of Gateway API manifests (`--source files`).
+    #[arg(long)]
+    dir: Option<PathBuf>,
+    /// The `controllerName` of the `GatewayClass` objects sockgate implements.
+    #[arg(long, default_value = sockgate::model::conditions::DEFAULT_CONTROLLER_NAME)]
+    controller_name: String,
     /// Which data path carries connections.
     #[arg(long, value_enum, default_value_t = DatapathMode::Auto)]
     datapath: DatapathMode,
@@ -108,6 +146,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Run(args) => run(&args),
         Command::Status { pin_dir, json } => show_status(&pin_dir, json),
+        Command::Check(args) => check_manifests(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -128,13 +167,29 @@ fn show_status(pin_dir: &std::path::Path, json: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
+fn check_manifests(args: &CheckArgs) -> anyhow::Result<()> {
+    let params = check::params_now(&args.controller_name);
+    print!("{}", check::render(&args.dir, &params, args.output)?);
+    Ok(())
+}
+
 fn secs(v: f64, what: &str) -> anyhow::Result<Duration> {
     Duration::try_from_secs_f64(v)
         .with_context(|| format!("--{what} must be a non-negative number of seconds"))
 }
 
 fn run(args: &RunArgs) -> anyhow::Result<()> {
-    let desired: DesiredState = routes::parse(&args.routes)?;
+    let files = match (args.source, &args.dir) {
+        (Some(SourceKind::Files) | None, Some(dir)) => {
+            Some(FileSource::open(dir, &args.controller_name)?)
+        }
+        (Some(SourceKind::Files), None) => anyhow::bail!("--source files needs --dir DIR"),
+        (Some(SourceKind::Routes) | None, _) => None,
+    };
+    let desired: DesiredState = match &files {
+        Some(f) => (**f.current()).clone(),
+        None => routes::parse(&args.routes)?,
+    };
     let cfg = ProxyConfig {
         mode: args.datapath,
         connect_timeout: secs(args.connect_timeout, "connect-timeout")?,
@@ -151,7 +206,7 @@ fn run(args: &RunArgs) -> anyhow::Result<()> {
     let dp = Arc::new(Datapath::load(&opts)?);
     raise_fd_limit();
     if desired.listeners.is_empty() {
-        info!("no listeners configured (give --route)");
+        info!("no listeners configured (give --dir or --route)");
     }
     let metrics = Arc::new(Metrics::new(dp.clone()));
     let started = std::time::Instant::now();
@@ -162,8 +217,27 @@ fn run(args: &RunArgs) -> anyhow::Result<()> {
         .observe(started.elapsed().as_secs_f64());
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(async {
-        let (_tx, rx) = watch::channel(Arc::new(desired));
+        let (tx, rx) = watch::channel(Arc::new(desired));
         let shutdown = CancellationToken::new();
+        if let Some(files) = files {
+            let (dp, metrics) = (dp.clone(), metrics.clone());
+            tokio::spawn(follow(
+                files,
+                Duration::from_secs(1),
+                tx,
+                move |d| {
+                    let started = std::time::Instant::now();
+                    if let Err(e) = mapsync::apply(&dp, d) {
+                        tracing::error!(error = %e, "programming the maps");
+                    }
+                    metrics.reconciles.inc();
+                    metrics
+                        .reconcile_seconds
+                        .observe(started.elapsed().as_secs_f64());
+                },
+                shutdown.clone(),
+            ));
+        }
         let counters = Arc::new(Registry::default());
         let _http = metrics::serve(args.metrics_addr, metrics.clone(), shutdown.clone()).await?;
         let kernel_logs = {

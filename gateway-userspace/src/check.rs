@@ -1,0 +1,53 @@
+//! `sockgate check`: reads manifests, reconciles offline (no privileges, no maps) and
+//! renders the status sockgate would write and the listener/backend table.
+use std::path::Path;
+
+use crate::{
+    model::{Params, reconcile, report},
+    source::files::{self, SourceError},
+};
+
+/// Output format of `sockgate check`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum Format {
+    /// YAML.
+    #[default]
+    Yaml,
+    /// JSON.
+    Json,
+}
+
+/// `sockgate check` failed.
+#[derive(Debug, thiserror::Error)]
+pub enum CheckError {
+    /// The input does not read or parse.
+    #[error(transparent)]
+    Source(#[from] SourceError),
+    /// The report cannot be rendered.
+    #[error("rendering the report: {0}")]
+    Render(String),
+}
+
+/// Parameters for a reconcile happening now (the edges read the clock, the model does
+/// not).
+pub fn params_now(controller_name: &str) -> Params {
+    Params {
+        controller_name: controller_name.to_owned(),
+        now: k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+            k8s_openapi::jiff::Timestamp::now(),
+        ),
+    }
+}
+
+/// Renders the report of the manifests under `path` (a file or a directory).
+pub fn render(path: &Path, params: &Params, format: Format) -> Result<String, CheckError> {
+    let snap = files::load(path)?;
+    let (desired, status) = reconcile(&snap, params);
+    let r = report::build(&snap, &desired, &status);
+    match format {
+        Format::Yaml => serde_yaml::to_string(&r).map_err(|e| CheckError::Render(e.to_string())),
+        Format::Json => serde_json::to_string_pretty(&r)
+            .map(|s| s + "\n")
+            .map_err(|e| CheckError::Render(e.to_string())),
+    }
+}

@@ -1,0 +1,396 @@
+//! backendRef resolution (Service port -> ready EndpointSlice endpoints) and the
+//! spreading of each backendRef's weight over its endpoints.
+//!
+//! The data path picks among *endpoints* with integer weights. The Gateway API weighs
+//! *backendRefs*: a Service with ten endpoints and weight 1 gets the same share as a
+//! Service with one endpoint and weight 1. [`spread`] turns backendRef weights into
+//! endpoint weights so that every backendRef's total is exactly proportional to its
+//! weight (see `docs/gateway-api.md`, "Weights").
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::{IpAddr, SocketAddr},
+};
+
+use gateway_api::experimental::{
+    referencegrants::ReferenceGrant, tcproutes::TcpRouteRulesBackendRefs,
+};
+use gateway_common::MAX_BACKENDS_PER_LISTENER;
+use k8s_openapi::{
+    api::{core::v1::Service, discovery::v1::EndpointSlice},
+    apimachinery::pkg::util::intstr::IntOrString,
+};
+
+use super::{
+    conditions::{GATEWAY_GROUP, KIND_SERVICE, KIND_TCP_ROUTE, SERVICE_NAME_LABEL, reasons},
+    snapshot::{ObjectKey, namespace_of},
+};
+use crate::desired::Backend;
+
+/// Largest factor endpoint weights are scaled by to keep backendRef shares exact.
+pub const SCALE_CAP: u64 = 1024;
+
+/// Why a backendRef does not resolve.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RefProblem {
+    /// The `ResolvedRefs=False` reason.
+    pub reason: &'static str,
+    /// What is wrong, for the condition message.
+    pub message: String,
+}
+
+/// One backendRef of a route, resolved.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ResolvedRef {
+    /// `namespace/name:port`, for logs and the programmed table.
+    pub label: String,
+    /// The backendRef's weight (default 1).
+    pub weight: u32,
+    /// Ready endpoints, or why the backendRef is invalid.
+    pub target: Result<Vec<SocketAddr>, RefProblem>,
+}
+
+/// The Services, EndpointSlices and ReferenceGrants backendRefs resolve against.
+pub struct Backends<'a> {
+    services: BTreeMap<ObjectKey, &'a Service>,
+    /// EndpointSlices by the Service they belong to.
+    slices: BTreeMap<ObjectKey, Vec<&'a EndpointSlice>>,
+    grants: &'a [ReferenceGrant],
+}
+
+impl<'a> Backends<'a> {
+    /// Indexes the objects.
+    pub fn new(
+        services: &'a [Service],
+        slices: &'a [EndpointSlice],
+        grants: &'a [ReferenceGrant],
+    ) -> Self {
+        let services = services
+            .iter()
+            .map(|s| (ObjectKey::of(&s.metadata, true), s))
+            .collect();
+        let mut by_service: BTreeMap<ObjectKey, Vec<&EndpointSlice>> = BTreeMap::new();
+        for s in slices {
+            if let Some(svc) = s
+                .metadata
+                .labels
+                .as_ref()
+                .and_then(|l| l.get(SERVICE_NAME_LABEL))
+            {
+                by_service
+                    .entry(ObjectKey {
+                        namespace: namespace_of(&s.metadata).to_owned(),
+                        name: svc.clone(),
+                    })
+                    .or_default()
+                    .push(s);
+            }
+        }
+        Self {
+            services,
+            slices: by_service,
+            grants,
+        }
+    }
+
+    /// Resolves one backendRef of a route in `route_ns`.
+    pub fn resolve(&self, route_ns: &str, r: &TcpRouteRulesBackendRefs) -> ResolvedRef {
+        let ns = r.namespace.as_deref().unwrap_or(route_ns);
+        let weight = u32::try_from(r.weight.unwrap_or(1).clamp(0, 1_000_000)).unwrap_or(0);
+        let mut label = match r.port {
+            Some(p) => format!("{ns}/{}:{p}", r.name),
+            None => format!("{ns}/{}", r.name),
+        };
+        let group = r.group.as_deref().unwrap_or("");
+        let kind = r.kind.as_deref().unwrap_or(KIND_SERVICE);
+        if !group.is_empty() || kind != KIND_SERVICE {
+            label = format!("{group}/{kind} {label}");
+        }
+        let target = self.endpoints(route_ns, ns, r);
+        ResolvedRef {
+            label,
+            weight,
+            target,
+        }
+    }
+
+    fn endpoints(
+        &self,
+        route_ns: &str,
+        ns: &str,
+        r: &TcpRouteRulesBackendRefs,
+    ) -> Result<Vec<SocketAddr>, RefProblem> {
+        let group = r.group.as_deref().unwrap_or("");
+        let kind = r.kind.as_deref().unwrap_or(KIND_SERVICE);
+        if !group.is_empty() || kind != KIND_SERVICE {
+            return Err(RefProblem {
+                reason: reasons::INVALID_KIND,
+                message: format!(
+                    "backendRef {ns}/{} has group {group:?} kind {kind:?}; only core Services are supported",
+                    r.name
+                ),
+            });
+        }
+        if ns != route_ns && !self.granted(route_ns, ns, &r.name) {
+            return Err(RefProblem {
+                reason: reasons::REF_NOT_PERMITTED,
+                message: format!(
+                    "backendRef to Service {ns}/{} is not permitted by any ReferenceGrant in namespace {ns}",
+                    r.name
+                ),
+            });
+        }
+        let key = ObjectKey {
+            namespace: ns.to_owned(),
+            name: r.name.clone(),
+        };
+        let Some(svc) = self.services.get(&key) else {
+            return Err(RefProblem {
+                reason: reasons::BACKEND_NOT_FOUND,
+                message: format!("Service {key} not found"),
+            });
+        };
+        let Some(port) = r.port else {
+            return Err(RefProblem {
+                reason: reasons::BACKEND_NOT_FOUND,
+                message: format!("backendRef to Service {key} has no port (port is required)"),
+            });
+        };
+        let Some(sp) = svc
+            .spec
+            .as_ref()
+            .and_then(|s| s.ports.as_ref())
+            .and_then(|ps| ps.iter().find(|p| p.port == port))
+        else {
+            return Err(RefProblem {
+                reason: reasons::BACKEND_NOT_FOUND,
+                message: format!("Service {key} has no port {port}"),
+            });
+        };
+        let sp_name = sp.name.as_deref().unwrap_or("");
+        let mut out = BTreeSet::new();
+        for slice in self.slices.get(&key).into_iter().flatten() {
+            let family_ok = |ip: &IpAddr| match slice.address_type.as_str() {
+                "IPv4" => ip.is_ipv4(),
+                "IPv6" => ip.is_ipv6(),
+                _ => false, // FQDN endpoints are not resolved.
+            };
+            let Some(target) = slice_port(slice, sp_name, sp.target_port.as_ref()) else {
+                continue;
+            };
+            for ep in &slice.endpoints {
+                let ready = ep.conditions.as_ref().and_then(|c| c.ready).unwrap_or(true);
+                if !ready {
+                    continue;
+                }
+                // Consumers use the first address (EndpointSlice API).
+                if let Some(ip) = ep
+                    .addresses
+                    .first()
+                    .and_then(|a| a.parse::<IpAddr>().ok())
+                    .filter(family_ok)
+                {
+                    out.insert(SocketAddr::new(ip, target));
+                }
+            }
+        }
+        Ok(out.into_iter().collect())
+    }
+
+    fn granted(&self, from_ns: &str, to_ns: &str, name: &str) -> bool {
+        self.grants
+            .iter()
+            .filter(|g| namespace_of(&g.metadata) == to_ns)
+            .any(|g| {
+                g.spec.from.iter().any(|f| {
+                    f.group == GATEWAY_GROUP && f.kind == KIND_TCP_ROUTE && f.namespace == from_ns
+                }) && g.spec.to.iter().any(|t| {
+                    t.group.is_empty()
+                        && t.kind == KIND_SERVICE
+                        && t.name.as_deref().is_none_or(|n| n.is_empty() || n == name)
+                })
+            })
+    }
+}
+
+/// The endpoint port of `slice` for the Service port named `sp_name`: the slice port of
+/// the same name (how Kubernetes writes slices, named `targetPort`s included), else the
+/// slice port equal to a numeric `targetPort`.
+fn slice_port(slice: &EndpointSlice, sp_name: &str, target: Option<&IntOrString>) -> Option<u16> {
+    let ports = slice.ports.as_deref().unwrap_or_default();
+    let by_name = ports
+        .iter()
+        .find(|p| p.name.as_deref().unwrap_or("") == sp_name)
+        .or_else(|| match target {
+            Some(IntOrString::String(n)) => ports.iter().find(|p| p.name.as_deref() == Some(n)),
+            Some(IntOrString::Int(n)) => ports.iter().find(|p| p.port == Some(*n)),
+            None => None,
+        });
+    by_name
+        .and_then(|p| p.port)
+        .and_then(|p| u16::try_from(p).ok())
+        .filter(|&p| p != 0)
+}
+
+fn gcd(a: u64, b: u64) -> u64 {
+    if b == 0 { a } else { gcd(b, a % b) }
+}
+
+/// Turns resolved backendRefs into weighted data path entries.
+///
+/// * weight 0: no entry (never picked);
+/// * invalid, or no ready endpoint: one entry without address carrying the backendRef's
+///   whole share (its connections are rejected);
+/// * otherwise the backendRef's share `w × S` is split over its endpoints, each getting
+///   `⌊w × S / n⌋` or one more. `S` is the least common multiple of the endpoint counts,
+///   so every endpoint of a backendRef gets the same weight; when that multiple exceeds
+///   [`SCALE_CAP`], `S` is the largest endpoint count and endpoints of one backendRef
+///   differ by at most 1 (the backendRef's total stays exact).
+///
+/// Each backendRef keeps at most `256 / (backendRefs with weight > 0)` endpoints (the
+/// first in address order), so a listener never exceeds the data path's per-listener
+/// limit.
+pub fn spread(refs: &[ResolvedRef]) -> Vec<Backend> {
+    let active: Vec<&ResolvedRef> = refs.iter().filter(|r| r.weight > 0).collect();
+    if active.is_empty() {
+        return Vec::new();
+    }
+    let per_ref = (MAX_BACKENDS_PER_LISTENER as usize / active.len()).max(1);
+    let count = |r: &ResolvedRef| match &r.target {
+        Ok(eps) if !eps.is_empty() => eps.len().min(per_ref) as u64,
+        _ => 1,
+    };
+    let g = active
+        .iter()
+        .fold(0, |acc, r| gcd(acc, u64::from(r.weight)))
+        .max(1);
+    let lcm = active.iter().try_fold(1u64, |acc, r| {
+        let n = count(r);
+        let l = acc / gcd(acc, n) * n;
+        (l <= SCALE_CAP).then_some(l)
+    });
+    let scale = lcm.unwrap_or_else(|| active.iter().map(|r| count(r)).max().unwrap_or(1));
+    let mut shares: Vec<u64> = active
+        .iter()
+        .map(|r| u64::from(r.weight) / g * scale)
+        .collect();
+    let total: u64 = shares.iter().sum();
+    let limit = u64::from(u32::MAX);
+    if total > limit {
+        for (s, r) in shares.iter_mut().zip(&active) {
+            *s = (u128::from(*s) * u128::from(limit / 2) / u128::from(total)) as u64;
+            *s = (*s).max(count(r));
+        }
+    }
+    let mut out = Vec::new();
+    for (r, share) in active.iter().zip(shares) {
+        match &r.target {
+            Ok(eps) if !eps.is_empty() => {
+                let n = count(r);
+                let (base, rem) = (share / n, share % n);
+                for (i, ep) in eps.iter().take(n as usize).enumerate() {
+                    let w = base + u64::from((i as u64) < rem);
+                    out.push(Backend {
+                        addr: Some(*ep),
+                        weight: u32::try_from(w).unwrap_or(u32::MAX),
+                        backend_ref: r.label.clone(),
+                    });
+                }
+            }
+            _ => out.push(Backend {
+                addr: None,
+                weight: u32::try_from(share).unwrap_or(u32::MAX),
+                backend_ref: r.label.clone(),
+            }),
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn eps(n: u8) -> Vec<SocketAddr> {
+        (1..=n)
+            .map(|i| SocketAddr::from(([10, 0, 0, i], 80)))
+            .collect()
+    }
+
+    fn r(label: &str, weight: u32, target: Result<Vec<SocketAddr>, RefProblem>) -> ResolvedRef {
+        ResolvedRef {
+            label: label.into(),
+            weight,
+            target,
+        }
+    }
+
+    fn share(b: &[Backend], label: &str) -> u64 {
+        b.iter()
+            .filter(|x| x.backend_ref == label)
+            .map(|x| u64::from(x.weight))
+            .sum()
+    }
+
+    #[test]
+    fn weights_are_per_backend_ref_not_per_endpoint() {
+        let b = spread(&[r("a", 1, Ok(eps(10))), r("b", 1, Ok(eps(1)))]);
+        assert_eq!(b.len(), 11);
+        assert_eq!(share(&b, "a"), share(&b, "b"));
+        assert!(
+            b.iter()
+                .filter(|x| x.backend_ref == "a")
+                .all(|x| x.weight == 1)
+        );
+        assert_eq!(share(&b, "b"), 10);
+    }
+
+    #[test]
+    fn invalid_ref_keeps_its_share_and_zero_weight_gets_nothing() {
+        let bad = Err(RefProblem {
+            reason: reasons::BACKEND_NOT_FOUND,
+            message: String::new(),
+        });
+        let b = spread(&[
+            r("ok", 20, Ok(eps(3))),
+            r("bad", 80, bad),
+            r("zero", 0, Ok(eps(2))),
+        ]);
+        assert_eq!(share(&b, "zero"), 0);
+        assert!(b.iter().all(|x| x.backend_ref != "zero"));
+        let total: u64 = b.iter().map(|x| u64::from(x.weight)).sum();
+        assert_eq!(share(&b, "bad") * 100, total * 80);
+        assert_eq!(b.iter().filter(|x| x.addr.is_none()).count(), 1);
+    }
+
+    #[test]
+    fn no_ready_endpoint_is_rejected_share() {
+        let b = spread(&[r("empty", 1, Ok(vec![])), r("one", 1, Ok(eps(1)))]);
+        assert_eq!(b.len(), 2);
+        assert_eq!(b[0].addr, None);
+        assert_eq!(b[0].weight, b[1].weight);
+    }
+
+    #[test]
+    fn capped_scale_keeps_backend_ref_totals_exact() {
+        // lcm(7, 11, 13, 16) = 16016 > SCALE_CAP: scale falls back to 16.
+        let b = spread(&[
+            r("a", 1, Ok(eps(7))),
+            r("b", 1, Ok(eps(11))),
+            r("c", 1, Ok(eps(13))),
+            r("d", 1, Ok(eps(16))),
+        ]);
+        for l in ["a", "b", "c", "d"] {
+            assert_eq!(share(&b, l), 16, "{l}");
+        }
+        assert!(b.iter().all(|x| x.weight >= 1));
+    }
+
+    #[test]
+    fn huge_weights_fit_u32() {
+        let b = spread(&[r("a", 1_000_000, Ok(eps(250))), r("b", 999_999, Ok(eps(3)))]);
+        let total: u64 = b.iter().map(|x| u64::from(x.weight)).sum();
+        assert!(u32::try_from(total).is_ok());
+        assert!(b.iter().all(|x| x.weight >= 1));
+        assert!(b.len() <= MAX_BACKENDS_PER_LISTENER as usize);
+    }
+}

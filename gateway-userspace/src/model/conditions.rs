@@ -1,0 +1,77 @@
+//! Condition types and reasons, spelled exactly as the Gateway API defines them
+//! (`apis/v1/gateway_types.go`, `gatewayclass_types.go`, `shared_types.go`).
+//!
+//! Every condition sockgate writes uses one of these constants; no string literal for a
+//! type or reason appears anywhere else.
+
+/// Condition status `"True"`.
+pub const TRUE: &str = "True";
+/// Condition status `"False"`.
+pub const FALSE: &str = "False";
+
+/// Condition types.
+pub mod types {
+    /// GatewayClass, Gateway, listener and route: the object is valid and accepted.
+    pub const ACCEPTED: &str = "Accepted";
+    /// Gateway and listener: the configuration is in the data path.
+    pub const PROGRAMMED: &str = "Programmed";
+    /// Listener and route: every reference resolved.
+    pub const RESOLVED_REFS: &str = "ResolvedRefs";
+    /// Listener: it conflicts with another listener.
+    pub const CONFLICTED: &str = "Conflicted";
+    /// Route: some rules are valid, others were dropped.
+    pub const PARTIALLY_INVALID: &str = "PartiallyInvalid";
+}
+
+/// Condition reasons.
+pub mod reasons {
+    /// `Accepted=True` (GatewayClass, Gateway, listener, route).
+    pub const ACCEPTED: &str = "Accepted";
+    /// `Programmed=True` (Gateway, listener).
+    pub const PROGRAMMED: &str = "Programmed";
+    /// `ResolvedRefs=True` (listener, route).
+    pub const RESOLVED_REFS: &str = "ResolvedRefs";
+    /// `Conflicted=False` (listener).
+    pub const NO_CONFLICTS: &str = "NoConflicts";
+    /// `Programmed=False` (Gateway, listener): invalid configuration.
+    pub const INVALID: &str = "Invalid";
+    /// Gateway `Accepted`: one or more listeners are invalid.
+    pub const LISTENERS_NOT_VALID: &str = "ListenersNotValid";
+    /// Gateway `Accepted=False`: `spec.addresses` cannot be honoured.
+    pub const UNSUPPORTED_ADDRESS: &str = "UnsupportedAddress";
+    /// Listener `Accepted=False`: the protocol is not supported.
+    pub const UNSUPPORTED_PROTOCOL: &str = "UnsupportedProtocol";
+    /// Listener `Accepted=False` (and `Conflicted=True` between Gateways): the port is
+    /// taken or out of range.
+    pub const PORT_UNAVAILABLE: &str = "PortUnavailable";
+    /// Listener `Conflicted=True`: several listeners of one Gateway share a port.
+    pub const PROTOCOL_CONFLICT: &str = "ProtocolConflict";
+    /// Listener `ResolvedRefs=False`: `allowedRoutes.kinds` names a kind sockgate cannot
+    /// attach.
+    pub const INVALID_ROUTE_KINDS: &str = "InvalidRouteKinds";
+    /// Route `Accepted=False`: no listener of the parent allows the route.
+    pub const NOT_ALLOWED_BY_LISTENERS: &str = "NotAllowedByListeners";
+    /// Route `Accepted=False`: no listener matches `sectionName` / `port`.
+    pub const NO_MATCHING_PARENT: &str = "NoMatchingParent";
+    /// Route `PartiallyInvalid=True`: rules were dropped.
+    pub const UNSUPPORTED_VALUE: &str = "UnsupportedValue";
+    /// Route `ResolvedRefs=False`: a backendRef names a missing Service or port.
+    pub const BACKEND_NOT_FOUND: &str = "BackendNotFound";
+    /// Route `ResolvedRefs=False`: a cross-namespace backendRef without a ReferenceGrant.
+    pub const REF_NOT_PERMITTED: &str = "RefNotPermitted";
+    /// Route `ResolvedRefs=False`: a backendRef that is not a core Service.
+    pub const INVALID_KIND: &str = "InvalidKind";
+}
+
+/// The Gateway API group.
+pub const GATEWAY_GROUP: &str = "gateway.networking.k8s.io";
+/// Kind `Gateway`.
+pub const KIND_GATEWAY: &str = "Gateway";
+/// Kind `TCPRoute`.
+pub const KIND_TCP_ROUTE: &str = "TCPRoute";
+/// Kind `Service` (core group, `""`).
+pub const KIND_SERVICE: &str = "Service";
+/// The label that ties an EndpointSlice to its Service.
+pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+/// The default `controllerName` of sockgate's GatewayClasses.
+pub const DEFAULT_CONTROLLER_NAME: &str = "sockgate.dev/gateway-controller";

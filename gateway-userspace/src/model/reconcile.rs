@@ -1,0 +1,742 @@
+//! The Gateway API rules: which listeners are served, which routes attach where, which
+//! backends carry traffic, and the status every object of sockgate's GatewayClasses
+//! gets. Pure: no I/O, no clock; the same snapshot in any order gives the same result.
+use std::collections::{BTreeMap, BTreeSet};
+
+use gateway_api::experimental::{
+    gatewayclasses::{GatewayClass, GatewayClassStatus},
+    gateways::{
+        Gateway, GatewayListeners, GatewayListenersAllowedRoutesNamespacesFrom,
+        GatewayListenersAllowedRoutesNamespacesSelector, GatewayStatus, GatewayStatusListeners,
+        GatewayStatusListenersSupportedKinds,
+    },
+    tcproutes::{
+        TcpRouteParentRefs, TcpRouteStatus, TcpRouteStatusParents, TcpRouteStatusParentsParentRef,
+    },
+};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, ObjectMeta, Time};
+use tracing::instrument;
+
+use super::{
+    backends::{Backends, ResolvedRef, spread},
+    conditions::{FALSE, GATEWAY_GROUP, KIND_GATEWAY, KIND_TCP_ROUTE, TRUE, reasons, types},
+    snapshot::{ObjectKey, Params, Snapshot, TcpRouteObject, generation_of, namespace_of},
+};
+use crate::desired::{DesiredState, Listener};
+
+/// The status sockgate writes, by object. Objects absent here are not written.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct StatusSet {
+    /// GatewayClasses with sockgate's `controllerName`.
+    pub gateway_classes: BTreeMap<String, GatewayClassStatus>,
+    /// Gateways of those classes.
+    pub gateways: BTreeMap<ObjectKey, GatewayStatus>,
+    /// TCPRoutes with a parentRef to such a Gateway: only the `status.parents` entries
+    /// of those parentRefs (entries of other controllers are theirs).
+    pub tcp_routes: BTreeMap<ObjectKey, TcpRouteStatus>,
+}
+
+/// Age order: `creationTimestamp` (absent first), then namespace/name.
+type AgeKey = (Option<k8s_openapi::jiff::Timestamp>, ObjectKey);
+
+fn age(meta: &ObjectMeta, namespaced: bool) -> AgeKey {
+    (
+        meta.creation_timestamp.as_ref().map(|t| t.0),
+        ObjectKey::of(meta, namespaced),
+    )
+}
+
+struct Cond<'a> {
+    now: &'a Time,
+    generation: i64,
+}
+
+impl Cond<'_> {
+    fn make(&self, type_: &str, ok: bool, reason: &str, message: impl Into<String>) -> Condition {
+        Condition {
+            last_transition_time: self.now.clone(),
+            message: message.into(),
+            observed_generation: Some(self.generation),
+            reason: reason.to_owned(),
+            status: if ok { TRUE } else { FALSE }.to_owned(),
+            type_: type_.to_owned(),
+        }
+    }
+}
+
+/// Why a listener is not served.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Conflict {
+    /// Another listener of the same Gateway has the same port.
+    SameGateway,
+    /// An older Gateway's listener holds the port.
+    OtherGateway(String),
+}
+
+/// One listener of one of sockgate's Gateways, evaluated.
+struct ListenerEval<'a> {
+    spec: &'a GatewayListeners,
+    gateway: ObjectKey,
+    port: Option<u16>,
+    tcp: bool,
+    conflict: Option<Conflict>,
+    /// `allowedRoutes.kinds` entries sockgate supports (TCPRoute), as written.
+    supported_kinds: Vec<GatewayStatusListenersSupportedKinds>,
+    /// Kinds named in `allowedRoutes.kinds` that sockgate cannot attach.
+    invalid_kinds: Vec<String>,
+    /// Routes attached (Accepted) to this listener, in age order.
+    attached: BTreeSet<AgeKey>,
+}
+
+impl ListenerEval<'_> {
+    /// `Accepted=True`: TCP, a valid port, no conflict.
+    fn accepted(&self) -> bool {
+        self.tcp && self.port.is_some() && self.conflict.is_none()
+    }
+
+    /// Why the listener is not accepted (the `Accepted=False` reason and message).
+    fn rejection(&self) -> Option<(&'static str, String)> {
+        let port = self.spec.port;
+        if !self.tcp {
+            Some((
+                reasons::UNSUPPORTED_PROTOCOL,
+                format!(
+                    "protocol {} is not supported; sockgate serves TCP listeners only",
+                    self.spec.protocol
+                ),
+            ))
+        } else if self.port.is_none() {
+            Some((
+                reasons::PORT_UNAVAILABLE,
+                format!("port {port} is out of range 1-65535"),
+            ))
+        } else {
+            match &self.conflict {
+                Some(Conflict::SameGateway) => Some((
+                    reasons::PORT_UNAVAILABLE,
+                    format!("port {port} is used by another listener of this Gateway"),
+                )),
+                Some(Conflict::OtherGateway(holder)) => Some((
+                    reasons::PORT_UNAVAILABLE,
+                    format!(
+                        "port {port} is already served by listener {holder} of an older Gateway on this node"
+                    ),
+                )),
+                None => None,
+            }
+        }
+    }
+}
+
+struct GatewayEval<'a> {
+    gw: &'a Gateway,
+    key: ObjectKey,
+    /// `spec.addresses` is set: sockgate serves on the node's own addresses only.
+    addresses_unsupported: bool,
+    listeners: Vec<ListenerEval<'a>>,
+    /// Names given to more than one listener (only the first is evaluated).
+    duplicate_names: Vec<String>,
+}
+
+impl GatewayEval<'_> {
+    fn serves(&self, l: &ListenerEval<'_>) -> bool {
+        !self.addresses_unsupported && l.accepted()
+    }
+}
+
+/// Computes the desired data path state and the status of every object of sockgate's
+/// GatewayClasses.
+#[instrument(skip_all, fields(controller = %params.controller_name))]
+pub fn reconcile(snap: &Snapshot, params: &Params) -> (DesiredState, StatusSet) {
+    let mut status = StatusSet::default();
+    let ours = our_classes(&snap.gateway_classes, params, &mut status);
+
+    let mut gateways: Vec<&Gateway> = snap
+        .gateways
+        .iter()
+        .filter(|g| ours.contains(&g.spec.gateway_class_name))
+        .collect();
+    gateways.sort_by_cached_key(|g| age(&g.metadata, true));
+    gateways.dedup_by_key(|g| ObjectKey::of(&g.metadata, true));
+    let mut evals: Vec<GatewayEval<'_>> = gateways.iter().map(|g| evaluate_gateway(g)).collect();
+    allocate_ports(&mut evals);
+
+    let labels = namespace_labels(snap);
+    let backends = Backends::new(
+        &snap.services,
+        &snap.endpoint_slices,
+        &snap.reference_grants,
+    );
+    let mut routes: Vec<&TcpRouteObject> = snap.tcp_routes.iter().collect();
+    routes.sort_by_cached_key(|r| age(&r.route.metadata, true));
+    routes.dedup_by_key(|r| ObjectKey::of(&r.route.metadata, true));
+    let mut resolved: BTreeMap<ObjectKey, Vec<ResolvedRef>> = BTreeMap::new();
+    for r in &routes {
+        if let Some((key, st, refs)) = attach_route(r, &mut evals, &labels, &backends, params) {
+            resolved.insert(key.clone(), refs);
+            status.tcp_routes.insert(key, st);
+        }
+    }
+
+    let mut desired = DesiredState::default();
+    for g in &evals {
+        for l in &g.listeners {
+            let Some(port) = l.port.filter(|_| g.serves(l)) else {
+                continue;
+            };
+            let winner = l.attached.iter().next().map(|(_, k)| k);
+            let backends = winner
+                .and_then(|k| resolved.get(k))
+                .map(|refs| spread(refs))
+                .unwrap_or_default();
+            desired.listeners.insert(
+                port,
+                Listener {
+                    port,
+                    origin: format!("{}/{}", g.key, l.spec.name),
+                    route: winner.map(ToString::to_string),
+                    backends,
+                },
+            );
+        }
+        status
+            .gateways
+            .insert(g.key.clone(), gateway_status(g, &params.now));
+    }
+    (desired, status)
+}
+
+fn our_classes(
+    classes: &[GatewayClass],
+    params: &Params,
+    status: &mut StatusSet,
+) -> BTreeSet<String> {
+    let mut ours = BTreeSet::new();
+    for c in classes {
+        if c.spec.controller_name != params.controller_name {
+            continue;
+        }
+        let name = c.metadata.name.clone().unwrap_or_default();
+        let cond = Cond {
+            now: &params.now,
+            generation: generation_of(&c.metadata),
+        };
+        status.gateway_classes.insert(
+            name.clone(),
+            GatewayClassStatus {
+                conditions: Some(vec![cond.make(
+                    types::ACCEPTED,
+                    true,
+                    reasons::ACCEPTED,
+                    format!("handled by {}", params.controller_name),
+                )]),
+                supported_features: None,
+            },
+        );
+        ours.insert(name);
+    }
+    ours
+}
+
+fn evaluate_gateway(gw: &Gateway) -> GatewayEval<'_> {
+    let key = ObjectKey::of(&gw.metadata, true);
+    let mut seen = BTreeSet::new();
+    let mut duplicate_names = Vec::new();
+    let mut listeners = Vec::new();
+    for l in &gw.spec.listeners {
+        if !seen.insert(l.name.as_str()) {
+            duplicate_names.push(l.name.clone());
+            continue;
+        }
+        let tcp = l.protocol == "TCP";
+        let (supported_kinds, invalid_kinds) = route_kinds(l, tcp);
+        listeners.push(ListenerEval {
+            spec: l,
+            gateway: key.clone(),
+            port: u16::try_from(l.port).ok().filter(|&p| p != 0),
+            tcp,
+            conflict: None,
+            supported_kinds,
+            invalid_kinds,
+            attached: BTreeSet::new(),
+        });
+    }
+    let mut by_port: BTreeMap<u16, usize> = BTreeMap::new();
+    for l in &listeners {
+        if let Some(p) = l.port {
+            *by_port.entry(p).or_default() += 1;
+        }
+    }
+    for l in &mut listeners {
+        if l.port.is_some_and(|p| by_port[&p] > 1) {
+            l.conflict = Some(Conflict::SameGateway);
+        }
+    }
+    GatewayEval {
+        gw,
+        key,
+        addresses_unsupported: gw.spec.addresses.as_ref().is_some_and(|a| !a.is_empty()),
+        listeners,
+        duplicate_names,
+    }
+}
+
+/// `supportedKinds` and the unsupported entries of `allowedRoutes.kinds`.
+fn route_kinds(
+    l: &GatewayListeners,
+    tcp: bool,
+) -> (Vec<GatewayStatusListenersSupportedKinds>, Vec<String>) {
+    let tcp_route = || GatewayStatusListenersSupportedKinds {
+        group: Some(GATEWAY_GROUP.to_owned()),
+        kind: KIND_TCP_ROUTE.to_owned(),
+    };
+    if !tcp {
+        return (Vec::new(), Vec::new());
+    }
+    let kinds = l
+        .allowed_routes
+        .as_ref()
+        .and_then(|a| a.kinds.as_ref())
+        .filter(|k| !k.is_empty());
+    let Some(kinds) = kinds else {
+        return (vec![tcp_route()], Vec::new());
+    };
+    let mut ok = Vec::new();
+    let mut bad = Vec::new();
+    for k in kinds {
+        let group = k.group.as_deref().unwrap_or(GATEWAY_GROUP);
+        if group == GATEWAY_GROUP && k.kind == KIND_TCP_ROUTE {
+            if ok.is_empty() {
+                ok.push(tcp_route());
+            }
+        } else {
+            bad.push(format!("{group}/{}", k.kind));
+        }
+    }
+    (ok, bad)
+}
+
+/// Every Gateway of sockgate's classes is served on this node: a port belongs to the
+/// oldest Gateway that asks for it; the listeners of younger Gateways on that port lose.
+fn allocate_ports(evals: &mut [GatewayEval<'_>]) {
+    let mut holders: BTreeMap<u16, String> = BTreeMap::new();
+    for g in evals.iter_mut() {
+        if g.addresses_unsupported {
+            continue;
+        }
+        for l in &mut g.listeners {
+            let Some(port) = l.port.filter(|_| l.tcp && l.conflict.is_none()) else {
+                continue;
+            };
+            match holders.get(&port) {
+                Some(holder) => l.conflict = Some(Conflict::OtherGateway(holder.clone())),
+                None => {
+                    holders.insert(port, format!("{}/{}", l.gateway, l.spec.name));
+                }
+            }
+        }
+    }
+}
+
+fn namespace_labels(snap: &Snapshot) -> BTreeMap<String, BTreeMap<String, String>> {
+    let mut out = BTreeMap::new();
+    for n in &snap.namespaces {
+        let name = n.metadata.name.clone().unwrap_or_default();
+        let mut labels = n.metadata.labels.clone().unwrap_or_default();
+        labels.insert("kubernetes.io/metadata.name".into(), name.clone());
+        out.insert(name, labels);
+    }
+    out
+}
+
+fn selector_matches(
+    sel: &GatewayListenersAllowedRoutesNamespacesSelector,
+    labels: &BTreeMap<String, String>,
+) -> bool {
+    let by_labels = sel
+        .match_labels
+        .iter()
+        .flatten()
+        .all(|(k, v)| labels.get(k) == Some(v));
+    let by_exprs = sel.match_expressions.iter().flatten().all(|e| {
+        let values = e.values.as_deref().unwrap_or_default();
+        let have = labels.get(&e.key);
+        match e.operator.as_str() {
+            "In" => have.is_some_and(|v| values.contains(v)),
+            "NotIn" => have.is_none_or(|v| !values.contains(v)),
+            "Exists" => have.is_some(),
+            "DoesNotExist" => have.is_none(),
+            _ => false,
+        }
+    });
+    by_labels && by_exprs
+}
+
+/// Whether `l` admits routes from `route_ns`, and if not, why.
+fn namespace_allowed(
+    l: &ListenerEval<'_>,
+    route_ns: &str,
+    labels: &BTreeMap<String, BTreeMap<String, String>>,
+) -> Result<(), String> {
+    let ns = l
+        .spec
+        .allowed_routes
+        .as_ref()
+        .and_then(|a| a.namespaces.as_ref());
+    let from = ns.and_then(|n| n.from.clone());
+    match from.unwrap_or(GatewayListenersAllowedRoutesNamespacesFrom::Same) {
+        GatewayListenersAllowedRoutesNamespacesFrom::All => Ok(()),
+        GatewayListenersAllowedRoutesNamespacesFrom::Same => {
+            if route_ns == l.gateway.namespace {
+                Ok(())
+            } else {
+                Err(format!(
+                    "listener {} admits routes from namespace {} only",
+                    l.spec.name, l.gateway.namespace
+                ))
+            }
+        }
+        GatewayListenersAllowedRoutesNamespacesFrom::Selector => {
+            let default = BTreeMap::from([(
+                "kubernetes.io/metadata.name".to_owned(),
+                route_ns.to_owned(),
+            )]);
+            let have = labels.get(route_ns).unwrap_or(&default);
+            match ns.and_then(|n| n.selector.as_ref()) {
+                Some(sel) if selector_matches(sel, have) => Ok(()),
+                _ => Err(format!(
+                    "namespace {route_ns} does not match the namespace selector of listener {}",
+                    l.spec.name
+                )),
+            }
+        }
+    }
+}
+
+fn normalized_parent_ref(p: &TcpRouteParentRefs, route_ns: &str) -> TcpRouteStatusParentsParentRef {
+    TcpRouteStatusParentsParentRef {
+        group: Some(p.group.clone().unwrap_or_else(|| GATEWAY_GROUP.to_owned())),
+        kind: Some(p.kind.clone().unwrap_or_else(|| KIND_GATEWAY.to_owned())),
+        name: p.name.clone(),
+        namespace: Some(p.namespace.clone().unwrap_or_else(|| route_ns.to_owned())),
+        port: p.port,
+        section_name: p.section_name.clone(),
+    }
+}
+
+/// The route's backendRefs resolved, its `ResolvedRefs` condition and, when it has
+/// several rules, its `PartiallyInvalid` condition.
+fn route_backends(
+    r: &TcpRouteObject,
+    backends: &Backends<'_>,
+    cond: &Cond<'_>,
+) -> (Vec<ResolvedRef>, Condition, Option<Condition>) {
+    let route_ns = namespace_of(&r.route.metadata);
+    let rules = &r.route.spec.rules;
+    let refs: Vec<ResolvedRef> = rules
+        .first()
+        .map(|rule| {
+            rule.backend_refs
+                .iter()
+                .map(|b| backends.resolve(route_ns, b))
+                .collect()
+        })
+        .unwrap_or_default();
+    let problems: Vec<_> = refs
+        .iter()
+        .filter_map(|r| r.target.as_ref().err())
+        .collect();
+    let resolved_refs = match problems.first() {
+        None => cond.make(
+            types::RESOLVED_REFS,
+            true,
+            reasons::RESOLVED_REFS,
+            "all backendRefs resolved",
+        ),
+        Some(first) => cond.make(
+            types::RESOLVED_REFS,
+            false,
+            first.reason,
+            problems
+                .iter()
+                .map(|p| p.message.as_str())
+                .collect::<Vec<_>>()
+                .join("; "),
+        ),
+    };
+    let partially_invalid = (rules.len() > 1).then(|| {
+        cond.make(
+            types::PARTIALLY_INVALID,
+            true,
+            reasons::UNSUPPORTED_VALUE,
+            format!(
+                "only the first of {} rules is served, the rest are dropped (TCPRoute rules have no match to choose between them)",
+                rules.len()
+            ),
+        )
+    });
+    (refs, resolved_refs, partially_invalid)
+}
+
+/// Attaches the route to the listeners of `g` that parentRef `p` selects and allow it;
+/// returns the parentRef's `Accepted` condition.
+fn attach_to_parent(
+    p: &TcpRouteParentRefs,
+    g: &mut GatewayEval<'_>,
+    route: (&AgeKey, &str),
+    labels: &BTreeMap<String, BTreeMap<String, String>>,
+    cond: &Cond<'_>,
+) -> Condition {
+    let (route_age, route_ns) = route;
+    let matched: Vec<usize> = g
+        .listeners
+        .iter()
+        .enumerate()
+        .filter(|(_, l)| {
+            p.section_name.as_ref().is_none_or(|s| *s == l.spec.name)
+                && p.port.is_none_or(|port| port == l.spec.port)
+        })
+        .map(|(i, _)| i)
+        .collect();
+    if matched.is_empty() {
+        return cond.make(
+            types::ACCEPTED,
+            false,
+            reasons::NO_MATCHING_PARENT,
+            format!(
+                "Gateway {} has no listener matching{}{}",
+                g.key,
+                p.section_name
+                    .as_ref()
+                    .map_or_else(String::new, |s| format!(" sectionName {s}")),
+                p.port.map_or_else(String::new, |n| format!(" port {n}")),
+            ),
+        );
+    }
+    let mut why = Vec::new();
+    let mut allowed = Vec::new();
+    for &i in &matched {
+        let l = &g.listeners[i];
+        if g.addresses_unsupported {
+            why.push(format!("Gateway {} is not accepted", g.key));
+        } else if let Some((_, msg)) = l.rejection() {
+            why.push(format!("listener {} is not accepted: {msg}", l.spec.name));
+        } else if l.supported_kinds.is_empty() {
+            why.push(format!(
+                "listener {} does not allow kind TCPRoute",
+                l.spec.name
+            ));
+        } else if let Err(e) = namespace_allowed(l, route_ns, labels) {
+            why.push(e);
+        } else {
+            allowed.push(i);
+        }
+    }
+    if allowed.is_empty() {
+        return cond.make(
+            types::ACCEPTED,
+            false,
+            reasons::NOT_ALLOWED_BY_LISTENERS,
+            why.join("; "),
+        );
+    }
+    let mut names = Vec::new();
+    for &i in &allowed {
+        g.listeners[i].attached.insert(route_age.clone());
+        names.push(g.listeners[i].spec.name.as_str());
+    }
+    cond.make(
+        types::ACCEPTED,
+        true,
+        reasons::ACCEPTED,
+        format!("attached to listener(s) {}", names.join(", ")),
+    )
+}
+
+/// Attaches one route to the listeners its parentRefs select; returns its status and
+/// resolved backendRefs when at least one parentRef is one of sockgate's Gateways.
+fn attach_route(
+    r: &TcpRouteObject,
+    evals: &mut [GatewayEval<'_>],
+    labels: &BTreeMap<String, BTreeMap<String, String>>,
+    backends: &Backends<'_>,
+    params: &Params,
+) -> Option<(ObjectKey, TcpRouteStatus, Vec<ResolvedRef>)> {
+    let meta = &r.route.metadata;
+    let route_age = age(meta, true);
+    let route_ns = namespace_of(meta);
+    let cond = Cond {
+        now: &params.now,
+        generation: generation_of(meta),
+    };
+    let (refs, resolved_refs, partially_invalid) = route_backends(r, backends, &cond);
+    let mut parents = Vec::new();
+    for p in r.route.spec.parent_refs.iter().flatten() {
+        let group = p.group.as_deref().unwrap_or(GATEWAY_GROUP);
+        let kind = p.kind.as_deref().unwrap_or(KIND_GATEWAY);
+        if group != GATEWAY_GROUP || kind != KIND_GATEWAY {
+            continue;
+        }
+        let gw_key = ObjectKey {
+            namespace: p.namespace.clone().unwrap_or_else(|| route_ns.to_owned()),
+            name: p.name.clone(),
+        };
+        let Some(g) = evals.iter_mut().find(|g| g.key == gw_key) else {
+            continue;
+        };
+        let accepted = attach_to_parent(p, g, (&route_age, route_ns), labels, &cond);
+        let mut conditions = vec![accepted, resolved_refs.clone()];
+        conditions.extend(partially_invalid.clone());
+        conditions.sort_by(|a, b| a.type_.cmp(&b.type_));
+        parents.push(TcpRouteStatusParents {
+            conditions,
+            controller_name: params.controller_name.clone(),
+            parent_ref: normalized_parent_ref(p, route_ns),
+        });
+    }
+    (!parents.is_empty()).then_some((route_age.1, TcpRouteStatus { parents }, refs))
+}
+
+fn listener_status(
+    g: &GatewayEval<'_>,
+    l: &ListenerEval<'_>,
+    cond: &Cond<'_>,
+) -> GatewayStatusListeners {
+    let port = l.spec.port;
+    let accepted = match l.rejection() {
+        Some((reason, msg)) => cond.make(types::ACCEPTED, false, reason, msg),
+        None => cond.make(
+            types::ACCEPTED,
+            true,
+            reasons::ACCEPTED,
+            "listener accepted",
+        ),
+    };
+    let conflicted = match &l.conflict {
+        Some(Conflict::SameGateway) => cond.make(
+            types::CONFLICTED,
+            true,
+            reasons::PROTOCOL_CONFLICT,
+            format!("another listener of this Gateway uses port {port}"),
+        ),
+        Some(Conflict::OtherGateway(holder)) => cond.make(
+            types::CONFLICTED,
+            true,
+            reasons::PORT_UNAVAILABLE,
+            format!("port {port} is held by listener {holder}"),
+        ),
+        None => cond.make(
+            types::CONFLICTED,
+            false,
+            reasons::NO_CONFLICTS,
+            "no conflicts",
+        ),
+    };
+    let resolved = if l.invalid_kinds.is_empty() {
+        cond.make(
+            types::RESOLVED_REFS,
+            true,
+            reasons::RESOLVED_REFS,
+            "all references resolved",
+        )
+    } else {
+        cond.make(
+            types::RESOLVED_REFS,
+            false,
+            reasons::INVALID_ROUTE_KINDS,
+            format!("unsupported route kinds: {}", l.invalid_kinds.join(", ")),
+        )
+    };
+    let programmed = if g.serves(l) {
+        cond.make(
+            types::PROGRAMMED,
+            true,
+            reasons::PROGRAMMED,
+            format!("serving TCP port {port}"),
+        )
+    } else {
+        let why = if g.addresses_unsupported {
+            "the Gateway is not accepted"
+        } else {
+            "the listener is not accepted"
+        };
+        cond.make(types::PROGRAMMED, false, reasons::INVALID, why)
+    };
+    GatewayStatusListeners {
+        attached_routes: i32::try_from(l.attached.len()).unwrap_or(i32::MAX),
+        conditions: vec![accepted, conflicted, programmed, resolved],
+        name: l.spec.name.clone(),
+        supported_kinds: Some(l.supported_kinds.clone()),
+    }
+}
+
+fn gateway_status(g: &GatewayEval<'_>, now: &Time) -> GatewayStatus {
+    let cond = Cond {
+        now,
+        generation: generation_of(&g.gw.metadata),
+    };
+    let listeners: Vec<GatewayStatusListeners> = g
+        .listeners
+        .iter()
+        .map(|l| listener_status(g, l, &cond))
+        .collect();
+    let served = g.listeners.iter().filter(|l| g.serves(l)).count();
+    let all_valid = g.duplicate_names.is_empty()
+        && g.listeners
+            .iter()
+            .all(|l| g.serves(l) && l.invalid_kinds.is_empty());
+    let accepted = if g.addresses_unsupported {
+        cond.make(
+            types::ACCEPTED,
+            false,
+            reasons::UNSUPPORTED_ADDRESS,
+            "spec.addresses is not supported: sockgate listens on the node's addresses",
+        )
+    } else if all_valid {
+        cond.make(types::ACCEPTED, true, reasons::ACCEPTED, "Gateway accepted")
+    } else {
+        let mut msg = Vec::new();
+        if !g.duplicate_names.is_empty() {
+            msg.push(format!(
+                "duplicate listener names (only the first is used): {}",
+                g.duplicate_names.join(", ")
+            ));
+        }
+        let invalid: Vec<&str> = g
+            .listeners
+            .iter()
+            .filter(|l| !(g.serves(l) && l.invalid_kinds.is_empty()))
+            .map(|l| l.spec.name.as_str())
+            .collect();
+        if !invalid.is_empty() {
+            msg.push(format!("invalid listeners: {}", invalid.join(", ")));
+        }
+        cond.make(
+            types::ACCEPTED,
+            served > 0,
+            reasons::LISTENERS_NOT_VALID,
+            msg.join("; "),
+        )
+    };
+    let programmed = if accepted.status == TRUE {
+        cond.make(
+            types::PROGRAMMED,
+            true,
+            reasons::PROGRAMMED,
+            format!("{served} listener(s) programmed"),
+        )
+    } else {
+        cond.make(
+            types::PROGRAMMED,
+            false,
+            reasons::INVALID,
+            "no listener programmed",
+        )
+    };
+    GatewayStatus {
+        addresses: None,
+        attached_listener_sets: None,
+        conditions: Some(vec![accepted, programmed]),
+        listeners: Some(listeners),
+    }
+}

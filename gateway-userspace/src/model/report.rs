@@ -1,0 +1,155 @@
+//! What `sockgate check` prints: for every GatewayClass, Gateway and TCPRoute of the
+//! input, its identity and the status sockgate would write, then the programmed
+//! listener/backend table.
+use serde::Serialize;
+
+use super::{
+    reconcile::StatusSet,
+    snapshot::{ObjectKey, Snapshot},
+};
+use crate::desired::DesiredState;
+
+/// The whole report.
+#[derive(Clone, Debug, Serialize)]
+pub struct Report {
+    /// GatewayClasses, then Gateways, then TCPRoutes, each by namespace/name.
+    pub objects: Vec<ObjectReport>,
+    /// The listeners sockgate would serve, by port.
+    pub programmed: Vec<ProgrammedListener>,
+}
+
+/// One object and its computed status.
+#[derive(Clone, Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ObjectReport {
+    /// `apiVersion` as read.
+    pub api_version: String,
+    /// `kind`.
+    pub kind: String,
+    /// `metadata.name` and `metadata.namespace`.
+    pub metadata: ReportMeta,
+    /// The status sockgate writes; absent when the object is not sockgate's.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub status: Option<serde_json::Value>,
+}
+
+/// Name and namespace.
+#[derive(Clone, Debug, Serialize)]
+pub struct ReportMeta {
+    /// `metadata.name`.
+    pub name: String,
+    /// `metadata.namespace` (defaulted), absent for cluster-scoped objects.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
+}
+
+/// One programmed listener.
+#[derive(Clone, Debug, Serialize)]
+pub struct ProgrammedListener {
+    /// TCP port.
+    pub port: u16,
+    /// `namespace/gateway/listener`.
+    pub listener: String,
+    /// The route carrying traffic (`namespace/name`); absent: connections are rejected.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub route: Option<String>,
+    /// Data path entries, in `GW_BACKENDS` index order.
+    pub backends: Vec<ProgrammedBackend>,
+}
+
+/// One `GW_BACKENDS` entry.
+#[derive(Clone, Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ProgrammedBackend {
+    /// The backendRef it comes from (`namespace/service:port`).
+    pub backend_ref: String,
+    /// Endpoint `address:port`; absent for an invalid backendRef.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub address: Option<String>,
+    /// `true` when connections picked for this entry are rejected.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub reject: bool,
+    /// Integer weight in the data path.
+    pub weight: u32,
+}
+
+fn meta(key: ObjectKey) -> ReportMeta {
+    ReportMeta {
+        name: key.name,
+        namespace: (!key.namespace.is_empty()).then_some(key.namespace),
+    }
+}
+
+fn to_value<T: Serialize>(v: &T) -> Option<serde_json::Value> {
+    serde_json::to_value(v).ok()
+}
+
+/// Builds the report of a reconciled snapshot.
+pub fn build(snap: &Snapshot, desired: &DesiredState, status: &StatusSet) -> Report {
+    let mut classes: Vec<_> = snap
+        .gateway_classes
+        .iter()
+        .map(|c| ObjectKey::of(&c.metadata, false))
+        .collect();
+    classes.sort();
+    let mut gateways: Vec<_> = snap
+        .gateways
+        .iter()
+        .map(|g| ObjectKey::of(&g.metadata, true))
+        .collect();
+    gateways.sort();
+    let mut routes: Vec<_> = snap
+        .tcp_routes
+        .iter()
+        .map(|r| (ObjectKey::of(&r.route.metadata, true), r.version))
+        .collect();
+    routes.sort();
+    let mut objects = Vec::new();
+    for k in classes {
+        objects.push(ObjectReport {
+            api_version: "gateway.networking.k8s.io/v1".into(),
+            kind: "GatewayClass".into(),
+            status: status.gateway_classes.get(&k.name).and_then(to_value),
+            metadata: meta(k),
+        });
+    }
+    for k in gateways {
+        objects.push(ObjectReport {
+            api_version: "gateway.networking.k8s.io/v1".into(),
+            kind: "Gateway".into(),
+            status: status.gateways.get(&k).and_then(to_value),
+            metadata: meta(k),
+        });
+    }
+    for (k, version) in routes {
+        objects.push(ObjectReport {
+            api_version: version.api_version().into(),
+            kind: "TCPRoute".into(),
+            status: status.tcp_routes.get(&k).and_then(to_value),
+            metadata: meta(k),
+        });
+    }
+    let programmed = desired
+        .listeners
+        .values()
+        .map(|l| ProgrammedListener {
+            port: l.port,
+            listener: l.origin.clone(),
+            route: l.route.clone(),
+            backends: l
+                .backends
+                .iter()
+                .map(|b| ProgrammedBackend {
+                    backend_ref: b.backend_ref.clone(),
+                    address: b.addr.map(|a| a.to_string()),
+                    reject: b.addr.is_none(),
+                    weight: b.weight,
+                })
+                .collect(),
+        })
+        .collect();
+    Report {
+        objects,
+        programmed,
+    }
+}

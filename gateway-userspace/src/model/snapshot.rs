@@ -1,0 +1,122 @@
+//! The input of [`reconcile`](super::reconcile): every object the model reads, as the
+//! generated Gateway API and Kubernetes types, plus the parameters that are not objects
+//! (controller name, current time).
+use std::fmt;
+
+use gateway_api::experimental::{
+    gatewayclasses::GatewayClass, gateways::Gateway, referencegrants::ReferenceGrant,
+    tcproutes::TcpRoute,
+};
+use k8s_openapi::{
+    api::{core::v1::Namespace, core::v1::Service, discovery::v1::EndpointSlice},
+    apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time},
+};
+use serde::Serialize;
+
+/// The served version a TCPRoute was read in.
+///
+/// Both have the same schema; `v1` allows exactly one rule. A `v1` route is held in
+/// the crate's `v1alpha2` type (the `gateway-api` crate has no `v1` TCPRoute type).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum TcpRouteVersion {
+    /// `gateway.networking.k8s.io/v1alpha2` (experimental channel, up to 16 rules).
+    #[default]
+    V1alpha2,
+    /// `gateway.networking.k8s.io/v1` (Gateway API 1.6 and later, exactly one rule).
+    V1,
+}
+
+impl TcpRouteVersion {
+    /// The `apiVersion` string.
+    pub fn api_version(self) -> &'static str {
+        match self {
+            Self::V1alpha2 => "gateway.networking.k8s.io/v1alpha2",
+            Self::V1 => "gateway.networking.k8s.io/v1",
+        }
+    }
+}
+
+/// A TCPRoute and the version it was read in.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TcpRouteObject {
+    /// The served version.
+    pub version: TcpRouteVersion,
+    /// The route.
+    pub route: TcpRoute,
+}
+
+/// Every object reconcile reads. Order does not matter: reconcile sorts.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Snapshot {
+    /// GatewayClasses (cluster-scoped).
+    pub gateway_classes: Vec<GatewayClass>,
+    /// Gateways.
+    pub gateways: Vec<Gateway>,
+    /// TCPRoutes, `v1alpha2` and `v1`.
+    pub tcp_routes: Vec<TcpRouteObject>,
+    /// ReferenceGrants.
+    pub reference_grants: Vec<ReferenceGrant>,
+    /// Namespaces (their labels feed `allowedRoutes.namespaces.selector`).
+    pub namespaces: Vec<Namespace>,
+    /// Services.
+    pub services: Vec<Service>,
+    /// EndpointSlices (tied to Services by the `kubernetes.io/service-name` label).
+    pub endpoint_slices: Vec<EndpointSlice>,
+}
+
+/// What reconcile needs besides the objects.
+#[derive(Clone, Debug)]
+pub struct Params {
+    /// The `controllerName` of the GatewayClasses sockgate implements.
+    pub controller_name: String,
+    /// `lastTransitionTime` of the conditions written.
+    pub now: Time,
+}
+
+/// Namespace and name of an object (`namespace` empty for cluster-scoped objects).
+#[derive(Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+pub struct ObjectKey {
+    /// Namespace, `""` for cluster-scoped objects.
+    pub namespace: String,
+    /// Name.
+    pub name: String,
+}
+
+impl ObjectKey {
+    /// The key of an object from its metadata; a missing namespace is `default` for
+    /// namespaced objects.
+    pub fn of(meta: &ObjectMeta, namespaced: bool) -> Self {
+        Self {
+            namespace: if namespaced {
+                namespace_of(meta).to_owned()
+            } else {
+                String::new()
+            },
+            name: meta.name.clone().unwrap_or_default(),
+        }
+    }
+}
+
+impl fmt::Display for ObjectKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.namespace.is_empty() {
+            f.write_str(&self.name)
+        } else {
+            write!(f, "{}/{}", self.namespace, self.name)
+        }
+    }
+}
+
+/// The namespace of a namespaced object, `default` when unset.
+pub fn namespace_of(meta: &ObjectMeta) -> &str {
+    meta.namespace
+        .as_deref()
+        .filter(|n| !n.is_empty())
+        .unwrap_or("default")
+}
+
+/// `metadata.generation`, 1 when unset (an object read from a file is at its first
+/// generation).
+pub fn generation_of(meta: &ObjectMeta) -> i64 {
+    meta.generation.unwrap_or(1)
+}

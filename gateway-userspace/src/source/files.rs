@@ -1,0 +1,193 @@
+//! The file source: a directory of Kubernetes YAML (`*.yaml`, `*.yml`), re-read when a
+//! file changes, fed to the same [`reconcile`] as the cluster would be. When the
+//! directory stops parsing, the error names the file and line, and the last good
+//! desired state keeps serving.
+use std::{
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::{Duration, SystemTime},
+};
+
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info};
+
+use super::manifest::{self, ManifestError};
+use crate::{
+    desired::DesiredState,
+    model::{Snapshot, StatusSet, reconcile},
+};
+
+/// The directory cannot be read or does not parse.
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    /// A directory or file cannot be read.
+    #[error("reading {}: {source}", path.display())]
+    Io {
+        /// The path.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A manifest does not parse.
+    #[error(transparent)]
+    Manifest(#[from] ManifestError),
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> SourceError + '_ {
+    move |source| SourceError::Io {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+/// The manifest files of `path`: the file itself, or the `*.yaml` / `*.yml` files of a
+/// directory (not recursive), sorted by name.
+pub fn manifest_files(path: &Path) -> Result<Vec<PathBuf>, SourceError> {
+    let meta = std::fs::metadata(path).map_err(io(path))?;
+    if meta.is_file() {
+        return Ok(vec![path.to_owned()]);
+    }
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(path).map_err(io(path))? {
+        let p = entry.map_err(io(path))?.path();
+        let yaml = p
+            .extension()
+            .and_then(|e| e.to_str())
+            .is_some_and(|e| e == "yaml" || e == "yml");
+        if yaml && p.is_file() {
+            files.push(p);
+        }
+    }
+    files.sort();
+    Ok(files)
+}
+
+/// Reads every manifest of `path` into a snapshot.
+pub fn load(path: &Path) -> Result<Snapshot, SourceError> {
+    let mut objects = Vec::new();
+    for f in manifest_files(path)? {
+        let text = std::fs::read_to_string(&f).map_err(io(&f))?;
+        objects.extend(manifest::parse(&f, &text)?);
+    }
+    Ok(manifest::snapshot(objects)?)
+}
+
+/// Name, modification time and size of every manifest: a change of any is a reason to
+/// re-read.
+type Fingerprint = Vec<(PathBuf, Option<SystemTime>, u64)>;
+
+fn fingerprint(path: &Path) -> Result<Fingerprint, SourceError> {
+    manifest_files(path)?
+        .into_iter()
+        .map(|f| {
+            let m = std::fs::metadata(&f).map_err(io(&f))?;
+            Ok((f, m.modified().ok(), m.len()))
+        })
+        .collect()
+}
+
+/// What one [`FileSource::poll`] found.
+#[derive(Debug)]
+pub enum Update {
+    /// No file changed.
+    Unchanged,
+    /// Files changed and parse; the new state (its generation bumped when the
+    /// listeners differ) and status.
+    Changed(Arc<DesiredState>, Box<StatusSet>),
+    /// Files changed and do not parse; the last good state stays.
+    Failed(SourceError),
+}
+
+/// A directory followed by polling.
+pub struct FileSource {
+    dir: PathBuf,
+    controller_name: String,
+    seen: Option<Fingerprint>,
+    current: Arc<DesiredState>,
+}
+
+impl FileSource {
+    /// Reads `dir` once; fails if it does not parse (there is no last good state yet).
+    pub fn open(dir: &Path, controller_name: &str) -> Result<Self, SourceError> {
+        let mut s = Self {
+            dir: dir.to_owned(),
+            controller_name: controller_name.to_owned(),
+            seen: None,
+            current: Arc::new(DesiredState::default()),
+        };
+        if let Update::Failed(e) = s.poll() {
+            return Err(e);
+        }
+        Ok(s)
+    }
+
+    /// The last good desired state.
+    pub fn current(&self) -> &Arc<DesiredState> {
+        &self.current
+    }
+
+    /// Re-reads the directory if a manifest was added, removed or modified.
+    pub fn poll(&mut self) -> Update {
+        let fp = match fingerprint(&self.dir) {
+            Ok(fp) => fp,
+            Err(e) => return Update::Failed(e),
+        };
+        if self.seen.as_ref() == Some(&fp) {
+            return Update::Unchanged;
+        }
+        self.seen = Some(fp);
+        let snap = match load(&self.dir) {
+            Ok(s) => s,
+            Err(e) => return Update::Failed(e),
+        };
+        let params = crate::check::params_now(&self.controller_name);
+        let (mut desired, status) = reconcile(&snap, &params);
+        desired.generation = if desired.listeners == self.current.listeners {
+            self.current.generation
+        } else {
+            self.current.generation.wrapping_add(1)
+        };
+        self.current = Arc::new(desired);
+        Update::Changed(self.current.clone(), Box::new(status))
+    }
+}
+
+/// Polls `source` every `interval` until `shutdown`, sending each new desired state to
+/// `tx` and calling `program` with it first (the map writer). Errors are logged; the
+/// last good state keeps serving.
+pub async fn follow(
+    mut source: FileSource,
+    interval: Duration,
+    tx: watch::Sender<Arc<DesiredState>>,
+    mut program: impl FnMut(&DesiredState) + Send,
+    shutdown: CancellationToken,
+) {
+    let mut tick = tokio::time::interval(interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        match source.poll() {
+            Update::Unchanged => {}
+            Update::Changed(desired, _) => {
+                if **tx.borrow() != *desired {
+                    info!(
+                        dir = %source.dir.display(),
+                        generation = desired.generation,
+                        listeners = desired.listeners.len(),
+                        "manifests changed: new desired state"
+                    );
+                    program(&desired);
+                    let _ = tx.send(desired);
+                }
+            }
+            Update::Failed(e) => {
+                error!(error = %e, "manifests rejected; the last good configuration keeps serving");
+            }
+        }
+    }
+}

@@ -1,0 +1,89 @@
+//! `sockgate check` as a user runs it: each guide example prints the expected status
+//! (the fixture, up to `lastTransitionTime`), JSON output parses, and bad input exits
+//! non-zero with the file and line.
+use std::{path::Path, process::Command};
+
+fn root() -> &'static Path {
+    Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
+}
+
+fn check(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_sockgate"))
+        .arg("check")
+        .args(args)
+        .current_dir(root())
+        .output()
+        .expect("sockgate runs")
+}
+
+/// Replaces every `lastTransitionTime` by a fixed value.
+fn pin_times(v: &mut serde_yaml::Value) {
+    match v {
+        serde_yaml::Value::Mapping(m) => {
+            for (k, val) in m.iter_mut() {
+                if k.as_str() == Some("lastTransitionTime") {
+                    *val = "fixed".into();
+                } else {
+                    pin_times(val);
+                }
+            }
+        }
+        serde_yaml::Value::Sequence(s) => s.iter_mut().for_each(pin_times),
+        _ => {}
+    }
+}
+
+#[test]
+fn guide_examples_print_the_expected_status() {
+    for guide in ["gateway-api-basic", "envoy-gateway", "fsm-gateway", "ngrok"] {
+        let out = check(&["-f", &format!("deploy/examples/{guide}")]);
+        assert!(
+            out.status.success(),
+            "{guide}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let mut got: serde_yaml::Value = serde_yaml::from_slice(&out.stdout).expect("yaml");
+        let expected = root().join(format!("tests/fixtures/model/guide-{guide}/expected.yaml"));
+        let mut want: serde_yaml::Value =
+            serde_yaml::from_str(&std::fs::read_to_string(expected).expect("fixture"))
+                .expect("fixture yaml");
+        pin_times(&mut got);
+        pin_times(&mut want);
+        assert_eq!(got, want, "{guide}");
+    }
+}
+
+#[test]
+fn json_output_parses_and_agrees() {
+    let out = check(&["-f", "deploy/examples/envoy-gateway", "-o", "json"]);
+    assert!(out.status.success());
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    let ports: Vec<u64> = v["programmed"]
+        .as_array()
+        .expect("programmed")
+        .iter()
+        .filter_map(|l| l["port"].as_u64())
+        .collect();
+    assert_eq!(ports, [8088, 8089]);
+    assert_eq!(v["objects"][1]["kind"], "Gateway");
+    assert_eq!(v["objects"][1]["status"]["conditions"][0]["status"], "True");
+}
+
+#[test]
+fn bad_input_exits_non_zero_with_file_and_line() {
+    let dir = std::env::temp_dir().join(format!("sockgate-check-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let file = dir.join("bad.yaml");
+    std::fs::write(&file, "apiVersion: gateway.networking.k8s.io/v1alpha2\nkind: TCPRoute\nmetadata: {name: r}\nspec:\n  rules:\n  - backendRefs:\n    - port: 80\n").expect("write");
+    let out = check(&["-f", dir.to_str().expect("utf-8")]);
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("bad.yaml:7: "), "{err}");
+    assert!(err.contains("missing field `name`"), "{err}");
+    assert!(out.stdout.is_empty());
+
+    let out = check(&["-f", "/nonexistent/sockgate"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/sockgate"));
+}

@@ -1,0 +1,130 @@
+//! Table-driven model tests: every case under `tests/fixtures/model/<case>/` has an
+//! input (`input.yaml`, or `input.dir` naming a directory relative to the repository
+//! root) and `expected.yaml`, the report `sockgate check` prints for it (the status of
+//! every `GatewayClass`, `Gateway` and `TCPRoute`, then the programmed table), computed
+//! at a fixed time.
+//!
+//! `SOCKGATE_BLESS=1 cargo test -p gateway-userspace --test model_fixtures` rewrites the
+//! expected files; read every change before committing it.
+use std::path::{Path, PathBuf};
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use sockgate::{
+    model::{Params, Snapshot, conditions::DEFAULT_CONTROLLER_NAME, reconcile, report},
+    source::files,
+};
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+fn params() -> Params {
+    Params {
+        controller_name: DEFAULT_CONTROLLER_NAME.to_owned(),
+        now: Time("2025-01-01T00:00:00Z".parse().expect("timestamp")),
+    }
+}
+
+fn cases() -> Vec<PathBuf> {
+    let dir = root().join("tests/fixtures/model");
+    let mut cases: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .expect("tests/fixtures/model")
+        .map(|e| e.expect("entry").path())
+        .filter(|p| p.is_dir())
+        .collect();
+    cases.sort();
+    assert!(cases.len() >= 20, "fixtures missing: {}", cases.len());
+    cases
+}
+
+fn input(case: &Path) -> PathBuf {
+    let file = case.join("input.yaml");
+    if file.exists() {
+        return file;
+    }
+    let rel = std::fs::read_to_string(case.join("input.dir"))
+        .unwrap_or_else(|e| panic!("{}: no input.yaml or input.dir: {e}", case.display()));
+    root().join(rel.trim())
+}
+
+fn load(case: &Path) -> Snapshot {
+    files::load(&input(case)).unwrap_or_else(|e| panic!("{}: {e}", case.display()))
+}
+
+fn render(snap: &Snapshot) -> String {
+    let (desired, status) = reconcile(snap, &params());
+    serde_yaml::to_string(&report::build(snap, &desired, &status)).expect("yaml")
+}
+
+#[test]
+fn fixtures_give_the_expected_status() {
+    let bless = std::env::var_os("SOCKGATE_BLESS").is_some();
+    let mut failures = Vec::new();
+    for case in cases() {
+        let actual = render(&load(&case));
+        let path = case.join("expected.yaml");
+        if bless {
+            std::fs::write(&path, &actual).expect("write expected.yaml");
+            continue;
+        }
+        let expected =
+            std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        let want: serde_yaml::Value = serde_yaml::from_str(&expected).expect("expected.yaml");
+        let got: serde_yaml::Value = serde_yaml::from_str(&actual).expect("actual yaml");
+        if want != got {
+            failures.push(format!("--- {}\n{actual}", case.display()));
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "{} case(s) differ; actual output:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+}
+
+/// A small deterministic generator: the test needs many permutations, not randomness.
+struct XorShift(u64);
+
+impl XorShift {
+    fn below(&mut self, n: usize) -> usize {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        (self.0 % n as u64) as usize
+    }
+
+    fn shuffle<T>(&mut self, v: &mut [T]) {
+        for i in (1..v.len()).rev() {
+            v.swap(i, self.below(i + 1));
+        }
+    }
+}
+
+#[test]
+fn input_order_changes_nothing() {
+    let mut rng = XorShift(0x5eed_cafe_f00d_d00d);
+    for case in cases() {
+        let snap = load(&case);
+        let want = reconcile(&snap, &params());
+        for round in 0..64 {
+            let mut s = snap.clone();
+            rng.shuffle(&mut s.gateway_classes);
+            rng.shuffle(&mut s.gateways);
+            rng.shuffle(&mut s.tcp_routes);
+            rng.shuffle(&mut s.reference_grants);
+            rng.shuffle(&mut s.namespaces);
+            rng.shuffle(&mut s.services);
+            rng.shuffle(&mut s.endpoint_slices);
+            for slice in &mut s.endpoint_slices {
+                rng.shuffle(&mut slice.endpoints);
+            }
+            let got = reconcile(&s, &params());
+            assert!(
+                got == want,
+                "{}: permutation {round} changed the result",
+                case.display()
+            );
+        }
+    }
+}
