@@ -1,0 +1,239 @@
+//! The status writer: server-side apply of the status reconcile computed, under the
+//! field manager [`FIELD_MANAGER`], only where it differs from what the cluster holds.
+//!
+//! * "Differs" ignores `lastTransitionTime`: reconcile stamps every condition with the
+//!   time of the round, so comparing it would write every object on every round. When
+//!   a condition keeps its status, the time already in the cluster is written back
+//!   (the Kubernetes convention: the time changes when the status does).
+//! * `TCPRoute` `status.parents` is shared with other controllers: only the entries whose
+//!   `controllerName` is sockgate's are compared and replaced; the others are sent back
+//!   as they are, so an apply never drops them.
+//! * Only objects of sockgate's classes are in a [`StatusSet`]: nothing else is touched.
+use std::collections::BTreeMap;
+#[cfg(test)]
+use std::time::Duration;
+
+use gateway_api::experimental::{gatewayclasses::GatewayClass, gateways::Gateway};
+use kube::{
+    Api, Client, Resource,
+    api::{ApiResource, DynamicObject, Patch, PatchParams},
+};
+use serde_json::{Value, json};
+use tracing::{debug, info};
+
+use crate::model::{StatusSet, snapshot::ObjectKey};
+
+/// The field manager of every status write.
+pub const FIELD_MANAGER: &str = "sockgate";
+
+/// A status write that failed.
+#[derive(Debug, thiserror::Error)]
+#[error("writing the status of {kind} {object}: {source}")]
+pub struct WriteError {
+    pub kind: &'static str,
+    pub object: String,
+    #[source]
+    pub source: kube::Error,
+}
+
+/// What the cluster holds now, from the reflector stores: the `status` of each object
+/// as JSON (`Value::Null` when it has none).
+#[derive(Clone, Debug, Default)]
+pub struct Current {
+    pub gateway_classes: BTreeMap<String, Value>,
+    pub gateways: BTreeMap<ObjectKey, Value>,
+    pub tcp_routes: BTreeMap<ObjectKey, Value>,
+}
+
+/// Removes every `lastTransitionTime`, recursively.
+fn without_times(v: &Value) -> Value {
+    match v {
+        Value::Object(m) => Value::Object(
+            m.iter()
+                .filter(|(k, _)| k.as_str() != "lastTransitionTime")
+                .map(|(k, v)| (k.clone(), without_times(v)))
+                .collect(),
+        ),
+        Value::Array(a) => Value::Array(a.iter().map(without_times).collect()),
+        other => other.clone(),
+    }
+}
+
+/// The identity of an array element for matching old and new: a condition by `type`,
+/// a listener by `name`, a route parent by its `parentRef`.
+fn element_key(v: &Value) -> Option<Value> {
+    ["type", "name", "parentRef"]
+        .iter()
+        .find_map(|k| v.get(*k).cloned())
+}
+
+/// Copies `lastTransitionTime` from `old` into `new` for every condition whose status
+/// did not change.
+fn carry_times(new: &mut Value, old: &Value) {
+    match (new, old) {
+        (Value::Object(n), Value::Object(o)) => {
+            let same_condition = n.contains_key("lastTransitionTime")
+                && n.get("type") == o.get("type")
+                && n.get("status") == o.get("status");
+            if same_condition && let Some(t) = o.get("lastTransitionTime") {
+                n.insert("lastTransitionTime".to_owned(), t.clone());
+            }
+            for (k, nv) in n.iter_mut() {
+                if let Some(ov) = o.get(k) {
+                    carry_times(nv, ov);
+                }
+            }
+        }
+        (Value::Array(n), Value::Array(o)) => {
+            for nv in n.iter_mut() {
+                let key = element_key(nv);
+                if let Some(ov) = o.iter().find(|ov| key.is_some() && element_key(ov) == key) {
+                    carry_times(nv, ov);
+                }
+            }
+        }
+        _ => {}
+    }
+}
+
+/// Splits a route's current `status.parents` into sockgate's entries and the others.
+fn split_parents(current: &Value, controller: &str) -> (Vec<Value>, Vec<Value>) {
+    current
+        .get("parents")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .cloned()
+        .partition(|p| p.get("controllerName").and_then(Value::as_str) == Some(controller))
+}
+
+/// The status to apply for one object, or `None` when the cluster already has it.
+/// `ours_of` selects the part of the current status sockgate owns.
+fn plan(desired: &Value, current: &Value) -> Option<Value> {
+    let mut desired = desired.clone();
+    carry_times(&mut desired, current);
+    (without_times(&desired) != without_times(current)).then_some(desired)
+}
+
+/// The planned `TCPRoute` status: sockgate's parents compared and replaced, the other
+/// controllers' parents kept.
+fn plan_route(desired: &Value, current: &Value, controller: &str) -> Option<Value> {
+    let (ours, others) = split_parents(current, controller);
+    let planned = plan(desired, &json!({ "parents": ours }))?;
+    let mut parents = others;
+    parents.extend(
+        planned
+            .get("parents")
+            .and_then(Value::as_array)
+            .cloned()
+            .unwrap_or_default(),
+    );
+    Some(json!({ "parents": parents }))
+}
+
+/// Writes status; counts what it sends.
+pub struct StatusWriter {
+    client: Client,
+    controller: String,
+    /// `TCPRoute` API version being watched (`v1` or `v1alpha2`).
+    route_resource: ApiResource,
+    /// Status writes sent since start.
+    pub writes: u64,
+}
+
+impl StatusWriter {
+    /// A writer for `controller`'s objects; `TCPRoute`s through `route_resource`.
+    pub fn new(client: Client, controller: &str, route_resource: ApiResource) -> Self {
+        Self {
+            client,
+            controller: controller.to_owned(),
+            route_resource,
+            writes: 0,
+        }
+    }
+
+    fn params() -> PatchParams {
+        PatchParams::apply(FIELD_MANAGER).force()
+    }
+
+    /// Applies every status in `set` that differs from `current`; returns how many
+    /// objects were written.
+    pub async fn write(&mut self, set: &StatusSet, current: &Current) -> Result<u64, WriteError> {
+        let before = self.writes;
+        for (name, status) in &set.gateway_classes {
+            let desired = serde_json::to_value(status).unwrap_or_default();
+            let cur = current.gateway_classes.get(name).unwrap_or(&Value::Null);
+            if let Some(status) = plan(&desired, cur) {
+                let api: Api<GatewayClass> = Api::all(self.client.clone());
+                let body = json!({
+                    "apiVersion": GatewayClass::api_version(&()),
+                    "kind": GatewayClass::kind(&()),
+                    "metadata": { "name": name },
+                    "status": status,
+                });
+                api.patch_status(name, &Self::params(), &Patch::Apply(body))
+                    .await
+                    .map_err(|source| WriteError {
+                        kind: "GatewayClass",
+                        object: name.clone(),
+                        source,
+                    })?;
+                self.writes += 1;
+                debug!(gatewayclass = %name, "status written");
+            }
+        }
+        for (key, status) in &set.gateways {
+            let desired = serde_json::to_value(status).unwrap_or_default();
+            let cur = current.gateways.get(key).unwrap_or(&Value::Null);
+            if let Some(status) = plan(&desired, cur) {
+                let api: Api<Gateway> = Api::namespaced(self.client.clone(), &key.namespace);
+                let body = json!({
+                    "apiVersion": Gateway::api_version(&()),
+                    "kind": Gateway::kind(&()),
+                    "metadata": { "name": key.name, "namespace": key.namespace },
+                    "status": status,
+                });
+                api.patch_status(&key.name, &Self::params(), &Patch::Apply(body))
+                    .await
+                    .map_err(|source| WriteError {
+                        kind: "Gateway",
+                        object: key.to_string(),
+                        source,
+                    })?;
+                self.writes += 1;
+                debug!(gateway = %key, "status written");
+            }
+        }
+        for (key, status) in &set.tcp_routes {
+            let desired = serde_json::to_value(status).unwrap_or_default();
+            let cur = current.tcp_routes.get(key).unwrap_or(&Value::Null);
+            if let Some(status) = plan_route(&desired, cur, &self.controller) {
+                let api: Api<DynamicObject> =
+                    Api::namespaced_with(self.client.clone(), &key.namespace, &self.route_resource);
+                let body = json!({
+                    "apiVersion": self.route_resource.api_version,
+                    "kind": self.route_resource.kind,
+                    "metadata": { "name": key.name, "namespace": key.namespace },
+                    "status": status,
+                });
+                api.patch_status(&key.name, &Self::params(), &Patch::Apply(body))
+                    .await
+                    .map_err(|source| WriteError {
+                        kind: "TCPRoute",
+                        object: key.to_string(),
+                        source,
+                    })?;
+                self.writes += 1;
+                debug!(tcproute = %key, "status written");
+            }
+        }
+        let written = self.writes - before;
+        if written > 0 {
+            info!(objects = written, "status written");
+        }
+        Ok(written)
+    }
+}
+
+#[cfg(test)]
+mod tests;
