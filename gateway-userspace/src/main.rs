@@ -6,6 +6,7 @@ use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use sockgate::{
     check,
+    cluster::{self, source::KubeOptions},
     desired::DesiredState,
     ebpf::{Datapath, LoadOptions, PinMismatch},
     mapsync,
@@ -77,6 +78,9 @@ enum SourceKind {
     Files,
     /// The `--route` table.
     Routes,
+    /// The Kubernetes API (in-cluster service account or `KUBECONFIG`): reflectors,
+    /// status writes by the elected agent. The default inside a cluster.
+    Kube,
 }
 
 #[derive(clap::Args)]
@@ -95,6 +99,23 @@ struct RunArgs {
     /// The `controllerName` of the `GatewayClass` objects sockgate implements.
     #[arg(long, default_value = sockgate::model::conditions::DEFAULT_CONTROLLER_NAME)]
     controller_name: String,
+    /// This node's name (`--source kube`): the agent's identity in the status writer
+    /// election.
+    #[arg(long, env = "NODE_NAME", default_value = "")]
+    node_name: String,
+    /// The agent's namespace (`--source kube`), where the election Lease lives.
+    #[arg(long, env = "POD_NAMESPACE", default_value = "sockgate-system")]
+    namespace: String,
+    /// Name of the election Lease (`--source kube`).
+    #[arg(long, default_value = "sockgate-status-writer")]
+    lease_name: String,
+    /// Seconds a status writer keeps the Lease without renewing it (`--source kube`).
+    #[arg(long, default_value_t = 15)]
+    lease_duration: u64,
+    /// Labels of the nodes that run an agent, `KEY=VALUE[,...]` (`--source kube`): a
+    /// Gateway without `spec.addresses` reports their `InternalIP`s.
+    #[arg(long, default_value = "")]
+    node_selector: String,
     /// Which data path carries connections.
     #[arg(long, value_enum, default_value_t = DatapathMode::Auto)]
     datapath: DatapathMode,
@@ -130,7 +151,11 @@ struct RunArgs {
 
 fn init_logs(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        // kube-client logs every failed request at error level; the kube source says
+        // once that the API server is unreachable, and retries quietly.
+        .unwrap_or_else(|_| {
+            tracing_subscriber::EnvFilter::new("info,kube_client::client::builder=off")
+        });
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
@@ -173,19 +198,100 @@ fn check_manifests(args: &CheckArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Programs a new desired state into the maps, counting it in the metrics.
+fn programmer(dp: Arc<Datapath>, metrics: Arc<Metrics>) -> impl FnMut(&DesiredState) + Send {
+    move |d| {
+        let started = std::time::Instant::now();
+        if let Err(e) = mapsync::apply(&dp, d) {
+            metrics.reconcile_errors.inc();
+            tracing::error!(error = %e, "programming the maps");
+        }
+        metrics.reconciles.inc();
+        metrics
+            .reconcile_seconds
+            .observe(started.elapsed().as_secs_f64());
+    }
+}
+
+/// Starts following the file source or the cluster, whichever is configured (the
+/// `--route` table needs nothing: it never changes).
+async fn spawn_source(
+    files: Option<FileSource>,
+    kube: Option<KubeOptions>,
+    dp: &Arc<Datapath>,
+    metrics: &Arc<Metrics>,
+    tx: watch::Sender<Arc<DesiredState>>,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<()> {
+    let program = programmer(dp.clone(), metrics.clone());
+    if let Some(files) = files {
+        tokio::spawn(follow(
+            files,
+            Duration::from_secs(1),
+            tx,
+            program,
+            shutdown.clone(),
+        ));
+    } else if let Some(opts) = kube {
+        let client = cluster::source::client().await?;
+        tokio::spawn(cluster::source::run(
+            client,
+            opts,
+            tx,
+            program,
+            metrics.clone(),
+            shutdown.clone(),
+        ));
+    }
+    Ok(())
+}
+
+fn kube_options(args: &RunArgs) -> anyhow::Result<KubeOptions> {
+    if args.node_name.is_empty() {
+        anyhow::bail!("--source kube needs the node name: --node-name or NODE_NAME");
+    }
+    let node_selector = args
+        .node_selector
+        .split(',')
+        .filter(|kv| !kv.is_empty())
+        .map(|kv| {
+            kv.split_once('=')
+                .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                .with_context(|| format!("--node-selector {kv:?}: expected KEY=VALUE"))
+        })
+        .collect::<anyhow::Result<_>>()?;
+    Ok(KubeOptions {
+        controller_name: args.controller_name.clone(),
+        identity: args.node_name.clone(),
+        namespace: args.namespace.clone(),
+        lease_name: args.lease_name.clone(),
+        lease_duration: Duration::from_secs(args.lease_duration.max(3)),
+        node_selector,
+        debounce: Duration::from_millis(200),
+    })
+}
+
 fn secs(v: f64, what: &str) -> anyhow::Result<Duration> {
     Duration::try_from_secs_f64(v)
         .with_context(|| format!("--{what} must be a non-negative number of seconds"))
 }
 
 fn run(args: &RunArgs) -> anyhow::Result<()> {
-    let files = match (args.source, &args.dir) {
-        (Some(SourceKind::Files) | None, Some(dir)) => {
-            Some(FileSource::open(dir, &args.controller_name)?)
-        }
-        (Some(SourceKind::Files), None) => anyhow::bail!("--source files needs --dir DIR"),
-        (Some(SourceKind::Routes) | None, _) => None,
+    let in_cluster = std::env::var_os("KUBERNETES_SERVICE_HOST").is_some();
+    let source = match (args.source, &args.dir) {
+        (Some(kind), _) => kind,
+        (None, Some(_)) => SourceKind::Files,
+        (None, None) if args.routes.is_empty() && in_cluster => SourceKind::Kube,
+        (None, None) => SourceKind::Routes,
     };
+    let files = match (source, &args.dir) {
+        (SourceKind::Files, Some(dir)) => Some(FileSource::open(dir, &args.controller_name)?),
+        (SourceKind::Files, None) => anyhow::bail!("--source files needs --dir DIR"),
+        (SourceKind::Routes | SourceKind::Kube, _) => None,
+    };
+    let kube = (source == SourceKind::Kube)
+        .then(|| kube_options(args))
+        .transpose()?;
     let desired: DesiredState = match &files {
         Some(f) => (**f.current()).clone(),
         None => routes::parse(&args.routes)?,
@@ -205,7 +311,7 @@ fn run(args: &RunArgs) -> anyhow::Result<()> {
     };
     let dp = Arc::new(Datapath::load(&opts)?);
     raise_fd_limit();
-    if desired.listeners.is_empty() {
+    if desired.listeners.is_empty() && kube.is_none() {
         info!("no listeners configured (give --dir or --route)");
     }
     let metrics = Arc::new(Metrics::new(dp.clone()));
@@ -219,25 +325,7 @@ fn run(args: &RunArgs) -> anyhow::Result<()> {
     rt.block_on(async {
         let (tx, rx) = watch::channel(Arc::new(desired));
         let shutdown = CancellationToken::new();
-        if let Some(files) = files {
-            let (dp, metrics) = (dp.clone(), metrics.clone());
-            tokio::spawn(follow(
-                files,
-                Duration::from_secs(1),
-                tx,
-                move |d| {
-                    let started = std::time::Instant::now();
-                    if let Err(e) = mapsync::apply(&dp, d) {
-                        tracing::error!(error = %e, "programming the maps");
-                    }
-                    metrics.reconciles.inc();
-                    metrics
-                        .reconcile_seconds
-                        .observe(started.elapsed().as_secs_f64());
-                },
-                shutdown.clone(),
-            ));
-        }
+        spawn_source(files, kube, &dp, &metrics, tx, &shutdown).await?;
         let counters = Arc::new(Registry::default());
         let _http = metrics::serve(args.metrics_addr, metrics.clone(), shutdown.clone()).await?;
         let kernel_logs = {

@@ -1,0 +1,569 @@
+//! The kube source (`sockgate run --source kube`): reflectors on every kind the model
+//! reads, a debounced reconcile of their stores, and, on the elected agent, the status
+//! writes.
+//!
+//! * Every watch event marks the state dirty; once the stores have had their first list
+//!   and no event came for the debounce interval, the stores are snapshotted and fed to
+//!   the same pure [`reconcile`] as the file source.
+//! * `TCPRoute` is watched in `v1` where the cluster serves it, else in `v1alpha2`. A
+//!   CRD serving both versions holds one set of objects: watching both would count
+//!   every route twice, so the newest served version is watched, and routes keep the
+//!   version they were read in ([`TcpRouteVersion`]) for the status writes.
+//! * Watches restart with backoff when the API server goes away; the data path keeps
+//!   serving the last good state meanwhile, said once in the log, and again when the
+//!   watches are back.
+//! * Every agent programs its own node; only the agent holding the Lease writes status.
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fmt::Debug,
+    hash::Hash,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use futures::StreamExt as _;
+use gateway_api::experimental::{
+    gatewayclasses::GatewayClass,
+    gateways::{Gateway, GatewayStatusAddresses},
+    referencegrants::ReferenceGrant,
+    tcproutes::TcpRoute,
+};
+use k8s_openapi::api::{
+    core::v1::{Namespace, Node, Service},
+    discovery::v1::EndpointSlice,
+};
+use kube::{
+    Api, Client, Resource, ResourceExt as _,
+    api::{ApiResource, DynamicObject, GroupVersionKind},
+    runtime::{
+        WatchStreamExt as _,
+        reflector::{self, Lookup, Store, store::Writer},
+        watcher,
+    },
+};
+use serde::de::DeserializeOwned;
+use tokio::sync::{Notify, watch};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, error, info, warn};
+
+use super::{
+    lease::{Elector, LeaseConfig},
+    status::{Current, StatusWriter},
+};
+use crate::{
+    desired::DesiredState,
+    metrics::Metrics,
+    model::{Snapshot, StatusSet, TcpRouteObject, TcpRouteVersion, reconcile, snapshot::ObjectKey},
+};
+
+/// The API group of the Gateway API.
+pub const GATEWAY_GROUP: &str = "gateway.networking.k8s.io";
+
+/// Errors of the kube source that stop it.
+#[derive(Debug, thiserror::Error)]
+pub enum KubeSourceError {
+    #[error("no Kubernetes client configuration (in-cluster service account or KUBECONFIG): {0}")]
+    Config(#[source] kube::Error),
+}
+
+/// How the kube source runs.
+#[derive(Clone, Debug)]
+pub struct KubeOptions {
+    /// The `controllerName` of sockgate's `GatewayClass` objects.
+    pub controller_name: String,
+    /// This agent's identity in the election: its node name.
+    pub identity: String,
+    /// The agent's namespace, where the Lease lives.
+    pub namespace: String,
+    /// Name of the Lease.
+    pub lease_name: String,
+    /// How long a leader keeps the Lease without renewing it.
+    pub lease_duration: Duration,
+    /// Labels of the nodes that run an agent (the `DaemonSet`'s node selector); a Gateway
+    /// without `spec.addresses` is reachable on their `InternalIP`s.
+    pub node_selector: BTreeMap<String, String>,
+    /// Quiet time after the last event before a reconcile.
+    pub debounce: Duration,
+}
+
+/// The `ApiResource` of `TCPRoute` in `version`.
+pub fn route_resource(version: TcpRouteVersion) -> ApiResource {
+    let v = match version {
+        TcpRouteVersion::V1 => "v1",
+        TcpRouteVersion::V1alpha2 => "v1alpha2",
+    };
+    ApiResource::from_gvk_with_plural(
+        &GroupVersionKind::gvk(GATEWAY_GROUP, v, "TCPRoute"),
+        "tcproutes",
+    )
+}
+
+/// The `TCPRoute` version to watch among the versions the cluster serves.
+pub fn choose_route_version(served: &[String]) -> Option<TcpRouteVersion> {
+    if served.iter().any(|v| v == "v1") {
+        Some(TcpRouteVersion::V1)
+    } else if served.iter().any(|v| v == "v1alpha2") {
+        Some(TcpRouteVersion::V1alpha2)
+    } else {
+        None
+    }
+}
+
+/// Logs the state of the watches once per change: the first failure, and the recovery.
+#[derive(Default)]
+struct Health {
+    failing: Mutex<BTreeSet<&'static str>>,
+}
+
+impl Health {
+    fn ok(&self, kind: &'static str) {
+        let mut f = self
+            .failing
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if f.remove(kind) && f.is_empty() {
+            info!("watches restored: the Kubernetes API server answers again");
+        }
+    }
+
+    fn failed(&self, kind: &'static str, e: &watcher::Error) {
+        let mut f = self
+            .failing
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if f.is_empty() {
+            error!(
+                kind,
+                error = %e,
+                "Kubernetes API server unreachable: watches retry with backoff; the data path keeps serving the last good state"
+            );
+        }
+        f.insert(kind);
+    }
+}
+
+/// Runs one reflector until `shutdown`: its events fill `writer`'s store and mark the
+/// state dirty.
+fn reflect<K>(
+    api: Api<K>,
+    writer: Writer<K>,
+    kind: &'static str,
+    dirty: Arc<Notify>,
+    health: Arc<Health>,
+    shutdown: CancellationToken,
+) where
+    K: Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
+    K::DynamicType: Eq + Hash + Clone + Send + Sync,
+{
+    let stream = reflector::reflector(
+        writer,
+        watcher(api, watcher::Config::default()).default_backoff(),
+    );
+    tokio::spawn(async move {
+        let mut stream = std::pin::pin!(stream);
+        loop {
+            let next = tokio::select! {
+                () = shutdown.cancelled() => return,
+                n = stream.next() => n,
+            };
+            match next {
+                Some(Ok(_)) => {
+                    health.ok(kind);
+                    dirty.notify_one();
+                }
+                Some(Err(e)) => health.failed(kind, &e),
+                None => return,
+            }
+        }
+    });
+}
+
+/// The reflector stores of every watched kind.
+#[derive(Clone)]
+pub struct Stores {
+    classes: Store<GatewayClass>,
+    gateways: Store<Gateway>,
+    routes: Store<DynamicObject>,
+    route_version: TcpRouteVersion,
+    grants: Store<ReferenceGrant>,
+    namespaces: Store<Namespace>,
+    services: Store<Service>,
+    slices: Store<EndpointSlice>,
+    nodes: Store<Node>,
+}
+
+fn owned<K>(store: &Store<K>) -> Vec<K>
+where
+    K: Lookup + Clone + 'static,
+    K::DynamicType: Eq + Hash + Clone,
+{
+    store.state().iter().map(|o| (**o).clone()).collect()
+}
+
+impl Stores {
+    /// Starts a reflector per kind.
+    fn start(
+        client: &Client,
+        route_version: TcpRouteVersion,
+        dirty: &Arc<Notify>,
+        health: &Arc<Health>,
+        shutdown: &CancellationToken,
+    ) -> Self {
+        macro_rules! watched {
+            ($ty:ty, $kind:literal) => {{
+                let (store, writer) = reflector::store::<$ty>();
+                reflect(
+                    Api::<$ty>::all(client.clone()),
+                    writer,
+                    $kind,
+                    dirty.clone(),
+                    health.clone(),
+                    shutdown.clone(),
+                );
+                store
+            }};
+        }
+        let ar = route_resource(route_version);
+        let writer = Writer::<DynamicObject>::new(ar.clone());
+        let routes = writer.as_reader();
+        reflect(
+            Api::<DynamicObject>::all_with(client.clone(), &ar),
+            writer,
+            "TCPRoute",
+            dirty.clone(),
+            health.clone(),
+            shutdown.clone(),
+        );
+        Self {
+            classes: watched!(GatewayClass, "GatewayClass"),
+            gateways: watched!(Gateway, "Gateway"),
+            routes,
+            route_version,
+            grants: watched!(ReferenceGrant, "ReferenceGrant"),
+            namespaces: watched!(Namespace, "Namespace"),
+            services: watched!(Service, "Service"),
+            slices: watched!(EndpointSlice, "EndpointSlice"),
+            nodes: watched!(Node, "Node"),
+        }
+    }
+
+    /// Whether every store has had its first full list.
+    async fn ready(&self) -> bool {
+        self.classes.wait_until_ready().await.is_ok()
+            && self.gateways.wait_until_ready().await.is_ok()
+            && self.routes.wait_until_ready().await.is_ok()
+            && self.grants.wait_until_ready().await.is_ok()
+            && self.namespaces.wait_until_ready().await.is_ok()
+            && self.services.wait_until_ready().await.is_ok()
+            && self.slices.wait_until_ready().await.is_ok()
+            && self.nodes.wait_until_ready().await.is_ok()
+    }
+
+    /// The objects now in the stores, as the model reads them.
+    pub fn snapshot(&self) -> Snapshot {
+        let tcp_routes = self
+            .routes
+            .state()
+            .iter()
+            .filter_map(|o| {
+                let v = serde_json::to_value(&**o).ok()?;
+                match serde_json::from_value::<TcpRoute>(v) {
+                    Ok(route) => Some(TcpRouteObject {
+                        version: self.route_version,
+                        route,
+                    }),
+                    Err(e) => {
+                        warn!(route = %o.name_any(), error = %e, "TCPRoute does not parse; ignored");
+                        None
+                    }
+                }
+            })
+            .collect();
+        Snapshot {
+            gateway_classes: owned(&self.classes),
+            gateways: owned(&self.gateways),
+            tcp_routes,
+            reference_grants: owned(&self.grants),
+            namespaces: owned(&self.namespaces),
+            services: owned(&self.services),
+            endpoint_slices: owned(&self.slices),
+        }
+    }
+
+    /// The status each object has in the cluster now.
+    pub fn current(&self) -> Current {
+        let key = |meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta| {
+            ObjectKey::of(meta, true)
+        };
+        let json = |v: Option<serde_json::Value>| v.unwrap_or(serde_json::Value::Null);
+        Current {
+            gateway_classes: self
+                .classes
+                .state()
+                .iter()
+                .map(|c| {
+                    (
+                        c.name_any(),
+                        json(c.status.as_ref().and_then(|s| serde_json::to_value(s).ok())),
+                    )
+                })
+                .collect(),
+            gateways: self
+                .gateways
+                .state()
+                .iter()
+                .map(|g| {
+                    (
+                        key(&g.metadata),
+                        json(g.status.as_ref().and_then(|s| serde_json::to_value(s).ok())),
+                    )
+                })
+                .collect(),
+            tcp_routes: self
+                .routes
+                .state()
+                .iter()
+                .map(|r| (key(&r.metadata), json(r.data.get("status").cloned())))
+                .collect(),
+        }
+    }
+
+    /// The nodes in the store.
+    pub fn nodes(&self) -> Vec<Node> {
+        owned(&self.nodes)
+    }
+}
+
+/// Fills `status.addresses` of every Gateway: its `spec.addresses` when given, else
+/// the `InternalIP` of every node matching `node_selector` (the nodes that run an
+/// agent, where every listener is served), sorted.
+pub fn fill_addresses(
+    set: &mut StatusSet,
+    gateways: &[Gateway],
+    nodes: &[Node],
+    node_selector: &BTreeMap<String, String>,
+) {
+    let mut node_ips: Vec<String> = nodes
+        .iter()
+        .filter(|n| {
+            let labels = n.metadata.labels.clone().unwrap_or_default();
+            node_selector.iter().all(|(k, v)| labels.get(k) == Some(v))
+        })
+        .flat_map(|n| {
+            n.status
+                .iter()
+                .flat_map(|s| s.addresses.iter().flatten())
+                .filter(|a| a.type_ == "InternalIP")
+                .map(|a| a.address.clone())
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    node_ips.sort();
+    node_ips.dedup();
+    for (key, status) in &mut set.gateways {
+        let gw = gateways.iter().find(|g| {
+            g.metadata.name.as_deref() == Some(key.name.as_str())
+                && crate::model::snapshot::namespace_of(&g.metadata) == key.namespace
+        });
+        let given: Vec<GatewayStatusAddresses> = gw
+            .and_then(|g| g.spec.addresses.as_ref())
+            .into_iter()
+            .flatten()
+            .filter_map(|a| {
+                Some(GatewayStatusAddresses {
+                    r#type: a.r#type.clone().or_else(|| Some("IPAddress".to_owned())),
+                    value: a.value.clone()?,
+                })
+            })
+            .collect();
+        status.addresses = Some(if given.is_empty() {
+            node_ips
+                .iter()
+                .map(|ip| GatewayStatusAddresses {
+                    r#type: Some("IPAddress".to_owned()),
+                    value: ip.clone(),
+                })
+                .collect()
+        } else {
+            given
+        });
+    }
+}
+
+/// Finds the `TCPRoute` version to watch, retrying with backoff (logged once) while the
+/// API server does not answer.
+async fn discover(client: &Client, shutdown: &CancellationToken) -> Option<TcpRouteVersion> {
+    let mut delay = Duration::from_millis(500);
+    let mut said = false;
+    loop {
+        match kube::discovery::group(client, GATEWAY_GROUP).await {
+            Ok(group) => {
+                let served: Vec<String> = group
+                    .versions()
+                    .filter(|v| {
+                        group
+                            .versioned_resources(v)
+                            .iter()
+                            .any(|(ar, _)| ar.kind == "TCPRoute")
+                    })
+                    .map(ToOwned::to_owned)
+                    .collect();
+                if let Some(v) = choose_route_version(&served) {
+                    info!(version = v.api_version(), served = ?served, "watching TCPRoute");
+                    return Some(v);
+                }
+                if !said {
+                    error!(
+                        "the cluster serves no TCPRoute: install the Gateway API experimental CRDs; retrying"
+                    );
+                    said = true;
+                }
+            }
+            Err(e) => {
+                if !said {
+                    error!(
+                        error = %e,
+                        "Kubernetes API server unreachable: retrying with backoff; the data path keeps serving the last good state"
+                    );
+                    said = true;
+                }
+            }
+        }
+        debug!(
+            retry_in_ms = delay.as_millis(),
+            "API discovery failed; retrying"
+        );
+        tokio::select! {
+            () = shutdown.cancelled() => return None,
+            () = tokio::time::sleep(delay) => {}
+        }
+        delay = (delay * 2).min(Duration::from_secs(30));
+    }
+}
+
+/// Keeps the election going until `shutdown`, then releases the lease.
+async fn elect(
+    mut elector: Elector,
+    every: Duration,
+    leading: watch::Sender<bool>,
+    shutdown: CancellationToken,
+) {
+    loop {
+        match elector.round(k8s_openapi::jiff::Timestamp::now()).await {
+            Ok(l) => {
+                leading.send_if_modified(|was| std::mem::replace(was, l) != l);
+            }
+            Err(e) => {
+                warn!(error = %e, "leader election round failed");
+                leading.send_if_modified(|was| std::mem::replace(was, false));
+            }
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => break,
+            () = tokio::time::sleep(every) => {}
+        }
+    }
+    if let Err(e) = elector.release().await {
+        warn!(error = %e, "releasing the lease");
+    }
+}
+
+/// Runs the kube source until `shutdown`: each new desired state is programmed with
+/// `program` and sent on `tx`; the elected agent writes status.
+pub async fn run(
+    client: Client,
+    opts: KubeOptions,
+    tx: watch::Sender<Arc<DesiredState>>,
+    mut program: impl FnMut(&DesiredState) + Send,
+    metrics: Arc<Metrics>,
+    shutdown: CancellationToken,
+) {
+    let Some(version) = discover(&client, &shutdown).await else {
+        return;
+    };
+    let dirty = Arc::new(Notify::new());
+    let health = Arc::new(Health::default());
+    let stores = Stores::start(&client, version, &dirty, &health, &shutdown);
+    let (leading_tx, mut leading) = watch::channel(false);
+    let elector = Elector::new(
+        client.clone(),
+        LeaseConfig {
+            name: opts.lease_name.clone(),
+            namespace: opts.namespace.clone(),
+            identity: opts.identity.clone(),
+            duration: opts.lease_duration,
+        },
+    );
+    tokio::spawn(elect(
+        elector,
+        opts.lease_duration / 3,
+        leading_tx,
+        shutdown.clone(),
+    ));
+    let mut writer = StatusWriter::new(client, &opts.controller_name, route_resource(version));
+    tokio::select! {
+        () = shutdown.cancelled() => return,
+        ready = stores.ready() => if !ready { return },
+    }
+    info!("initial lists done: programming from the cluster's objects");
+    loop {
+        let snap = stores.snapshot();
+        let params = crate::check::params_now(&opts.controller_name);
+        let (mut desired, mut status) = reconcile(&snap, &params);
+        {
+            let current = tx.borrow();
+            desired.generation = if desired.listeners == current.listeners {
+                current.generation
+            } else {
+                current.generation.wrapping_add(1)
+            };
+        }
+        if **tx.borrow() != desired {
+            info!(
+                generation = desired.generation,
+                listeners = desired.listeners.len(),
+                "cluster objects changed: new desired state"
+            );
+            program(&desired);
+            let _ = tx.send(Arc::new(desired));
+        }
+        if *leading.borrow_and_update() {
+            fill_addresses(
+                &mut status,
+                &snap.gateways,
+                &stores.nodes(),
+                &opts.node_selector,
+            );
+            match writer.write(&status, &stores.current()).await {
+                Ok(n) => {
+                    metrics.status_writes.inc_by(n);
+                }
+                Err(e) => {
+                    metrics.reconcile_errors.inc();
+                    warn!(error = %e, "status write failed; retried on the next change");
+                }
+            }
+        }
+        // Wait for a change (or a new leadership), then for quiet.
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = dirty.notified() => {}
+            _ = leading.changed() => {}
+        }
+        loop {
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                () = dirty.notified() => {}
+                () = tokio::time::sleep(opts.debounce) => break,
+            }
+        }
+    }
+}
+
+/// A client from the in-cluster service account or `KUBECONFIG`.
+pub async fn client() -> Result<Client, KubeSourceError> {
+    Client::try_default().await.map_err(KubeSourceError::Config)
+}
+
+#[cfg(test)]
+mod tests;

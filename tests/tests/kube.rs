@@ -1,0 +1,71 @@
+//! `sockgate run --source kube` without a reachable API server: one clear error, retries
+//! with backoff, no panic, a clean stop.
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{Agent, require_root};
+use netbed::Bed;
+
+#[test]
+fn unreachable_api_server_one_error_then_backoff_and_clean_stop() {
+    require_root();
+    let bed = Bed::new(0).expect("bed");
+    let dir = std::env::temp_dir().join(format!("sockgate-kubeconfig-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let kubeconfig = dir.join("config");
+    // Port 1 on the node namespace's loopback: nothing listens, connects are refused.
+    std::fs::write(
+        &kubeconfig,
+        "apiVersion: v1\nkind: Config\nclusters:\n- name: c\n  cluster:\n    server: http://127.0.0.1:1\n\
+         contexts:\n- name: c\n  context:\n    cluster: c\n    user: u\ncurrent-context: c\n\
+         users:\n- name: u\n  user: {}\n",
+    )
+    .expect("kubeconfig");
+    // SAFETY: set before any thread of this test reads the environment.
+    unsafe { std::env::set_var("KUBECONFIG", &kubeconfig) };
+    let mut agent = Agent::start(&bed, &["--source", "kube", "--node-name", "node-1"], &[]);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while agent
+        .log_text()
+        .matches("API discovery failed; retrying")
+        .count()
+        < 3
+    {
+        assert!(
+            Instant::now() < deadline,
+            "no retries:\n{}",
+            agent.log_text()
+        );
+        assert!(
+            agent.child.try_wait().expect("wait").is_none(),
+            "the agent exited:\n{}",
+            agent.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let log = agent.log_text();
+    assert_eq!(
+        log.matches("Kubernetes API server unreachable").count(),
+        1,
+        "one error line, however many retries:\n{log}"
+    );
+    // The backoff grows: the retries are not a busy loop.
+    let delays: Vec<u64> = log
+        .lines()
+        .filter(|l| l.contains("API discovery failed; retrying"))
+        .filter_map(|l| {
+            l.split("retry_in_ms=")
+                .nth(1)?
+                .split_whitespace()
+                .next()?
+                .parse()
+                .ok()
+        })
+        .collect();
+    assert!(delays.windows(2).all(|w| w[1] > w[0]), "{delays:?}");
+    assert!(!log.contains("panicked"), "{log}");
+    let status = agent.stop();
+    assert!(status.success(), "{status}: {}", agent.log_text());
+    let _ = std::fs::remove_dir_all(&dir);
+}
