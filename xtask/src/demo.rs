@@ -1,9 +1,11 @@
 //! `cargo xtask demo`: the Envoy Gateway TCP-routing example, end to end, in network
 //! namespaces made for the occasion.
 //!
-//! Gateway `tcp-gateway` has TCP listeners `foo` (8088) and `bar` (8089); `TCPRoutes` send
-//! them to Services `foo` (port 3001) and `bar` (port 3002), whose endpoints are echo
-//! servers in two backend namespaces that answer with their service name.
+//! The scenario is plain Gateway API YAML, `deploy/examples/envoy-gateway`: Gateway
+//! `tcp-gateway` has TCP listeners `foo` (8088) and `bar` (8089); `TCPRoutes` send them to
+//! Services `foo` (port 3001) and `bar` (port 3002), whose `EndpointSlices` are echo
+//! servers in two backend namespaces that answer with their service name. The agent
+//! runs on it with `--source files`.
 use std::{
     io::{BufRead, BufReader, Write},
     net::{SocketAddr, TcpStream},
@@ -127,16 +129,28 @@ pub fn run() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The scenario the demo serves.
+const EXAMPLE: &str = "deploy/examples/envoy-gateway";
+
 fn with_agent(bed: &Bed, pin_dir: &Path) -> anyhow::Result<()> {
+    // The example's EndpointSlices name the bed's backend addresses.
+    let slices = std::fs::read_to_string(root().join(EXAMPLE).join("backends.yaml"))?;
+    for i in 0..2 {
+        let addr = bed.backend_addr(i).to_string();
+        if !slices.contains(&format!("\"{addr}\"")) {
+            bail!("{EXAMPLE}/backends.yaml does not name backend {i} of the bed ({addr})");
+        }
+    }
     println!(
-        "demo: routing from a fixed table (--route), equivalent to the Envoy Gateway example \
-         (tcp-gateway: foo 8088 -> foo:3001, bar 8089 -> bar:3002); the Gateway API model is \
-         not wired into the agent yet"
+        "demo: serving the Envoy Gateway TCP routing example, plain Gateway API YAML in {EXAMPLE} \
+         (tcp-gateway: foo 8088 -> Service foo:3001, bar 8089 -> Service bar:3002)"
     );
-    let routes = [
-        format!("8088={}:3001", bed.backend_addr(0)),
-        format!("8089={}:3002", bed.backend_addr(1)),
-    ];
+    show(
+        &format!("sockgate check -f {EXAMPLE}"),
+        Command::new(sockgate())
+            .current_dir(root())
+            .args(["check", "-f", EXAMPLE]),
+    )?;
     let mut agent = AgentProcess {
         child: bed
             .node()
@@ -144,7 +158,8 @@ fn with_agent(bed: &Bed, pin_dir: &Path) -> anyhow::Result<()> {
             .arg("run")
             .arg("--pin-dir")
             .arg(pin_dir)
-            .args(["--route", &routes[0], "--route", &routes[1]])
+            .args(["--source", "files", "--dir"])
+            .arg(root().join(EXAMPLE))
             .args(["--drain-timeout", "2"])
             .stdin(Stdio::null())
             .spawn()

@@ -157,7 +157,6 @@ pub fn reconcile(snap: &Snapshot, params: &Params) -> (DesiredState, StatusSet) 
         .filter(|g| ours.contains(&g.spec.gateway_class_name))
         .collect();
     gateways.sort_by_cached_key(|g| age(&g.metadata, true));
-    gateways.dedup_by_key(|g| ObjectKey::of(&g.metadata, true));
     let mut evals: Vec<GatewayEval<'_>> = gateways.iter().map(|g| evaluate_gateway(g)).collect();
     allocate_ports(&mut evals);
 
@@ -169,7 +168,6 @@ pub fn reconcile(snap: &Snapshot, params: &Params) -> (DesiredState, StatusSet) 
     );
     let mut routes: Vec<&TcpRouteObject> = snap.tcp_routes.iter().collect();
     routes.sort_by_cached_key(|r| age(&r.route.metadata, true));
-    routes.dedup_by_key(|r| ObjectKey::of(&r.route.metadata, true));
     let mut resolved: BTreeMap<ObjectKey, Vec<ResolvedRef>> = BTreeMap::new();
     for r in &routes {
         if let Some((key, st, refs)) = attach_route(r, &mut evals, &labels, &backends, params) {

@@ -45,7 +45,9 @@ pub struct TcpRouteObject {
     pub route: TcpRoute,
 }
 
-/// Every object reconcile reads. Order does not matter: reconcile sorts.
+/// Every object reconcile reads. Order does not matter: reconcile sorts. Holds at most
+/// one object per kind, namespace and name (the API server cannot have two; the file
+/// source rejects duplicates).
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Snapshot {
     /// GatewayClasses (cluster-scoped).
