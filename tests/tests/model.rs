@@ -132,3 +132,120 @@ fn manifests_drive_the_agent_and_bad_input_keeps_the_last_good_state() {
         agent.log_text()
     );
 }
+
+#[test]
+fn a_change_leaves_established_connections_on_their_backend_and_drains_a_removed_listener() {
+    require_root();
+    let bed = Bed::new(2).expect("bed");
+    let _foo = servers::Server::start(
+        bed.backend(0),
+        SocketAddr::new(bed.backend_addr(0).into(), 3001),
+        servers::named_echo("foo"),
+    )
+    .expect("foo");
+    let _bar = servers::Server::start(
+        bed.backend(1),
+        SocketAddr::new(bed.backend_addr(1).into(), 3002),
+        servers::named_echo("bar"),
+    )
+    .expect("bar");
+    let dir = example_copy();
+    let agent = Agent::start(
+        &bed,
+        &[
+            "--source",
+            "files",
+            "--dir",
+            dir.0.to_str().expect("utf-8"),
+            "--drain-timeout",
+            "4",
+        ],
+        &[8088, 8089],
+    );
+    let (a8088, a8089) = (
+        SocketAddr::new(bed.node_addr().into(), 8088),
+        SocketAddr::new(bed.node_addr().into(), 8089),
+    );
+    // Two connections established before the change, held by a client thread that
+    // talks on them when told to.
+    let (cmd_tx, cmd_rx) = std::sync::mpsc::channel::<&'static str>();
+    let (out_tx, out_rx) = std::sync::mpsc::channel::<(String, String)>();
+    let holder = bed
+        .client()
+        .spawn(move || {
+            let mut on_8088 = connect(a8088).expect("connect 8088");
+            let mut on_8089 = connect(a8089).expect("connect 8089");
+            while let Ok(line) = cmd_rx.recv_timeout(Duration::from_secs(30)) {
+                if line == "stop" {
+                    break;
+                }
+                let a = exchange(&mut on_8088, line);
+                let b = exchange(&mut on_8089, line);
+                out_tx.send((a, b)).expect("send");
+            }
+        })
+        .expect("client");
+    cmd_tx.send("before\n").expect("cmd");
+    let before = out_rx
+        .recv_timeout(Duration::from_secs(10))
+        .expect("before");
+    assert_eq!(before, ("foo: before\n".into(), "bar: before\n".into()));
+
+    // The change: listener foo's route goes to Service bar; listener bar is removed.
+    let routes = dir.0.join("tcp-routing.yaml");
+    let text = std::fs::read_to_string(&routes).expect("read");
+    let changed = text
+        .replacen("    - name: foo\n      port: 3001", "    - name: bar\n      port: 3002", 1)
+        .replacen(
+            "  - name: bar\n    protocol: TCP\n    port: 8089\n    allowedRoutes:\n      kinds:\n      - kind: TCPRoute\n",
+            "",
+            1,
+        );
+    assert_ne!(changed, text, "the example has the expected shape");
+    std::fs::write(&routes, changed).expect("write");
+    eventually("new connections on 8088 go to bar", &agent, || {
+        ask(&bed, 8088) == Ok("bar".into())
+    });
+    let refused = bed
+        .client()
+        .run(move || connect(a8089).map(|_| ()).map_err(|e| e.kind()))
+        .expect("client");
+    assert_eq!(
+        refused,
+        Err(std::io::ErrorKind::ConnectionRefused),
+        "8089 stopped accepting"
+    );
+    let changed_at = Instant::now();
+
+    // Established connections keep their backend, and the removed listener's one
+    // still runs within the drain timeout.
+    cmd_tx.send("after\n").expect("cmd");
+    let after = out_rx.recv_timeout(Duration::from_secs(10)).expect("after");
+    assert_eq!(after, ("foo: after\n".into(), "bar: after\n".into()));
+    assert!(
+        changed_at.elapsed() < Duration::from_secs(3),
+        "checked inside the drain timeout"
+    );
+
+    // Past the drain timeout the removed listener's connection is closed: the next
+    // exchange on it gets no reply (EOF or reset), while the other one still works.
+    std::thread::sleep(Duration::from_secs(5));
+    cmd_tx.send("late\n").expect("cmd");
+    let late = out_rx.recv_timeout(Duration::from_secs(10));
+    let _ = cmd_tx.send("stop");
+    let joined = holder.join();
+    match (late, joined) {
+        (Ok((a, b)), Ok(())) => {
+            assert_eq!(a, "foo: late\n");
+            assert_eq!(b, "", "8089's connection closed after the drain timeout");
+        }
+        // `exchange` panics on a reset read: the holder thread ended there.
+        (Err(_), Err(_)) => {}
+        (late, joined) => panic!("unexpected: {late:?} {}", joined.is_ok()),
+    }
+    assert!(
+        agent.log_text().contains("listener removed"),
+        "{}",
+        agent.log_text()
+    );
+}
