@@ -22,8 +22,11 @@ impl Drop for Dir {
 }
 
 fn example_copy() -> Dir {
+    // Unique per call: tests of this file run in parallel in one process.
+    static COPIES: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
     let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/examples/envoy-gateway");
-    let dir = std::env::temp_dir().join(format!("sockgate-model-e2e-{}", std::process::id()));
+    let n = COPIES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let dir = std::env::temp_dir().join(format!("sockgate-model-e2e-{}-{n}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).expect("dir");
     for f in ["gatewayclass.yaml", "tcp-routing.yaml", "backends.yaml"] {
@@ -61,22 +64,28 @@ fn eventually(what: &str, agent: &Agent, mut cond: impl FnMut() -> bool) {
     }
 }
 
-#[test]
-fn manifests_drive_the_agent_and_bad_input_keeps_the_last_good_state() {
-    require_root();
-    let bed = Bed::new(2).expect("bed");
-    let _foo = servers::Server::start(
+/// The example's backends: Service foo (3001) and bar (3002), answering with their name.
+fn foo_and_bar(bed: &Bed) -> [servers::Server; 2] {
+    let foo_server = servers::Server::start(
         bed.backend(0),
         SocketAddr::new(bed.backend_addr(0).into(), 3001),
         servers::named_echo("foo"),
     )
     .expect("foo");
-    let _bar = servers::Server::start(
+    let bar = servers::Server::start(
         bed.backend(1),
         SocketAddr::new(bed.backend_addr(1).into(), 3002),
         servers::named_echo("bar"),
     )
     .expect("bar");
+    [foo_server, bar]
+}
+
+#[test]
+fn manifests_drive_the_agent_and_bad_input_keeps_the_last_good_state() {
+    require_root();
+    let bed = Bed::new(2).expect("bed");
+    let _servers = foo_and_bar(&bed);
     let dir = example_copy();
     let agent = Agent::start(
         &bed,
@@ -137,18 +146,7 @@ fn manifests_drive_the_agent_and_bad_input_keeps_the_last_good_state() {
 fn a_change_leaves_established_connections_on_their_backend_and_drains_a_removed_listener() {
     require_root();
     let bed = Bed::new(2).expect("bed");
-    let _foo = servers::Server::start(
-        bed.backend(0),
-        SocketAddr::new(bed.backend_addr(0).into(), 3001),
-        servers::named_echo("foo"),
-    )
-    .expect("foo");
-    let _bar = servers::Server::start(
-        bed.backend(1),
-        SocketAddr::new(bed.backend_addr(1).into(), 3002),
-        servers::named_echo("bar"),
-    )
-    .expect("bar");
+    let _servers = foo_and_bar(&bed);
     let dir = example_copy();
     let agent = Agent::start(
         &bed,
