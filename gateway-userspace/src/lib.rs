@@ -2,6 +2,7 @@
 //!
 //! # Layout
 //!
+//! * [`btf`]: member offsets from the kernel's BTF, for the verdict program.
 //! * [`desired`]: the desired state the data path serves.
 //! * [`ebpf`]: the embedded eBPF object, loading, pinning and the pin compatibility check.
 //! * [`mapsync`]: writes the desired state to `GW_LISTENERS` / `GW_BACKENDS`.
@@ -9,6 +10,7 @@
 //! * [`proxy`]: listeners, backend selection, the kernel and userspace data paths.
 //! * [`routes`]: the `--route` fixed table.
 //! * [`status`]: `sockgate status`, read from the pinned maps.
+pub mod btf;
 pub mod desired;
 pub mod ebpf;
 pub mod mapsync;

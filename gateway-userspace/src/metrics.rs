@@ -63,6 +63,10 @@ fn labels(port: u16) -> ListenerLabels {
 }
 
 impl Collector for MapCollector {
+    #[expect(
+        clippy::too_many_lines,
+        reason = "one metric family after the other, in the order they are exposed"
+    )]
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let ports: Vec<u16> = self.dp.listener_keys().iter().map(|k| k.port).collect();
         let stats: Vec<_> = ports
@@ -158,6 +162,15 @@ impl Collector for MapCollector {
                 l.push(("direction", dir.to_owned()));
                 ConstCounter::new(v).encode(e.encode_family(&l)?)?;
             }
+        }
+        let mut e = encoder.encode_descriptor(
+            "sockgate_kernel_throttles",
+            "Times the verdict program throttled a kernel-path socket whose peer's queue was full",
+            None,
+            counter.metric_type(),
+        )?;
+        for (p, s) in &stats {
+            ConstCounter::new(s.kernel_throttles).encode(e.encode_family(&labels(*p))?)?;
         }
         let mut e = encoder.encode_descriptor(
             "sockgate_map_entries",
