@@ -343,6 +343,10 @@ fn fast_client_slow_backend_kernel_memory_bounded() {
         "the client must outrun the backend for the test to mean anything: sent {sent}"
     );
     assert!(samples >= 10, "too few memory samples: {samples}");
+    assert!(
+        conn_max < bound,
+        "the connection held {conn_max} bytes of kernel memory (bound {bound})"
+    );
     // The kernel path carried the connection, and was throttled.
     assert_eq!(stats["kernel_connections"], 1, "{stats}");
     assert_eq!(stats["userspace_connections"], 0, "{stats}");
@@ -354,8 +358,4 @@ fn fast_client_slow_backend_kernel_memory_bounded() {
             .as_u64()
             .unwrap_or(0);
     assert_eq!(carried, sent, "{stats}");
-    assert!(
-        conn_max < bound,
-        "the connection held {conn_max} bytes of kernel memory (bound {bound})"
-    );
 }
