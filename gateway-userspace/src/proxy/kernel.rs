@@ -39,8 +39,8 @@ use crate::ebpf::{Datapath, MapOpError};
 /// take the redirected bytes (before a FIN, or before forwarding parked bytes).
 const DRAIN_STALL_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// Bytes the verdict may queue towards a socket that its TCP has not taken yet
-/// before it throttles the sender ([`gateway_common::Peer::queue_limit`]).
+/// Default of the bytes the verdict may queue towards a socket that its TCP has not
+/// taken yet before it throttles the sender ([`gateway_common::Peer::queue_limit`]).
 pub const QUEUE_LIMIT: u32 = gateway_common::PEER_QUEUE_LIMIT;
 
 /// Errors of setting a pair up on the kernel path; the caller falls back to splice.
@@ -76,12 +76,14 @@ impl Drop for Pair {
 }
 
 /// Puts `client` and `backend` in the maps. On success the pair is live: the caller
-/// must then [`run`] it.
+/// must then [`run`] it. `queue_limit` bounds what the verdict queues towards either
+/// socket before it throttles the sender (default [`QUEUE_LIMIT`]).
 pub fn insert(
     dp: &Arc<Datapath>,
     client: &TcpStream,
     backend: &TcpStream,
     listener_port: u16,
+    queue_limit: u32,
 ) -> Result<(Pair, [u64; 2]), PairError> {
     let c = sock::cookie(client).map_err(PairError::Cookie)?;
     let b = sock::cookie(backend).map_err(PairError::Cookie)?;
@@ -89,7 +91,7 @@ pub fn insert(
         sock::bytes_handed_to_tcp(client).map_err(PairError::TcpInfo)?,
         sock::bytes_handed_to_tcp(backend).map_err(PairError::TcpInfo)?,
     ];
-    dp.insert_pair((c, client), (b, backend), listener_port, QUEUE_LIMIT)?;
+    dp.insert_pair((c, client), (b, backend), listener_port, queue_limit)?;
     // Run data queued before the insertion through the verdict.
     let _ = sock::set_rcvlowat(client, 1);
     let _ = sock::set_rcvlowat(backend, 1);
