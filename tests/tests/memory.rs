@@ -373,3 +373,93 @@ fn fast_client_slow_backend_kernel_memory_bounded() {
             .unwrap_or(0);
     assert_eq!(carried, sent, "{stats}");
 }
+
+/// A throttled connection still ends cleanly: the backend never reads, the client
+/// writes until the kernel path throttles it, then the backend resets. The client
+/// must see the reset, and the pair must leave the maps.
+#[test]
+fn throttled_connection_reset_by_backend() {
+    require_root();
+    let bed = Bed::new(1).expect("bed");
+    let (tx, rx) = mpsc::channel::<()>();
+    let rx = std::sync::Mutex::new(rx);
+    let handler: servers::Handler = Arc::new(move |s: TcpStream| {
+        // Read nothing; reset when told (or after a bound).
+        let _ = rx
+            .lock()
+            .expect("lock")
+            .recv_timeout(Duration::from_secs(30));
+        let _ = socket2::SockRef::from(&s).set_linger(Some(Duration::ZERO));
+        drop(s);
+    });
+    let backend = SocketAddr::new(bed.backend_addr(0).into(), 3001);
+    let _server = servers::Server::start(bed.backend(0), backend, handler).expect("server");
+    let route = format!("8088={backend}");
+    let limit = QUEUE_LIMIT.to_string();
+    let agent = Agent::start(
+        &bed,
+        &[
+            "--route",
+            &route,
+            "--datapath",
+            "sockmap",
+            "--kernel-queue-limit",
+            &limit,
+        ],
+        &[8088],
+    );
+    let addr = SocketAddr::new(bed.node_addr().into(), 8088);
+    let client = bed
+        .client()
+        .run(move || {
+            let mut s = connect(addr).expect("connect");
+            s.set_write_timeout(Some(Duration::from_millis(200)))
+                .expect("timeout");
+            // Write until the connection takes nothing more for a while (bounded).
+            let buf = vec![0x5au8; 256 * 1024];
+            let deadline = Instant::now() + Duration::from_secs(10);
+            let mut sent = 0u64;
+            let mut idle = 0;
+            while Instant::now() < deadline && idle < 5 {
+                match s.write(&buf) {
+                    Ok(n) => {
+                        sent += n as u64;
+                        idle = 0;
+                    }
+                    Err(_) => idle += 1,
+                }
+            }
+            (s, sent)
+        })
+        .expect("client");
+    let (mut client, sent) = client;
+    let stats = agent.stats(8088);
+    eprintln!("client wrote {sent} bytes into a backend that reads nothing; counters {stats}");
+    assert!(stats["kernel_throttles"].as_u64() >= Some(1), "{stats}");
+    assert_eq!(stats["active_kernel"], 1, "{stats}");
+    // Bounded: the client got no further than the bound of the first test allows.
+    assert!(
+        sent < 256 * MIB,
+        "the client wrote {sent} bytes into a backend that reads nothing"
+    );
+    tx.send(()).expect("backend told to reset");
+    // The reset reaches the client: a read or write fails with a reset (bounded).
+    client
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    let mut b = [0u8; 1];
+    let got = client.read(&mut b);
+    assert!(
+        matches!(&got, Err(e) if e.kind() == io::ErrorKind::ConnectionReset),
+        "client read after the backend reset: {got:?}"
+    );
+    // Both sockets and map entries are gone.
+    for _ in 0..100 {
+        let s = agent.stats(8088);
+        if agent.status()["paired_sockets"] == 0 && s["active_kernel"] == 0 {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    panic!("pair left after the reset: {}", agent.status());
+}
