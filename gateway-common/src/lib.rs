@@ -119,11 +119,23 @@ const _: () = assert!(size_of::<Backend>() == 32);
 /// [`Backend::flags`]: the backendRef is invalid; connections picked for it are rejected.
 pub const BACKEND_F_INVALID: u32 = 1;
 
-/// Value of [`GW_PEERS`]: the other socket of a proxied pair.
+/// Value of [`GW_PEERS`]: the other socket of a proxied pair, and the state of the
+/// bound on what the verdict program may queue towards it.
 ///
 /// The agent writes an entry once, when the pair is made, and deletes it when the pair
-/// ends; in between only the verdict program writes it (`bytes_redirected`), so the two
-/// never race on a field.
+/// ends; in between only the verdict program writes it (`bytes_redirected`,
+/// `bytes_passed`, `flags`, `peer_write_seq_base`; it runs under the socket's lock),
+/// so the two never race on a field.
+///
+/// The bound: bytes redirected to the peer wait in the peer's psock queue until its
+/// TCP takes them, and nothing else limits that queue. The verdict compares what it
+/// made the peer owe (`bytes_redirected + bytes_passed`) with what the peer's TCP
+/// took (its `write_seq` since the pairing); above `queue_limit` it stops redirecting
+/// ([`PEER_F_THROTTLED`]) and passes segments to this socket's own receive queue,
+/// where they are charged to its receive buffer, so TCP closes the window towards the
+/// sender. The agent forwards those parked bytes once the peer took everything
+/// redirected before them; the verdict resumes redirecting only when the peer took
+/// every parked byte too, so no segment overtakes another.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 #[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
@@ -132,8 +144,11 @@ pub struct Peer {
     pub peer_cookie: u64,
     /// Bytes received on this socket and redirected to the peer's egress by the verdict
     /// program. The agent compares it with what the peer's TCP took before it
-    /// propagates a FIN.
+    /// propagates a FIN or forwards parked bytes.
     pub bytes_redirected: u64,
+    /// Bytes received on this socket that the verdict program passed to this socket's
+    /// own receive queue (throttled, or the redirect failed): the agent forwards them.
+    pub bytes_passed: u64,
     /// Listener port the pair belongs to, host byte order (the [`GW_STATS`] key).
     pub listener_port: u16,
     /// Always zero.
@@ -141,12 +156,33 @@ pub struct Peer {
     /// [`DIR_CLIENT_TO_BACKEND`] when this socket is the client side, else
     /// [`DIR_BACKEND_TO_CLIENT`]: the direction of the bytes it receives.
     pub direction: u32,
-    /// `PEER_F_*` bits; none defined yet.
+    /// `PEER_F_*` bits, written by the verdict program.
     pub flags: u32,
+    /// Most bytes the verdict may have redirected or parked that the peer's TCP has
+    /// not taken yet; set by the agent. 0 means [`PEER_QUEUE_LIMIT`].
+    pub queue_limit: u32,
+    /// The peer's `tcp_sock.write_seq` when the verdict first ran on this socket
+    /// (valid with [`PEER_F_BASE_SET`]): the origin of what the peer's TCP took.
+    pub peer_write_seq_base: u32,
     /// Always zero.
     pub _pad2: u32,
 }
-const _: () = assert!(size_of::<Peer>() == 32);
+const _: () = assert!(size_of::<Peer>() == 48);
+
+/// [`Peer::flags`]: `peer_write_seq_base` holds the peer's origin.
+pub const PEER_F_BASE_SET: u32 = 1;
+/// [`Peer::flags`]: the verdict parks segments on this socket instead of redirecting
+/// them, until the peer's TCP took every byte redirected or parked.
+pub const PEER_F_THROTTLED: u32 = 2;
+
+/// Default [`Peer::queue_limit`]: bytes redirected (or parked) and not yet taken by the
+/// peer's TCP above which the verdict program throttles a socket.
+pub const PEER_QUEUE_LIMIT: u32 = 4 * 1024 * 1024;
+
+/// Name of the read-only global of the verdict program that holds the offset of
+/// `write_seq` in the kernel's `struct tcp_sock`, set by the loader from the running
+/// kernel's BTF.
+pub const GLOBAL_WRITE_SEQ_OFFSET: &str = "TCP_SOCK_WRITE_SEQ_OFFSET";
 
 /// Bytes received on the client socket, sent to the backend.
 pub const DIR_CLIENT_TO_BACKEND: u32 = 0;
@@ -214,8 +250,10 @@ pub struct ListenerStats {
     pub passes: u64,
     /// Messages seen by the `sk_msg` program.
     pub msgs: u64,
-    /// Always zero; room for one more counter without a layout change.
-    pub _reserved: u64,
+    /// Times the verdict program throttled a socket of a kernel-path pair (its peer
+    /// had [`Peer::queue_limit`] bytes not yet taken), parking segments until the
+    /// agent forwarded them.
+    pub kernel_throttles: u64,
 }
 const _: () = assert!(size_of::<ListenerStats>() == 18 * 8);
 
@@ -285,6 +323,7 @@ impl ListenerStats {
         self.redirects += o.redirects;
         self.passes += o.passes;
         self.msgs += o.msgs;
+        self.kernel_throttles += o.kernel_throttles;
         self
     }
 }

@@ -22,14 +22,15 @@ use aya_ebpf::{
     EbpfContext as _,
     bindings::{BPF_NOEXIST, sk_action},
     btf_maps::{HashMap, PerCpuHashMap, SockHash},
-    helpers::bpf_get_socket_cookie,
+    helpers::{bpf_get_socket_cookie, bpf_map_lookup_elem, bpf_sk_release, bpf_skc_to_tcp_sock},
     macros::{btf_map, sk_msg, stream_verdict},
     programs::{SkBuffContext, SkMsgContext},
 };
 use aya_log_ebpf::{debug, error};
 use gateway_common::{
     Backend, BackendKey, DIR_CLIENT_TO_BACKEND, ListenerInfo, ListenerKey, ListenerStats,
-    MAX_BACKENDS, MAX_LISTENERS, MAX_SOCKETS, MAX_STATS, OWNER_KERNEL, Peer, StatsKey,
+    MAX_BACKENDS, MAX_LISTENERS, MAX_SOCKETS, MAX_STATS, OWNER_KERNEL, PEER_F_BASE_SET,
+    PEER_F_THROTTLED, PEER_QUEUE_LIMIT, Peer, StatsKey,
 };
 
 /// Listener port -> what is programmed for it.
@@ -68,6 +69,45 @@ fn stats(port: u16) -> Option<&'static mut ListenerStats> {
     GW_STATS.get_ptr_mut(&key).map(|p| unsafe { &mut *p })
 }
 
+/// Offset of `write_seq` in the kernel's `struct tcp_sock`: set by the loader from the
+/// running kernel's BTF (a read-only global, so the verifier sees a constant).
+#[unsafe(no_mangle)]
+static TCP_SOCK_WRITE_SEQ_OFFSET: u32 = 0;
+
+/// The peer socket's `tcp_sock.write_seq`: the sequence number after the last byte its
+/// TCP took from a sender (queued or sent). `None` when the peer is not in the
+/// sockhash.
+#[inline(always)]
+fn peer_write_seq(peer_cookie: u64) -> Option<u32> {
+    let mut key = peer_cookie;
+    // SAFETY: lookup in the sockhash by a key on the stack; a socket it returns holds
+    // a reference that is released below on every path.
+    let sk = unsafe {
+        bpf_map_lookup_elem(
+            core::ptr::from_ref(&GW_SOCKS).cast_mut().cast(),
+            core::ptr::from_mut(&mut key).cast(),
+        )
+    };
+    if sk.is_null() {
+        return None;
+    }
+    // SAFETY: sk is a socket from the lookup.
+    let tp = unsafe { bpf_skc_to_tcp_sock(sk) };
+    let seq = if tp.is_null() {
+        None
+    } else {
+        // SAFETY: a constant offset (read-only global) into a BTF-typed tcp_sock; the
+        // verifier checks it names a 4-byte field.
+        Some(unsafe {
+            let off = core::ptr::read_volatile(&raw const TCP_SOCK_WRITE_SEQ_OFFSET);
+            core::ptr::read_volatile(tp.cast::<u8>().add(off as usize).cast::<u32>())
+        })
+    };
+    // SAFETY: releases the reference the lookup took.
+    unsafe { bpf_sk_release(sk) };
+    seq
+}
+
 #[stream_verdict]
 pub fn gw_verdict(ctx: SkBuffContext) -> u32 {
     // SAFETY: the context is a valid __sk_buff for this program type.
@@ -76,19 +116,70 @@ pub fn gw_verdict(ctx: SkBuffContext) -> u32 {
         return sk_action::SK_PASS;
     };
     // SAFETY: pointer returned by the map lookup; the verdict runs under this socket's
-    // lock, so it is the only writer of this entry's counter.
+    // lock, so it is the only writer of this entry's counters and flags.
     let peer: Peer = unsafe { *entry };
     let len = ctx.len();
     if len == 0 {
         // A FIN: userspace propagates it once the peer has sent everything.
         return sk_action::SK_DROP;
     }
-    let mut key = peer.peer_cookie;
-    let ret = GW_SOCKS.redirect_skb(&ctx, &mut key, 0);
-    let redirected = ret == i64::from(sk_action::SK_PASS);
+    let mut flags = peer.flags;
+    let mut base = peer.peer_write_seq_base;
+    // Bytes the peer's stream owes for this socket, minus what its TCP took: the psock
+    // queue towards the peer plus parked bytes the agent has not forwarded yet. Sequence
+    // arithmetic (mod 2^32) is exact while that stays below 2 GiB, which the limit
+    // keeps it far from.
+    let outstanding = match peer_write_seq(peer.peer_cookie) {
+        Some(seq) => {
+            if flags & PEER_F_BASE_SET == 0 {
+                // Nothing of this socket reached the peer before its first segment.
+                base = seq;
+                flags |= PEER_F_BASE_SET;
+            }
+            let taken = seq.wrapping_sub(base);
+            let owed = (peer.bytes_redirected.wrapping_add(peer.bytes_passed)) as u32;
+            Some(owed.wrapping_sub(taken) as i32)
+        }
+        None => None,
+    };
+    let limit = if peer.queue_limit == 0 {
+        PEER_QUEUE_LIMIT
+    } else {
+        peer.queue_limit
+    };
+    let mut throttled_now = false;
+    let park = match outstanding {
+        // Peer gone from the sockhash: keep the data here for the agent.
+        None => true,
+        // Throttled: keep parking until the peer took every byte, parked ones too,
+        // so that nothing redirected can overtake a parked byte.
+        Some(o) if flags & PEER_F_THROTTLED != 0 => o > 0,
+        Some(o) => {
+            throttled_now = o > 0 && o as u32 > limit;
+            throttled_now
+        }
+    };
+    let mut redirected = false;
+    if !park {
+        let mut key = peer.peer_cookie;
+        redirected = GW_SOCKS.redirect_skb(&ctx, &mut key, 0) == i64::from(sk_action::SK_PASS);
+    }
     if redirected {
-        // SAFETY: as above.
-        unsafe { (*entry).bytes_redirected += u64::from(len) };
+        flags &= !PEER_F_THROTTLED;
+    } else {
+        // Parked, or the redirect failed: the agent forwards these bytes, and nothing
+        // is redirected again before the peer took them.
+        flags |= PEER_F_THROTTLED;
+    }
+    // SAFETY: as above.
+    unsafe {
+        if redirected {
+            (*entry).bytes_redirected += u64::from(len);
+        } else {
+            (*entry).bytes_passed += u64::from(len);
+        }
+        (*entry).flags = flags;
+        (*entry).peer_write_seq_base = base;
     }
     if let Some(s) = stats(peer.listener_port) {
         if redirected {
@@ -101,13 +192,17 @@ pub fn gw_verdict(ctx: SkBuffContext) -> u32 {
         } else {
             s.passes += 1;
         }
+        if throttled_now {
+            s.kernel_throttles += 1;
+        }
     } else {
         error!(
             &ctx,
             "GW_STATS is full: counters of listener {} are not kept", peer.listener_port
         );
     }
-    if !redirected {
+    if outstanding.is_none() || (!park && !redirected) {
+        // Not a throttle (that is counted, not logged): the peer left the sockhash.
         debug!(
             &ctx,
             "redirect to socket {} failed: {} bytes kept on socket {}",
@@ -116,8 +211,8 @@ pub fn gw_verdict(ctx: SkBuffContext) -> u32 {
             cookie
         );
     }
-    // A failed redirect (peer gone from the map) keeps the data on this socket, where
-    // the agent reads it: never drop payload.
+    // Parked data, and data whose redirect failed, stay on this socket, where the agent
+    // reads them: never drop payload.
     sk_action::SK_PASS
 }
 

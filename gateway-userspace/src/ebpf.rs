@@ -19,9 +19,9 @@ use aya::{
     programs::{SkMsg, SkSkb},
 };
 use gateway_common::{
-    Backend, BackendKey, GW_BACKENDS, GW_LISTENERS, GW_PEERS, GW_SOCKS, GW_STATS, ListenerInfo,
-    ListenerKey, ListenerStats, MAP_NAMES, MAX_BACKENDS, MAX_LISTENERS, MAX_SOCKETS, MAX_STATS,
-    PROG_MSG, PROG_VERDICT, Peer, StatsKey,
+    Backend, BackendKey, GLOBAL_WRITE_SEQ_OFFSET, GW_BACKENDS, GW_LISTENERS, GW_PEERS, GW_SOCKS,
+    GW_STATS, ListenerInfo, ListenerKey, ListenerStats, MAP_NAMES, MAX_BACKENDS, MAX_LISTENERS,
+    MAX_SOCKETS, MAX_STATS, PROG_MSG, PROG_VERDICT, Peer, StatsKey,
 };
 use tracing::{info, warn};
 
@@ -84,6 +84,8 @@ pub enum LoadError {
     },
     #[error("the eBPF object has no {0}")]
     Missing(&'static str),
+    #[error("kernel BTF: {0}")]
+    Btf(#[from] crate::btf::BtfError),
 }
 
 /// Errors of writing or reading the maps at run time.
@@ -355,7 +357,11 @@ impl Datapath {
                 reused.push(spec.name);
             }
         }
+        // The verdict reads the peer's tcp_sock.write_seq (the bound on its queue).
+        let write_seq_offset =
+            crate::btf::member_offset(&opts.kernel_btf, "tcp_sock", "write_seq")?;
         let mut loader = EbpfLoader::new();
+        loader.override_global(GLOBAL_WRITE_SEQ_OFFSET, &write_seq_offset, true);
         for name in MAP_NAMES {
             loader.map_pin_path(name, opts.pin_dir.join(name));
         }
@@ -482,12 +488,14 @@ impl Datapath {
 
     /// Inserts both sockets of a pair in `GW_SOCKS` and their peer entries in
     /// `GW_PEERS`. Peers are written first so that the verdict finds them as soon as a
-    /// socket is in the hash. On error nothing is left behind.
+    /// socket is in the hash. On error nothing is left behind. `queue_limit` bounds
+    /// the bytes the verdict may queue towards either socket ([`Peer::queue_limit`]).
     pub fn insert_pair(
         &self,
         client: (u64, &impl AsRawFd),
         backend: (u64, &impl AsRawFd),
         listener_port: u16,
+        queue_limit: u32,
     ) -> Result<(), MapOpError> {
         let (c_cookie, c_fd) = client;
         let (b_cookie, b_fd) = backend;
@@ -495,12 +503,14 @@ impl Datapath {
             peer_cookie: b_cookie,
             listener_port,
             direction: gateway_common::DIR_CLIENT_TO_BACKEND,
+            queue_limit,
             ..Peer::default()
         };
         let b_peer = Peer {
             peer_cookie: c_cookie,
             listener_port,
             direction: gateway_common::DIR_BACKEND_TO_CLIENT,
+            queue_limit,
             ..Peer::default()
         };
         let result = (|| {
@@ -632,6 +642,15 @@ impl Datapath {
             .get(&cookie, 0)
             .ok()
             .map(|p| p.bytes_redirected)
+    }
+
+    /// Bytes the verdict parked on the socket `cookie` (passed to its own receive
+    /// queue for the agent to forward), `None` when the socket has no entry.
+    pub fn bytes_passed(&self, cookie: u64) -> Option<u64> {
+        lock(&self.maps.peers)
+            .get(&cookie, 0)
+            .ok()
+            .map(|p| p.bytes_passed)
     }
 
     /// Number of entries in `GW_PEERS`.

@@ -2,6 +2,7 @@
 //!
 //! # Layout
 //!
+//! * [`btf`]: member offsets from the kernel's BTF, for the verdict program.
 //! * [`check`]: `sockgate check`, the offline report.
 //! * [`cluster`]: the Kubernetes side: API access list, leader election of the status writer.
 //! * [`desired`]: the desired state the data path serves.
@@ -14,6 +15,7 @@
 //! * [`routes`]: the `--route` fixed table.
 //! * [`source`]: where Gateway API objects come from (manifest files).
 //! * [`status`]: `sockgate status`, read from the pinned maps.
+pub mod btf;
 pub mod check;
 pub mod cluster;
 pub mod desired;

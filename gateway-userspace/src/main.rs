@@ -132,6 +132,11 @@ struct RunArgs {
     /// agent is asked to stop.
     #[arg(long, default_value_t = 30.0)]
     drain_timeout: f64,
+    /// Bytes the kernel path may queue towards a socket that its TCP has not taken yet;
+    /// above it the sender is throttled (see docs/datapath.md, "Kernel memory").
+    #[arg(long, default_value_t = gateway_common::PEER_QUEUE_LIMIT,
+          value_parser = clap::value_parser!(u32).range(65536..))]
+    kernel_queue_limit: u32,
     /// Address of the `/metrics`, `/healthz` and `/readyz` endpoint.
     #[arg(long, default_value = "127.0.0.1:9464")]
     metrics_addr: std::net::SocketAddr,
@@ -302,6 +307,7 @@ fn run(args: &RunArgs) -> anyhow::Result<()> {
         connect_attempts: args.connect_attempts,
         drain_timeout: secs(args.drain_timeout, "drain-timeout")?,
         bind: args.bind,
+        kernel_queue_limit: args.kernel_queue_limit,
     };
     let opts = LoadOptions {
         pin_dir: args.pin_dir.clone(),

@@ -147,6 +147,14 @@ impl Collector for MapCollector {
         )?;
         family(
             e,
+            "sockgate_kernel_throttles",
+            "Times the verdict program throttled a kernel-path socket whose peer's queue was full",
+            stats
+                .iter()
+                .map(|(p, s)| (labels(*p), ConstCounter::new(s.kernel_throttles))),
+        )?;
+        family(
+            e,
             "sockgate_connections_active",
             "Connections open now, by data path",
             stats.iter().flat_map(|(p, s)| {

@@ -61,6 +61,8 @@ pub struct Counts {
     pub bytes_backend_to_client_kernel: u64,
     pub bytes_client_to_backend_userspace: u64,
     pub bytes_backend_to_client_userspace: u64,
+    /// Times the verdict throttled a kernel-path socket (its peer's queue was full).
+    pub kernel_throttles: u64,
 }
 
 impl From<ListenerStats> for Counts {
@@ -80,6 +82,7 @@ impl From<ListenerStats> for Counts {
             bytes_backend_to_client_kernel: s.bytes_b2c_kernel,
             bytes_client_to_backend_userspace: s.bytes_c2b_userspace,
             bytes_backend_to_client_userspace: s.bytes_b2c_userspace,
+            kernel_throttles: s.kernel_throttles,
         }
     }
 }
@@ -230,6 +233,11 @@ pub fn render(s: &Status) -> String {
             c.bytes_backend_to_client_kernel,
             c.bytes_client_to_backend_userspace,
             c.bytes_backend_to_client_userspace
+        );
+        let _ = writeln!(
+            o,
+            "  throttled:   kernel {}  (peer queue full; parked bytes moved by the agent)",
+            c.kernel_throttles
         );
     }
     o

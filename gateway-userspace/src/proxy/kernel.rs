@@ -10,13 +10,19 @@
 //!    `sk_data_ready`, which sockmap replaced: the queue is run through the verdict,
 //!    in order, before anything newer.
 //! 3. Each direction waits for readiness on its source socket. Readable means one of:
-//!    EOF (the verdict drops the zero-length FIN segment), data the verdict passed to
-//!    the socket itself (its redirect failed), or an error (reset).
-//! 4. On EOF the FIN is passed on only once the peer's TCP has taken every byte
-//!    redirected to it (`bytes_redirected` in `GW_PEERS` against `TCP_INFO`
-//!    `tcpi_bytes_acked` + `SIOCOUTQ`): a `shutdown()` issued earlier overtakes the
-//!    psock queue and truncates the stream.
-//! 5. A reset on either side resets the other. Entries are removed when the pair ends.
+//!    EOF (the verdict drops the zero-length FIN segment), data the verdict parked on
+//!    the socket itself (the peer's queue passed its limit, or the redirect failed),
+//!    or an error (reset).
+//! 4. Parked data is forwarded from userspace, but only once the peer's TCP has taken
+//!    every byte redirected before it (`bytes_redirected` in `GW_PEERS` against
+//!    `TCP_INFO` `tcpi_bytes_acked` + `SIOCOUTQ`), so it cannot overtake them. The
+//!    verdict keeps parking until the peer took the parked bytes too, then redirects
+//!    again by itself: this is what bounds kernel memory on this path (see
+//!    `docs/datapath.md`, "Kernel memory").
+//! 5. On EOF the FIN is passed on only once the peer's TCP has taken every byte
+//!    redirected or forwarded to it, by the same comparison: a `shutdown()` issued
+//!    earlier overtakes the psock queue and truncates the stream.
+//! 6. A reset on either side resets the other. Entries are removed when the pair ends.
 use std::{
     io,
     os::fd::AsFd,
@@ -29,8 +35,13 @@ use tokio::{io::Interest, net::TcpStream};
 use super::{sock, stats::Counters};
 use crate::ebpf::{Datapath, MapOpError};
 
-/// How long a FIN may wait for the redirected bytes before it.
-const FIN_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long the peer's TCP may take no byte at all while the agent waits for it to
+/// take the redirected bytes (before a FIN, or before forwarding parked bytes).
+const DRAIN_STALL_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Default of the bytes the verdict may queue towards a socket that its TCP has not
+/// taken yet before it throttles the sender ([`gateway_common::Peer::queue_limit`]).
+pub const QUEUE_LIMIT: u32 = gateway_common::PEER_QUEUE_LIMIT;
 
 /// Errors of setting a pair up on the kernel path; the caller falls back to splice.
 #[derive(Debug, thiserror::Error)]
@@ -65,12 +76,14 @@ impl Drop for Pair {
 }
 
 /// Puts `client` and `backend` in the maps. On success the pair is live: the caller
-/// must then [`run`] it.
+/// must then [`run`] it. `queue_limit` bounds what the verdict queues towards either
+/// socket before it throttles the sender (default [`QUEUE_LIMIT`]).
 pub fn insert(
     dp: &Arc<Datapath>,
     client: &TcpStream,
     backend: &TcpStream,
     listener_port: u16,
+    queue_limit: u32,
 ) -> Result<(Pair, [u64; 2]), PairError> {
     let c = sock::cookie(client).map_err(PairError::Cookie)?;
     let b = sock::cookie(backend).map_err(PairError::Cookie)?;
@@ -78,7 +91,7 @@ pub fn insert(
         sock::bytes_handed_to_tcp(client).map_err(PairError::TcpInfo)?,
         sock::bytes_handed_to_tcp(backend).map_err(PairError::TcpInfo)?,
     ];
-    dp.insert_pair((c, client), (b, backend), listener_port)?;
+    dp.insert_pair((c, client), (b, backend), listener_port, queue_limit)?;
     // Run data queued before the insertion through the verdict.
     let _ = sock::set_rcvlowat(client, 1);
     let _ = sock::set_rcvlowat(backend, 1);
@@ -92,45 +105,33 @@ pub fn insert(
     ))
 }
 
-/// One direction: waits for EOF on `src`, forwards any data the verdict left on `src`,
-/// and passes the FIN on once `dst` has taken everything.
-async fn direction(
+/// Waits until `dst`'s TCP has taken every byte redirected from `src` plus the
+/// `written` bytes the agent forwarded itself. Fails when `dst` takes nothing for
+/// [`DRAIN_STALL_TIMEOUT`].
+async fn wait_taken(
     dp: &Datapath,
     src: &Side<'_>,
     dst: &Side<'_>,
-    counters: &Counters,
-    client_to_backend: bool,
+    written: u64,
+    what: &str,
 ) -> io::Result<()> {
-    // Bytes this agent wrote to dst itself (data the verdict passed to src).
-    let mut written: u64 = 0;
-    let mut buf = vec![0u8; 64 * 1024];
-    loop {
-        src.stream.readable().await?;
-        match src.stream.try_read(&mut buf) {
-            Ok(0) => break,
-            Ok(n) => {
-                write_all(dst.stream, &buf[..n]).await?;
-                written += n as u64;
-                counters.moved(client_to_backend, n as u64);
-            }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-            Err(e) => return Err(e),
-        }
-    }
-    // EOF: wait until dst's TCP holds every byte before the FIN.
-    let deadline = Instant::now() + FIN_DRAIN_TIMEOUT;
+    let mut last = None;
+    let mut progress_at = Instant::now();
     let mut pause = Duration::from_micros(200);
     loop {
         let redirected = dp.bytes_redirected(src.cookie).unwrap_or(0);
         let handed = sock::bytes_handed_to_tcp(dst.stream)?.saturating_sub(dst.handed_base);
         if handed >= redirected + written {
-            break;
+            return Ok(());
         }
-        if Instant::now() > deadline {
+        if last != Some(handed) {
+            last = Some(handed);
+            progress_at = Instant::now();
+        } else if progress_at.elapsed() > DRAIN_STALL_TIMEOUT {
             return Err(io::Error::new(
                 io::ErrorKind::TimedOut,
                 format!(
-                    "redirected data not drained before FIN ({handed} of {} bytes)",
+                    "peer took no byte for {DRAIN_STALL_TIMEOUT:?} before {what} ({handed} of {} bytes)",
                     redirected + written
                 ),
             ));
@@ -138,6 +139,73 @@ async fn direction(
         tokio::time::sleep(pause).await;
         pause = (pause * 2).min(Duration::from_millis(20));
     }
+}
+
+/// One direction: waits for EOF on `src`, forwards any data the verdict parked on
+/// `src` (in order, after everything redirected before it), and passes the FIN on
+/// once `dst` has taken everything.
+async fn direction(
+    dp: &Datapath,
+    src: &Side<'_>,
+    dst: &Side<'_>,
+    counters: &Counters,
+    client_to_backend: bool,
+) -> io::Result<()> {
+    // Bytes this agent wrote to dst itself (data the verdict parked on src).
+    let mut written: u64 = 0;
+    // src's window clamp from before the agent narrowed it to forward parked bytes.
+    let mut saved_clamp: Option<i32> = None;
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut eof_since: Option<Instant> = None;
+    loop {
+        src.stream.readable().await?;
+        match src.stream.try_read(&mut buf) {
+            Ok(0) => {
+                // A parked segment can still be on its way to src's receive queue (it
+                // waits behind data redirected to src in src's psock queue): EOF
+                // counts only once every parked byte was forwarded.
+                if dp.bytes_passed(src.cookie).unwrap_or(0) <= written {
+                    break;
+                }
+                let since = *eof_since.get_or_insert_with(Instant::now);
+                if since.elapsed() > DRAIN_STALL_TIMEOUT {
+                    return Err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        "parked bytes never reached the socket after EOF",
+                    ));
+                }
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            Ok(n) => {
+                if saved_clamp.is_none() {
+                    // Parked bytes: the verdict redirects again only once the agent
+                    // forwarded every one of them, which never happens while the
+                    // sender outpaces the agent. Stop src's window from opening
+                    // further until the agent caught up.
+                    if let Ok(c) = sock::window_clamp(src.stream)
+                        && sock::set_window_clamp(src.stream, 1).is_ok()
+                    {
+                        saved_clamp = Some(c);
+                    }
+                }
+                wait_taken(dp, src, dst, written, "forwarding parked bytes").await?;
+                write_all(dst.stream, &buf[..n]).await?;
+                written += n as u64;
+                counters.moved(client_to_backend, n as u64);
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                // Every parked byte is in dst's TCP: the verdict's next segment
+                // redirects again. Let the window open as before.
+                if let Some(c) = saved_clamp.take() {
+                    let now = sock::window_clamp(src.stream).unwrap_or(0);
+                    let _ = sock::set_window_clamp(src.stream, c.max(now));
+                }
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    // EOF: wait until dst's TCP holds every byte before the FIN.
+    wait_taken(dp, src, dst, written, "FIN").await?;
     sock::shutdown_write(dst.stream)
 }
 

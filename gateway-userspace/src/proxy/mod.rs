@@ -65,6 +65,9 @@ pub struct ProxyConfig {
     pub drain_timeout: Duration,
     /// Address listeners bind (port from the desired state); `[::]` takes IPv4 too.
     pub bind: std::net::IpAddr,
+    /// Bytes the kernel path may queue towards a socket before the sender is
+    /// throttled (`Peer::queue_limit`).
+    pub kernel_queue_limit: u32,
 }
 
 impl Default for ProxyConfig {
@@ -75,6 +78,7 @@ impl Default for ProxyConfig {
             connect_attempts: 3,
             drain_timeout: Duration::from_secs(30),
             bind: Ipv6Addr::UNSPECIFIED.into(),
+            kernel_queue_limit: kernel::QUEUE_LIMIT,
         }
     }
 }
@@ -435,7 +439,13 @@ async fn handle(
         counters.opened(Path::Userspace);
         splice::run(client, backend, counters.clone()).await
     } else {
-        match kernel::insert(&shared.dp, &client, &backend, port) {
+        match kernel::insert(
+            &shared.dp,
+            &client,
+            &backend,
+            port,
+            shared.cfg.kernel_queue_limit,
+        ) {
             Ok((pair, bases)) => {
                 shared.choices.once("kernel", "pair in sockmap");
                 path_taken = Path::Kernel;

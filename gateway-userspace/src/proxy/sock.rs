@@ -77,6 +77,36 @@ pub fn set_rcvlowat(fd: &impl AsRawFd, bytes: i32) -> io::Result<()> {
     }
 }
 
+/// `TCP_WINDOW_CLAMP`: the largest receive window this socket advertises.
+pub fn window_clamp(fd: &impl AsRawFd) -> io::Result<i32> {
+    let (buf, len) = getsockopt_raw::<4>(fd, libc::IPPROTO_TCP, libc::TCP_WINDOW_CLAMP)?;
+    if len != 4 {
+        return Err(io::Error::other("short TCP_WINDOW_CLAMP"));
+    }
+    Ok(i32::from_ne_bytes(buf))
+}
+
+/// Sets `TCP_WINDOW_CLAMP`. The window never shrinks below what was advertised; a
+/// smaller clamp only stops it from opening again (`tcp_set_window_clamp()` in
+/// net/ipv4/tcp.c; the kernel raises tiny values to half of `SOCK_MIN_RCVBUF`).
+pub fn set_window_clamp(fd: &impl AsRawFd, bytes: i32) -> io::Result<()> {
+    // SAFETY: passes one int.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_WINDOW_CLAMP,
+            (&raw const bytes).cast(),
+            size_of::<i32>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
 /// Arms an abortive close: closing the socket now sends a RST, not a FIN.
 pub fn arm_reset(fd: &impl std::os::fd::AsFd) {
     let _ = socket2::SockRef::from(fd).set_linger(Some(std::time::Duration::ZERO));

@@ -193,7 +193,11 @@ impl Drop for Agent {
         if self.child.try_wait().ok().flatten().is_none() {
             self.stop();
         }
-        let _ = std::fs::remove_file(&self.log);
+        if std::thread::panicking() {
+            eprintln!("sockgate log kept at {}", self.log.display());
+        } else {
+            let _ = std::fs::remove_file(&self.log);
+        }
         // The agent removes its pins on a clean exit; make sure of it after a crash.
         let _ = std::fs::remove_dir_all(&self.pin_dir);
     }
