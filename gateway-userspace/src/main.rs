@@ -244,7 +244,7 @@ async fn spawn_source(
             opts,
             tx,
             program,
-            metrics.clone(),
+            cluster::source::SourceCounters::of(metrics),
             shutdown.clone(),
         ));
     }

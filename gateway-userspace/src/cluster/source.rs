@@ -41,6 +41,7 @@ use kube::{
         watcher,
     },
 };
+use prometheus_client::metrics::counter::Counter;
 use serde::de::DeserializeOwned;
 use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
@@ -468,6 +469,25 @@ async fn elect(
     }
 }
 
+/// The counters the kube source adds to.
+#[derive(Clone, Debug, Default)]
+pub struct SourceCounters {
+    /// Status writes sent.
+    pub status_writes: Counter,
+    /// Status writes that failed.
+    pub errors: Counter,
+}
+
+impl SourceCounters {
+    /// The agent's own counters.
+    pub fn of(metrics: &Metrics) -> Self {
+        Self {
+            status_writes: metrics.status_writes.clone(),
+            errors: metrics.reconcile_errors.clone(),
+        }
+    }
+}
+
 /// Runs the kube source until `shutdown`: each new desired state is programmed with
 /// `program` and sent on `tx`; the elected agent writes status.
 pub async fn run(
@@ -475,7 +495,7 @@ pub async fn run(
     opts: KubeOptions,
     tx: watch::Sender<Arc<DesiredState>>,
     mut program: impl FnMut(&DesiredState) + Send,
-    metrics: Arc<Metrics>,
+    counters: SourceCounters,
     shutdown: CancellationToken,
 ) {
     let Some(version) = discover(&client, &shutdown).await else {
@@ -536,10 +556,10 @@ pub async fn run(
             );
             match writer.write(&status, &stores.current()).await {
                 Ok(n) => {
-                    metrics.status_writes.inc_by(n);
+                    counters.status_writes.inc_by(n);
                 }
                 Err(e) => {
-                    metrics.reconcile_errors.inc();
+                    counters.errors.inc();
                     warn!(error = %e, "status write failed; retried on the next change");
                 }
             }

@@ -120,3 +120,167 @@ fn addresses_are_spec_addresses_or_the_agent_nodes_internal_ips() {
         vec!["10.0.0.1", "10.0.0.2", "10.0.0.3"]
     );
 }
+
+mod against_a_scripted_api_server {
+    use std::{collections::BTreeSet, pin::pin};
+
+    use http::{Request, Response, StatusCode};
+    use kube::client::Body;
+    use serde_json::{Value, json};
+    use tower_test::mock;
+
+    use super::*;
+
+    fn resources(group_version: &str, list: &[(&str, &str, bool)]) -> Value {
+        json!({
+            "kind": "APIResourceList", "apiVersion": "v1", "groupVersion": group_version,
+            "resources": list.iter().map(|(name, kind, namespaced)| json!({
+                "name": name, "singularName": "", "namespaced": namespaced, "kind": kind,
+                "verbs": ["get", "list", "watch", "patch"],
+            })).collect::<Vec<_>>(),
+        })
+    }
+
+    /// What the scripted server answers to one request.
+    fn answer(method: &http::Method, path: &str, query: &str) -> Option<(StatusCode, Value)> {
+        let gw = "gateway.networking.k8s.io";
+        let lease = "/apis/coordination.k8s.io/v1/namespaces/sockgate-system/leases";
+        if query.contains("watch=true") {
+            return None; // Held open: nothing changes in this cluster.
+        }
+        Some(match (method.as_str(), path) {
+            ("GET", "/apis") => (
+                StatusCode::OK,
+                json!({"kind": "APIGroupList", "apiVersion": "v1", "groups": [{
+                    "name": gw,
+                    "versions": [
+                        {"groupVersion": format!("{gw}/v1"), "version": "v1"},
+                        {"groupVersion": format!("{gw}/v1alpha2"), "version": "v1alpha2"},
+                    ],
+                    "preferredVersion": {"groupVersion": format!("{gw}/v1"), "version": "v1"},
+                }]}),
+            ),
+            ("GET", "/apis/gateway.networking.k8s.io/v1") => (
+                StatusCode::OK,
+                resources(
+                    &format!("{gw}/v1"),
+                    &[
+                        ("gatewayclasses", "GatewayClass", false),
+                        ("gateways", "Gateway", true),
+                        ("tcproutes", "TCPRoute", true),
+                    ],
+                ),
+            ),
+            ("GET", "/apis/gateway.networking.k8s.io/v1alpha2") => (
+                StatusCode::OK,
+                resources(
+                    &format!("{gw}/v1alpha2"),
+                    &[("tcproutes", "TCPRoute", true)],
+                ),
+            ),
+            ("GET", p) if p == format!("{lease}/sockgate-status-writer") => (
+                StatusCode::NOT_FOUND,
+                json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
+                       "reason": "NotFound", "code": 404}),
+            ),
+            ("POST", p) if p == lease => (
+                StatusCode::CREATED,
+                json!({"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+                       "metadata": {"name": "sockgate-status-writer",
+                                    "namespace": "sockgate-system", "resourceVersion": "1"},
+                       "spec": {"holderIdentity": "node-1"}}),
+            ),
+            ("GET", _) => (
+                StatusCode::OK,
+                json!({"apiVersion": "v1", "kind": "List",
+                       "metadata": {"resourceVersion": "1"}, "items": []}),
+            ),
+            _ => (StatusCode::METHOD_NOT_ALLOWED, json!({})),
+        })
+    }
+
+    #[tokio::test]
+    async fn discovers_tcproute_lists_and_watches_every_kind_and_competes_for_the_lease() {
+        let (service, handle) = mock::pair::<Request<Body>, Response<Body>>();
+        let client = Client::new(service, "default");
+        let shutdown = CancellationToken::new();
+        let (tx, _rx) = watch::channel(Arc::new(DesiredState::default()));
+        let opts = KubeOptions {
+            controller_name: "sockgate.dev/gateway-controller".into(),
+            identity: "node-1".into(),
+            namespace: "sockgate-system".into(),
+            lease_name: "sockgate-status-writer".into(),
+            lease_duration: Duration::from_secs(15),
+            node_selector: BTreeMap::new(),
+            debounce: Duration::from_millis(10),
+        };
+        let source = tokio::spawn(run(
+            client,
+            opts,
+            tx,
+            |_| {},
+            SourceCounters::default(),
+            shutdown.clone(),
+        ));
+        let expected_watches: BTreeSet<&str> = [
+            "/apis/gateway.networking.k8s.io/v1/gatewayclasses",
+            "/apis/gateway.networking.k8s.io/v1/gateways",
+            "/apis/gateway.networking.k8s.io/v1/tcproutes",
+            "/apis/gateway.networking.k8s.io/v1/referencegrants",
+            "/api/v1/namespaces",
+            "/api/v1/services",
+            "/api/v1/nodes",
+            "/apis/discovery.k8s.io/v1/endpointslices",
+        ]
+        .into();
+        let mut listed = BTreeSet::new();
+        let mut watched = BTreeSet::new();
+        let mut lease_created = None;
+        let mut held = Vec::new();
+        let mut handle = pin!(handle);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        while !(listed.len() == expected_watches.len()
+            && watched.len() == expected_watches.len()
+            && lease_created.is_some())
+        {
+            let next = tokio::time::timeout_at(deadline, handle.next_request()).await;
+            let Ok(Some((req, send))) = next else {
+                panic!("stalled: listed {listed:?}, watched {watched:?}, lease {lease_created:?}");
+            };
+            let (method, path) = (req.method().clone(), req.uri().path().to_owned());
+            let query = req.uri().query().unwrap_or_default().to_owned();
+            if query.contains("watch=true") {
+                watched.insert(path.clone());
+            } else if method == http::Method::GET && expected_watches.contains(path.as_str()) {
+                listed.insert(path.clone());
+            }
+            if method == http::Method::POST && path.ends_with("/leases") {
+                let bytes = req.into_body().collect_bytes().await.expect("body");
+                lease_created = serde_json::from_slice::<Value>(&bytes).ok();
+            }
+            match answer(&method, &path, &query) {
+                Some((code, body)) => send.send_response(
+                    Response::builder()
+                        .status(code)
+                        .body(Body::from(serde_json::to_vec(&body).expect("json")))
+                        .expect("response"),
+                ),
+                None => held.push(send),
+            }
+        }
+        let listed: BTreeSet<&str> = listed.iter().map(String::as_str).collect();
+        assert_eq!(
+            listed, expected_watches,
+            "one list per kind, TCPRoute in v1"
+        );
+        let watched: BTreeSet<&str> = watched.iter().map(String::as_str).collect();
+        assert_eq!(watched, expected_watches, "then one watch per kind");
+        let lease = lease_created.expect("lease");
+        assert_eq!(lease["spec"]["holderIdentity"], "node-1");
+        shutdown.cancel();
+        tokio::time::timeout(Duration::from_secs(10), source)
+            .await
+            .expect("the source stops on shutdown")
+            .expect("no panic");
+    }
+}
