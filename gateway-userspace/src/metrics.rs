@@ -57,6 +57,9 @@ pub struct Metrics {
     pub healthy: AtomicBool,
     /// The desired state is programmed and the listeners are bound.
     pub ready: AtomicBool,
+    /// The source has delivered its first desired state (the kube source clears it
+    /// until its initial lists are done; the file and `--route` sources start with it).
+    pub source_ready: Arc<AtomicBool>,
 }
 
 #[derive(Debug)]
@@ -244,6 +247,7 @@ impl Metrics {
             status_writes,
             healthy: AtomicBool::new(true),
             ready: AtomicBool::new(false),
+            source_ready: Arc::new(AtomicBool::new(true)),
         }
     }
 
@@ -281,7 +285,12 @@ async fn healthz(State(m): State<Arc<Metrics>>) -> impl IntoResponse {
 }
 
 async fn readyz(State(m): State<Arc<Metrics>>) -> impl IntoResponse {
-    if m.ready.load(Ordering::Relaxed) {
+    if !m.source_ready.load(Ordering::Relaxed) {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "waiting for the first state from the source\n",
+        )
+    } else if m.ready.load(Ordering::Relaxed) {
         (StatusCode::OK, "ok: state programmed\n")
     } else {
         (

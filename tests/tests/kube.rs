@@ -22,9 +22,12 @@ fn unreachable_api_server_one_error_then_backoff_and_clean_stop() {
          users:\n- name: u\n  user: {}\n",
     )
     .expect("kubeconfig");
-    // SAFETY: set before any thread of this test reads the environment.
-    unsafe { std::env::set_var("KUBECONFIG", &kubeconfig) };
-    let mut agent = Agent::start(&bed, &["--source", "kube", "--node-name", "node-1"], &[]);
+    let mut agent = Agent::start_with_env(
+        &bed,
+        &["--source", "kube", "--node-name", "node-1"],
+        &[],
+        &[("KUBECONFIG", kubeconfig.as_os_str())],
+    );
     let deadline = Instant::now() + Duration::from_secs(20);
     while agent
         .log_text()
@@ -67,5 +70,62 @@ fn unreachable_api_server_one_error_then_backoff_and_clean_stop() {
     assert!(!log.contains("panicked"), "{log}");
     let status = agent.stop();
     assert!(status.success(), "{status}: {}", agent.log_text());
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn not_ready_until_the_cluster_state_is_programmed() {
+    require_root();
+    let bed = Bed::new(0).expect("bed");
+    let dir =
+        std::env::temp_dir().join(format!("sockgate-kubeconfig-ready-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let kubeconfig = dir.join("config");
+    std::fs::write(
+        &kubeconfig,
+        "apiVersion: v1\nkind: Config\nclusters:\n- name: c\n  cluster:\n    server: http://127.0.0.1:1\n\
+         contexts:\n- name: c\n  context:\n    cluster: c\n    user: u\ncurrent-context: c\n\
+         users:\n- name: u\n  user: {}\n",
+    )
+    .expect("kubeconfig");
+    let mut agent = Agent::start_with_env(
+        &bed,
+        &["--source", "kube", "--node-name", "node-1"],
+        &[],
+        &[("KUBECONFIG", kubeconfig.as_os_str())],
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !agent
+        .log_text()
+        .contains("Kubernetes API server unreachable")
+    {
+        assert!(Instant::now() < deadline, "{}", agent.log_text());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let get = |path: &str| -> String {
+        let path = path.to_owned();
+        bed.node()
+            .run(move || {
+                use std::io::{Read, Write};
+                let mut s = std::net::TcpStream::connect("127.0.0.1:9464")?;
+                write!(
+                    s,
+                    "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+                )?;
+                let mut out = String::new();
+                s.read_to_string(&mut out)?;
+                std::io::Result::Ok(out)
+            })
+            .expect("node namespace")
+            .expect("HTTP")
+    };
+    assert!(
+        get("/healthz").starts_with("HTTP/1.1 200"),
+        "programs loaded"
+    );
+    let ready = get("/readyz");
+    assert!(ready.starts_with("HTTP/1.1 503"), "{ready}");
+    assert!(ready.contains("waiting for the first state"), "{ready}");
+    assert!(agent.stop().success());
     let _ = std::fs::remove_dir_all(&dir);
 }

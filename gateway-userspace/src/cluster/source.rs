@@ -476,6 +476,8 @@ pub struct SourceCounters {
     pub status_writes: Counter,
     /// Status writes that failed.
     pub errors: Counter,
+    /// Set once the initial lists are done and their state is programmed.
+    pub ready: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl SourceCounters {
@@ -484,6 +486,7 @@ impl SourceCounters {
         Self {
             status_writes: metrics.status_writes.clone(),
             errors: metrics.reconcile_errors.clone(),
+            ready: metrics.source_ready.clone(),
         }
     }
 }
@@ -498,6 +501,9 @@ pub async fn run(
     counters: SourceCounters,
     shutdown: CancellationToken,
 ) {
+    counters
+        .ready
+        .store(false, std::sync::atomic::Ordering::Relaxed);
     let Some(version) = discover(&client, &shutdown).await else {
         return;
     };
@@ -547,6 +553,9 @@ pub async fn run(
             program(&desired);
             let _ = tx.send(Arc::new(desired));
         }
+        counters
+            .ready
+            .store(true, std::sync::atomic::Ordering::Relaxed);
         if *leading.borrow_and_update() {
             fill_addresses(
                 &mut status,

@@ -81,6 +81,26 @@ impl Agent {
 
     /// [`Agent::start`] with a given pin directory.
     pub fn start_with_pin_dir(bed: &Bed, pin_dir: PathBuf, args: &[&str], ports: &[u16]) -> Self {
+        Self::spawn(bed, pin_dir, args, ports, &[])
+    }
+
+    /// [`Agent::start`] with extra environment variables for the agent.
+    pub fn start_with_env(
+        bed: &Bed,
+        args: &[&str],
+        ports: &[u16],
+        env: &[(&str, &std::ffi::OsStr)],
+    ) -> Self {
+        Self::spawn(bed, pin_dir(), args, ports, env)
+    }
+
+    fn spawn(
+        bed: &Bed,
+        pin_dir: PathBuf,
+        args: &[&str],
+        ports: &[u16],
+        env: &[(&str, &std::ffi::OsStr)],
+    ) -> Self {
         let log = std::env::temp_dir().join(format!(
             "sockgate-test-{}-{}.log",
             std::process::id(),
@@ -95,6 +115,7 @@ impl Agent {
             .arg(&pin_dir)
             .args(args)
             .env("RUST_LOG", "info,sockgate=debug,gateway=debug")
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(logf)

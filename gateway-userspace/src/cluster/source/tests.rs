@@ -214,12 +214,16 @@ mod against_a_scripted_api_server {
             node_selector: BTreeMap::new(),
             debounce: Duration::from_millis(10),
         };
+        let counters = SourceCounters::default();
+        counters
+            .ready
+            .store(true, std::sync::atomic::Ordering::Relaxed);
         let source = tokio::spawn(run(
             client,
             opts,
             tx,
             |_| {},
-            SourceCounters::default(),
+            counters.clone(),
             shutdown.clone(),
         ));
         let expected_watches: BTreeSet<&str> = [
@@ -276,6 +280,12 @@ mod against_a_scripted_api_server {
         let watched: BTreeSet<&str> = watched.iter().map(String::as_str).collect();
         assert_eq!(watched, expected_watches, "then one watch per kind");
         let lease = lease_created.expect("lease");
+        // Ready once the initial lists are programmed (the Lease comes after them).
+        let ready_by = tokio::time::Instant::now() + Duration::from_secs(5);
+        while !counters.ready.load(std::sync::atomic::Ordering::Relaxed) {
+            assert!(tokio::time::Instant::now() < ready_by, "source never ready");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
         assert_eq!(lease["spec"]["holderIdentity"], "node-1");
         shutdown.cancel();
         tokio::time::timeout(Duration::from_secs(10), source)
