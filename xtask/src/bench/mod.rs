@@ -60,6 +60,10 @@ pub struct Options {
     pub only: Vec<String>,
 }
 
+/// The rows of `--quick`.
+const QUICK_ROWS: &[&str] = &["direct", "sockgate kernel", "sockgate splice", "HAProxy"];
+const ENVOY_ROW: &str = "Envoy tcp_proxy";
+
 /// The bench services on the backend, and the listener port every proxy gives each.
 const IPERF: Service = Service {
     backend_port: 5201,
@@ -219,7 +223,7 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
             rr_secs: 3,
             conn_secs: 3.0,
             slow_secs: 4.0,
-            quiet_max: Duration::from_secs(20),
+            quiet_max: Duration::from_secs(10),
         }
     };
     let mut info = RunInfo {
@@ -230,35 +234,36 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
         ..RunInfo::default()
     };
 
-    let mut proxies = vec![
+    let wanted = |name: &str| {
+        if opts.only.is_empty() {
+            !opts.quick || QUICK_ROWS.contains(&name)
+        } else {
+            let name = name.to_lowercase();
+            opts.only.iter().any(|o| name.contains(&o.to_lowercase()))
+        }
+    };
+    let mut proxies: Vec<Proxy> = [
         Proxy::Direct,
         Proxy::Sockgate("sockmap"),
         Proxy::Sockgate("splice"),
-    ];
-    if !opts.quick {
-        proxies.push(Proxy::Sockgate("auto"));
-    }
-    proxies.push(Proxy::Haproxy(HaSplice::Off));
-    if !opts.quick {
-        proxies.extend([
-            Proxy::Haproxy(HaSplice::Auto),
-            Proxy::Haproxy(HaSplice::Forced),
-            Proxy::Nginx,
-            Proxy::Socat,
-        ]);
+        Proxy::Sockgate("auto"),
+        Proxy::Haproxy(HaSplice::Off),
+        Proxy::Haproxy(HaSplice::Auto),
+        Proxy::Haproxy(HaSplice::Forced),
+        Proxy::Nginx,
+        Proxy::Socat,
+    ]
+    .into_iter()
+    .filter(|p| wanted(p.name()))
+    .collect();
+    if wanted(ENVOY_ROW) {
         match peers::envoy() {
             Ok(bin) => proxies.push(Proxy::Envoy(bin)),
             Err(why) => {
                 println!("bench: Envoy cannot be installed: {why}");
-                info.unavailable.push(("Envoy tcp_proxy".into(), why));
+                info.unavailable.push((ENVOY_ROW.into(), why));
             }
         }
-    }
-    if !opts.only.is_empty() {
-        proxies.retain(|p| {
-            let name = p.name().to_lowercase();
-            opts.only.iter().any(|o| name.contains(&o.to_lowercase()))
-        });
     }
     info.rows = proxies.iter().map(|p| p.name().to_owned()).collect();
     info.versions = versions(&proxies, &sockgate);

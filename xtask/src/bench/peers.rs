@@ -379,7 +379,7 @@ pub fn start(
         }
         Proxy::Haproxy(splice) => {
             let mut cfg = String::from(
-                "global\n  nbthread 1\n  maxconn 8000\ndefaults\n  mode tcp\n  \
+                "global\n  nbthread 1\n  maxconn 4000\ndefaults\n  mode tcp\n  \
                  timeout connect 5s\n  timeout client 60s\n  timeout server 60s\n",
             );
             match splice {
