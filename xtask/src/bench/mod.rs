@@ -58,6 +58,22 @@ pub struct Options {
     /// Only the rows whose name contains one of these (comma-separated, case-insensitive).
     #[arg(long, value_delimiter = ',')]
     pub only: Vec<String>,
+    /// Seconds of each iperf3 run (default 5; 1 with --quick).
+    #[arg(long)]
+    pub iperf_secs: Option<u32>,
+    /// Experiments: a sysctl set in the node namespace before the rows run
+    /// (`KEY=VALUE`, repeatable), e.g. `net.ipv4.tcp_wmem=4096 16384 16777216`.
+    #[arg(long, value_name = "KEY=VALUE")]
+    pub node_sysctl: Vec<String>,
+    /// Experiments: how sockgate's verdict program is attached to `GW_SOCKS`. `skb`
+    /// re-attaches it (with bpftool) as `BPF_SK_SKB_VERDICT` instead of the stream
+    /// verdict sockgate attaches.
+    #[arg(long, value_enum, default_value_t = peers::VerdictAttach::Stream)]
+    pub verdict_attach: peers::VerdictAttach,
+    /// Experiments: detach sockgate's `sk_msg` program from `GW_SOCKS` (with bpftool),
+    /// so sends on the paired sockets no longer go through `tcp_bpf_sendmsg`.
+    #[arg(long)]
+    pub detach_sk_msg: bool,
 }
 
 /// The rows of `--quick`.
@@ -166,6 +182,8 @@ pub struct RunInfo {
     pub failures: Vec<String>,
     pub versions: Vec<(String, String)>,
     pub paths: Vec<(String, u64, u64)>,
+    /// Non-default settings of this run (experiments).
+    pub settings: Vec<String>,
     pub quick: bool,
     pub repeats: u32,
     pub timing: Option<Timing>,
@@ -226,6 +244,10 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
             quiet_max: Duration::from_secs(10),
         }
     };
+    let timing = Timing {
+        iperf_secs: opts.iperf_secs.unwrap_or(timing.iperf_secs).max(1),
+        ..timing
+    };
     let mut info = RunInfo {
         quick: opts.quick,
         repeats,
@@ -277,6 +299,19 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
     }
     let bed = Bed::new(1).context("making the network-namespace bed")?;
     println!("bench: bed namespaces: {}", bed.names().join(" "));
+    for kv in &opts.node_sysctl {
+        println!("bench: node namespace sysctl {kv}");
+        bed.node().output("sysctl", &["-qw", kv])?;
+        info.settings.push(format!("node namespace sysctl `{kv}`"));
+    }
+    if opts.verdict_attach == peers::VerdictAttach::Skb {
+        info.settings
+            .push("sockgate's verdict re-attached as `BPF_SK_SKB_VERDICT` (bpftool)".into());
+    }
+    if opts.detach_sk_msg {
+        info.settings
+            .push("sockgate's `sk_msg` program detached from `GW_SOCKS` (bpftool)".into());
+    }
     for ns in [bed.client(), bed.node(), bed.backend(0)] {
         // Thousands of short connections per second: reuse TIME_WAIT ports.
         ns.output("sysctl", &["-qw", "net.ipv4.tcp_tw_reuse=1"])?;
@@ -317,7 +352,7 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
     for repeat in 1..=repeats {
         for proxy in &proxies {
             println!("bench: repeat {repeat}/{repeats}: {}", proxy.name());
-            match run_row(&bed, proxy, &sockgate, repeat, timing, &mut samples) {
+            match run_row(&bed, proxy, &sockgate, opts, repeat, timing, &mut samples) {
                 Ok(paths) => {
                     if let Some((k, u)) = paths {
                         info.paths.push((proxy.name().to_owned(), k, u));
@@ -371,11 +406,18 @@ fn run_row(
     bed: &Bed,
     proxy: &Proxy,
     sockgate: &std::path::Path,
+    opts: &Options,
     repeat: u32,
     t: Timing,
     samples: &mut Vec<Sample>,
 ) -> anyhow::Result<Option<(u64, u64)>> {
     let mut running = peers::start(proxy, bed, &SERVICES, sockgate)?;
+    if let Some(r) = running.as_ref()
+        && matches!(proxy, Proxy::Sockgate(_))
+        && (opts.verdict_attach == peers::VerdictAttach::Skb || opts.detach_sk_msg)
+    {
+        r.adjust_programs(opts.verdict_attach, opts.detach_sk_msg)?;
+    }
     let addr = |s: Service| match proxy {
         Proxy::Direct => SocketAddr::new(bed.backend_addr(0).into(), s.backend_port),
         _ => SocketAddr::new(bed.node_addr().into(), s.listen_port),

@@ -146,6 +146,15 @@ pub fn version_line(cmd: &mut Command) -> Option<String> {
         .map(|l| l.replace("\u{1b}[2;35m", "").replace("\u{1b}[0m", ""))
 }
 
+/// How the bench attaches sockgate's verdict program (an experiment knob).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum VerdictAttach {
+    /// As sockgate attaches it: `BPF_SK_SKB_STREAM_VERDICT`.
+    Stream,
+    /// Re-attached by the bench as `BPF_SK_SKB_VERDICT`.
+    Skb,
+}
+
 /// `HAProxy`'s splice settings.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum HaSplice {
@@ -231,6 +240,69 @@ impl Running {
             }
         }
         lines.join(" | ")
+    }
+
+    /// Changes, with bpftool, how sockgate's programs are attached to its `GW_SOCKS`:
+    /// the verdict re-attached as `BPF_SK_SKB_VERDICT` instead of the stream verdict,
+    /// and/or the `sk_msg` program detached. Sockets inserted after this see the change.
+    pub fn adjust_programs(
+        &self,
+        verdict: VerdictAttach,
+        detach_sk_msg: bool,
+    ) -> anyhow::Result<()> {
+        let pins = self
+            .pin_dir
+            .as_ref()
+            .context("only sockgate has a verdict program")?;
+        let socks = pins.join("GW_SOCKS");
+        let show = |args: &[&str]| -> anyhow::Result<serde_json::Value> {
+            let out = Command::new("bpftool").arg("-j").args(args).output()?;
+            Ok(serde_json::from_slice(&out.stdout)?)
+        };
+        let map_id = |name: &str| -> anyhow::Result<u64> {
+            show(&["map", "show", "pinned", &pins.join(name).to_string_lossy()])?["id"]
+                .as_u64()
+                .with_context(|| format!("{name} map id"))
+        };
+        let progs = show(&["prog", "show"])?;
+        // A program is found by its name and a map only it and this run use:
+        // the verdict uses GW_SOCKS, the sk_msg program GW_STATS.
+        let prog_id = |name: &str, map_id: u64| {
+            progs
+                .as_array()
+                .into_iter()
+                .flatten()
+                .find(|p| {
+                    p["name"].as_str() == Some(name)
+                        && p["map_ids"]
+                            .as_array()
+                            .is_some_and(|m| m.iter().any(|id| id.as_u64() == Some(map_id)))
+                })
+                .and_then(|p| p["id"].as_u64())
+                .map(|id| id.to_string())
+                .with_context(|| format!("no {name} program using this run's maps"))
+        };
+        let sock_path = socks.to_string_lossy().into_owned();
+        let bpftool = |verb: &str, id: &str, attach: &str| {
+            run_cmd(
+                Command::new("bpftool")
+                    .args(["prog", verb, "id", id, attach, "pinned"])
+                    .arg(&sock_path),
+            )
+        };
+        if verdict == VerdictAttach::Skb {
+            let id = prog_id("gw_verdict", map_id("GW_SOCKS")?)?;
+            bpftool("detach", &id, "stream_verdict")?;
+            bpftool("attach", &id, "skb_verdict")?;
+        }
+        if detach_sk_msg {
+            bpftool(
+                "detach",
+                &prog_id("gw_msg", map_id("GW_STATS")?)?,
+                "msg_verdict",
+            )?;
+        }
+        Ok(())
     }
 
     /// sockgate's per-listener connection counts by path: (kernel, userspace).

@@ -308,6 +308,13 @@ pub fn write(out: &Path, samples: &[Sample], info: &RunInfo) -> anyhow::Result<(
         let _ = writeln!(md, "| {k} | {v} |");
     }
     md.push('\n');
+    if !info.settings.is_empty() {
+        let _ = writeln!(
+            md,
+            "**Experiment settings of this run:** {}.\n",
+            info.settings.join("; ")
+        );
+    }
     match chart_note {
         None => md.push_str(
             "![medians per row: throughput, latency, connections, CPU per GB, memory](bench/benchmarks.png)\n\n",
