@@ -426,7 +426,9 @@ pub fn write(out: &Path, samples: &[Sample], info: &RunInfo) -> anyhow::Result<(
         "\n**Noise.** The machine has few cores shared with other work (builds of other \
          engineers, for one): client, proxy and backend compete for the same CPUs, so every \
          figure is CPU-bound and moves between runs. Compare rows of one run, by ratio, \
-         and look at the min–max spread before reading anything into a small difference.\n",
+         and look at the min–max spread before reading anything into a small difference. \
+         What the figures show, what limits the kernel path and what was tried: \
+         [`docs/performance.md`](docs/performance.md).\n",
     );
     if !info.unavailable.is_empty() {
         md.push_str("\n## Rows not measured\n\n");
