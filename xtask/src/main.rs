@@ -7,6 +7,9 @@
 //! * `demo`: builds, makes a network-namespace bed, runs sockgate on it, sends traffic,
 //!   shows which backend answered and which data path carried it, and cleans up.
 //! * `test`: `setup`, then every test (unit and privileged end-to-end).
+//! * `bench`: sockgate's data paths side by side with no proxy and with `HAProxy`,
+//!   nginx, socat and Envoy; writes `bench/results.csv`, `BENCHMARKS.md` and a chart.
+mod bench;
 mod demo;
 mod setup;
 
@@ -28,6 +31,8 @@ enum Cmd {
     Setup,
     /// Run the demo in network namespaces.
     Demo,
+    /// Benchmark the data paths against no proxy and userspace proxies.
+    Bench(bench::Options),
     /// Run all tests (unit and privileged end-to-end).
     Test {
         /// Extra arguments for `cargo test` (after `--`).
@@ -41,6 +46,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Cmd::Setup => setup::run(),
         Cmd::Demo => setup::run().and_then(|()| demo::run()),
+        Cmd::Bench(opts) => setup::run().and_then(|()| bench::run(&opts)),
         Cmd::Test { args } => setup::run().and_then(|()| test(&args)),
     };
     match result {

@@ -1,0 +1,104 @@
+//! `cargo xtask bench --quick` runs end to end and writes its three files. No number is
+//! judged here (benchmarks are never pass/fail), only that every row was measured, that
+//! the kernel row really ran on the kernel path, and that nothing is left behind.
+mod common;
+
+use std::process::Command;
+
+#[test]
+fn bench_quick_runs_and_writes_its_files() {
+    common::require_root();
+    let out_dir = std::env::temp_dir().join(format!("sockgate-bench-check-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&out_dir);
+    let out = Command::new(env!("CARGO"))
+        .args([
+            "run", "--quiet", "-p", "xtask", "--", "bench", "--quick", "--out",
+        ])
+        .arg(&out_dir)
+        .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
+        .output()
+        .expect("xtask bench runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "bench failed:\n{stdout}\n{stderr}");
+    assert!(
+        !stdout.contains("FAILED"),
+        "a measurement failed:\n{stdout}"
+    );
+
+    let csv = std::fs::read_to_string(out_dir.join("bench/results.csv")).expect("results.csv");
+    for row in ["direct", "sockgate kernel", "sockgate splice", "HAProxy"] {
+        for metric in [
+            "tput_1",
+            "tput_4",
+            "rr_p50",
+            "conn_rate",
+            "cpu_per_gb",
+            "slow_queued",
+        ] {
+            let value: f64 = csv
+                .lines()
+                .find(|l| l.starts_with(&format!("{row},{metric},")) && l.contains(",median,"))
+                .unwrap_or_else(|| panic!("no median of {metric} for {row}:\n{csv}"))
+                .split(',')
+                .nth(4)
+                .and_then(|v| v.parse().ok())
+                .expect("a number");
+            assert!(
+                value.is_finite() && value >= 0.0,
+                "{row} {metric} = {value}"
+            );
+            if metric != "cpu_per_gb" && metric != "slow_queued" {
+                assert!(value > 0.0, "{row} {metric} = {value}");
+            }
+        }
+    }
+
+    let md = std::fs::read_to_string(out_dir.join("BENCHMARKS.md")).expect("BENCHMARKS.md");
+    for part in [
+        "## Results",
+        "## Ratios against direct",
+        "## Ratios against HAProxy",
+        "## The targets of issue 6",
+        "| CPU | ",
+        "| kernel | ",
+        "bench/benchmarks.png",
+    ] {
+        assert!(md.contains(part), "BENCHMARKS.md lacks {part:?}:\n{md}");
+    }
+    // The kernel row's connections were carried by the kernel path, the splice row's
+    // by splice (from sockgate's own counters).
+    let kernel_line = md
+        .lines()
+        .find(|l| l.starts_with("| sockgate kernel | ") && l.split('|').count() == 5)
+        .unwrap_or_else(|| panic!("no data path line for the kernel row:\n{md}"));
+    let cols: Vec<u64> = kernel_line
+        .split('|')
+        .filter_map(|c| c.trim().parse().ok())
+        .collect();
+    assert!(
+        cols.len() == 2 && cols[0] > 0 && cols[1] == 0,
+        "{kernel_line}"
+    );
+
+    let png = std::fs::read(out_dir.join("bench/benchmarks.png")).expect("the chart");
+    assert!(png.starts_with(b"\x89PNG\r\n\x1a\n"), "not a PNG");
+    assert!(
+        png.len() > 20_000,
+        "a chart with text is larger than {} bytes",
+        png.len()
+    );
+
+    let names: Vec<&str> = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("bench: bed namespaces: "))
+        .expect("the bench names its namespaces")
+        .split_whitespace()
+        .collect();
+    assert_eq!(names.len(), 3, "client, node, backend");
+    let list = netbed::ip(&["netns", "list"]).expect("ip netns list");
+    for n in names {
+        assert!(!list.contains(n), "namespace {n} left behind");
+    }
+    let _ = std::fs::remove_dir_all(&out_dir);
+}

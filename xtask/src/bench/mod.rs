@@ -1,0 +1,505 @@
+//! `cargo xtask bench`: sockgate's data paths side by side with no proxy and with the
+//! userspace proxies people deploy, in one run, on the network-namespace bed.
+//!
+//! ```text
+//!  client ns ──veth── node ns (the proxy under test) ──veth── backend ns
+//!  iperf3 -c         haproxy / nginx / socat / envoy /      iperf3 -s, sockperf server,
+//!  sockperf, conn    sockgate (kernel, splice, auto)        exchange and slow servers
+//! ```
+//!
+//! Every row runs the same work: iperf3 with 1 and 4 streams, sockperf ping-pong (64
+//! bytes, full round trip), new connections per second with a small exchange, the
+//! proxy's CPU per GB moved (measured around the 1-stream run), and kernel memory growth
+//! with a slow receiver. Repeats are interleaved (repeat 1 of every row, then repeat
+//! 2, ...) so slow drifts of a shared machine spread over all rows; before each row the
+//! bench waits (bounded) for a quiet machine and records the load it saw.
+//!
+//! Nothing here passes or fails on a number: the results go to `bench/results.csv`,
+//! `BENCHMARKS.md` and `bench/benchmarks.png`.
+#![expect(
+    clippy::cast_precision_loss,
+    reason = "counters and byte counts become f64 statistics; 52 bits of mantissa are plenty"
+)]
+
+mod chart;
+pub mod measure;
+pub mod peers;
+mod report;
+
+use std::{
+    net::SocketAddr,
+    path::PathBuf,
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use anyhow::Context as _;
+use netbed::Bed;
+
+use self::{
+    measure::{Backend, Daemon, Load},
+    peers::{HaSplice, Proxy, Service},
+};
+use crate::{root, run_cmd};
+
+/// What `cargo xtask bench` was asked to do.
+#[derive(Clone, Debug, clap::Args)]
+pub struct Options {
+    /// A short run for checks: direct, sockgate kernel and splice, `HAProxy`; 1 s per
+    /// measurement, one repeat, no waiting for a quiet machine.
+    #[arg(long)]
+    pub quick: bool,
+    /// Repeats of every measurement (default 3; 1 with --quick).
+    #[arg(long)]
+    pub repeats: Option<u32>,
+    /// Directory for BENCHMARKS.md and bench/ (default: the workspace root).
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// Only the rows whose name contains one of these (comma-separated, case-insensitive).
+    #[arg(long, value_delimiter = ',')]
+    pub only: Vec<String>,
+    /// Seconds of each iperf3 run (default 5; 1 with --quick).
+    #[arg(long)]
+    pub iperf_secs: Option<u32>,
+    /// Experiments: a sysctl set in the node namespace before the rows run
+    /// (`KEY=VALUE`, repeatable), e.g. `net.ipv4.tcp_wmem=4096 16384 16777216`.
+    #[arg(long, value_name = "KEY=VALUE")]
+    pub node_sysctl: Vec<String>,
+    /// Experiments: how sockgate's verdict program is attached to `GW_SOCKS`. `skb`
+    /// re-attaches it (with bpftool) as `BPF_SK_SKB_VERDICT` instead of the stream
+    /// verdict sockgate attaches.
+    #[arg(long, value_enum, default_value_t = peers::VerdictAttach::Stream)]
+    pub verdict_attach: peers::VerdictAttach,
+    /// Experiments: detach sockgate's `sk_msg` program from `GW_SOCKS` (with bpftool),
+    /// so sends on the paired sockets no longer go through `tcp_bpf_sendmsg`.
+    #[arg(long)]
+    pub detach_sk_msg: bool,
+}
+
+/// The rows of `--quick`.
+const QUICK_ROWS: &[&str] = &["direct", "sockgate kernel", "sockgate splice", "HAProxy"];
+const ENVOY_ROW: &str = "Envoy tcp_proxy";
+
+/// The bench services on the backend, and the listener port every proxy gives each.
+const IPERF: Service = Service {
+    backend_port: 5201,
+    listen_port: 15201,
+};
+const SOCKPERF: Service = Service {
+    backend_port: 11111,
+    listen_port: 21111,
+};
+const EXCHANGE: Service = Service {
+    backend_port: 7000,
+    listen_port: 17000,
+};
+const SLOW: Service = Service {
+    backend_port: 7001,
+    listen_port: 17001,
+};
+const SERVICES: [Service; 4] = [IPERF, SOCKPERF, EXCHANGE, SLOW];
+
+/// Durations of one run.
+#[derive(Clone, Copy, Debug)]
+pub struct Timing {
+    pub iperf_secs: u32,
+    pub rr_secs: u32,
+    pub conn_secs: f64,
+    pub slow_secs: f64,
+    pub quiet_max: Duration,
+}
+
+/// The metrics, in table order: (key, title, unit, higher is better).
+pub const METRICS: &[(&str, &str, &str, bool)] = &[
+    ("tput_1", "throughput, 1 stream", "Gbit/s", true),
+    ("tput_4", "throughput, 4 streams", "Gbit/s", true),
+    ("rr_p50", "RR latency p50", "µs", false),
+    ("rr_p99", "RR latency p99", "µs", false),
+    ("conn_rate", "new connections", "conn/s", true),
+    ("cpu_per_gb", "CPU per GB", "s/GB", false),
+    (
+        "cpu_proxy_per_gb",
+        "proxy processes CPU per GB",
+        "s/GB",
+        false,
+    ),
+    ("cpu_kworker_per_gb", "kworker CPU per GB", "s/GB", false),
+    ("cpu_softirq_per_gb", "softirq CPU per GB", "s/GB", false),
+    (
+        "cpu_machine_per_gb",
+        "whole machine CPU per GB",
+        "s/GB",
+        false,
+    ),
+    (
+        "slow_queued",
+        "slow receiver: bytes held between writer and reader",
+        "MiB",
+        false,
+    ),
+    (
+        "slow_tcp_mem",
+        "slow receiver: TCP memory growth",
+        "MiB",
+        false,
+    ),
+    (
+        "slow_used_mem",
+        "slow receiver: memory in use growth",
+        "MiB",
+        false,
+    ),
+    (
+        "slow_sent",
+        "slow receiver: bytes accepted from the writer",
+        "MiB",
+        false,
+    ),
+    (
+        "slow_capped",
+        "slow receiver: stopped at the memory cap (1 = yes)",
+        "flag",
+        false,
+    ),
+    ("conn_failures", "failed connections", "count", false),
+];
+
+/// One measured value.
+#[derive(Clone, Debug)]
+pub struct Sample {
+    pub row: String,
+    pub metric: &'static str,
+    pub repeat: u32,
+    pub value: f64,
+    pub load: Load,
+}
+
+/// Everything the report needs besides the samples.
+#[derive(Clone, Debug, Default)]
+pub struct RunInfo {
+    pub rows: Vec<String>,
+    pub unavailable: Vec<(String, String)>,
+    pub failures: Vec<String>,
+    pub versions: Vec<(String, String)>,
+    pub paths: Vec<(String, u64, u64)>,
+    /// Non-default settings of this run (experiments).
+    pub settings: Vec<String>,
+    pub quick: bool,
+    pub repeats: u32,
+    pub timing: Option<Timing>,
+    pub started: String,
+    pub elapsed_s: f64,
+}
+
+fn build_release() -> anyhow::Result<PathBuf> {
+    println!("bench: building the release sockgate");
+    run_cmd(
+        Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+            .current_dir(root())
+            .args([
+                "build",
+                "--release",
+                "--quiet",
+                "-p",
+                "gateway-userspace",
+                "--bin",
+                "sockgate",
+            ]),
+    )?;
+    Ok(root().join("target/release/sockgate"))
+}
+
+fn utc_now() -> String {
+    Command::new("date")
+        .args(["-u", "+%Y-%m-%d %H:%M UTC"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_default()
+}
+
+/// Runs the bench and writes its files.
+#[expect(clippy::too_many_lines, reason = "the run's steps, in order")]
+pub fn run(opts: &Options) -> anyhow::Result<()> {
+    let started = Instant::now();
+    peers::install_debian()?;
+    let sockgate = build_release()?;
+    let repeats = opts
+        .repeats
+        .unwrap_or(if opts.quick { 1 } else { 3 })
+        .max(1);
+    let timing = if opts.quick {
+        Timing {
+            iperf_secs: 1,
+            rr_secs: 1,
+            conn_secs: 1.0,
+            slow_secs: 1.0,
+            quiet_max: Duration::ZERO,
+        }
+    } else {
+        Timing {
+            iperf_secs: 5,
+            rr_secs: 3,
+            conn_secs: 3.0,
+            slow_secs: 4.0,
+            quiet_max: Duration::from_secs(10),
+        }
+    };
+    let timing = Timing {
+        iperf_secs: opts.iperf_secs.unwrap_or(timing.iperf_secs).max(1),
+        ..timing
+    };
+    let mut info = RunInfo {
+        quick: opts.quick,
+        repeats,
+        timing: Some(timing),
+        started: utc_now(),
+        ..RunInfo::default()
+    };
+
+    let wanted = |name: &str| {
+        if opts.only.is_empty() {
+            !opts.quick || QUICK_ROWS.contains(&name)
+        } else {
+            let name = name.to_lowercase();
+            opts.only.iter().any(|o| name.contains(&o.to_lowercase()))
+        }
+    };
+    let mut proxies: Vec<Proxy> = [
+        Proxy::Direct,
+        Proxy::Sockgate("sockmap"),
+        Proxy::Sockgate("splice"),
+        Proxy::Sockgate("auto"),
+        Proxy::Haproxy(HaSplice::Off),
+        Proxy::Haproxy(HaSplice::Auto),
+        Proxy::Haproxy(HaSplice::Forced),
+        Proxy::Nginx,
+        Proxy::Socat,
+    ]
+    .into_iter()
+    .filter(|p| wanted(p.name()))
+    .collect();
+    if wanted(ENVOY_ROW) {
+        match peers::envoy() {
+            Ok(bin) => proxies.push(Proxy::Envoy(bin)),
+            Err(why) => {
+                println!("bench: Envoy cannot be installed: {why}");
+                info.unavailable.push((ENVOY_ROW.into(), why));
+            }
+        }
+    }
+    info.rows = proxies.iter().map(|p| p.name().to_owned()).collect();
+    info.versions = versions(&proxies, &sockgate);
+
+    let removed = netbed::sweep_stale();
+    if !removed.is_empty() {
+        println!(
+            "bench: removed namespaces of earlier runs: {}",
+            removed.join(" ")
+        );
+    }
+    let bed = Bed::new(1).context("making the network-namespace bed")?;
+    println!("bench: bed namespaces: {}", bed.names().join(" "));
+    for kv in &opts.node_sysctl {
+        println!("bench: node namespace sysctl {kv}");
+        bed.node().output("sysctl", &["-qw", kv])?;
+        info.settings.push(format!("node namespace sysctl `{kv}`"));
+    }
+    if opts.verdict_attach == peers::VerdictAttach::Skb {
+        info.settings
+            .push("sockgate's verdict re-attached as `BPF_SK_SKB_VERDICT` (bpftool)".into());
+    }
+    if opts.detach_sk_msg {
+        info.settings
+            .push("sockgate's `sk_msg` program detached from `GW_SOCKS` (bpftool)".into());
+    }
+    for ns in [bed.client(), bed.node(), bed.backend(0)] {
+        // Thousands of short connections per second: reuse TIME_WAIT ports.
+        ns.output("sysctl", &["-qw", "net.ipv4.tcp_tw_reuse=1"])?;
+        ns.output(
+            "sysctl",
+            &["-qw", "net.ipv4.ip_local_port_range=1024 65000"],
+        )?;
+    }
+    let backend = bed.backend_addr(0);
+    let _iperf = Daemon::start(
+        bed.backend(0),
+        "iperf3",
+        &["-s", "-p", &IPERF.backend_port.to_string()],
+    )?;
+    let _sockperf = Daemon::start(
+        bed.backend(0),
+        "sockperf",
+        &[
+            "server",
+            "--tcp",
+            "-i",
+            &backend.to_string(),
+            "-p",
+            &SOCKPERF.backend_port.to_string(),
+        ],
+    )?;
+    let _exchange = Backend::exchange(
+        bed.backend(0),
+        SocketAddr::new(backend.into(), EXCHANGE.backend_port),
+    )?;
+    let _slow = Backend::slow(
+        bed.backend(0),
+        SocketAddr::new(backend.into(), SLOW.backend_port),
+    )?;
+    std::thread::sleep(Duration::from_millis(500));
+
+    let mut samples = Vec::new();
+    for repeat in 1..=repeats {
+        for proxy in &proxies {
+            println!("bench: repeat {repeat}/{repeats}: {}", proxy.name());
+            match run_row(&bed, proxy, &sockgate, opts, repeat, timing, &mut samples) {
+                Ok(paths) => {
+                    if let Some((k, u)) = paths {
+                        info.paths.push((proxy.name().to_owned(), k, u));
+                    }
+                }
+                Err(e) => {
+                    let msg = format!("{} (repeat {repeat}): {e:#}", proxy.name());
+                    println!("bench: FAILED {msg}");
+                    info.failures.push(msg);
+                }
+            }
+        }
+    }
+    drop(bed);
+    info.elapsed_s = started.elapsed().as_secs_f64();
+    let out = opts.out.clone().unwrap_or_else(root);
+    report::write(&out, &samples, &info)?;
+    println!(
+        "bench: wrote {}, {} and {} ({:.0} s)",
+        out.join("bench/results.csv").display(),
+        out.join("BENCHMARKS.md").display(),
+        out.join("bench/benchmarks.png").display(),
+        info.elapsed_s
+    );
+    Ok(())
+}
+
+fn versions(proxies: &[Proxy], sockgate: &std::path::Path) -> Vec<(String, String)> {
+    let mut v = Vec::new();
+    let mut add = |name: &str, cmd: &mut Command| {
+        if let Some(line) = peers::version_line(cmd) {
+            v.push((name.to_owned(), line));
+        }
+    };
+    add("sockgate", Command::new(sockgate).arg("--version"));
+    add("iperf3", Command::new("iperf3").arg("--version"));
+    add("sockperf", Command::new("sockperf").arg("--version"));
+    add("HAProxy", Command::new("haproxy").arg("-v"));
+    add("nginx", Command::new("nginx").arg("-v"));
+    add("socat", Command::new("socat").arg("-V"));
+    for p in proxies {
+        if let Proxy::Envoy(bin) = p {
+            add("Envoy", Command::new(bin).arg("--version"));
+        }
+    }
+    v
+}
+
+/// Runs one repeat of one row; returns sockgate's (kernel, userspace) connection counts.
+fn run_row(
+    bed: &Bed,
+    proxy: &Proxy,
+    sockgate: &std::path::Path,
+    opts: &Options,
+    repeat: u32,
+    t: Timing,
+    samples: &mut Vec<Sample>,
+) -> anyhow::Result<Option<(u64, u64)>> {
+    let mut running = peers::start(proxy, bed, &SERVICES, sockgate)?;
+    if let Some(r) = running.as_ref()
+        && matches!(proxy, Proxy::Sockgate(_))
+        && (opts.verdict_attach == peers::VerdictAttach::Skb || opts.detach_sk_msg)
+    {
+        r.adjust_programs(opts.verdict_attach, opts.detach_sk_msg)?;
+    }
+    let addr = |s: Service| match proxy {
+        Proxy::Direct => SocketAddr::new(bed.backend_addr(0).into(), s.backend_port),
+        _ => SocketAddr::new(bed.node_addr().into(), s.listen_port),
+    };
+    let pids = running
+        .as_ref()
+        .map(peers::Running::pids)
+        .unwrap_or_default();
+    let row = proxy.name();
+    let mut push = |metric: &'static str, value: f64, load: Load| {
+        samples.push(Sample {
+            row: row.to_owned(),
+            metric,
+            repeat,
+            value,
+            load,
+        });
+    };
+    let client = bed.client();
+
+    let load = measure::wait_quiet(t.quiet_max);
+    let before = measure::cpu_snapshot(&pids);
+    let (bps, bytes) =
+        measure::iperf(client, addr(IPERF), 1, t.iperf_secs).context("iperf3 -P 1")?;
+    let after = measure::cpu_snapshot(&pids);
+    push("tput_1", bps / 1e9, load);
+    let gb = bytes / 1e9;
+    if gb > 0.0 {
+        let hz = measure::ticks_per_sec();
+        let per_gb = |a: u64, b: u64| a.saturating_sub(b) as f64 / hz / gb;
+        let proxy_s = per_gb(after.proxy, before.proxy);
+        let kworker = per_gb(after.kworker, before.kworker);
+        let softirq = per_gb(after.softirq, before.softirq);
+        push("cpu_per_gb", proxy_s + kworker + softirq, load);
+        push("cpu_proxy_per_gb", proxy_s, load);
+        push("cpu_kworker_per_gb", kworker, load);
+        push("cpu_softirq_per_gb", softirq, load);
+        push(
+            "cpu_machine_per_gb",
+            per_gb(after.machine, before.machine),
+            load,
+        );
+    }
+
+    let load = measure::wait_quiet(t.quiet_max);
+    let (bps, _) = measure::iperf(client, addr(IPERF), 4, t.iperf_secs).context("iperf3 -P 4")?;
+    push("tput_4", bps / 1e9, load);
+
+    let load = measure::wait_quiet(t.quiet_max);
+    let (p50, p99) = measure::sockperf(client, addr(SOCKPERF), t.rr_secs).context("sockperf")?;
+    push("rr_p50", p50, load);
+    push("rr_p99", p99, load);
+
+    let load = measure::wait_quiet(t.quiet_max);
+    let (rate, failed) = measure::conn_rate(client, addr(EXCHANGE), t.conn_secs)?;
+    push("conn_rate", rate, load);
+    push("conn_failures", failed as f64, load);
+
+    let load = measure::wait_quiet(t.quiet_max);
+    let slow = measure::slow_receiver(client, addr(SLOW), t.slow_secs).context("slow receiver")?;
+    let mib = 1024.0 * 1024.0;
+    push("slow_tcp_mem", slow.tcp_growth / mib, load);
+    push("slow_used_mem", slow.used_growth / mib, load);
+    push("slow_sent", slow.sent / mib, load);
+    push("slow_queued", slow.queued / mib, load);
+    push("slow_capped", f64::from(u8::from(slow.capped)), load);
+    if slow.capped {
+        println!(
+            "bench: {row}: slow receiver stopped early: memory grew past {} MiB",
+            measure::SLOW_CAP / mib
+        );
+    }
+
+    let paths = match running.as_mut() {
+        Some(r) => {
+            r.check_alive()?;
+            r.sockgate_paths()
+        }
+        None => None,
+    };
+    drop(running);
+    // Let the kernel free what the row's connections held before the next row.
+    std::thread::sleep(Duration::from_millis(500));
+    Ok(paths)
+}

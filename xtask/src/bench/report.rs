@@ -1,0 +1,447 @@
+//! Writes the bench results: `bench/results.csv` (every sample, then min / median / max
+//! per row and metric), `BENCHMARKS.md` (tables, ratios, targets, machine) and the chart.
+use std::{collections::BTreeMap, fmt::Write as _, path::Path};
+
+use anyhow::Context as _;
+
+use super::{METRICS, RunInfo, Sample};
+
+/// Min, median, max and count of one row's samples of one metric.
+#[derive(Clone, Copy, Debug)]
+pub struct Stat {
+    pub min: f64,
+    pub median: f64,
+    pub max: f64,
+    pub n: usize,
+}
+
+/// Summary statistics keyed by (row, metric).
+pub type Stats = BTreeMap<(String, &'static str), Stat>;
+
+pub fn stats(samples: &[Sample]) -> Stats {
+    let mut by: BTreeMap<(String, &'static str), Vec<f64>> = BTreeMap::new();
+    for s in samples {
+        by.entry((s.row.clone(), s.metric))
+            .or_default()
+            .push(s.value);
+    }
+    by.into_iter()
+        .filter(|(_, v)| !v.is_empty())
+        .map(|(k, mut v)| {
+            v.sort_by(f64::total_cmp);
+            let n = v.len();
+            let median = if n % 2 == 1 {
+                v[n / 2]
+            } else {
+                f64::midpoint(v[n / 2 - 1], v[n / 2])
+            };
+            (
+                k,
+                Stat {
+                    min: v[0],
+                    median,
+                    max: v[n - 1],
+                    n,
+                },
+            )
+        })
+        .collect()
+}
+
+fn unit(metric: &str) -> &'static str {
+    METRICS.iter().find(|m| m.0 == metric).map_or("", |m| m.2)
+}
+
+/// A number with a precision suited to its size.
+pub fn num(v: f64) -> String {
+    let a = v.abs();
+    if a >= 1000.0 {
+        let s = format!("{v:.0}");
+        // Thousands separators for readability.
+        let (sign, digits) = s.strip_prefix('-').map_or(("", s.as_str()), |d| ("-", d));
+        let mut out = String::new();
+        for (i, c) in digits.chars().enumerate() {
+            if i > 0 && (digits.len() - i) % 3 == 0 {
+                out.push(',');
+            }
+            out.push(c);
+        }
+        format!("{sign}{out}")
+    } else if a >= 100.0 {
+        format!("{v:.0}")
+    } else if a >= 10.0 {
+        format!("{v:.1}")
+    } else {
+        format!("{v:.2}")
+    }
+}
+
+fn write_csv(path: &Path, samples: &[Sample], stats: &Stats) -> anyhow::Result<()> {
+    let mut csv = String::from("row,metric,unit,sample,value,load1,busy_pct\n");
+    for s in samples {
+        let _ = writeln!(
+            csv,
+            "{},{},{},{},{:.6},{:.2},{:.1}",
+            s.row,
+            s.metric,
+            unit(s.metric),
+            s.repeat,
+            s.value,
+            s.load.load1,
+            s.load.busy_pct
+        );
+    }
+    for ((row, metric), st) in stats {
+        for (name, v) in [("min", st.min), ("median", st.median), ("max", st.max)] {
+            let _ = writeln!(csv, "{row},{metric},{},{name},{v:.6},,", unit(metric));
+        }
+    }
+    std::fs::write(path, csv).with_context(|| format!("writing {}", path.display()))
+}
+
+fn machine() -> Vec<(String, String)> {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let model = cpuinfo
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("model name")
+                .and_then(|r| r.split(':').nth(1))
+        })
+        .map_or("unknown", str::trim)
+        .to_owned();
+    let cores = std::thread::available_parallelism().map_or(0, std::num::NonZero::get);
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .unwrap_or_default()
+        .trim()
+        .to_owned();
+    let mem = std::fs::read_to_string("/proc/meminfo")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .and_then(|v| {
+            v.split_whitespace()
+                .next()
+                .and_then(|k| k.parse::<f64>().ok())
+        })
+        .map_or_else(String::new, |kib| {
+            format!("{:.1} GiB", kib / 1024.0 / 1024.0)
+        });
+    vec![
+        ("CPU".into(), format!("{cores} cores, {model}")),
+        ("kernel".into(), kernel),
+        ("memory".into(), mem),
+    ]
+}
+
+/// The peers: rows that are neither the limit nor sockgate.
+fn is_peer(row: &str) -> bool {
+    row != "direct" && !row.starts_with("sockgate")
+}
+
+fn cell(stats: &Stats, row: &str, metric: &'static str) -> String {
+    stats
+        .get(&(row.to_owned(), metric))
+        .map_or("–".into(), |s| {
+            if s.n > 1 {
+                format!("{} ({}–{})", num(s.median), num(s.min), num(s.max))
+            } else {
+                num(s.median)
+            }
+        })
+}
+
+fn median(stats: &Stats, row: &str, metric: &'static str) -> Option<f64> {
+    stats.get(&(row.to_owned(), metric)).map(|s| s.median)
+}
+
+fn ratio(stats: &Stats, row: &str, base: &str, metric: &'static str) -> String {
+    match (median(stats, row, metric), median(stats, base, metric)) {
+        (Some(a), Some(b)) if b > 0.0 => format!("{:.2}x", a / b),
+        _ => "–".into(),
+    }
+}
+
+const HEADLINE: &[&str] = &[
+    "tput_1",
+    "tput_4",
+    "rr_p50",
+    "rr_p99",
+    "conn_rate",
+    "cpu_per_gb",
+    "slow_queued",
+];
+
+fn title(metric: &str) -> String {
+    METRICS
+        .iter()
+        .find(|m| m.0 == metric)
+        .map_or_else(|| metric.to_owned(), |m| format!("{} ({})", m.1, m.2))
+}
+
+fn table(
+    md: &mut String,
+    info: &RunInfo,
+    metrics: &[&'static str],
+    f: impl Fn(&str, &'static str) -> String,
+) {
+    md.push_str("| row |");
+    for m in metrics {
+        let _ = write!(md, " {} |", title(m));
+    }
+    md.push_str("\n|---|");
+    for _ in metrics {
+        md.push_str("---|");
+    }
+    md.push('\n');
+    for row in &info.rows {
+        let _ = write!(md, "| {row} |");
+        for m in metrics {
+            let _ = write!(md, " {} |", f(row, m));
+        }
+        md.push('\n');
+    }
+}
+
+fn targets(md: &mut String, stats: &Stats) {
+    let kernel = "sockgate kernel";
+    let direct = "direct";
+    let vs_direct = |metric| match (median(stats, kernel, metric), median(stats, direct, metric)) {
+        (Some(a), Some(b)) if b > 0.0 => Some(a / b),
+        _ => None,
+    };
+    let mut rows: Vec<(String, String, Option<bool>)> = Vec::new();
+    for (metric, what) in [("tput_1", "1 stream"), ("tput_4", "4 streams")] {
+        let v = vs_direct(metric);
+        rows.push((
+            format!("{what} throughput ≥ 0.9x direct"),
+            v.map_or("–".into(), |x| format!("{x:.2}x")),
+            v.map(|x| x >= 0.9),
+        ));
+    }
+    let v = vs_direct("rr_p50");
+    rows.push((
+        "RR p50 ≤ 1.2x direct".into(),
+        v.map_or("–".into(), |x| format!("{x:.2}x")),
+        v.map(|x| x <= 1.2),
+    ));
+    let v = vs_direct("conn_rate");
+    rows.push((
+        "new connections/s ≥ 0.8x direct".into(),
+        v.map_or("–".into(), |x| format!("{x:.2}x")),
+        v.map(|x| x >= 0.8),
+    ));
+    let best_peer = stats
+        .iter()
+        .filter(|((row, m), _)| *m == "cpu_per_gb" && is_peer(row))
+        .map(|((row, _), s)| (row.clone(), s.median))
+        .min_by(|a, b| a.1.total_cmp(&b.1));
+    let kcpu = median(stats, kernel, "cpu_per_gb");
+    rows.push(match (kcpu, &best_peer) {
+        (Some(cpu), Some((peer, best))) if *best > 0.0 => (
+            format!(
+                "CPU per GB ≤ 0.5x the best peer's ({peer}, {} s/GB)",
+                num(*best)
+            ),
+            format!("{} s/GB = {:.2}x", num(cpu), cpu / best),
+            Some(cpu / best <= 0.5),
+        ),
+        _ => ("CPU per GB ≤ 0.5x the best peer's".into(), "–".into(), None),
+    });
+    let mem = stats.get(&(kernel.to_owned(), "slow_queued"));
+    rows.push((
+        "kernel memory with a slow receiver bounded".into(),
+        mem.map_or("–".into(), |s| {
+            format!(
+                "peak {} MiB held between writer and reader (max {})",
+                num(s.median),
+                num(s.max)
+            )
+        }),
+        None,
+    ));
+    md.push_str("| target (sockgate kernel) | measured (medians) | met |\n|---|---|---|\n");
+    for (target, measured, met) in rows {
+        let met = match met {
+            Some(true) => "yes",
+            Some(false) => "no",
+            None => "see text",
+        };
+        let _ = writeln!(md, "| {target} | {measured} | {met} |");
+    }
+}
+
+/// Writes the three result files under `out`.
+#[expect(
+    clippy::too_many_lines,
+    reason = "the report's sections, in reading order"
+)]
+pub fn write(out: &Path, samples: &[Sample], info: &RunInfo) -> anyhow::Result<()> {
+    let dir = out.join("bench");
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let stats = stats(samples);
+    write_csv(&dir.join("results.csv"), samples, &stats)?;
+    let chart_note = match super::chart::draw(&dir.join("benchmarks.png"), &stats, &info.rows) {
+        Ok(()) => None,
+        Err(e) => {
+            println!("bench: chart not drawn: {e:#}");
+            Some(format!("{e:#}"))
+        }
+    };
+
+    let mut md = String::from("# Benchmarks\n\n");
+    let _ = writeln!(
+        md,
+        "Written by `cargo xtask bench{}` on {} ({} repeat(s), interleaved; {:.0} s in all). \
+         Each cell is the median, with min–max over the repeats in brackets. Ratios are of \
+         medians. Raw samples and the machine load before each one: \
+         [`bench/results.csv`](bench/results.csv).\n",
+        if info.quick { " --quick" } else { "" },
+        info.started,
+        info.repeats,
+        info.elapsed_s
+    );
+    md.push_str("| machine | |\n|---|---|\n");
+    for (k, v) in machine() {
+        let _ = writeln!(md, "| {k} | {v} |");
+    }
+    for (k, v) in &info.versions {
+        let _ = writeln!(md, "| {k} | {v} |");
+    }
+    md.push('\n');
+    if !info.settings.is_empty() {
+        let _ = writeln!(
+            md,
+            "**Experiment settings of this run:** {}.\n",
+            info.settings.join("; ")
+        );
+    }
+    match chart_note {
+        None => md.push_str(
+            "![medians per row: throughput, latency, connections, CPU per GB, memory](bench/benchmarks.png)\n\n",
+        ),
+        Some(e) => {
+            let _ = writeln!(md, "The chart could not be drawn: {e}\n");
+        }
+    }
+    md.push_str("## Results\n\n");
+    table(&mut md, info, HEADLINE, |row, m| cell(&stats, row, m));
+    md.push_str("\n## Ratios against direct (no proxy: the limit)\n\n");
+    table(&mut md, info, HEADLINE, |row, m| {
+        ratio(&stats, row, "direct", m)
+    });
+    md.push_str("\n## Ratios against HAProxy (`mode tcp`, no splice)\n\n");
+    table(&mut md, info, HEADLINE, |row, m| {
+        ratio(&stats, row, "HAProxy", m)
+    });
+    md.push_str("\n## The targets of issue 6\n\n");
+    targets(&mut md, &stats);
+    md.push_str("\n## CPU per GB, in parts\n\n");
+    table(
+        &mut md,
+        info,
+        &[
+            "cpu_per_gb",
+            "cpu_proxy_per_gb",
+            "cpu_kworker_per_gb",
+            "cpu_softirq_per_gb",
+            "cpu_machine_per_gb",
+        ],
+        |row, m| cell(&stats, row, m),
+    );
+    md.push_str(
+        "\nMeasured around the 1-stream iperf3 run and divided by the bytes iperf3 received \
+         (GB = 10^9 bytes). *CPU per GB* = the proxy's processes (user + system of all \
+         threads and descendants, from `/proc/PID/stat`, reaped children included) + all \
+         `kworker` threads (the sockmap backlog runs there) + the whole machine's softirq \
+         time (from `/proc/stat`). The kworker and softirq parts are machine-wide: they \
+         include the client's and backend's own network stack work, which the *direct* row \
+         shows on its own, and whatever else ran meanwhile. *Whole machine* is every CPU's \
+         busy time, iperf3 itself included.\n",
+    );
+    md.push_str("\n## Slow receiver\n\n");
+    table(
+        &mut md,
+        info,
+        &[
+            "slow_queued",
+            "slow_used_mem",
+            "slow_tcp_mem",
+            "slow_sent",
+            "slow_capped",
+        ],
+        |row, m| cell(&stats, row, m),
+    );
+    if let Some(t) = info.timing {
+        let _ = writeln!(
+            md,
+            "\nOne client writes 64 KiB chunks as fast as it can for {} s to a backend that \
+             reads 16 KiB every 10 ms (about 1.6 MB/s). Every 50 ms the bench samples \
+             *bytes held* (written by the client and not yet read by the backend: what sits in \
+             socket buffers and proxy queues between them; exact, and the best measure of \
+             what the path lets pile up), *memory in use* is `MemTotal - MemAvailable` from `/proc/meminfo` (machine-wide, \
+             so other work on the machine adds noise), *TCP memory* is the `mem` pages of \
+             `/proc/net/sockstat`. Peak growth over the value before the run. A run is \
+             stopped early when either grows past {} MiB (then *stopped at the cap* is 1). \
+             *Bytes accepted* is what the client could write: with backpressure it stays \
+             near what the receiver read plus the socket buffers.",
+            t.slow_secs,
+            super::measure::SLOW_CAP / 1024.0 / 1024.0
+        );
+    }
+    if !info.paths.is_empty() {
+        md.push_str(
+            "\n## Data path of sockgate's connections\n\nFrom `sockgate status` after each \
+             run: connections carried on each path, all bench services together.\n\n\
+             | row (repeat order) | kernel | splice |\n|---|---|---|\n",
+        );
+        for (row, k, u) in &info.paths {
+            let _ = writeln!(md, "| {row} | {k} | {u} |");
+        }
+    }
+    md.push_str("\n## How it was measured\n\n");
+    if let Some(t) = info.timing {
+        let _ = writeln!(
+            md,
+            "* Bed: client, node and backend network namespaces on veth pairs (MTU 1500, \
+             offloads as veth defaults); *direct* routes client -> backend through the node \
+             namespace; the proxies run in the node namespace.\n\
+             * Throughput: `iperf3 -t {0} -P 1` and `-P 4`, bits received per second.\n\
+             * RR latency: `sockperf ping-pong --tcp -m 64 -t {1} --full-rtt` (one persistent \
+             connection), p50 and p99 of the full round trip.\n\
+             * New connections: 4 client threads for {2} s, each connecting, sending 4 bytes, \
+             reading a 4-byte answer to EOF and closing; the backend answers on 8 threads.\n\
+             * Peers: one worker each (HAProxy `nbthread 1`, nginx `worker_processes 1`, \
+             Envoy `--concurrency 1`, socat forks per connection); HAProxy `option \
+             splice-auto`, and forced splice with `option splice-request` + `option \
+             splice-response`. sockgate runs with its defaults (`--datapath` per row).\n\
+             * Before each measurement the bench waited up to {3} s for the machine to be \
+             under 15% busy over half a second; the load it saw is in the CSV.",
+            t.iperf_secs,
+            t.rr_secs,
+            t.conn_secs,
+            t.quiet_max.as_secs()
+        );
+    }
+    md.push_str(
+        "\n**Noise.** The machine has few cores shared with other work (builds of other \
+         engineers, for one): client, proxy and backend compete for the same CPUs, so every \
+         figure is CPU-bound and moves between runs. Compare rows of one run, by ratio, \
+         and look at the min–max spread before reading anything into a small difference. \
+         What the figures show, what limits the kernel path and what was tried: \
+         [`docs/performance.md`](docs/performance.md).\n",
+    );
+    if !info.unavailable.is_empty() {
+        md.push_str("\n## Rows not measured\n\n");
+        for (row, why) in &info.unavailable {
+            let _ = writeln!(md, "* {row}: {why}");
+        }
+    }
+    if !info.failures.is_empty() {
+        md.push_str("\n## Failed measurements\n\n");
+        for f in &info.failures {
+            let _ = writeln!(md, "* {f}");
+        }
+    }
+    let path = out.join("BENCHMARKS.md");
+    std::fs::write(&path, md).with_context(|| format!("writing {}", path.display()))
+}
