@@ -541,7 +541,7 @@ fn weights_over_ten_thousand_connections() {
         backend(&bed, 1, 3001),
         backend(&bed, 2, 3001)
     );
-    let agent = Agent::start(&bed, &["--route", &route], &[8088]);
+    let agent = Agent::start(&bed, &["--route", &route, "--datapath", KERNEL], &[8088]);
     let addr = listener_addr(&bed, 8088);
     let counts = bed
         .client()
@@ -740,4 +740,35 @@ fn concurrent_2000_kernel() {
 #[test]
 fn concurrent_2000_splice() {
     many_concurrent(SPLICE);
+}
+
+#[test]
+fn auto_takes_the_measured_winner_splice() {
+    require_root();
+    let bed = Bed::new(1).expect("bed");
+    let _echo = servers::Server::start(bed.backend(0), backend(&bed, 0, 3001), servers::echo())
+        .expect("echo");
+    let route = format!("8088={}", backend(&bed, 0, 3001));
+    // No --datapath: auto.
+    let agent = Agent::start(&bed, &["--route", &route], &[8088]);
+    let addr = listener_addr(&bed, 8088);
+    let reply = bed
+        .client()
+        .run(move || {
+            let mut s = connect(addr).expect("connect");
+            s.write_all(b"ping\n").expect("write");
+            let mut b = [0u8; 5];
+            s.read_exact(&mut b).expect("echo");
+            b
+        })
+        .expect("client");
+    assert_eq!(&reply, b"ping\n");
+    assert_path(&agent.stats(8088), SPLICE, 1);
+    assert!(
+        agent
+            .log_text()
+            .contains("--datapath auto: splice measured faster than the kernel path"),
+        "{}",
+        agent.log_text()
+    );
 }

@@ -87,7 +87,11 @@ fn status_text_and_json_after_traffic() {
     .expect("bar");
     let r1 = format!("8088={}*3", backend(&bed, 0, 3001));
     let r2 = format!("8089={}*1,invalid*1", backend(&bed, 1, 3002));
-    let agent = Agent::start(&bed, &["--route", &r1, "--route", &r2], &[8088, 8089]);
+    let agent = Agent::start(
+        &bed,
+        &["--route", &r1, "--route", &r2, "--datapath", "sockmap"],
+        &[8088, 8089],
+    );
     let (a1, a2) = (listener_addr(&bed, 8088), listener_addr(&bed, 8089));
     let replies = bed
         .client()
@@ -266,6 +270,8 @@ fn metrics_and_health_after_traffic() {
             "8089=invalid",
             "--metrics-addr",
             "127.0.0.1:9500",
+            "--datapath",
+            "sockmap",
         ],
         &[8088, 8089],
     );
@@ -498,7 +504,15 @@ fn restart_over_stale_pins_programs_only_the_new_state() {
     let first = Agent::start_with_pin_dir(
         &bed,
         dir.clone(),
-        &["--route", &r_old, "--route", "8089=invalid", "--keep-pins"],
+        &[
+            "--route",
+            &r_old,
+            "--route",
+            "8089=invalid",
+            "--keep-pins",
+            "--datapath",
+            "sockmap",
+        ],
         &[8088, 8089],
     );
     let a1 = listener_addr(&bed, 8088);

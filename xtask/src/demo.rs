@@ -145,6 +145,10 @@ fn with_agent(bed: &Bed, pin_dir: &Path) -> anyhow::Result<()> {
         "demo: serving the Envoy Gateway TCP routing example, plain Gateway API YAML in {EXAMPLE} \
          (tcp-gateway: foo 8088 -> Service foo:3001, bar 8089 -> Service bar:3002)"
     );
+    println!(
+        "demo: data path --datapath sockmap, to show the kernel path (the default, auto, \
+         chooses splice: it measured faster on this machine, see docs/performance.md)"
+    );
     show(
         &format!("sockgate check -f {EXAMPLE}"),
         Command::new(sockgate())
@@ -161,6 +165,9 @@ fn with_agent(bed: &Bed, pin_dir: &Path) -> anyhow::Result<()> {
             .args(["--source", "files", "--dir"])
             .arg(root().join(EXAMPLE))
             .args(["--drain-timeout", "2"])
+            // The kernel path, shown on purpose: the default `auto` picks splice, which
+            // measured faster here (docs/performance.md).
+            .args(["--datapath", "sockmap"])
             .stdin(Stdio::null())
             .spawn()
             .context("starting sockgate")?,
