@@ -434,42 +434,47 @@ async fn handle(
             return;
         }
     };
-    let path_taken;
-    let result = if shared.cfg.mode != DatapathMode::Sockmap {
-        shared.choices.once(
-            "userspace",
-            if shared.cfg.mode == DatapathMode::Auto {
-                "--datapath auto: splice measured faster than the kernel path (docs/performance.md)"
-            } else {
-                "--datapath splice"
-            },
-        );
-        path_taken = Path::Userspace;
-        counters.opened(Path::Userspace);
-        splice::run(client, backend, counters.clone()).await
-    } else {
-        match kernel::insert(
+    let splice_reason = match shared.cfg.mode {
+        DatapathMode::Sockmap => None,
+        DatapathMode::Auto => Some(
+            "--datapath auto: splice measured faster than the kernel path (docs/performance.md)",
+        ),
+        DatapathMode::Splice => Some("--datapath splice"),
+    };
+    let kernel = match splice_reason {
+        Some(reason) => {
+            shared.choices.once("userspace", reason);
+            None
+        }
+        None => match kernel::insert(
             &shared.dp,
             &client,
             &backend,
             port,
             shared.cfg.kernel_queue_limit,
         ) {
-            Ok((pair, bases)) => {
-                shared.choices.once("kernel", "pair in sockmap");
-                path_taken = Path::Kernel;
-                counters.opened(Path::Kernel);
-                kernel::run(pair, bases, client, backend, counters.clone()).await
-            }
+            Ok(paired) => Some(paired),
             Err(e) => {
                 let reason = e.to_string();
                 warn!(listener = port, error = %reason, "sockmap pairing failed; this connection uses splice");
                 shared.choices.once("userspace", &reason);
-                path_taken = Path::Userspace;
-                counters.opened(Path::Userspace);
-                splice::run(client, backend, counters.clone()).await
+                None
             }
-        }
+        },
+    };
+    let (path_taken, result) = if let Some((pair, bases)) = kernel {
+        shared.choices.once("kernel", "pair in sockmap");
+        counters.opened(Path::Kernel);
+        (
+            Path::Kernel,
+            kernel::run(pair, bases, client, backend, counters.clone()).await,
+        )
+    } else {
+        counters.opened(Path::Userspace);
+        (
+            Path::Userspace,
+            splice::run(client, backend, counters.clone()).await,
+        )
     };
     counters.closed(path_taken);
     if let Err(e) = result {
