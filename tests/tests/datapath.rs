@@ -9,7 +9,7 @@ use std::{
     time::Duration,
 };
 
-use common::{Agent, connect, exchange, require_root};
+use common::{Agent, Stream, connect, exchange, require_root};
 use netbed::{Bed, servers};
 
 const KERNEL: &str = "sockmap";
@@ -55,37 +55,6 @@ fn assert_drained(agent: &Agent, port: u16) {
 }
 
 // ---- a deterministic byte stream and its check -------------------------------------
-
-/// xorshift64* stream: `len` bytes from `seed`, in pieces.
-struct Stream {
-    state: u64,
-    buf: [u8; 8],
-    pos: usize,
-}
-
-impl Stream {
-    fn new(seed: u64) -> Self {
-        Self {
-            state: seed | 1,
-            buf: [0; 8],
-            pos: 8,
-        }
-    }
-
-    fn fill(&mut self, out: &mut [u8]) {
-        for b in out {
-            if self.pos == 8 {
-                self.state ^= self.state >> 12;
-                self.state ^= self.state << 25;
-                self.state ^= self.state >> 27;
-                self.buf = self.state.wrapping_mul(0x2545_F491_4F6C_DD1D).to_le_bytes();
-                self.pos = 0;
-            }
-            *b = self.buf[self.pos];
-            self.pos += 1;
-        }
-    }
-}
 
 /// Write sizes: fixed, or varied small writes.
 #[derive(Clone, Copy)]

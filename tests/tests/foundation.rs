@@ -8,17 +8,7 @@ use common::{Agent, require_root};
 use netbed::Bed;
 
 fn bpftool_dump(path: &std::path::Path) -> serde_json::Value {
-    let out = Command::new("bpftool")
-        .args(["-j", "map", "dump", "pinned"])
-        .arg(path)
-        .output()
-        .expect("bpftool runs (installed by `cargo xtask setup`)");
-    assert!(
-        out.status.success(),
-        "bpftool failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).expect("bpftool JSON")
+    common::bpftool_json(&["map", "dump", "pinned", &path.display().to_string()])
 }
 
 #[test]

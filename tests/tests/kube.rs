@@ -7,14 +7,13 @@ use std::time::{Duration, Instant};
 use common::{Agent, require_root};
 use netbed::Bed;
 
-#[test]
-fn unreachable_api_server_one_error_then_backoff_and_clean_stop() {
-    require_root();
-    let bed = Bed::new(0).expect("bed");
-    let dir = std::env::temp_dir().join(format!("sockgate-kubeconfig-{}", std::process::id()));
+/// A kubeconfig whose API server is port 1 on the node namespace's loopback: nothing
+/// listens there, every connect is refused. Returns (its directory, the file).
+fn unreachable_kubeconfig(tag: &str) -> (std::path::PathBuf, std::path::PathBuf) {
+    let dir =
+        std::env::temp_dir().join(format!("sockgate-kubeconfig-{tag}-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("dir");
     let kubeconfig = dir.join("config");
-    // Port 1 on the node namespace's loopback: nothing listens, connects are refused.
     std::fs::write(
         &kubeconfig,
         "apiVersion: v1\nkind: Config\nclusters:\n- name: c\n  cluster:\n    server: http://127.0.0.1:1\n\
@@ -22,6 +21,14 @@ fn unreachable_api_server_one_error_then_backoff_and_clean_stop() {
          users:\n- name: u\n  user: {}\n",
     )
     .expect("kubeconfig");
+    (dir, kubeconfig)
+}
+
+#[test]
+fn unreachable_api_server_one_error_then_backoff_and_clean_stop() {
+    require_root();
+    let bed = Bed::new(0).expect("bed");
+    let (dir, kubeconfig) = unreachable_kubeconfig("retry");
     let mut agent = Agent::start_with_env(
         &bed,
         &["--source", "kube", "--node-name", "node-1"],
@@ -77,17 +84,7 @@ fn unreachable_api_server_one_error_then_backoff_and_clean_stop() {
 fn not_ready_until_the_cluster_state_is_programmed() {
     require_root();
     let bed = Bed::new(0).expect("bed");
-    let dir =
-        std::env::temp_dir().join(format!("sockgate-kubeconfig-ready-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("dir");
-    let kubeconfig = dir.join("config");
-    std::fs::write(
-        &kubeconfig,
-        "apiVersion: v1\nkind: Config\nclusters:\n- name: c\n  cluster:\n    server: http://127.0.0.1:1\n\
-         contexts:\n- name: c\n  context:\n    cluster: c\n    user: u\ncurrent-context: c\n\
-         users:\n- name: u\n  user: {}\n",
-    )
-    .expect("kubeconfig");
+    let (dir, kubeconfig) = unreachable_kubeconfig("ready");
     let mut agent = Agent::start_with_env(
         &bed,
         &["--source", "kube", "--node-name", "node-1"],

@@ -10,7 +10,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{Agent, connect, exchange, require_root};
+use common::{Agent, bpftool_json, connect, exchange, require_root};
 use netbed::{Bed, servers};
 
 fn listener_addr(bed: &Bed, port: u16) -> SocketAddr {
@@ -19,20 +19,6 @@ fn listener_addr(bed: &Bed, port: u16) -> SocketAddr {
 
 fn backend(bed: &Bed, i: usize, port: u16) -> SocketAddr {
     SocketAddr::new(bed.backend_addr(i).into(), port)
-}
-
-fn bpftool_json(args: &[&str]) -> serde_json::Value {
-    let out = Command::new("bpftool")
-        .arg("-j")
-        .args(args)
-        .output()
-        .expect("bpftool runs (installed by `cargo xtask setup`)");
-    assert!(
-        out.status.success(),
-        "bpftool {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).expect("bpftool JSON")
 }
 
 /// One plain HTTP/1.1 GET from the node namespace: (status code, body).

@@ -245,3 +245,52 @@ pub fn exchange(s: &mut TcpStream, line: &str) -> String {
     }
     String::from_utf8_lossy(&out).into_owned()
 }
+
+/// xorshift64* stream: the same bytes from the same seed, in pieces of any size, so a
+/// receiver can check what a sender sent without keeping it.
+pub struct Stream {
+    state: u64,
+    buf: [u8; 8],
+    pos: usize,
+}
+
+impl Stream {
+    /// The stream of `seed`.
+    pub fn new(seed: u64) -> Self {
+        Self {
+            state: seed | 1,
+            buf: [0; 8],
+            pos: 8,
+        }
+    }
+
+    /// The next `out.len()` bytes.
+    pub fn fill(&mut self, out: &mut [u8]) {
+        for b in out {
+            if self.pos == 8 {
+                self.state ^= self.state >> 12;
+                self.state ^= self.state << 25;
+                self.state ^= self.state >> 27;
+                self.buf = self.state.wrapping_mul(0x2545_F491_4F6C_DD1D).to_le_bytes();
+                self.pos = 0;
+            }
+            *b = self.buf[self.pos];
+            self.pos += 1;
+        }
+    }
+}
+
+/// `bpftool -j ARGS`, parsed; fails loudly when bpftool does.
+pub fn bpftool_json(args: &[&str]) -> serde_json::Value {
+    let out = Command::new("bpftool")
+        .arg("-j")
+        .args(args)
+        .output()
+        .expect("bpftool runs (installed by `cargo xtask setup`)");
+    assert!(
+        out.status.success(),
+        "bpftool {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("bpftool JSON")
+}
