@@ -15,14 +15,21 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{HashMap, MapData, MapInfo, MapType, PerCpuHashMap, PerCpuValues, SockHash},
+    maps::{
+        HashMap, MapData, MapInfo, MapType, PerCpuHashMap, PerCpuValues, SockHash,
+        lpm_trie::Key as LpmKey,
+    },
     programs::{SkMsg, SkSkb},
 };
 use gateway_common::{
-    Backend, BackendKey, GLOBAL_WRITE_SEQ_OFFSET, GW_BACKENDS, GW_LISTENERS, GW_PEERS, GW_SOCKS,
-    GW_STATS, ListenerInfo, ListenerKey, ListenerStats, MAP_NAMES, MAX_BACKENDS, MAX_LISTENERS,
-    MAX_SOCKETS, MAX_STATS, PROG_MSG, PROG_VERDICT, Peer, StatsKey,
+    Backend, BackendKey, Bucket, BucketKey, Cidr4, Cidr6, GLOBAL_WRITE_SEQ_OFFSET, GW_BACKENDS,
+    GW_LISTENERS, GW_PEERS, GW_SOCKS, GW_STATS, GW_XDP_BUCKETS, GW_XDP_CIDR4, GW_XDP_CIDR6,
+    GW_XDP_POLICY, GW_XDP_STATS, ListenerInfo, ListenerKey, ListenerStats, MAP_NAMES, MAX_BACKENDS,
+    MAX_LISTENERS, MAX_SOCKETS, MAX_STATS, MAX_XDP_BUCKETS, MAX_XDP_CIDRS, PROG_MSG, PROG_VERDICT,
+    Peer, StatsKey, XdpPolicy, XdpStats,
 };
+
+use crate::xdp::{AttachMode, GuardMaps, ListenerGuard, XdpError};
 use tracing::{info, warn};
 
 /// The eBPF object built by `build.rs` from `gateway-ebpf`.
@@ -86,6 +93,8 @@ pub enum LoadError {
     Missing(&'static str),
     #[error("kernel BTF: {0}")]
     Btf(#[from] crate::btf::BtfError),
+    #[error("XDP listener guard: {0}")]
+    Xdp(#[from] XdpError),
 }
 
 /// Errors of writing or reading the maps at run time.
@@ -118,6 +127,10 @@ pub struct LoadOptions {
     pub on_mismatch: PinMismatch,
     /// The kernel BTF file whose presence is required.
     pub kernel_btf: PathBuf,
+    /// Interfaces the XDP listener guard is attached to (none: not attached).
+    pub xdp_ifaces: Vec<String>,
+    /// How the guard is attached.
+    pub xdp_mode: AttachMode,
 }
 
 impl Default for LoadOptions {
@@ -127,6 +140,8 @@ impl Default for LoadOptions {
             keep_pins: false,
             on_mismatch: PinMismatch::Replace,
             kernel_btf: PathBuf::from(DEFAULT_KERNEL_BTF),
+            xdp_ifaces: Vec::new(),
+            xdp_mode: AttachMode::Generic,
         }
     }
 }
@@ -146,7 +161,7 @@ const fn size32<T>() -> u32 {
 }
 
 /// The maps of this build, as [`MAP_NAMES`] orders them.
-pub const MAP_SPECS: [MapSpec; 5] = [
+pub const MAP_SPECS: [MapSpec; 10] = [
     MapSpec {
         name: GW_LISTENERS,
         map_type: MapType::Hash,
@@ -181,6 +196,41 @@ pub const MAP_SPECS: [MapSpec; 5] = [
         key_size: size32::<StatsKey>(),
         value_size: size32::<ListenerStats>(),
         max_entries: MAX_STATS,
+    },
+    MapSpec {
+        name: GW_XDP_POLICY,
+        map_type: MapType::Hash,
+        key_size: size32::<ListenerKey>(),
+        value_size: size32::<XdpPolicy>(),
+        max_entries: MAX_LISTENERS,
+    },
+    MapSpec {
+        name: GW_XDP_CIDR4,
+        map_type: MapType::LpmTrie,
+        key_size: size32::<LpmKey<Cidr4>>(),
+        value_size: size32::<u32>(),
+        max_entries: MAX_XDP_CIDRS,
+    },
+    MapSpec {
+        name: GW_XDP_CIDR6,
+        map_type: MapType::LpmTrie,
+        key_size: size32::<LpmKey<Cidr6>>(),
+        value_size: size32::<u32>(),
+        max_entries: MAX_XDP_CIDRS,
+    },
+    MapSpec {
+        name: GW_XDP_BUCKETS,
+        map_type: MapType::LruHash,
+        key_size: size32::<BucketKey>(),
+        value_size: size32::<Bucket>(),
+        max_entries: MAX_XDP_BUCKETS,
+    },
+    MapSpec {
+        name: GW_XDP_STATS,
+        map_type: MapType::PerCpuHash,
+        key_size: size32::<ListenerKey>(),
+        value_size: size32::<XdpStats>(),
+        max_entries: MAX_LISTENERS,
     },
 ];
 
@@ -292,6 +342,8 @@ pub struct Maps {
     pub socks: Mutex<SockHash<MapData, u64>>,
     pub peers: Mutex<HashMap<MapData, u64, Peer>>,
     pub stats: Mutex<PerCpuHashMap<MapData, StatsKey, ListenerStats>>,
+    /// The XDP guard's maps, with the guards programmed now by listener port.
+    pub guard: Mutex<(GuardMaps, std::collections::BTreeMap<u16, ListenerGuard>)>,
 }
 
 /// The `log` target of the programs' aya-log records (the eBPF crate's name).
@@ -334,6 +386,22 @@ fn remove_stale_peers(maps: &Maps) {
             "removed stale GW_PEERS entries of an earlier run"
         );
     }
+}
+
+/// Empties the XDP guard's policy maps (an earlier run's, in reused pins: the agent
+/// programs them again) and attaches the guard to the interfaces asked for.
+fn start_guard(ebpf: &mut Ebpf, maps: &Maps, opts: &LoadOptions) -> Result<(), LoadError> {
+    let stale = lock(&maps.guard).0.clear();
+    if stale > 0 {
+        info!(
+            entries = stale,
+            "removed XDP guard entries of an earlier run"
+        );
+    }
+    if !opts.xdp_ifaces.is_empty() {
+        crate::xdp::attach(ebpf, &opts.xdp_ifaces, opts.xdp_mode)?;
+    }
+    Ok(())
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -428,7 +496,12 @@ impl Datapath {
             socks: Mutex::new(socks),
             peers: Mutex::new(take(&mut ebpf, GW_PEERS)?),
             stats: Mutex::new(take(&mut ebpf, GW_STATS)?),
+            guard: Mutex::new((
+                GuardMaps::take(&mut ebpf)?,
+                std::collections::BTreeMap::new(),
+            )),
         };
+        start_guard(&mut ebpf, &maps, opts)?;
         if reused.contains(&GW_PEERS) {
             remove_stale_peers(&maps);
         }
@@ -677,6 +750,28 @@ impl Datapath {
                 map: GW_STATS,
                 source,
             })
+    }
+
+    /// Programs the XDP guard of listener `port` (`None`: no policy), writing only
+    /// what changed since the last call for that port.
+    pub fn set_guard(&self, port: u16, guard: Option<&ListenerGuard>) -> Result<(), XdpError> {
+        let mut g = lock(&self.maps.guard);
+        let (maps, current) = &mut *g;
+        let old = current.get(&port).cloned();
+        if old.as_ref() == guard {
+            return Ok(());
+        }
+        maps.set_guard(port, old.as_ref(), guard)?;
+        match guard {
+            Some(new) => current.insert(port, new.clone()),
+            None => current.remove(&port),
+        };
+        Ok(())
+    }
+
+    /// The XDP guard's counters of `port`, summed over CPUs.
+    pub fn xdp_stats(&self, port: u16) -> XdpStats {
+        lock(&self.maps.guard).0.stats(port)
     }
 
     /// Counters of `port`, summed over CPUs and owners.

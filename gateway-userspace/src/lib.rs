@@ -15,6 +15,7 @@
 //! * [`routes`]: the `--route` fixed table.
 //! * [`source`]: where Gateway API objects come from (manifest files).
 //! * [`status`]: `sockgate status`, read from the pinned maps.
+//! * [`xdp`]: the XDP listener guard: policy, its map entries, attaching `gw_xdp`.
 pub mod btf;
 pub mod check;
 pub mod cluster;
@@ -36,3 +37,4 @@ pub mod routes;
 )]
 pub mod source;
 pub mod status;
+pub mod xdp;

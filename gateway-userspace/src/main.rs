@@ -152,6 +152,26 @@ struct RunArgs {
     /// The kernel BTF the agent requires.
     #[arg(long, default_value = sockgate::ebpf::DEFAULT_KERNEL_BTF, hide = true)]
     kernel_btf: PathBuf,
+    /// Attach the XDP listener guard to this interface (repeatable; none: no guard).
+    #[arg(long = "xdp-iface", value_name = "IFACE")]
+    xdp_ifaces: Vec<String>,
+    /// How the XDP guard is attached: generic (every interface, no cost on veth) or
+    /// native (in the driver).
+    #[arg(long, value_enum, default_value_t = sockgate::xdp::AttachMode::Generic)]
+    xdp_mode: sockgate::xdp::AttachMode,
+    /// XDP guard: only these clients may connect to a listener, PORT=CIDR[,CIDR...]
+    /// (repeatable).
+    #[arg(long = "xdp-allow", value_name = "PORT=CIDRS")]
+    xdp_allow: Vec<String>,
+    /// XDP guard: these clients may not connect to a listener (wins over allow),
+    /// PORT=CIDR[,CIDR...] (repeatable).
+    #[arg(long = "xdp-deny", value_name = "PORT=CIDRS")]
+    xdp_deny: Vec<String>,
+    /// XDP guard: SYNs per second per source prefix,
+    /// PORT=RATE[/BURST[/PREFIX4[/PREFIX6]]] (repeatable; defaults: burst = rate,
+    /// prefixes 32 and 128).
+    #[arg(long = "xdp-syn-rate", value_name = "PORT=RATE/BURST/P4/P6")]
+    xdp_syn_rate: Vec<String>,
 }
 
 fn init_logs(format: LogFormat) {
@@ -314,8 +334,16 @@ fn run(args: &RunArgs) -> anyhow::Result<()> {
         keep_pins: args.keep_pins,
         on_mismatch: args.on_pin_mismatch,
         kernel_btf: args.kernel_btf.clone(),
+        xdp_ifaces: args.xdp_ifaces.clone(),
+        xdp_mode: args.xdp_mode,
     };
+    let guards = sockgate::xdp::parse_flags(&args.xdp_allow, &args.xdp_deny, &args.xdp_syn_rate)?;
     let dp = Arc::new(Datapath::load(&opts)?);
+    for (port, guard) in &guards {
+        dp.set_guard(*port, Some(guard))
+            .context("programming the XDP guard")?;
+        info!(listener = port, guard = ?guard, "XDP guard policy");
+    }
     raise_fd_limit();
     if desired.listeners.is_empty() && kube.is_none() {
         info!("no listeners configured (give --dir or --route)");
