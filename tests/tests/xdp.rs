@@ -1,0 +1,252 @@
+//! The XDP listener guard end to end: `gw_xdp` attached (generic mode) to the node's
+//! interface towards the client namespace, policy from the `--xdp-*` flags, real
+//! connections and a bounded raw-socket SYN flood from the test's own namespace.
+mod common;
+
+use std::{
+    io,
+    net::{Ipv4Addr, SocketAddr, TcpStream},
+    time::{Duration, Instant},
+};
+
+use common::{Agent, exchange, require_root};
+use netbed::{Bed, servers};
+use socket2::{Domain, Socket, Type};
+
+const PORT: u16 = 8088;
+/// SYNs the flooding source sends.
+const FLOOD: u16 = 400;
+/// Connections the well-behaved client makes while the flooder's bucket is empty.
+const CONNECTS: u64 = 5;
+/// A second client address, denied by the policy.
+const DENIED: Ipv4Addr = Ipv4Addr::new(10, 200, 0, 3);
+/// A third client address, the flooding source.
+const FLOODER: Ipv4Addr = Ipv4Addr::new(10, 200, 0, 4);
+
+/// Adds the extra client addresses to the client namespace's interface.
+fn add_client_addrs(bed: &Bed) {
+    for a in [DENIED, FLOODER] {
+        bed.client()
+            .ip(&["addr", "add", &format!("{a}/24"), "dev", "eth0"])
+            .expect("add address");
+    }
+}
+
+/// Connects from source address `src` (in the calling thread's namespace).
+fn connect_from(src: Ipv4Addr, dst: SocketAddr, timeout: Duration) -> io::Result<TcpStream> {
+    let s = Socket::new(Domain::IPV4, Type::STREAM, None)?;
+    s.bind(&SocketAddr::new(src.into(), 0).into())?;
+    s.connect_timeout(&dst.into(), timeout)?;
+    let s: TcpStream = s.into();
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    Ok(s)
+}
+
+fn start(bed: &Bed, extra: &[&str]) -> (Agent, servers::Server) {
+    let backend = SocketAddr::new(bed.backend_addr(0).into(), 3001);
+    let server = servers::Server::start(bed.backend(0), backend, servers::echo()).expect("echo");
+    let route = format!("{PORT}={backend}");
+    let mut args = vec!["--route", route.as_str(), "--xdp-iface", "c0"];
+    args.extend_from_slice(extra);
+    let agent = Agent::start(bed, &args, &[PORT]);
+    (agent, server)
+}
+
+/// The guard's counters of the listener, from `sockgate status --json`.
+fn xdp_counts(agent: &Agent) -> serde_json::Value {
+    std::thread::sleep(Duration::from_millis(250));
+    let s = agent.status();
+    s["listeners"]
+        .as_array()
+        .and_then(|ls| ls.iter().find(|l| l["port"] == PORT))
+        .map_or_else(
+            || panic!("listener {PORT} not in status: {s}"),
+            |l| l["xdp"].clone(),
+        )
+}
+
+fn count(v: &serde_json::Value, field: &str) -> u64 {
+    v[field]
+        .as_u64()
+        .unwrap_or_else(|| panic!("{field} in {v}"))
+}
+
+#[test]
+fn denied_client_times_out_allowed_client_connects() {
+    require_root();
+    let bed = Bed::new(1).expect("bed");
+    add_client_addrs(&bed);
+    let deny = format!("{PORT}={DENIED}/32");
+    let (agent, _server) = start(&bed, &["--xdp-deny", &deny]);
+    assert!(
+        agent.log_text().contains("XDP listener guard attached"),
+        "attach logged: {}",
+        agent.log_text()
+    );
+    let dst = SocketAddr::new(bed.node_addr().into(), PORT);
+    let client = bed.client_addr();
+    let (allowed, denied) = bed
+        .client()
+        .run(move || {
+            let mut s = connect_from(client, dst, Duration::from_secs(5)).expect("allowed");
+            let reply = exchange(&mut s, "hello\n");
+            let started = Instant::now();
+            let denied = connect_from(DENIED, dst, Duration::from_millis(1500));
+            (
+                reply,
+                denied
+                    .map(|_| ())
+                    .map_err(|e| (e.kind(), started.elapsed())),
+            )
+        })
+        .expect("client ns");
+    assert_eq!(allowed, "hello\n", "the allowed client is proxied");
+    let (kind, waited) = denied.expect_err("the denied client must not connect");
+    assert_eq!(
+        kind,
+        io::ErrorKind::TimedOut,
+        "dropped at the NIC: no RST, the connect times out"
+    );
+    assert!(waited >= Duration::from_millis(1400), "{waited:?}");
+    let x = xdp_counts(&agent);
+    assert_eq!(count(&x, "syn_admitted"), 1, "{x}");
+    // The denied connect sends a SYN and (after 1 s) one retransmission.
+    let denied_syns = count(&x, "dropped_denied");
+    assert!((1..=2).contains(&denied_syns), "{x}");
+    assert_eq!(count(&x, "dropped_not_allowed"), 0, "{x}");
+    assert_eq!(count(&x, "dropped_rate_limited"), 0, "{x}");
+    assert!(count(&x, "packets") >= 1 + denied_syns + 3, "{x}");
+    let s = agent.stats(PORT);
+    assert_eq!(
+        s["accepted"], 1,
+        "only the allowed client reached the agent: {s}"
+    );
+}
+
+/// The IPv4 + TCP SYN from `src:sport` to `dst:dport`, checksums set.
+fn syn_packet(src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16) -> Vec<u8> {
+    fn sum(data: &[u8], mut acc: u32) -> u32 {
+        for c in data.chunks(2) {
+            acc += u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]));
+        }
+        acc
+    }
+    fn fold(mut acc: u32) -> u16 {
+        while acc > 0xffff {
+            acc = (acc & 0xffff) + (acc >> 16);
+        }
+        !(acc as u16)
+    }
+    let mut ip = vec![0u8; 20];
+    ip[0] = 0x45;
+    ip[2..4].copy_from_slice(&40u16.to_be_bytes());
+    ip[8] = 64;
+    ip[9] = 6;
+    ip[12..16].copy_from_slice(&src.octets());
+    ip[16..20].copy_from_slice(&dst.octets());
+    let c = fold(sum(&ip, 0));
+    ip[10..12].copy_from_slice(&c.to_be_bytes());
+    let mut tcp = vec![0u8; 20];
+    tcp[0..2].copy_from_slice(&sport.to_be_bytes());
+    tcp[2..4].copy_from_slice(&dport.to_be_bytes());
+    tcp[4..8].copy_from_slice(&u32::from(sport).wrapping_mul(2_654_435_761).to_be_bytes());
+    tcp[12] = 5 << 4;
+    tcp[13] = 0x02;
+    tcp[14..16].copy_from_slice(&64240u16.to_be_bytes());
+    let mut pseudo = Vec::with_capacity(12);
+    pseudo.extend_from_slice(&src.octets());
+    pseudo.extend_from_slice(&dst.octets());
+    pseudo.extend_from_slice(&[0, 6, 0, 20]);
+    let c = fold(sum(&tcp, sum(&pseudo, 0)));
+    tcp[16..18].copy_from_slice(&c.to_be_bytes());
+    ip.extend_from_slice(&tcp);
+    ip
+}
+
+/// Sends `n` SYNs from `src` (distinct source ports) through a raw socket in the
+/// calling thread's namespace; returns how many were sent and how long it took.
+fn flood(src: Ipv4Addr, dst: Ipv4Addr, dport: u16, n: u16) -> (u64, Duration) {
+    // SAFETY: plain socket(2); the descriptor is owned below.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_RAW) };
+    assert!(fd >= 0, "raw socket: {}", io::Error::last_os_error());
+    // SAFETY: fd is a new descriptor nobody else owns.
+    let fd = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+    let to = libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: 0,
+        sin_addr: libc::in_addr {
+            s_addr: u32::from_ne_bytes(dst.octets()),
+        },
+        sin_zero: [0; 8],
+    };
+    let started = Instant::now();
+    let mut sent = 0;
+    for i in 0..n {
+        let pkt = syn_packet(src, 20000 + i, dst, dport);
+        // SAFETY: buffer and address valid for the call.
+        let r = unsafe {
+            libc::sendto(
+                std::os::fd::AsRawFd::as_raw_fd(&fd),
+                pkt.as_ptr().cast(),
+                pkt.len(),
+                0,
+                std::ptr::from_ref(&to).cast(),
+                size_of::<libc::sockaddr_in>() as libc::socklen_t,
+            )
+        };
+        if usize::try_from(r).is_ok_and(|r| r == pkt.len()) {
+            sent += 1;
+        }
+        if started.elapsed() > Duration::from_secs(5) {
+            break;
+        }
+    }
+    (sent, started.elapsed())
+}
+
+#[test]
+fn syn_flood_held_to_rate_while_others_connect() {
+    require_root();
+    let bed = Bed::new(1).expect("bed");
+    add_client_addrs(&bed);
+    // 10 SYN/s with a burst of 10 per source address.
+    let rate = format!("{PORT}=10/10/32/128");
+    let (agent, _server) = start(&bed, &["--xdp-syn-rate", &rate]);
+    let node = bed.node_addr();
+    let dst = SocketAddr::new(node.into(), PORT);
+    let client = bed.client_addr();
+    let (sent, elapsed, replies) = bed
+        .client()
+        .run(move || {
+            let (sent, elapsed) = flood(FLOODER, node, PORT, FLOOD);
+            // The flooder's bucket is empty; another source still connects.
+            let mut replies = Vec::new();
+            for i in 0..CONNECTS {
+                let mut s = connect_from(client, dst, Duration::from_secs(5))
+                    .unwrap_or_else(|e| panic!("connect {i} while flooded: {e}"));
+                replies.push(exchange(&mut s, "ping\n"));
+            }
+            (sent, elapsed, replies)
+        })
+        .expect("client ns");
+    assert_eq!(sent, u64::from(FLOOD), "every SYN was sent");
+    assert!(replies.iter().all(|r| r == "ping\n"), "{replies:?}");
+    let x = xdp_counts(&agent);
+    eprintln!("flood: {sent} SYNs in {elapsed:?}; guard counters {x}");
+    let admitted = count(&x, "syn_admitted");
+    let limited = count(&x, "dropped_rate_limited");
+    let flood_admitted = admitted - CONNECTS;
+    // Every SYN sent is accounted for: admitted or rate limited, nothing else.
+    assert_eq!(flood_admitted + limited, sent, "{x}");
+    assert_eq!(
+        count(&x, "dropped_denied") + count(&x, "dropped_not_allowed"),
+        0
+    );
+    // Burst 10, then 10/s for the time the flood took (plus one for rounding).
+    let bound = 10 + elapsed.as_millis().div_ceil(100) as u64 + 1;
+    assert!(
+        (10..=bound).contains(&flood_admitted),
+        "flood admitted {flood_admitted}, bound {bound} ({elapsed:?}): {x}"
+    );
+    assert!(count(&x, "packets") >= sent + CONNECTS, "{x}");
+}
