@@ -250,3 +250,56 @@ fn syn_flood_held_to_rate_while_others_connect() {
     );
     assert!(count(&x, "packets") >= sent + CONNECTS, "{x}");
 }
+
+/// The XDP program ids attached to the node's `c0`, from `ip -j link`.
+fn attached(bed: &Bed) -> Vec<u64> {
+    let out = bed
+        .node()
+        .ip(&["-j", "-d", "link", "show", "c0"])
+        .expect("ip link");
+    let v: serde_json::Value = serde_json::from_str(&out).expect("ip -j JSON");
+    let xdp = &v[0]["xdp"];
+    let mut ids: Vec<u64> = xdp["attached"]
+        .as_array()
+        .map(|a| a.iter().filter_map(|p| p["prog"]["id"].as_u64()).collect())
+        .unwrap_or_default();
+    if let Some(id) = xdp["prog"]["id"].as_u64() {
+        ids.push(id);
+    }
+    ids.sort_unstable();
+    ids.dedup();
+    ids
+}
+
+#[test]
+fn detached_on_stop_and_after_a_crash_reattached_once() {
+    require_root();
+    let bed = Bed::new(1).expect("bed");
+    assert!(
+        attached(&bed).is_empty(),
+        "nothing attached before the agent"
+    );
+    let pins = common::pin_dir();
+    let backend = SocketAddr::new(bed.backend_addr(0).into(), 3001);
+    let route = format!("{PORT}={backend}");
+    let args = [
+        "--route",
+        route.as_str(),
+        "--xdp-iface",
+        "c0",
+        "--keep-pins",
+    ];
+    let mut agent = Agent::start_with_pin_dir(&bed, pins.clone(), &args, &[PORT]);
+    let first = attached(&bed);
+    assert_eq!(first.len(), 1, "one program on c0: {first:?}");
+    // A crash (SIGKILL): the kernel drops the link with the last descriptor.
+    agent.stop_hard();
+    assert!(attached(&bed).is_empty(), "no stale program after a crash");
+    // A restart reusing the pins attaches exactly one program again.
+    let mut agent = Agent::start_with_pin_dir(&bed, pins.clone(), &args, &[PORT]);
+    let again = attached(&bed);
+    assert_eq!(again.len(), 1, "one program after the restart: {again:?}");
+    assert!(agent.stop().success(), "clean stop");
+    assert!(attached(&bed).is_empty(), "detached on shutdown");
+    let _ = std::fs::remove_dir_all(&pins);
+}
