@@ -608,3 +608,41 @@ fn syn_rate_fixtures() {
     assert_eq!(run(&ebpf, &v4(a, 9090, SYN)), PASS, "refilled one token");
     assert_eq!(run(&ebpf, &v4(a, 9090, SYN)), DROP, "only one");
 }
+
+/// Runs each kind of packet many times in the kernel (`repeat`), checks the action
+/// and prints the kernel's mean time per run: the guard's cost per packet, for
+/// docs/xdp.md. Not a timed assertion.
+#[test]
+fn cost_per_packet() {
+    let (ebpf, _maps) = cidr_setup();
+    let prog: &Xdp = ebpf
+        .program(PROG_XDP)
+        .expect("gw_xdp")
+        .try_into()
+        .expect("XDP");
+    let cases = [
+        ("ARP (not IP)", eth(None, 0x0806, &[0u8; 28]), PASS),
+        (
+            "TCP to a port that is not a listener",
+            v4([10, 66, 1, 1], 6060, SYN),
+            PASS,
+        ),
+        ("ACK to a listener", v4([10, 2, 3, 4], 8080, ACK), PASS),
+        ("IPv4 SYN allowed", v4([10, 2, 3, 4], 8080, SYN), PASS),
+        ("IPv4 SYN denied", v4([10, 66, 1, 1], 8080, SYN), DROP),
+        ("IPv6 SYN denied", v6("2001:db8:bad::1", 8080, SYN), DROP),
+    ];
+    for (desc, pkt, want) in cases {
+        let mut out = vec![0u8; pkt.len() + 256];
+        let r = prog
+            .test_run(TestRunOptions {
+                data_in: Some(&pkt),
+                data_out: Some(&mut out),
+                repeat: 100_000,
+                ..TestRunOptions::default()
+            })
+            .expect("BPF_PROG_TEST_RUN");
+        assert_eq!(r.return_value, want, "{desc}");
+        eprintln!("{desc:<40} {:>6} ns per packet", r.duration.as_nanos());
+    }
+}
