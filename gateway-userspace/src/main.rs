@@ -56,6 +56,9 @@ enum Command {
     /// Offline: print the status sockgate would write for the manifests in a directory
     /// (or file), then the listener/backend table. No privileges needed.
     Check(CheckArgs),
+    /// Print the `CustomResourceDefinition` of `ListenerPolicy` (sockgate.dev), the XDP
+    /// listener guard's policy attachment, as YAML.
+    Crd,
 }
 
 #[derive(clap::Args)]
@@ -197,6 +200,9 @@ fn main() -> ExitCode {
         Command::Run(args) => run(&args),
         Command::Status { pin_dir, json } => show_status(&pin_dir, json),
         Command::Check(args) => check_manifests(&args),
+        Command::Crd => sockgate::policy::crd_yaml()
+            .map(|y| print!("{y}"))
+            .map_err(anyhow::Error::from),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
