@@ -7,6 +7,7 @@
 //! declares (as cilium/ebpf's `MapSpec.Compatible` does); a pin that does not match is
 //! replaced, with a log line saying why, or refused when [`PinMismatch::Fail`] is asked.
 use std::{
+    collections::BTreeMap,
     fs, io,
     os::fd::AsRawFd,
     path::{Path, PathBuf},
@@ -343,7 +344,7 @@ pub struct Maps {
     pub peers: Mutex<HashMap<MapData, u64, Peer>>,
     pub stats: Mutex<PerCpuHashMap<MapData, StatsKey, ListenerStats>>,
     /// The XDP guard's maps, with the guards programmed now by listener port.
-    pub guard: Mutex<(GuardMaps, std::collections::BTreeMap<u16, ListenerGuard>)>,
+    pub guard: Mutex<(GuardMaps, BTreeMap<u16, ListenerGuard>)>,
 }
 
 /// The `log` target of the programs' aya-log records (the eBPF crate's name).
@@ -359,6 +360,8 @@ pub struct Datapath {
     kernel_logs: Mutex<Option<aya_log::EbpfLogger<&'static dyn log::Log>>>,
     pin_dir: PathBuf,
     keep_pins: bool,
+    /// Guards from the command line, by listener port.
+    static_guards: Mutex<BTreeMap<u16, ListenerGuard>>,
     /// Maps found pinned and reused rather than created.
     pub reused: Vec<&'static str>,
 }
@@ -496,10 +499,7 @@ impl Datapath {
             socks: Mutex::new(socks),
             peers: Mutex::new(take(&mut ebpf, GW_PEERS)?),
             stats: Mutex::new(take(&mut ebpf, GW_STATS)?),
-            guard: Mutex::new((
-                GuardMaps::take(&mut ebpf)?,
-                std::collections::BTreeMap::new(),
-            )),
+            guard: Mutex::new((GuardMaps::take(&mut ebpf)?, BTreeMap::new())),
         };
         start_guard(&mut ebpf, &maps, opts)?;
         if reused.contains(&GW_PEERS) {
@@ -512,6 +512,7 @@ impl Datapath {
             kernel_logs: Mutex::new(kernel_logs),
             pin_dir: opts.pin_dir.clone(),
             keep_pins: opts.keep_pins,
+            static_guards: Mutex::new(BTreeMap::new()),
             reused,
         })
     }
@@ -752,20 +753,34 @@ impl Datapath {
             })
     }
 
-    /// Programs the XDP guard of listener `port` (`None`: no policy), writing only
-    /// what changed since the last call for that port.
-    pub fn set_guard(&self, port: u16, guard: Option<&ListenerGuard>) -> Result<(), XdpError> {
+    /// Guards given on the command line (`--xdp-*`): they win over the guards of the
+    /// desired state for their ports. Takes effect at the next [`Self::apply_guards`].
+    pub fn set_static_guards(&self, guards: BTreeMap<u16, ListenerGuard>) {
+        *lock(&self.static_guards) = guards;
+    }
+
+    /// Programs the XDP guard's maps to `guards` (plus the static ones), writing only
+    /// the listeners whose guard changed.
+    pub fn apply_guards(&self, guards: &BTreeMap<u16, ListenerGuard>) -> Result<(), MapOpError> {
+        let mut want = guards.clone();
+        want.extend(lock(&self.static_guards).clone());
         let mut g = lock(&self.maps.guard);
         let (maps, current) = &mut *g;
-        let old = current.get(&port).cloned();
-        if old.as_ref() == guard {
-            return Ok(());
+        let stale: Vec<u16> = current
+            .keys()
+            .filter(|p| !want.contains_key(p))
+            .copied()
+            .collect();
+        for port in stale {
+            maps.set_guard(port, current.get(&port), None)?;
+            current.remove(&port);
         }
-        maps.set_guard(port, old.as_ref(), guard)?;
-        match guard {
-            Some(new) => current.insert(port, new.clone()),
-            None => current.remove(&port),
-        };
+        for (port, new) in want {
+            if current.get(&port) != Some(&new) {
+                maps.set_guard(port, current.get(&port), Some(&new))?;
+                current.insert(port, new);
+            }
+        }
         Ok(())
     }
 

@@ -346,10 +346,9 @@ fn run(args: &RunArgs) -> anyhow::Result<()> {
     let guards = sockgate::xdp::parse_flags(&args.xdp_allow, &args.xdp_deny, &args.xdp_syn_rate)?;
     let dp = Arc::new(Datapath::load(&opts)?);
     for (port, guard) in &guards {
-        dp.set_guard(*port, Some(guard))
-            .context("programming the XDP guard")?;
-        info!(listener = port, guard = ?guard, "XDP guard policy");
+        info!(listener = port, guard = ?guard, "XDP guard policy from the command line");
     }
+    dp.set_static_guards(guards);
     raise_fd_limit();
     if desired.listeners.is_empty() && kube.is_none() {
         info!("no listeners configured (give --dir or --route)");

@@ -25,7 +25,8 @@ use crate::{
     kind = "ListenerPolicy",
     namespaced,
     status = "ListenerPolicyStatus",
-    shortname = "lpol"
+    shortname = "lpol",
+    derive = "PartialEq"
 )]
 #[serde(rename_all = "camelCase")]
 pub struct ListenerPolicySpec {

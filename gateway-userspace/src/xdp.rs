@@ -17,6 +17,8 @@ use gateway_common::{
 };
 use tracing::info;
 
+use crate::ebpf::MapOpError;
+
 /// A client address range: an address with its host bits cleared and a prefix length.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Cidr {
@@ -300,6 +302,10 @@ fn map_err(name: &'static str) -> impl Fn(aya::maps::MapError) -> XdpError {
     move |source| XdpError::Map { name, source }
 }
 
+fn op_err(map: &'static str) -> impl Fn(aya::maps::MapError) -> MapOpError {
+    move |source| MapOpError { map, source }
+}
+
 fn take<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, XdpError>
 where
     T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>,
@@ -333,32 +339,32 @@ impl GuardMaps {
         })
     }
 
-    fn insert_entry(&mut self, e: &CidrEntry, id: u32) -> Result<(), XdpError> {
+    fn insert_entry(&mut self, e: &CidrEntry, id: u32) -> Result<(), MapOpError> {
         match *e {
             CidrEntry::V4 { prefix_len, data } => self
                 .cidr4
                 .insert(&Key::new(prefix_len, data), id, 0)
-                .map_err(map_err(GW_XDP_CIDR4)),
+                .map_err(op_err(GW_XDP_CIDR4)),
             CidrEntry::V6 { prefix_len, data } => self
                 .cidr6
                 .insert(&Key::new(prefix_len, data), id, 0)
-                .map_err(map_err(GW_XDP_CIDR6)),
+                .map_err(op_err(GW_XDP_CIDR6)),
         }
     }
 
-    fn remove_entry(&mut self, e: &CidrEntry) -> Result<(), XdpError> {
+    fn remove_entry(&mut self, e: &CidrEntry) -> Result<(), MapOpError> {
         let r = match *e {
             CidrEntry::V4 { prefix_len, data } => self
                 .cidr4
                 .remove(&Key::new(prefix_len, data))
-                .map_err(map_err(GW_XDP_CIDR4)),
+                .map_err(op_err(GW_XDP_CIDR4)),
             CidrEntry::V6 { prefix_len, data } => self
                 .cidr6
                 .remove(&Key::new(prefix_len, data))
-                .map_err(map_err(GW_XDP_CIDR6)),
+                .map_err(op_err(GW_XDP_CIDR6)),
         };
         match r {
-            Err(XdpError::Map {
+            Err(MapOpError {
                 source: aya::maps::MapError::KeyNotFound,
                 ..
             }) => Ok(()),
@@ -393,7 +399,7 @@ impl GuardMaps {
         port: u16,
         old: Option<&ListenerGuard>,
         new: Option<&ListenerGuard>,
-    ) -> Result<(), XdpError> {
+    ) -> Result<(), MapOpError> {
         let old_entries = old.map(|g| g.cidr_entries(port)).unwrap_or_default();
         let new_entries = new.map(|g| g.cidr_entries(port)).unwrap_or_default();
         for (i, e) in new_entries.difference(&old_entries).enumerate() {
@@ -404,12 +410,12 @@ impl GuardMaps {
             Some(g) => self
                 .policy
                 .insert(key, g.policy(), 0)
-                .map_err(map_err(GW_XDP_POLICY))?,
+                .map_err(op_err(GW_XDP_POLICY))?,
             None => match self.policy.remove(&key) {
                 Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
                 Err(source) => {
-                    return Err(XdpError::Map {
-                        name: GW_XDP_POLICY,
+                    return Err(MapOpError {
+                        map: GW_XDP_POLICY,
                         source,
                     });
                 }

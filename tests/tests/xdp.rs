@@ -303,3 +303,98 @@ fn detached_on_stop_and_after_a_crash_reattached_once() {
     assert!(attached(&bed).is_empty(), "detached on shutdown");
     let _ = std::fs::remove_dir_all(&pins);
 }
+
+/// Removes a directory on drop.
+struct Dir(std::path::PathBuf);
+
+impl Drop for Dir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+const POLICY: &str = "apiVersion: sockgate.dev/v1alpha1
+kind: ListenerPolicy
+metadata:
+  name: deny-one-client
+spec:
+  targetRefs:
+  - group: gateway.networking.k8s.io
+    kind: Gateway
+    name: tcp-gateway
+    sectionName: foo
+  deny:
+  - 10.200.0.3/32
+";
+
+/// One exchange from `src` to listener `port` of the node: the reply, or the error kind.
+fn ask_from(bed: &Bed, src: Ipv4Addr, port: u16) -> Result<String, io::ErrorKind> {
+    let dst = SocketAddr::new(bed.node_addr().into(), port);
+    bed.client()
+        .run(move || {
+            let mut s =
+                connect_from(src, dst, Duration::from_millis(1500)).map_err(|e| e.kind())?;
+            Ok(exchange(&mut s, "hi\n"))
+        })
+        .expect("client ns")
+}
+
+#[test]
+fn listener_policy_from_manifests_guards_one_listener() {
+    require_root();
+    let bed = Bed::new(2).expect("bed");
+    add_client_addrs(&bed);
+    let _foo = servers::Server::start(
+        bed.backend(0),
+        SocketAddr::new(bed.backend_addr(0).into(), 3001),
+        servers::named_echo("foo"),
+    )
+    .expect("foo");
+    let _bar = servers::Server::start(
+        bed.backend(1),
+        SocketAddr::new(bed.backend_addr(1).into(), 3002),
+        servers::named_echo("bar"),
+    )
+    .expect("bar");
+    let src =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/examples/envoy-gateway");
+    let dir = Dir(std::env::temp_dir().join(format!("sockgate-xdp-e2e-{}", std::process::id())));
+    let _ = std::fs::remove_dir_all(&dir.0);
+    std::fs::create_dir_all(&dir.0).expect("dir");
+    for f in ["gatewayclass.yaml", "tcp-routing.yaml", "backends.yaml"] {
+        std::fs::copy(src.join(f), dir.0.join(f)).expect("copy");
+    }
+    std::fs::write(dir.0.join("policy.yaml"), POLICY).expect("policy");
+    let d = dir.0.to_str().expect("utf-8").to_owned();
+    let agent = Agent::start(
+        &bed,
+        &["--source", "files", "--dir", &d, "--xdp-iface", "c0"],
+        &[8088, 8089],
+    );
+    let client = bed.client_addr();
+    assert!(ask_from(&bed, client, 8088).is_ok_and(|r| r.starts_with("foo")));
+    assert_eq!(
+        ask_from(&bed, DENIED, 8088),
+        Err(io::ErrorKind::TimedOut),
+        "denied on listener foo"
+    );
+    assert!(
+        ask_from(&bed, DENIED, 8089).is_ok_and(|r| r.starts_with("bar")),
+        "the policy targets listener foo only"
+    );
+    let x = xdp_counts(&agent);
+    assert!(count(&x, "dropped_denied") >= 1, "{x}");
+    // The policy removed: the client connects to foo too.
+    std::fs::remove_file(dir.0.join("policy.yaml")).expect("remove");
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        if ask_from(&bed, DENIED, 8088).is_ok_and(|r| r.starts_with("foo")) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "policy removal applied: {}",
+            agent.log_text()
+        );
+    }
+}

@@ -23,6 +23,7 @@ fn desired() -> DesiredState {
             l(9000, "other/gw2/x", Some("other/r2")),
         ]
         .into(),
+        guards: BTreeMap::new(),
     }
 }
 
