@@ -5,7 +5,10 @@
 //! A policy targets, in its own namespace, a `Gateway` (every listener, or one by
 //! `sectionName`) or a `TCPRoute` (the listeners it is attached to). When two policies
 //! target the same listener, the older one (creation time, then namespace and name)
-//! wins and the other is reported `Conflicted` for that ancestor.
+//! wins and the other is reported `Conflicted` for that ancestor. A target is taken
+//! whole or not at all: a Gateway target one of whose listeners is held by an older
+//! policy is `Conflicted` for every listener, so that a policy never applies to part
+//! of what it names.
 use std::collections::BTreeMap;
 
 use kube::CustomResource;
@@ -252,7 +255,10 @@ pub fn resolve(
                     RESOLVED_REFS,
                     false,
                     REASON_TARGET_NOT_FOUND,
-                    format!("no listener of {} {ns}/{} is served", t.kind, t.name),
+                    match &t.section_name {
+                        Some(s) => format!("{} {ns}/{} has no served listener {s}", t.kind, t.name),
+                        None => format!("no listener of {} {ns}/{} is served", t.kind, t.name),
+                    },
                 )
             } else {
                 condition(RESOLVED_REFS, true, REASON_RESOLVED, "target resolved")

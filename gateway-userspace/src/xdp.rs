@@ -107,6 +107,7 @@ impl<'de> serde::Deserialize<'de> for Cidr {
 
 /// A per-source SYN rate limit.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
 pub struct SynRate {
     /// SYNs per second admitted from one source prefix.
     pub per_second: u32,
@@ -120,6 +121,7 @@ pub struct SynRate {
 
 /// The guard's policy of one listener.
 #[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
 pub struct ListenerGuard {
     /// When not empty, only sources in these ranges may connect.
     #[serde(default, skip_serializing_if = "BTreeSet::is_empty")]
