@@ -13,6 +13,11 @@
 //! * [`GW_SOCKS`]: sockhash, socket cookie (`u64`) -> socket
 //! * [`GW_PEERS`]: socket cookie (`u64`) -> [`Peer`]
 //! * [`GW_STATS`]: per-CPU, [`StatsKey`] (listener port + owner) -> [`ListenerStats`]
+//! * [`GW_XDP_POLICY`]: listener port ([`ListenerKey`]) -> [`XdpPolicy`]
+//! * [`GW_XDP_CIDR4`] / [`GW_XDP_CIDR6`]: LPM tries, prefix of [`Cidr4`] / [`Cidr6`]
+//!   (listener port, allow or deny, client address) -> rule id (`u32`)
+//! * [`GW_XDP_BUCKETS`]: LRU, [`BucketKey`] (listener port + masked source) -> [`Bucket`]
+//! * [`GW_XDP_STATS`]: per-CPU, listener port ([`ListenerKey`]) -> [`XdpStats`]
 #![no_std]
 #![expect(
     clippy::pub_underscore_fields,
@@ -32,8 +37,30 @@ pub const GW_PEERS: &str = "GW_PEERS";
 /// Name of the per-CPU counter map ([`StatsKey`] -> [`ListenerStats`]).
 pub const GW_STATS: &str = "GW_STATS";
 
+/// Name of the XDP guard's per-listener policy map ([`ListenerKey`] -> [`XdpPolicy`]).
+pub const GW_XDP_POLICY: &str = "GW_XDP_POLICY";
+/// Name of the XDP guard's IPv4 client CIDR trie (prefix of [`Cidr4`] -> rule id).
+pub const GW_XDP_CIDR4: &str = "GW_XDP_CIDR4";
+/// Name of the XDP guard's IPv6 client CIDR trie (prefix of [`Cidr6`] -> rule id).
+pub const GW_XDP_CIDR6: &str = "GW_XDP_CIDR6";
+/// Name of the XDP guard's SYN token buckets ([`BucketKey`] -> [`Bucket`], LRU).
+pub const GW_XDP_BUCKETS: &str = "GW_XDP_BUCKETS";
+/// Name of the XDP guard's per-CPU counters ([`ListenerKey`] -> [`XdpStats`]).
+pub const GW_XDP_STATS: &str = "GW_XDP_STATS";
+
 /// Every map the programs declare, in the order the loader pins them.
-pub const MAP_NAMES: [&str; 5] = [GW_LISTENERS, GW_BACKENDS, GW_SOCKS, GW_PEERS, GW_STATS];
+pub const MAP_NAMES: [&str; 10] = [
+    GW_LISTENERS,
+    GW_BACKENDS,
+    GW_SOCKS,
+    GW_PEERS,
+    GW_STATS,
+    GW_XDP_POLICY,
+    GW_XDP_CIDR4,
+    GW_XDP_CIDR6,
+    GW_XDP_BUCKETS,
+    GW_XDP_STATS,
+];
 
 /// Capacity of [`GW_LISTENERS`].
 pub const MAX_LISTENERS: u32 = 1024;
@@ -50,6 +77,15 @@ pub const MAX_STATS: u32 = 2 * MAX_LISTENERS;
 pub const PROG_VERDICT: &str = "gw_verdict";
 /// Name of the `sk_msg` program.
 pub const PROG_MSG: &str = "gw_msg";
+/// Name of the XDP listener guard program.
+pub const PROG_XDP: &str = "gw_xdp";
+
+/// Capacity of each of [`GW_XDP_CIDR4`] and [`GW_XDP_CIDR6`] (all listeners, allow and
+/// deny together).
+pub const MAX_XDP_CIDRS: u32 = 16384;
+/// Capacity of [`GW_XDP_BUCKETS`]: sources tracked at once; the least recently seen
+/// is evicted first.
+pub const MAX_XDP_BUCKETS: u32 = 65536;
 
 /// Key of [`GW_LISTENERS`].
 #[repr(C)]
@@ -257,10 +293,139 @@ pub struct ListenerStats {
 }
 const _: () = assert!(size_of::<ListenerStats>() == 18 * 8);
 
+/// Value of [`GW_XDP_POLICY`]: the XDP guard's policy of one listener. A listener
+/// without an entry is only counted.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct XdpPolicy {
+    /// `XDP_F_*` bits.
+    pub flags: u32,
+    /// SYNs per second admitted from one source prefix; 0 means no rate limit.
+    pub syn_rate: u32,
+    /// SYNs a source prefix may send at once (the bucket's size); at least 1 when
+    /// `syn_rate` is set.
+    pub syn_burst: u32,
+    /// Prefix length an IPv4 source is aggregated on for the rate limit (0..=32).
+    pub rate_prefix4: u8,
+    /// Prefix length an IPv6 source is aggregated on for the rate limit (0..=128).
+    pub rate_prefix6: u8,
+    /// Always zero.
+    pub _pad: u16,
+}
+const _: () = assert!(size_of::<XdpPolicy>() == 16);
+
+/// [`XdpPolicy::flags`]: the listener has an allow list; a source matching none of its
+/// entries (of either family) is dropped.
+pub const XDP_F_HAS_ALLOW: u32 = 1;
+
+/// [`Cidr4::kind`] and [`Cidr6::kind`]: an allowed client range.
+pub const CIDR_ALLOW: u8 = 1;
+/// [`Cidr4::kind`] and [`Cidr6::kind`]: a denied client range (wins over allow).
+pub const CIDR_DENY: u8 = 2;
+
+/// Bits of a CIDR trie key before the address: port (16), kind (8), padding (8).
+/// The trie's prefix length is this plus the CIDR's own prefix length.
+pub const CIDR_KEY_HEAD_BITS: u32 = 32;
+
+/// Data of a [`GW_XDP_CIDR4`] key (after the trie's `u32` prefix length): matched bit
+/// by bit from the first byte, so the listener and the kind are always matched whole.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct Cidr4 {
+    /// Listener port, network byte order (the trie matches bytes in order).
+    pub port_be: [u8; 2],
+    /// [`CIDR_ALLOW`] or [`CIDR_DENY`].
+    pub kind: u8,
+    /// Always zero.
+    pub _pad: u8,
+    /// Client address, network byte order.
+    pub addr_be: [u8; 4],
+}
+const _: () = assert!(size_of::<Cidr4>() == 8);
+
+/// Data of a [`GW_XDP_CIDR6`] key, as [`Cidr4`] for IPv6.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct Cidr6 {
+    /// Listener port, network byte order.
+    pub port_be: [u8; 2],
+    /// [`CIDR_ALLOW`] or [`CIDR_DENY`].
+    pub kind: u8,
+    /// Always zero.
+    pub _pad: u8,
+    /// Client address, network byte order.
+    pub addr_be: [u8; 16],
+}
+const _: () = assert!(size_of::<Cidr6>() == 20);
+
+/// Key of [`GW_XDP_BUCKETS`]: one token bucket per listener and source prefix.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct BucketKey {
+    /// Listener port, host byte order.
+    pub port: u16,
+    /// `AF_INET` (2) or `AF_INET6` (10).
+    pub family: u16,
+    /// Source address masked to the policy's prefix length, network byte order
+    /// (IPv4 in the first 4 bytes, the rest zero).
+    pub addr_be: [u8; 16],
+}
+const _: () = assert!(size_of::<BucketKey>() == 20);
+
+/// Value of [`GW_XDP_BUCKETS`]: a SYN token bucket.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct Bucket {
+    /// Tokens left, in billionths of a SYN (so that refill is exact per nanosecond).
+    pub tokens_nano: u64,
+    /// `bpf_ktime_get_ns()` of the last refill.
+    pub last_ns: u64,
+}
+const _: () = assert!(size_of::<Bucket>() == 16);
+
+/// Value of [`GW_XDP_STATS`], per CPU: what the XDP guard did for one listener.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct XdpStats {
+    /// TCP packets to the listener's port seen by the guard.
+    pub packets: u64,
+    /// SYNs passed to the stack.
+    pub syn_admitted: u64,
+    /// SYNs dropped: the source is in a deny range.
+    pub dropped_denied: u64,
+    /// SYNs dropped: the listener has an allow list and the source is in none of it.
+    pub dropped_not_allowed: u64,
+    /// SYNs dropped: the source prefix's token bucket was empty.
+    pub dropped_rate_limited: u64,
+}
+const _: () = assert!(size_of::<XdpStats>() == 5 * 8);
+
+impl XdpStats {
+    /// Field-wise sum, for adding up per-CPU values.
+    #[must_use]
+    pub const fn add(mut self, o: &Self) -> Self {
+        self.packets += o.packets;
+        self.syn_admitted += o.syn_admitted;
+        self.dropped_denied += o.dropped_denied;
+        self.dropped_not_allowed += o.dropped_not_allowed;
+        self.dropped_rate_limited += o.dropped_rate_limited;
+        self
+    }
+}
+
 #[cfg(feature = "user")]
 mod user {
     //! `aya::Pod` for every map type, so the agent can read and write the maps.
-    use super::{Backend, BackendKey, ListenerInfo, ListenerKey, ListenerStats, Peer, StatsKey};
+    use super::{
+        Backend, BackendKey, Bucket, BucketKey, Cidr4, Cidr6, ListenerInfo, ListenerKey,
+        ListenerStats, Peer, StatsKey, XdpPolicy, XdpStats,
+    };
 
     // SAFETY: all of these are #[repr(C)], have no padding bytes left implicit (see the
     // size asserts) and are valid for any bit pattern.
@@ -271,6 +436,12 @@ mod user {
     unsafe impl aya::Pod for Peer {}
     unsafe impl aya::Pod for StatsKey {}
     unsafe impl aya::Pod for ListenerStats {}
+    unsafe impl aya::Pod for XdpPolicy {}
+    unsafe impl aya::Pod for Cidr4 {}
+    unsafe impl aya::Pod for Cidr6 {}
+    unsafe impl aya::Pod for BucketKey {}
+    unsafe impl aya::Pod for Bucket {}
+    unsafe impl aya::Pod for XdpStats {}
 }
 
 impl ListenerKey {

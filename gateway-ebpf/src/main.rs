@@ -8,6 +8,8 @@
 //!   userspace fallback loses nothing.
 //! * [`gw_msg`], an `sk_msg` program on `GW_SOCKS`: counts messages written by local
 //!   senders on proxied sockets and lets them through.
+//! * [`xdp::gw_xdp`], the XDP listener guard: per-listener client CIDR policy and SYN
+//!   rate limit at the NIC (see the module).
 //!
 //! Zero-length segments (a FIN is seen that way) are dropped: the agent propagates the
 //! FIN itself, only once every byte before it was handed to TCP. Counters go to the
@@ -226,6 +228,8 @@ pub fn gw_msg(ctx: SkMsgContext) -> u32 {
     }
     sk_action::SK_PASS
 }
+
+mod xdp;
 
 #[cfg(not(test))]
 #[panic_handler]

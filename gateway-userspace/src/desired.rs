@@ -14,6 +14,9 @@ pub struct DesiredState {
     pub generation: u32,
     /// TCP listeners by port.
     pub listeners: BTreeMap<u16, Listener>,
+    /// The XDP listener guard's policy by listener port (from `ListenerPolicy`).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub guards: BTreeMap<u16, crate::xdp::ListenerGuard>,
 }
 
 /// One TCP listener port and where its connections go.

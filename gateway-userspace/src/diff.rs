@@ -166,6 +166,7 @@ mod tests {
         )
             .prop_map(|(generation, ls)| DesiredState {
                 generation,
+                guards: BTreeMap::new(),
                 listeners: ls
                     .into_iter()
                     .map(|(port, backends)| {

@@ -7,6 +7,7 @@
 //! declares (as cilium/ebpf's `MapSpec.Compatible` does); a pin that does not match is
 //! replaced, with a log line saying why, or refused when [`PinMismatch::Fail`] is asked.
 use std::{
+    collections::BTreeMap,
     fs, io,
     os::fd::AsRawFd,
     path::{Path, PathBuf},
@@ -15,14 +16,21 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{HashMap, MapData, MapInfo, MapType, PerCpuHashMap, PerCpuValues, SockHash},
+    maps::{
+        HashMap, MapData, MapInfo, MapType, PerCpuHashMap, PerCpuValues, SockHash,
+        lpm_trie::Key as LpmKey,
+    },
     programs::{SkMsg, SkSkb},
 };
 use gateway_common::{
-    Backend, BackendKey, GLOBAL_WRITE_SEQ_OFFSET, GW_BACKENDS, GW_LISTENERS, GW_PEERS, GW_SOCKS,
-    GW_STATS, ListenerInfo, ListenerKey, ListenerStats, MAP_NAMES, MAX_BACKENDS, MAX_LISTENERS,
-    MAX_SOCKETS, MAX_STATS, PROG_MSG, PROG_VERDICT, Peer, StatsKey,
+    Backend, BackendKey, Bucket, BucketKey, Cidr4, Cidr6, GLOBAL_WRITE_SEQ_OFFSET, GW_BACKENDS,
+    GW_LISTENERS, GW_PEERS, GW_SOCKS, GW_STATS, GW_XDP_BUCKETS, GW_XDP_CIDR4, GW_XDP_CIDR6,
+    GW_XDP_POLICY, GW_XDP_STATS, ListenerInfo, ListenerKey, ListenerStats, MAP_NAMES, MAX_BACKENDS,
+    MAX_LISTENERS, MAX_SOCKETS, MAX_STATS, MAX_XDP_BUCKETS, MAX_XDP_CIDRS, PROG_MSG, PROG_VERDICT,
+    Peer, StatsKey, XdpPolicy, XdpStats,
 };
+
+use crate::xdp::{AttachMode, GuardMaps, ListenerGuard, XdpError};
 use tracing::{info, warn};
 
 /// The eBPF object built by `build.rs` from `gateway-ebpf`.
@@ -86,6 +94,8 @@ pub enum LoadError {
     Missing(&'static str),
     #[error("kernel BTF: {0}")]
     Btf(#[from] crate::btf::BtfError),
+    #[error("XDP listener guard: {0}")]
+    Xdp(#[from] XdpError),
 }
 
 /// Errors of writing or reading the maps at run time.
@@ -118,6 +128,10 @@ pub struct LoadOptions {
     pub on_mismatch: PinMismatch,
     /// The kernel BTF file whose presence is required.
     pub kernel_btf: PathBuf,
+    /// Interfaces the XDP listener guard is attached to (none: not attached).
+    pub xdp_ifaces: Vec<String>,
+    /// How the guard is attached.
+    pub xdp_mode: AttachMode,
 }
 
 impl Default for LoadOptions {
@@ -127,6 +141,8 @@ impl Default for LoadOptions {
             keep_pins: false,
             on_mismatch: PinMismatch::Replace,
             kernel_btf: PathBuf::from(DEFAULT_KERNEL_BTF),
+            xdp_ifaces: Vec::new(),
+            xdp_mode: AttachMode::Generic,
         }
     }
 }
@@ -146,7 +162,7 @@ const fn size32<T>() -> u32 {
 }
 
 /// The maps of this build, as [`MAP_NAMES`] orders them.
-pub const MAP_SPECS: [MapSpec; 5] = [
+pub const MAP_SPECS: [MapSpec; 10] = [
     MapSpec {
         name: GW_LISTENERS,
         map_type: MapType::Hash,
@@ -181,6 +197,41 @@ pub const MAP_SPECS: [MapSpec; 5] = [
         key_size: size32::<StatsKey>(),
         value_size: size32::<ListenerStats>(),
         max_entries: MAX_STATS,
+    },
+    MapSpec {
+        name: GW_XDP_POLICY,
+        map_type: MapType::Hash,
+        key_size: size32::<ListenerKey>(),
+        value_size: size32::<XdpPolicy>(),
+        max_entries: MAX_LISTENERS,
+    },
+    MapSpec {
+        name: GW_XDP_CIDR4,
+        map_type: MapType::LpmTrie,
+        key_size: size32::<LpmKey<Cidr4>>(),
+        value_size: size32::<u32>(),
+        max_entries: MAX_XDP_CIDRS,
+    },
+    MapSpec {
+        name: GW_XDP_CIDR6,
+        map_type: MapType::LpmTrie,
+        key_size: size32::<LpmKey<Cidr6>>(),
+        value_size: size32::<u32>(),
+        max_entries: MAX_XDP_CIDRS,
+    },
+    MapSpec {
+        name: GW_XDP_BUCKETS,
+        map_type: MapType::LruHash,
+        key_size: size32::<BucketKey>(),
+        value_size: size32::<Bucket>(),
+        max_entries: MAX_XDP_BUCKETS,
+    },
+    MapSpec {
+        name: GW_XDP_STATS,
+        map_type: MapType::PerCpuHash,
+        key_size: size32::<ListenerKey>(),
+        value_size: size32::<XdpStats>(),
+        max_entries: MAX_LISTENERS,
     },
 ];
 
@@ -292,6 +343,8 @@ pub struct Maps {
     pub socks: Mutex<SockHash<MapData, u64>>,
     pub peers: Mutex<HashMap<MapData, u64, Peer>>,
     pub stats: Mutex<PerCpuHashMap<MapData, StatsKey, ListenerStats>>,
+    /// The XDP guard's maps, with the guards programmed now by listener port.
+    pub guard: Mutex<(GuardMaps, BTreeMap<u16, ListenerGuard>)>,
 }
 
 /// The `log` target of the programs' aya-log records (the eBPF crate's name).
@@ -307,6 +360,8 @@ pub struct Datapath {
     kernel_logs: Mutex<Option<aya_log::EbpfLogger<&'static dyn log::Log>>>,
     pin_dir: PathBuf,
     keep_pins: bool,
+    /// Guards from the command line, by listener port.
+    static_guards: Mutex<BTreeMap<u16, ListenerGuard>>,
     /// Maps found pinned and reused rather than created.
     pub reused: Vec<&'static str>,
 }
@@ -334,6 +389,22 @@ fn remove_stale_peers(maps: &Maps) {
             "removed stale GW_PEERS entries of an earlier run"
         );
     }
+}
+
+/// Empties the XDP guard's policy maps (an earlier run's, in reused pins: the agent
+/// programs them again) and attaches the guard to the interfaces asked for.
+fn start_guard(ebpf: &mut Ebpf, maps: &Maps, opts: &LoadOptions) -> Result<(), LoadError> {
+    let stale = lock(&maps.guard).0.clear();
+    if stale > 0 {
+        info!(
+            entries = stale,
+            "removed XDP guard entries of an earlier run"
+        );
+    }
+    if !opts.xdp_ifaces.is_empty() {
+        crate::xdp::attach(ebpf, &opts.xdp_ifaces, opts.xdp_mode)?;
+    }
+    Ok(())
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -428,7 +499,9 @@ impl Datapath {
             socks: Mutex::new(socks),
             peers: Mutex::new(take(&mut ebpf, GW_PEERS)?),
             stats: Mutex::new(take(&mut ebpf, GW_STATS)?),
+            guard: Mutex::new((GuardMaps::take(&mut ebpf)?, BTreeMap::new())),
         };
+        start_guard(&mut ebpf, &maps, opts)?;
         if reused.contains(&GW_PEERS) {
             remove_stale_peers(&maps);
         }
@@ -439,6 +512,7 @@ impl Datapath {
             kernel_logs: Mutex::new(kernel_logs),
             pin_dir: opts.pin_dir.clone(),
             keep_pins: opts.keep_pins,
+            static_guards: Mutex::new(BTreeMap::new()),
             reused,
         })
     }
@@ -677,6 +751,42 @@ impl Datapath {
                 map: GW_STATS,
                 source,
             })
+    }
+
+    /// Guards given on the command line (`--xdp-*`): they win over the guards of the
+    /// desired state for their ports. Takes effect at the next [`Self::apply_guards`].
+    pub fn set_static_guards(&self, guards: BTreeMap<u16, ListenerGuard>) {
+        *lock(&self.static_guards) = guards;
+    }
+
+    /// Programs the XDP guard's maps to `guards` (plus the static ones), writing only
+    /// the listeners whose guard changed.
+    pub fn apply_guards(&self, guards: &BTreeMap<u16, ListenerGuard>) -> Result<(), MapOpError> {
+        let mut want = guards.clone();
+        want.extend(lock(&self.static_guards).clone());
+        let mut g = lock(&self.maps.guard);
+        let (maps, current) = &mut *g;
+        let stale: Vec<u16> = current
+            .keys()
+            .filter(|p| !want.contains_key(p))
+            .copied()
+            .collect();
+        for port in stale {
+            maps.set_guard(port, current.get(&port), None)?;
+            current.remove(&port);
+        }
+        for (port, new) in want {
+            if current.get(&port) != Some(&new) {
+                maps.set_guard(port, current.get(&port), Some(&new))?;
+                current.insert(port, new);
+            }
+        }
+        Ok(())
+    }
+
+    /// The XDP guard's counters of `port`, summed over CPUs.
+    pub fn xdp_stats(&self, port: u16) -> XdpStats {
+        lock(&self.maps.guard).0.stats(port)
     }
 
     /// Counters of `port`, summed over CPUs and owners.

@@ -11,10 +11,13 @@
 //! * [`mapsync`]: writes the desired state to `GW_LISTENERS` / `GW_BACKENDS`.
 //! * [`model`]: the Gateway API model: snapshot, reconcile, status.
 //! * [`metrics`]: Prometheus metrics, `/healthz` and `/readyz`.
+//! * [`policy`]: the `ListenerPolicy` resource (XDP guard policy attachment) and its
+//!   resolution into per-listener guards.
 //! * [`proxy`]: listeners, backend selection, the kernel and userspace data paths.
 //! * [`routes`]: the `--route` fixed table.
 //! * [`source`]: where Gateway API objects come from (manifest files).
 //! * [`status`]: `sockgate status`, read from the pinned maps.
+//! * [`xdp`]: the XDP listener guard: policy, its map entries, attaching `gw_xdp`.
 pub mod btf;
 pub mod check;
 pub mod cluster;
@@ -28,6 +31,7 @@ pub mod metrics;
     reason = "Gateway API kind names (GatewayClass, TCPRoute, EndpointSlice) are words in these docs"
 )]
 pub mod model;
+pub mod policy;
 pub mod proxy;
 pub mod routes;
 #[expect(
@@ -36,3 +40,4 @@ pub mod routes;
 )]
 pub mod source;
 pub mod status;
+pub mod xdp;

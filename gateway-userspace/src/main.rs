@@ -56,6 +56,9 @@ enum Command {
     /// Offline: print the status sockgate would write for the manifests in a directory
     /// (or file), then the listener/backend table. No privileges needed.
     Check(CheckArgs),
+    /// Print the `CustomResourceDefinition` of `ListenerPolicy` (sockgate.dev), the XDP
+    /// listener guard's policy attachment, as YAML.
+    Crd,
 }
 
 #[derive(clap::Args)]
@@ -152,6 +155,26 @@ struct RunArgs {
     /// The kernel BTF the agent requires.
     #[arg(long, default_value = sockgate::ebpf::DEFAULT_KERNEL_BTF, hide = true)]
     kernel_btf: PathBuf,
+    /// Attach the XDP listener guard to this interface (repeatable; none: no guard).
+    #[arg(long = "xdp-iface", value_name = "IFACE")]
+    xdp_ifaces: Vec<String>,
+    /// How the XDP guard is attached: generic (every interface, no cost on veth) or
+    /// native (in the driver).
+    #[arg(long, value_enum, default_value_t = sockgate::xdp::AttachMode::Generic)]
+    xdp_mode: sockgate::xdp::AttachMode,
+    /// XDP guard: only these clients may connect to a listener, PORT=CIDR[,CIDR...]
+    /// (repeatable).
+    #[arg(long = "xdp-allow", value_name = "PORT=CIDRS")]
+    xdp_allow: Vec<String>,
+    /// XDP guard: these clients may not connect to a listener (wins over allow),
+    /// PORT=CIDR[,CIDR...] (repeatable).
+    #[arg(long = "xdp-deny", value_name = "PORT=CIDRS")]
+    xdp_deny: Vec<String>,
+    /// XDP guard: SYNs per second per source prefix,
+    /// PORT=RATE[/BURST[/PREFIX4[/PREFIX6]]] (repeatable; defaults: burst = rate,
+    /// prefixes 32 and 128).
+    #[arg(long = "xdp-syn-rate", value_name = "PORT=RATE/BURST/P4/P6")]
+    xdp_syn_rate: Vec<String>,
 }
 
 fn init_logs(format: LogFormat) {
@@ -177,6 +200,9 @@ fn main() -> ExitCode {
         Command::Run(args) => run(&args),
         Command::Status { pin_dir, json } => show_status(&pin_dir, json),
         Command::Check(args) => check_manifests(&args),
+        Command::Crd => sockgate::policy::crd_yaml()
+            .map(|y| print!("{y}"))
+            .map_err(anyhow::Error::from),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -314,8 +340,15 @@ fn run(args: &RunArgs) -> anyhow::Result<()> {
         keep_pins: args.keep_pins,
         on_mismatch: args.on_pin_mismatch,
         kernel_btf: args.kernel_btf.clone(),
+        xdp_ifaces: args.xdp_ifaces.clone(),
+        xdp_mode: args.xdp_mode,
     };
+    let guards = sockgate::xdp::parse_flags(&args.xdp_allow, &args.xdp_deny, &args.xdp_syn_rate)?;
     let dp = Arc::new(Datapath::load(&opts)?);
+    for (port, guard) in &guards {
+        info!(listener = port, guard = ?guard, "XDP guard policy from the command line");
+    }
+    dp.set_static_guards(guards);
     raise_fd_limit();
     if desired.listeners.is_empty() && kube.is_none() {
         info!("no listeners configured (give --dir or --route)");

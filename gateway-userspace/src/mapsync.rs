@@ -1,4 +1,4 @@
-//! Writes the desired state to `GW_LISTENERS` and `GW_BACKENDS`: reads what the maps
+//! Writes the desired state to `GW_LISTENERS`, `GW_BACKENDS` and the XDP guard's maps: reads what the maps
 //! hold, computes the delta with [`diff`](crate::diff::diff) (backends first, then
 //! listeners; deletes in reverse) and writes only that.
 use tracing::{debug, instrument};
@@ -34,5 +34,5 @@ pub fn apply(dp: &Datapath, desired: &DesiredState) -> Result<(), MapOpError> {
             MapOp::RemoveBackend(k) => dp.remove_backend(k)?,
         }
     }
-    Ok(())
+    dp.apply_guards(&desired.guards)
 }

@@ -99,6 +99,41 @@ fn gauge(v: u64) -> ConstGauge<i64> {
     ConstGauge::new(i64::try_from(v).unwrap_or(i64::MAX))
 }
 
+impl MapCollector {
+    /// The XDP listener guard's counters, read from `GW_XDP_STATS`.
+    fn encode_xdp(&self, e: &mut DescriptorEncoder, ports: &[u16]) -> Result<(), std::fmt::Error> {
+        let xdp: Vec<_> = ports.iter().map(|&p| (p, self.dp.xdp_stats(p))).collect();
+        family(
+            e,
+            "sockgate_xdp_packets",
+            "TCP packets to the listener port seen by the XDP listener guard",
+            xdp.iter()
+                .map(|(p, s)| (labels(*p), ConstCounter::new(s.packets))),
+        )?;
+        family(
+            e,
+            "sockgate_xdp_syn_admitted",
+            "SYNs the XDP listener guard passed to the stack",
+            xdp.iter()
+                .map(|(p, s)| (labels(*p), ConstCounter::new(s.syn_admitted))),
+        )?;
+        family(
+            e,
+            "sockgate_xdp_dropped",
+            "SYNs the XDP listener guard dropped, by reason",
+            xdp.iter().flat_map(|(p, s)| {
+                [
+                    ("denied", s.dropped_denied),
+                    ("not_allowed", s.dropped_not_allowed),
+                    ("rate_limited", s.dropped_rate_limited),
+                ]
+                .map(|(reason, v)| (with(*p, &[("reason", reason)]), ConstCounter::new(v)))
+            }),
+        )?;
+        Ok(())
+    }
+}
+
 impl Collector for MapCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let ports: Vec<u16> = self.dp.listener_keys().iter().map(|k| k.port).collect();
@@ -187,6 +222,7 @@ impl Collector for MapCollector {
                 })
             }),
         )?;
+        self.encode_xdp(e, &ports)?;
         family(
             e,
             "sockgate_map_entries",

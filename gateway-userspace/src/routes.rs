@@ -55,6 +55,7 @@ pub fn parse(specs: &[String]) -> Result<DesiredState, RouteError> {
     Ok(DesiredState {
         generation: 1,
         listeners,
+        guards: BTreeMap::new(),
     })
 }
 

@@ -3,8 +3,8 @@ use std::{collections::BTreeMap, path::Path};
 
 use aya::maps::{HashMap, Map, MapData, PerCpuHashMap};
 use gateway_common::{
-    Backend, BackendKey, GW_BACKENDS, GW_LISTENERS, GW_PEERS, GW_STATS, ListenerInfo, ListenerKey,
-    ListenerStats, Peer, StatsKey,
+    Backend, BackendKey, GW_BACKENDS, GW_LISTENERS, GW_PEERS, GW_STATS, GW_XDP_STATS, ListenerInfo,
+    ListenerKey, ListenerStats, Peer, StatsKey, XdpStats,
 };
 use serde::Serialize;
 
@@ -42,6 +42,56 @@ pub struct ListenerStatus {
     pub total_weight: u32,
     pub backends: Vec<BackendStatus>,
     pub stats: Counts,
+    /// What the XDP listener guard did for this listener.
+    pub xdp: XdpCounts,
+}
+
+/// Counters of the XDP listener guard for one listener, summed over CPUs.
+#[derive(Debug, Default, Serialize, PartialEq, Eq)]
+pub struct XdpCounts {
+    /// TCP packets to the listener port seen by the guard.
+    pub packets: u64,
+    /// SYNs passed to the stack.
+    pub syn_admitted: u64,
+    /// SYNs dropped: source in a deny range.
+    pub dropped_denied: u64,
+    /// SYNs dropped: source outside the allow list.
+    pub dropped_not_allowed: u64,
+    /// SYNs dropped: source prefix over its SYN rate.
+    pub dropped_rate_limited: u64,
+}
+
+impl From<XdpStats> for XdpCounts {
+    fn from(s: XdpStats) -> Self {
+        Self {
+            packets: s.packets,
+            syn_admitted: s.syn_admitted,
+            dropped_denied: s.dropped_denied,
+            dropped_not_allowed: s.dropped_not_allowed,
+            dropped_rate_limited: s.dropped_rate_limited,
+        }
+    }
+}
+
+/// The guard's counters by listener port; empty when the map is not pinned (an agent
+/// of a build without the guard).
+fn read_xdp_counts(dir: &Path) -> Result<BTreeMap<u16, XdpStats>, StatusError> {
+    if !dir.join(GW_XDP_STATS).exists() {
+        return Ok(BTreeMap::new());
+    }
+    let stats: PerCpuHashMap<_, ListenerKey, XdpStats> =
+        PerCpuHashMap::try_from(Map::PerCpuHashMap(open(dir, GW_XDP_STATS)?))
+            .map_err(map_err(dir, GW_XDP_STATS))?;
+    Ok(stats
+        .iter()
+        .filter_map(Result::ok)
+        .map(|(k, per_cpu)| {
+            (
+                k.port,
+                per_cpu.iter().fold(XdpStats::default(), XdpStats::add),
+            )
+        })
+        .collect())
 }
 
 /// Counters of a listener, summed over CPUs and owners.
@@ -140,6 +190,7 @@ pub fn read(dir: &Path) -> Result<Status, StatusError> {
         let e = counts.entry(key.listener_port).or_default();
         *e = e.add(&sum);
     }
+    let mut xdp = read_xdp_counts(dir)?;
     let mut by_port: BTreeMap<u16, Vec<BackendStatus>> = BTreeMap::new();
     for (key, b) in backends.iter().filter_map(Result::ok) {
         by_port
@@ -165,6 +216,10 @@ pub fn read(dir: &Path) -> Result<Status, StatusError> {
                 stats: counts
                     .remove(&key.port)
                     .map(Counts::from)
+                    .unwrap_or_default(),
+                xdp: xdp
+                    .remove(&key.port)
+                    .map(XdpCounts::from)
                     .unwrap_or_default(),
             }
         })
@@ -239,6 +294,18 @@ pub fn render(s: &Status) -> String {
             "  throttled:   kernel {}  (peer queue full; parked bytes moved by the agent)",
             c.kernel_throttles
         );
+        let x = &l.xdp;
+        if *x != XdpCounts::default() {
+            let _ = writeln!(
+                o,
+                "  xdp guard:   packets {}  SYN admitted {}  dropped: denied {}  not allowed {}  rate limited {}",
+                x.packets,
+                x.syn_admitted,
+                x.dropped_denied,
+                x.dropped_not_allowed,
+                x.dropped_rate_limited
+            );
+        }
     }
     o
 }

@@ -65,6 +65,9 @@ fn every_manifest_is_typed_with_no_unknown_field() {
             "Role" => drop(typed::<Role>(file, v)),
             "RoleBinding" => drop(typed::<RoleBinding>(file, v)),
             "DaemonSet" => drop(typed::<DaemonSet>(file, v)),
+            "CustomResourceDefinition" => drop(typed::<
+                k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition,
+            >(file, v)),
             "GatewayClass" => {
                 assert_eq!(v["apiVersion"], "gateway.networking.k8s.io/v1");
                 assert_eq!(
@@ -212,4 +215,14 @@ fn daemonset_runs_unprivileged_with_named_capabilities() {
         .and_then(|r| r.limits.as_ref())
         .expect("limits");
     assert!(limits.contains_key("memory"));
+}
+
+#[test]
+fn listener_policy_crd_is_current() {
+    let file = std::fs::read_to_string(deploy_dir().join("crd-listenerpolicy.yaml")).expect("read");
+    let generated = sockgate::policy::crd_yaml().expect("CRD");
+    assert!(
+        file == generated,
+        "deploy/crd-listenerpolicy.yaml is stale: regenerate it with `sockgate crd > deploy/crd-listenerpolicy.yaml`"
+    );
 }

@@ -25,6 +25,26 @@ fn demo_runs_and_leaves_nothing_behind() {
         stdout.contains("listener :8089"),
         "sockgate status:\n{stdout}"
     );
+    assert!(
+        stdout.contains("denied client 10.200.0.3 -> 10.200.0.1:8088 (listener foo)"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("allowed client 10.200.0.2 -> 10.200.0.1:8088: connected"),
+        "{stdout}"
+    );
+    let guard = stdout
+        .lines()
+        .find(|l| l.starts_with("demo: listener 8088 XDP guard:"))
+        .expect("the demo shows the guard's counters");
+    assert!(
+        guard.contains("SYNs admitted") && !guard.contains(" 0 dropped (denied)"),
+        "{guard}"
+    );
+    assert!(
+        stdout.contains("xdp guard:"),
+        "sockgate status shows the guard:\n{stdout}"
+    );
     assert!(stdout.contains("demo: cleaned up"), "{stdout}");
 
     let names: Vec<String> = stdout

@@ -288,6 +288,8 @@ impl Stores {
             namespaces: owned(&self.namespaces),
             services: owned(&self.services),
             endpoint_slices: owned(&self.slices),
+            // Not watched yet: policies come from the file source only.
+            listener_policies: Vec::new(),
         }
     }
 

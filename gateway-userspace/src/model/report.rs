@@ -1,6 +1,6 @@
-//! What `sockgate check` prints: for every GatewayClass, Gateway and TCPRoute of the
-//! input, its identity and the status sockgate would write, then the programmed
-//! listener/backend table.
+//! What `sockgate check` prints: for every GatewayClass, Gateway, TCPRoute and
+//! ListenerPolicy of the input, its identity and the status sockgate would write, then
+//! the programmed listener/backend table (with each listener's XDP guard).
 use serde::Serialize;
 
 use super::{
@@ -55,6 +55,9 @@ pub struct ProgrammedListener {
     pub route: Option<String>,
     /// Data path entries, in `GW_BACKENDS` index order.
     pub backends: Vec<ProgrammedBackend>,
+    /// The XDP guard's policy of this listener, if any.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub guard: Option<crate::xdp::ListenerGuard>,
 }
 
 /// One `GW_BACKENDS` entry.
@@ -129,6 +132,23 @@ pub fn build(snap: &Snapshot, desired: &DesiredState, status: &StatusSet) -> Rep
             metadata: meta(k),
         });
     }
+    let mut policies: Vec<_> = snap
+        .listener_policies
+        .iter()
+        .map(|p| ObjectKey::of(&p.metadata, true))
+        .collect();
+    policies.sort();
+    for k in policies {
+        objects.push(ObjectReport {
+            api_version: "sockgate.dev/v1alpha1".into(),
+            kind: "ListenerPolicy".into(),
+            status: status
+                .listener_policies
+                .get(&k.to_string())
+                .and_then(to_value),
+            metadata: meta(k),
+        });
+    }
     let programmed = desired
         .listeners
         .values()
@@ -146,6 +166,7 @@ pub fn build(snap: &Snapshot, desired: &DesiredState, status: &StatusSet) -> Rep
                     weight: b.weight,
                 })
                 .collect(),
+            guard: desired.guards.get(&l.port).cloned(),
         })
         .collect();
     Report {

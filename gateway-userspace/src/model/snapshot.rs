@@ -64,6 +64,8 @@ pub struct Snapshot {
     pub services: Vec<Service>,
     /// EndpointSlices (tied to Services by the `kubernetes.io/service-name` label).
     pub endpoint_slices: Vec<EndpointSlice>,
+    /// `ListenerPolicy` objects (`sockgate.dev`): the XDP guard's policy attachments.
+    pub listener_policies: Vec<crate::policy::ListenerPolicy>,
 }
 
 /// What reconcile needs besides the objects.

@@ -58,6 +58,8 @@ pub enum Object {
     Service(Service),
     /// `discovery.k8s.io/v1` EndpointSlice.
     EndpointSlice(EndpointSlice),
+    /// `sockgate.dev` ListenerPolicy (the XDP guard's policy attachment).
+    ListenerPolicy(crate::policy::ListenerPolicy),
 }
 
 impl Object {
@@ -70,6 +72,7 @@ impl Object {
             Self::Namespace(o) => ("Namespace", &o.metadata, false),
             Self::Service(o) => ("Service", &o.metadata, true),
             Self::EndpointSlice(o) => ("EndpointSlice", &o.metadata, true),
+            Self::ListenerPolicy(o) => ("ListenerPolicy", &o.metadata, true),
         };
         let ns = if namespaced {
             namespace_of(meta).to_owned()
@@ -227,6 +230,7 @@ fn decode(doc: &str, api_version: &str, kind: &str) -> Result<Object, Decode> {
             ("v1", "Namespace") => Object::Namespace(core(doc)?),
             ("v1", "Service") => Object::Service(core(doc)?),
             ("discovery.k8s.io/v1", "EndpointSlice") => Object::EndpointSlice(core(doc)?),
+            ("sockgate.dev/v1alpha1", "ListenerPolicy") => Object::ListenerPolicy(core(doc)?),
             (_, k) => {
                 let expected = match k {
                     "GatewayClass" | "Gateway" => Some("gateway.networking.k8s.io/v1"),
@@ -241,7 +245,7 @@ fn decode(doc: &str, api_version: &str, kind: &str) -> Result<Object, Decode> {
                         "unsupported apiVersion {api_version:?} for kind {k} (expected {e})"
                     ),
                     None => format!(
-                        "unknown kind {k:?} (apiVersion {api_version:?}); sockgate reads GatewayClass, Gateway, TCPRoute, ReferenceGrant, Namespace, Service and EndpointSlice"
+                        "unknown kind {k:?} (apiVersion {api_version:?}); sockgate reads GatewayClass, Gateway, TCPRoute, ReferenceGrant, Namespace, Service, EndpointSlice and ListenerPolicy"
                     ),
                 }));
             }
@@ -286,6 +290,7 @@ pub fn snapshot(objects: Vec<(Origin, Object)>) -> Result<Snapshot, ManifestErro
             Object::Namespace(o) => snap.namespaces.push(o),
             Object::Service(o) => snap.services.push(o),
             Object::EndpointSlice(o) => snap.endpoint_slices.push(o),
+            Object::ListenerPolicy(o) => snap.listener_policies.push(o),
         }
     }
     Ok(snap)

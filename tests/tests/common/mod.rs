@@ -191,6 +191,13 @@ impl Agent {
         self.pin_dir = PathBuf::new();
     }
 
+    /// Kills the agent (SIGKILL: no cleanup of its own) and waits for it, keeping
+    /// this handle (and its pin directory).
+    pub fn stop_hard(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
     /// Sends SIGTERM and waits (bounded) for the exit.
     pub fn stop(&mut self) -> std::process::ExitStatus {
         let pid = nix::unistd::Pid::from_raw(i32::try_from(self.child.id()).expect("pid"));

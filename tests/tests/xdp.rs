@@ -1,0 +1,426 @@
+//! The XDP listener guard end to end: `gw_xdp` attached (generic mode) to the node's
+//! interface towards the client namespace, policy from the `--xdp-*` flags, real
+//! connections and a bounded raw-socket SYN flood from the test's own namespace.
+mod common;
+
+use std::{
+    io,
+    net::{Ipv4Addr, SocketAddr, TcpStream},
+    time::{Duration, Instant},
+};
+
+use common::{Agent, exchange, require_root};
+use netbed::{Bed, servers};
+use socket2::{Domain, Socket, Type};
+
+const PORT: u16 = 8088;
+/// SYNs the flooding source sends.
+const FLOOD: u16 = 400;
+/// Connections the well-behaved client makes while the flooder's bucket is empty.
+const CONNECTS: u64 = 5;
+/// A second client address, denied by the policy.
+const DENIED: Ipv4Addr = Ipv4Addr::new(10, 200, 0, 3);
+/// A third client address, the flooding source.
+const FLOODER: Ipv4Addr = Ipv4Addr::new(10, 200, 0, 4);
+
+/// Adds the extra client addresses to the client namespace's interface.
+fn add_client_addrs(bed: &Bed) {
+    for a in [DENIED, FLOODER] {
+        bed.client()
+            .ip(&["addr", "add", &format!("{a}/24"), "dev", "eth0"])
+            .expect("add address");
+    }
+}
+
+/// Connects from source address `src` (in the calling thread's namespace).
+fn connect_from(src: Ipv4Addr, dst: SocketAddr, timeout: Duration) -> io::Result<TcpStream> {
+    let s = Socket::new(Domain::IPV4, Type::STREAM, None)?;
+    s.bind(&SocketAddr::new(src.into(), 0).into())?;
+    s.connect_timeout(&dst.into(), timeout)?;
+    let s: TcpStream = s.into();
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    Ok(s)
+}
+
+fn start(bed: &Bed, extra: &[&str]) -> (Agent, servers::Server) {
+    let backend = SocketAddr::new(bed.backend_addr(0).into(), 3001);
+    let server = servers::Server::start(bed.backend(0), backend, servers::echo()).expect("echo");
+    let route = format!("{PORT}={backend}");
+    let mut args = vec!["--route", route.as_str(), "--xdp-iface", "c0"];
+    args.extend_from_slice(extra);
+    let agent = Agent::start(bed, &args, &[PORT]);
+    (agent, server)
+}
+
+/// The guard's counters of the listener, from `sockgate status --json`.
+fn xdp_counts(agent: &Agent) -> serde_json::Value {
+    std::thread::sleep(Duration::from_millis(250));
+    let s = agent.status();
+    s["listeners"]
+        .as_array()
+        .and_then(|ls| ls.iter().find(|l| l["port"] == PORT))
+        .map_or_else(
+            || panic!("listener {PORT} not in status: {s}"),
+            |l| l["xdp"].clone(),
+        )
+}
+
+fn count(v: &serde_json::Value, field: &str) -> u64 {
+    v[field]
+        .as_u64()
+        .unwrap_or_else(|| panic!("{field} in {v}"))
+}
+
+#[test]
+fn denied_client_times_out_allowed_client_connects() {
+    require_root();
+    let bed = Bed::new(1).expect("bed");
+    add_client_addrs(&bed);
+    let deny = format!("{PORT}={DENIED}/32");
+    let (agent, _server) = start(&bed, &["--xdp-deny", &deny]);
+    assert!(
+        agent.log_text().contains("XDP listener guard attached"),
+        "attach logged: {}",
+        agent.log_text()
+    );
+    let dst = SocketAddr::new(bed.node_addr().into(), PORT);
+    let client = bed.client_addr();
+    let (allowed, denied) = bed
+        .client()
+        .run(move || {
+            let mut s = connect_from(client, dst, Duration::from_secs(5)).expect("allowed");
+            let reply = exchange(&mut s, "hello\n");
+            let started = Instant::now();
+            let denied = connect_from(DENIED, dst, Duration::from_millis(1500));
+            (
+                reply,
+                denied
+                    .map(|_| ())
+                    .map_err(|e| (e.kind(), started.elapsed())),
+            )
+        })
+        .expect("client ns");
+    assert_eq!(allowed, "hello\n", "the allowed client is proxied");
+    let (kind, waited) = denied.expect_err("the denied client must not connect");
+    assert_eq!(
+        kind,
+        io::ErrorKind::TimedOut,
+        "dropped at the NIC: no RST, the connect times out"
+    );
+    assert!(waited >= Duration::from_millis(1400), "{waited:?}");
+    let x = xdp_counts(&agent);
+    assert_eq!(count(&x, "syn_admitted"), 1, "{x}");
+    // The denied connect sends a SYN and (after 1 s) one retransmission.
+    let denied_syns = count(&x, "dropped_denied");
+    assert!((1..=2).contains(&denied_syns), "{x}");
+    assert_eq!(count(&x, "dropped_not_allowed"), 0, "{x}");
+    assert_eq!(count(&x, "dropped_rate_limited"), 0, "{x}");
+    assert!(count(&x, "packets") >= 1 + denied_syns + 3, "{x}");
+    // The same counters on the metrics endpoint (the agent's default address, in the
+    // node namespace).
+    let metrics = bed
+        .node()
+        .run(|| -> io::Result<String> {
+            use std::io::{Read as _, Write as _};
+            let mut s = TcpStream::connect_timeout(
+                &SocketAddr::from(([127, 0, 0, 1], 9464)),
+                Duration::from_secs(5),
+            )?;
+            s.set_read_timeout(Some(Duration::from_secs(10)))?;
+            s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")?;
+            let mut text = String::new();
+            s.read_to_string(&mut text)?;
+            Ok(text)
+        })
+        .expect("node ns")
+        .expect("metrics");
+    for line in [
+        format!(
+            "sockgate_xdp_dropped_total{{listener=\"{PORT}\",reason=\"denied\"}} {denied_syns}"
+        ),
+        format!("sockgate_xdp_syn_admitted_total{{listener=\"{PORT}\"}} 1"),
+    ] {
+        assert!(metrics.contains(&line), "{line} in:\n{metrics}");
+    }
+    let s = agent.stats(PORT);
+    assert_eq!(
+        s["accepted"], 1,
+        "only the allowed client reached the agent: {s}"
+    );
+}
+
+/// The IPv4 + TCP SYN from `src:sport` to `dst:dport`, checksums set.
+fn syn_packet(src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16) -> Vec<u8> {
+    fn sum(data: &[u8], mut acc: u32) -> u32 {
+        for c in data.chunks(2) {
+            acc += u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]));
+        }
+        acc
+    }
+    fn fold(mut acc: u32) -> u16 {
+        while acc > 0xffff {
+            acc = (acc & 0xffff) + (acc >> 16);
+        }
+        !(acc as u16)
+    }
+    let mut ip = vec![0u8; 20];
+    ip[0] = 0x45;
+    ip[2..4].copy_from_slice(&40u16.to_be_bytes());
+    ip[8] = 64;
+    ip[9] = 6;
+    ip[12..16].copy_from_slice(&src.octets());
+    ip[16..20].copy_from_slice(&dst.octets());
+    let c = fold(sum(&ip, 0));
+    ip[10..12].copy_from_slice(&c.to_be_bytes());
+    let mut tcp = vec![0u8; 20];
+    tcp[0..2].copy_from_slice(&sport.to_be_bytes());
+    tcp[2..4].copy_from_slice(&dport.to_be_bytes());
+    tcp[4..8].copy_from_slice(&u32::from(sport).wrapping_mul(2_654_435_761).to_be_bytes());
+    tcp[12] = 5 << 4;
+    tcp[13] = 0x02;
+    tcp[14..16].copy_from_slice(&64240u16.to_be_bytes());
+    let mut pseudo = Vec::with_capacity(12);
+    pseudo.extend_from_slice(&src.octets());
+    pseudo.extend_from_slice(&dst.octets());
+    pseudo.extend_from_slice(&[0, 6, 0, 20]);
+    let c = fold(sum(&tcp, sum(&pseudo, 0)));
+    tcp[16..18].copy_from_slice(&c.to_be_bytes());
+    ip.extend_from_slice(&tcp);
+    ip
+}
+
+/// Sends `n` SYNs from `src` (distinct source ports) through a raw socket in the
+/// calling thread's namespace; returns how many were sent and how long it took.
+fn flood(src: Ipv4Addr, dst: Ipv4Addr, dport: u16, n: u16) -> (u64, Duration) {
+    // SAFETY: plain socket(2); the descriptor is owned below.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_RAW) };
+    assert!(fd >= 0, "raw socket: {}", io::Error::last_os_error());
+    // SAFETY: fd is a new descriptor nobody else owns.
+    let fd = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+    let to = libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: 0,
+        sin_addr: libc::in_addr {
+            s_addr: u32::from_ne_bytes(dst.octets()),
+        },
+        sin_zero: [0; 8],
+    };
+    let started = Instant::now();
+    let mut sent = 0;
+    for i in 0..n {
+        let pkt = syn_packet(src, 20000 + i, dst, dport);
+        // SAFETY: buffer and address valid for the call.
+        let r = unsafe {
+            libc::sendto(
+                std::os::fd::AsRawFd::as_raw_fd(&fd),
+                pkt.as_ptr().cast(),
+                pkt.len(),
+                0,
+                std::ptr::from_ref(&to).cast(),
+                size_of::<libc::sockaddr_in>() as libc::socklen_t,
+            )
+        };
+        if usize::try_from(r).is_ok_and(|r| r == pkt.len()) {
+            sent += 1;
+        }
+        if started.elapsed() > Duration::from_secs(5) {
+            break;
+        }
+    }
+    (sent, started.elapsed())
+}
+
+#[test]
+fn syn_flood_held_to_rate_while_others_connect() {
+    require_root();
+    let bed = Bed::new(1).expect("bed");
+    add_client_addrs(&bed);
+    // 10 SYN/s with a burst of 10 per source address.
+    let rate = format!("{PORT}=10/10/32/128");
+    let (agent, _server) = start(&bed, &["--xdp-syn-rate", &rate]);
+    let node = bed.node_addr();
+    let dst = SocketAddr::new(node.into(), PORT);
+    let client = bed.client_addr();
+    let (sent, elapsed, replies) = bed
+        .client()
+        .run(move || {
+            let (sent, elapsed) = flood(FLOODER, node, PORT, FLOOD);
+            // The flooder's bucket is empty; another source still connects.
+            let mut replies = Vec::new();
+            for i in 0..CONNECTS {
+                let mut s = connect_from(client, dst, Duration::from_secs(5))
+                    .unwrap_or_else(|e| panic!("connect {i} while flooded: {e}"));
+                replies.push(exchange(&mut s, "ping\n"));
+            }
+            (sent, elapsed, replies)
+        })
+        .expect("client ns");
+    assert_eq!(sent, u64::from(FLOOD), "every SYN was sent");
+    assert!(replies.iter().all(|r| r == "ping\n"), "{replies:?}");
+    let x = xdp_counts(&agent);
+    eprintln!("flood: {sent} SYNs in {elapsed:?}; guard counters {x}");
+    let admitted = count(&x, "syn_admitted");
+    let limited = count(&x, "dropped_rate_limited");
+    let flood_admitted = admitted - CONNECTS;
+    // Every SYN sent is accounted for: admitted or rate limited, nothing else.
+    assert_eq!(flood_admitted + limited, sent, "{x}");
+    assert_eq!(
+        count(&x, "dropped_denied") + count(&x, "dropped_not_allowed"),
+        0
+    );
+    // Burst 10, then 10/s for the time the flood took (plus one for rounding).
+    let bound = 10 + elapsed.as_millis().div_ceil(100) as u64 + 1;
+    assert!(
+        (10..=bound).contains(&flood_admitted),
+        "flood admitted {flood_admitted}, bound {bound} ({elapsed:?}): {x}"
+    );
+    assert!(count(&x, "packets") >= sent + CONNECTS, "{x}");
+}
+
+/// The XDP program ids attached to the node's `c0`, from `ip -j link`.
+fn attached(bed: &Bed) -> Vec<u64> {
+    let out = bed
+        .node()
+        .ip(&["-j", "-d", "link", "show", "c0"])
+        .expect("ip link");
+    let v: serde_json::Value = serde_json::from_str(&out).expect("ip -j JSON");
+    let xdp = &v[0]["xdp"];
+    let mut ids: Vec<u64> = xdp["attached"]
+        .as_array()
+        .map(|a| a.iter().filter_map(|p| p["prog"]["id"].as_u64()).collect())
+        .unwrap_or_default();
+    if let Some(id) = xdp["prog"]["id"].as_u64() {
+        ids.push(id);
+    }
+    ids.sort_unstable();
+    ids.dedup();
+    ids
+}
+
+#[test]
+fn detached_on_stop_and_after_a_crash_reattached_once() {
+    require_root();
+    let bed = Bed::new(1).expect("bed");
+    assert!(
+        attached(&bed).is_empty(),
+        "nothing attached before the agent"
+    );
+    let pins = common::pin_dir();
+    let backend = SocketAddr::new(bed.backend_addr(0).into(), 3001);
+    let route = format!("{PORT}={backend}");
+    let args = [
+        "--route",
+        route.as_str(),
+        "--xdp-iface",
+        "c0",
+        "--keep-pins",
+    ];
+    let mut agent = Agent::start_with_pin_dir(&bed, pins.clone(), &args, &[PORT]);
+    let first = attached(&bed);
+    assert_eq!(first.len(), 1, "one program on c0: {first:?}");
+    // A crash (SIGKILL): the kernel drops the link with the last descriptor.
+    agent.stop_hard();
+    assert!(attached(&bed).is_empty(), "no stale program after a crash");
+    // A restart reusing the pins attaches exactly one program again.
+    let mut agent = Agent::start_with_pin_dir(&bed, pins.clone(), &args, &[PORT]);
+    let again = attached(&bed);
+    assert_eq!(again.len(), 1, "one program after the restart: {again:?}");
+    assert!(agent.stop().success(), "clean stop");
+    assert!(attached(&bed).is_empty(), "detached on shutdown");
+    let _ = std::fs::remove_dir_all(&pins);
+}
+
+/// Removes a directory on drop.
+struct Dir(std::path::PathBuf);
+
+impl Drop for Dir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+const POLICY: &str = "apiVersion: sockgate.dev/v1alpha1
+kind: ListenerPolicy
+metadata:
+  name: deny-one-client
+spec:
+  targetRefs:
+  - group: gateway.networking.k8s.io
+    kind: Gateway
+    name: tcp-gateway
+    sectionName: foo
+  deny:
+  - 10.200.0.3/32
+";
+
+/// One exchange from `src` to listener `port` of the node: the reply, or the error kind.
+fn ask_from(bed: &Bed, src: Ipv4Addr, port: u16) -> Result<String, io::ErrorKind> {
+    let dst = SocketAddr::new(bed.node_addr().into(), port);
+    bed.client()
+        .run(move || {
+            let mut s =
+                connect_from(src, dst, Duration::from_millis(1500)).map_err(|e| e.kind())?;
+            Ok(exchange(&mut s, "hi\n"))
+        })
+        .expect("client ns")
+}
+
+#[test]
+fn listener_policy_from_manifests_guards_one_listener() {
+    require_root();
+    let bed = Bed::new(2).expect("bed");
+    add_client_addrs(&bed);
+    let _foo = servers::Server::start(
+        bed.backend(0),
+        SocketAddr::new(bed.backend_addr(0).into(), 3001),
+        servers::named_echo("foo"),
+    )
+    .expect("foo");
+    let _bar = servers::Server::start(
+        bed.backend(1),
+        SocketAddr::new(bed.backend_addr(1).into(), 3002),
+        servers::named_echo("bar"),
+    )
+    .expect("bar");
+    let src =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/examples/envoy-gateway");
+    let dir = Dir(std::env::temp_dir().join(format!("sockgate-xdp-e2e-{}", std::process::id())));
+    let _ = std::fs::remove_dir_all(&dir.0);
+    std::fs::create_dir_all(&dir.0).expect("dir");
+    for f in ["gatewayclass.yaml", "tcp-routing.yaml", "backends.yaml"] {
+        std::fs::copy(src.join(f), dir.0.join(f)).expect("copy");
+    }
+    std::fs::write(dir.0.join("policy.yaml"), POLICY).expect("policy");
+    let d = dir.0.to_str().expect("utf-8").to_owned();
+    let agent = Agent::start(
+        &bed,
+        &["--source", "files", "--dir", &d, "--xdp-iface", "c0"],
+        &[8088, 8089],
+    );
+    let client = bed.client_addr();
+    assert!(ask_from(&bed, client, 8088).is_ok_and(|r| r.starts_with("foo")));
+    assert_eq!(
+        ask_from(&bed, DENIED, 8088),
+        Err(io::ErrorKind::TimedOut),
+        "denied on listener foo"
+    );
+    assert!(
+        ask_from(&bed, DENIED, 8089).is_ok_and(|r| r.starts_with("bar")),
+        "the policy targets listener foo only"
+    );
+    let x = xdp_counts(&agent);
+    assert!(count(&x, "dropped_denied") >= 1, "{x}");
+    // The policy removed: the client connects to foo too.
+    std::fs::remove_file(dir.0.join("policy.yaml")).expect("remove");
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        if ask_from(&bed, DENIED, 8088).is_ok_and(|r| r.starts_with("foo")) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "policy removal applied: {}",
+            agent.log_text()
+        );
+    }
+}
