@@ -156,6 +156,39 @@ impl StatusWriter {
         PatchParams::apply(FIELD_MANAGER).force()
     }
 
+    /// Server-side applies `status` to one object through `api`.
+    async fn apply<K>(
+        &mut self,
+        api: Api<K>,
+        (api_version, kind): (&str, &'static str),
+        key: &ObjectKey,
+        status: Value,
+    ) -> Result<(), WriteError>
+    where
+        K: Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+    {
+        let mut metadata = json!({ "name": key.name });
+        if !key.namespace.is_empty() {
+            metadata["namespace"] = json!(key.namespace);
+        }
+        let body = json!({
+            "apiVersion": api_version,
+            "kind": kind,
+            "metadata": metadata,
+            "status": status,
+        });
+        api.patch_status(&key.name, &Self::params(), &Patch::Apply(body))
+            .await
+            .map_err(|source| WriteError {
+                kind,
+                object: key.to_string(),
+                source,
+            })?;
+        self.writes += 1;
+        debug!(kind, object = %key, "status written");
+        Ok(())
+    }
+
     /// Applies every status in `set` that differs from `current`; returns how many
     /// objects were written.
     pub async fn write(&mut self, set: &StatusSet, current: &Current) -> Result<u64, WriteError> {
@@ -164,22 +197,14 @@ impl StatusWriter {
             let desired = serde_json::to_value(status).unwrap_or_default();
             let cur = current.gateway_classes.get(name).unwrap_or(&Value::Null);
             if let Some(status) = plan(&desired, cur) {
+                let key = ObjectKey {
+                    namespace: String::new(),
+                    name: name.clone(),
+                };
                 let api: Api<GatewayClass> = Api::all(self.client.clone());
-                let body = json!({
-                    "apiVersion": GatewayClass::api_version(&()),
-                    "kind": GatewayClass::kind(&()),
-                    "metadata": { "name": name },
-                    "status": status,
-                });
-                api.patch_status(name, &Self::params(), &Patch::Apply(body))
-                    .await
-                    .map_err(|source| WriteError {
-                        kind: "GatewayClass",
-                        object: name.clone(),
-                        source,
-                    })?;
-                self.writes += 1;
-                debug!(gatewayclass = %name, "status written");
+                let version = GatewayClass::api_version(&());
+                self.apply(api, (&version, "GatewayClass"), &key, status)
+                    .await?;
             }
         }
         for (key, status) in &set.gateways {
@@ -187,21 +212,8 @@ impl StatusWriter {
             let cur = current.gateways.get(key).unwrap_or(&Value::Null);
             if let Some(status) = plan(&desired, cur) {
                 let api: Api<Gateway> = Api::namespaced(self.client.clone(), &key.namespace);
-                let body = json!({
-                    "apiVersion": Gateway::api_version(&()),
-                    "kind": Gateway::kind(&()),
-                    "metadata": { "name": key.name, "namespace": key.namespace },
-                    "status": status,
-                });
-                api.patch_status(&key.name, &Self::params(), &Patch::Apply(body))
-                    .await
-                    .map_err(|source| WriteError {
-                        kind: "Gateway",
-                        object: key.to_string(),
-                        source,
-                    })?;
-                self.writes += 1;
-                debug!(gateway = %key, "status written");
+                let version = Gateway::api_version(&());
+                self.apply(api, (&version, "Gateway"), key, status).await?;
             }
         }
         for (key, status) in &set.tcp_routes {
@@ -210,21 +222,8 @@ impl StatusWriter {
             if let Some(status) = plan_route(&desired, cur, &self.controller) {
                 let api: Api<DynamicObject> =
                     Api::namespaced_with(self.client.clone(), &key.namespace, &self.route_resource);
-                let body = json!({
-                    "apiVersion": self.route_resource.api_version,
-                    "kind": self.route_resource.kind,
-                    "metadata": { "name": key.name, "namespace": key.namespace },
-                    "status": status,
-                });
-                api.patch_status(&key.name, &Self::params(), &Patch::Apply(body))
-                    .await
-                    .map_err(|source| WriteError {
-                        kind: "TCPRoute",
-                        object: key.to_string(),
-                        source,
-                    })?;
-                self.writes += 1;
-                debug!(tcproute = %key, "status written");
+                let version = self.route_resource.api_version.clone();
+                self.apply(api, (&version, "TCPRoute"), key, status).await?;
             }
         }
         let written = self.writes - before;
