@@ -57,16 +57,15 @@ pub fn bytes_handed_to_tcp(fd: &impl AsRawFd) -> io::Result<u64> {
     Ok(acked + u64::try_from(outq).unwrap_or(0))
 }
 
-/// Sets `SO_RCVLOWAT`. On a socket in a sockmap this also wakes the verdict program
-/// for data already queued (`tcp_set_rcvlowat()` calls `tcp_data_ready()`).
-pub fn set_rcvlowat(fd: &impl AsRawFd, bytes: i32) -> io::Result<()> {
+/// Sets an `int` socket option.
+fn setsockopt_int(fd: &impl AsRawFd, level: i32, name: i32, value: i32) -> io::Result<()> {
     // SAFETY: passes one int.
     let rc = unsafe {
         libc::setsockopt(
             fd.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_RCVLOWAT,
-            (&raw const bytes).cast(),
+            level,
+            name,
+            (&raw const value).cast(),
             size_of::<i32>() as libc::socklen_t,
         )
     };
@@ -75,6 +74,12 @@ pub fn set_rcvlowat(fd: &impl AsRawFd, bytes: i32) -> io::Result<()> {
     } else {
         Err(io::Error::last_os_error())
     }
+}
+
+/// Sets `SO_RCVLOWAT`. On a socket in a sockmap this also wakes the verdict program
+/// for data already queued (`tcp_set_rcvlowat()` calls `tcp_data_ready()`).
+pub fn set_rcvlowat(fd: &impl AsRawFd, bytes: i32) -> io::Result<()> {
+    setsockopt_int(fd, libc::SOL_SOCKET, libc::SO_RCVLOWAT, bytes)
 }
 
 /// `TCP_WINDOW_CLAMP`: the largest receive window this socket advertises.
@@ -90,21 +95,7 @@ pub fn window_clamp(fd: &impl AsRawFd) -> io::Result<i32> {
 /// smaller clamp only stops it from opening again (`tcp_set_window_clamp()` in
 /// net/ipv4/tcp.c; the kernel raises tiny values to half of `SOCK_MIN_RCVBUF`).
 pub fn set_window_clamp(fd: &impl AsRawFd, bytes: i32) -> io::Result<()> {
-    // SAFETY: passes one int.
-    let rc = unsafe {
-        libc::setsockopt(
-            fd.as_raw_fd(),
-            libc::IPPROTO_TCP,
-            libc::TCP_WINDOW_CLAMP,
-            (&raw const bytes).cast(),
-            size_of::<i32>() as libc::socklen_t,
-        )
-    };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
+    setsockopt_int(fd, libc::IPPROTO_TCP, libc::TCP_WINDOW_CLAMP, bytes)
 }
 
 /// Arms an abortive close: closing the socket now sends a RST, not a FIN.
