@@ -200,8 +200,10 @@ pub struct Peer {
     /// The peer's `tcp_sock.write_seq` when the verdict first ran on this socket
     /// (valid with [`PEER_F_BASE_SET`]): the origin of what the peer's TCP took.
     pub peer_write_seq_base: u32,
-    /// Always zero.
-    pub _pad2: u32,
+    /// The sequence number after the last payload byte the verdict program handed on
+    /// (redirected, parked or dropped as a duplicate), valid with [`PEER_F_SEQ_SET`]:
+    /// a segment starting before it repeats bytes already handed on.
+    pub rcv_next: u32,
 }
 const _: () = assert!(size_of::<Peer>() == 48);
 
@@ -210,6 +212,8 @@ pub const PEER_F_BASE_SET: u32 = 1;
 /// [`Peer::flags`]: the verdict parks segments on this socket instead of redirecting
 /// them, until the peer's TCP took every byte redirected or parked.
 pub const PEER_F_THROTTLED: u32 = 2;
+/// [`Peer::flags`]: `rcv_next` holds the end of what the verdict handed on.
+pub const PEER_F_SEQ_SET: u32 = 4;
 
 /// Default [`Peer::queue_limit`]: bytes redirected (or parked) and not yet taken by the
 /// peer's TCP above which the verdict program throttles a socket.
@@ -219,6 +223,15 @@ pub const PEER_QUEUE_LIMIT: u32 = 4 * 1024 * 1024;
 /// `write_seq` in the kernel's `struct tcp_sock`, set by the loader from the running
 /// kernel's BTF.
 pub const GLOBAL_WRITE_SEQ_OFFSET: &str = "TCP_SOCK_WRITE_SEQ_OFFSET";
+
+/// Name of the read-only global of the verdict program that holds the offset of
+/// `copied_seq` in the kernel's `struct tcp_sock` (from the running kernel's BTF).
+pub const GLOBAL_COPIED_SEQ_OFFSET: &str = "TCP_SOCK_COPIED_SEQ_OFFSET";
+
+/// Name of the read-only global of the verdict program that holds the offset of `cb`
+/// in the kernel's `struct sk_buff` (from the running kernel's BTF); TCP keeps a
+/// segment's sequence number at the start of `cb` (`TCP_SKB_CB(skb)->seq`).
+pub const GLOBAL_SKB_CB_OFFSET: &str = "SK_BUFF_CB_OFFSET";
 
 /// Bytes received on the client socket, sent to the backend.
 pub const DIR_CLIENT_TO_BACKEND: u32 = 0;
@@ -290,8 +303,12 @@ pub struct ListenerStats {
     /// had [`Peer::queue_limit`] bytes not yet taken), parking segments until the
     /// agent forwarded them.
     pub kernel_throttles: u64,
+    /// Bytes at the head of received segments that repeated bytes already handed on
+    /// (a retransmitted segment that partly overlaps data received before), cut off
+    /// by the verdict program so that each byte reaches the peer once.
+    pub duplicate_bytes_dropped: u64,
 }
-const _: () = assert!(size_of::<ListenerStats>() == 18 * 8);
+const _: () = assert!(size_of::<ListenerStats>() == 19 * 8);
 
 /// Value of [`GW_XDP_POLICY`]: the XDP guard's policy of one listener. A listener
 /// without an entry is only counted.
@@ -495,6 +512,7 @@ impl ListenerStats {
         self.passes += o.passes;
         self.msgs += o.msgs;
         self.kernel_throttles += o.kernel_throttles;
+        self.duplicate_bytes_dropped += o.duplicate_bytes_dropped;
         self
     }
 }

@@ -24,7 +24,10 @@ use aya_ebpf::{
     EbpfContext as _,
     bindings::{BPF_NOEXIST, sk_action},
     btf_maps::{HashMap, PerCpuHashMap, SockHash},
-    helpers::{bpf_get_socket_cookie, bpf_map_lookup_elem, bpf_sk_release, bpf_skc_to_tcp_sock},
+    helpers::{
+        bpf_get_socket_cookie, bpf_map_lookup_elem, bpf_probe_read_kernel, bpf_sk_release,
+        bpf_skc_to_tcp_sock,
+    },
     macros::{btf_map, sk_msg, stream_verdict},
     programs::{SkBuffContext, SkMsgContext},
 };
@@ -32,7 +35,7 @@ use aya_log_ebpf::{debug, error};
 use gateway_common::{
     Backend, BackendKey, DIR_CLIENT_TO_BACKEND, ListenerInfo, ListenerKey, ListenerStats,
     MAX_BACKENDS, MAX_LISTENERS, MAX_SOCKETS, MAX_STATS, OWNER_KERNEL, PEER_F_BASE_SET,
-    PEER_F_THROTTLED, PEER_QUEUE_LIMIT, Peer, StatsKey,
+    PEER_F_SEQ_SET, PEER_F_THROTTLED, PEER_QUEUE_LIMIT, Peer, StatsKey,
 };
 
 /// Listener port -> what is programmed for it.
@@ -76,12 +79,21 @@ fn stats(port: u16) -> Option<&'static mut ListenerStats> {
 #[unsafe(no_mangle)]
 static TCP_SOCK_WRITE_SEQ_OFFSET: u32 = 0;
 
-/// The peer socket's `tcp_sock.write_seq`: the sequence number after the last byte its
-/// TCP took from a sender (queued or sent). `None` when the peer is not in the
-/// sockhash.
+/// Offset of `copied_seq` in the kernel's `struct tcp_sock`, set like the one above.
+#[unsafe(no_mangle)]
+static TCP_SOCK_COPIED_SEQ_OFFSET: u32 = 0;
+
+/// Offset of `cb` in the kernel's `struct sk_buff`, set like the ones above; 0 leaves
+/// duplicate detection off. TCP keeps a segment's first sequence number at the start
+/// of `cb` (`TCP_SKB_CB(skb)->seq`).
+#[unsafe(no_mangle)]
+static SK_BUFF_CB_OFFSET: u32 = 0;
+
+/// The `u32` at `offset` (a read-only global) in the `tcp_sock` of the socket with
+/// `cookie` in the sockhash. `None` when that socket is not in the sockhash.
 #[inline(always)]
-fn peer_write_seq(peer_cookie: u64) -> Option<u32> {
-    let mut key = peer_cookie;
+fn tcp_sock_u32(cookie: u64, offset: &'static u32) -> Option<u32> {
+    let mut key = cookie;
     // SAFETY: lookup in the sockhash by a key on the stack; a socket it returns holds
     // a reference that is released below on every path.
     let sk = unsafe {
@@ -95,19 +107,72 @@ fn peer_write_seq(peer_cookie: u64) -> Option<u32> {
     }
     // SAFETY: sk is a socket from the lookup.
     let tp = unsafe { bpf_skc_to_tcp_sock(sk) };
-    let seq = if tp.is_null() {
+    let value = if tp.is_null() {
         None
     } else {
         // SAFETY: a constant offset (read-only global) into a BTF-typed tcp_sock; the
         // verifier checks it names a 4-byte field.
         Some(unsafe {
-            let off = core::ptr::read_volatile(&raw const TCP_SOCK_WRITE_SEQ_OFFSET);
+            let off = core::ptr::read_volatile(offset);
             core::ptr::read_volatile(tp.cast::<u8>().add(off as usize).cast::<u32>())
         })
     };
     // SAFETY: releases the reference the lookup took.
     unsafe { bpf_sk_release(sk) };
-    seq
+    value
+}
+
+/// The peer socket's `tcp_sock.write_seq`: the sequence number after the last byte its
+/// TCP took from a sender (queued or sent). `None` when the peer is not in the
+/// sockhash.
+#[inline(always)]
+fn peer_write_seq(peer_cookie: u64) -> Option<u32> {
+    tcp_sock_u32(peer_cookie, &TCP_SOCK_WRITE_SEQ_OFFSET)
+}
+
+/// The sequence number of the segment's first byte (`TCP_SKB_CB(skb)->seq`), read
+/// from the kernel's `sk_buff` behind the context. `None` when the loader did not set
+/// the offset or the read fails.
+#[inline(always)]
+fn skb_seq(ctx: &SkBuffContext) -> Option<u32> {
+    // SAFETY: a read-only global.
+    let off = unsafe { core::ptr::read_volatile(&raw const SK_BUFF_CB_OFFSET) };
+    if off == 0 {
+        return None;
+    }
+    // At run time the context of an sk_skb program is the kernel's `struct sk_buff`.
+    let src = ctx
+        .as_ptr()
+        .cast::<u8>()
+        .wrapping_add(off as usize)
+        .cast::<u32>();
+    // SAFETY: bpf_probe_read_kernel checks the address and fails instead of faulting.
+    unsafe { bpf_probe_read_kernel(src) }.ok()
+}
+
+/// Largest cut `bpf_skb_adjust_room()` makes at once on an sk_skb segment.
+const TRIM_STEP: u32 = 0xfff;
+/// Cuts of [`TRIM_STEP`] tried at most: enough for a 128 KiB overlap (a segment is at
+/// most 64 KiB without BIG TCP).
+const TRIM_STEPS: u32 = 32;
+
+/// Removes the first `n` bytes of the segment. False when it could not remove them
+/// all (some may be gone).
+#[inline(always)]
+fn trim_head(ctx: &SkBuffContext, n: u32) -> bool {
+    let mut left = n;
+    for _ in 0..TRIM_STEPS {
+        if left == 0 {
+            return true;
+        }
+        let step = if left < TRIM_STEP { left } else { TRIM_STEP };
+        #[allow(clippy::cast_possible_wrap)]
+        if ctx.adjust_room(-(step as i32), 0, 0).is_err() {
+            return false;
+        }
+        left -= step;
+    }
+    left == 0
 }
 
 #[stream_verdict]
@@ -120,12 +185,67 @@ pub fn gw_verdict(ctx: SkBuffContext) -> u32 {
     // SAFETY: pointer returned by the map lookup; the verdict runs under this socket's
     // lock, so it is the only writer of this entry's counters and flags.
     let peer: Peer = unsafe { *entry };
-    let len = ctx.len();
+    let mut len = ctx.len();
     if len == 0 {
         // A FIN: userspace propagates it once the peer has sent everything.
         return sk_action::SK_DROP;
     }
     let mut flags = peer.flags;
+    // TCP queues a retransmitted segment that starts before `rcv_nxt` as it is when it
+    // also carries new bytes (`tcp_data_queue()`); `tcp_recvmsg()` skips the old head
+    // by offset, but `tcp_read_skb()` hands the verdict the whole segment. Cut the head
+    // that was handed on already, so that each byte reaches the peer once.
+    let mut duplicate = 0;
+    if let Some(seq) = skb_seq(&ctx) {
+        let mut next = peer.rcv_next;
+        if flags & PEER_F_SEQ_SET == 0 {
+            // The first segment the verdict sees: bytes before the socket's
+            // `copied_seq` were read by the agent before the pair was made.
+            next = tcp_sock_u32(cookie, &TCP_SOCK_COPIED_SEQ_OFFSET).unwrap_or(seq);
+            flags |= PEER_F_SEQ_SET;
+            debug!(
+                &ctx,
+                "socket {}: first segment seq {} len {}, copied_seq {}", cookie, seq, len, next
+            );
+        }
+        let end = seq.wrapping_add(len);
+        let overlap = next.wrapping_sub(seq) as i32;
+        if overlap > 0 {
+            let overlap = overlap as u32;
+            if overlap >= len {
+                // Every byte was handed on before.
+                duplicate = len;
+            } else if trim_head(&ctx, overlap) {
+                duplicate = overlap;
+            } else {
+                error!(
+                    &ctx,
+                    "socket {}: cannot cut {} repeated bytes off a segment of {}",
+                    cookie,
+                    overlap,
+                    len
+                );
+            }
+        }
+        // The end of what is handed on, never moving back.
+        if (end.wrapping_sub(next) as i32) > 0 {
+            next = end;
+        }
+        // SAFETY: as below.
+        unsafe {
+            (*entry).rcv_next = next;
+            (*entry).flags = flags;
+        }
+        if duplicate > 0 {
+            if let Some(s) = stats(peer.listener_port) {
+                s.duplicate_bytes_dropped += u64::from(duplicate);
+            }
+            if duplicate == len {
+                return sk_action::SK_DROP;
+            }
+            len -= duplicate;
+        }
+    }
     let mut base = peer.peer_write_seq_base;
     // Bytes the peer's stream owes for this socket, minus what its TCP took: the psock
     // queue towards the peer plus parked bytes the agent has not forwarded yet. Sequence

@@ -23,11 +23,12 @@ use aya::{
     programs::{SkMsg, SkSkb},
 };
 use gateway_common::{
-    Backend, BackendKey, Bucket, BucketKey, Cidr4, Cidr6, GLOBAL_WRITE_SEQ_OFFSET, GW_BACKENDS,
-    GW_LISTENERS, GW_PEERS, GW_SOCKS, GW_STATS, GW_XDP_BUCKETS, GW_XDP_CIDR4, GW_XDP_CIDR6,
-    GW_XDP_POLICY, GW_XDP_STATS, ListenerInfo, ListenerKey, ListenerStats, MAP_NAMES, MAX_BACKENDS,
-    MAX_LISTENERS, MAX_SOCKETS, MAX_STATS, MAX_XDP_BUCKETS, MAX_XDP_CIDRS, PROG_MSG, PROG_VERDICT,
-    Peer, StatsKey, XdpPolicy, XdpStats,
+    Backend, BackendKey, Bucket, BucketKey, Cidr4, Cidr6, GLOBAL_COPIED_SEQ_OFFSET,
+    GLOBAL_SKB_CB_OFFSET, GLOBAL_WRITE_SEQ_OFFSET, GW_BACKENDS, GW_LISTENERS, GW_PEERS, GW_SOCKS,
+    GW_STATS, GW_XDP_BUCKETS, GW_XDP_CIDR4, GW_XDP_CIDR6, GW_XDP_POLICY, GW_XDP_STATS,
+    ListenerInfo, ListenerKey, ListenerStats, MAP_NAMES, MAX_BACKENDS, MAX_LISTENERS, MAX_SOCKETS,
+    MAX_STATS, MAX_XDP_BUCKETS, MAX_XDP_CIDRS, PROG_MSG, PROG_VERDICT, Peer, StatsKey, XdpPolicy,
+    XdpStats,
 };
 
 use crate::xdp::{AttachMode, GuardMaps, ListenerGuard, XdpError};
@@ -411,6 +412,27 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
+/// The kernel struct offsets the verdict program reads, from the running kernel's BTF,
+/// by the name of the read-only global that holds each:
+/// * the peer's `tcp_sock.write_seq` bounds what is queued towards it;
+/// * `TCP_SKB_CB(skb)->seq` (at the start of `sk_buff.cb`), against what the verdict
+///   handed on so far (starting from the socket's `tcp_sock.copied_seq`), finds the
+///   head of a retransmitted segment that repeats bytes already handed on.
+fn kernel_offsets(btf: &Path) -> Result<[(&'static str, u32); 3], LoadError> {
+    use crate::btf::member_offset;
+    Ok([
+        (
+            GLOBAL_WRITE_SEQ_OFFSET,
+            member_offset(btf, "tcp_sock", "write_seq")?,
+        ),
+        (
+            GLOBAL_COPIED_SEQ_OFFSET,
+            member_offset(btf, "tcp_sock", "copied_seq")?,
+        ),
+        (GLOBAL_SKB_CB_OFFSET, member_offset(btf, "sk_buff", "cb")?),
+    ])
+}
+
 impl Datapath {
     /// Checks privileges and BTF, pins the maps (reusing compatible pins), loads the
     /// programs and attaches them to `GW_SOCKS`.
@@ -428,11 +450,11 @@ impl Datapath {
                 reused.push(spec.name);
             }
         }
-        // The verdict reads the peer's tcp_sock.write_seq (the bound on its queue).
-        let write_seq_offset =
-            crate::btf::member_offset(&opts.kernel_btf, "tcp_sock", "write_seq")?;
+        let offsets = kernel_offsets(&opts.kernel_btf)?;
         let mut loader = EbpfLoader::new();
-        loader.override_global(GLOBAL_WRITE_SEQ_OFFSET, &write_seq_offset, true);
+        for (global, offset) in &offsets {
+            loader.override_global(global, offset, true);
+        }
         for name in MAP_NAMES {
             loader.map_pin_path(name, opts.pin_dir.join(name));
         }

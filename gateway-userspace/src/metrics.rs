@@ -34,6 +34,8 @@ use prometheus_client::{
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
+use gateway_common::ListenerStats;
+
 use crate::ebpf::Datapath;
 
 /// Labels of a per-listener metric.
@@ -134,6 +136,30 @@ impl MapCollector {
     }
 }
 
+/// The kernel path's own events: throttles and repeated bytes cut off.
+fn kernel_path_families(
+    e: &mut DescriptorEncoder,
+    stats: &[(u16, ListenerStats)],
+) -> Result<(), std::fmt::Error> {
+    family(
+        e,
+        "sockgate_kernel_throttles",
+        "Times the verdict program throttled a kernel-path socket whose peer's queue was full",
+        stats
+            .iter()
+            .map(|(p, s)| (labels(*p), ConstCounter::new(s.kernel_throttles))),
+    )?;
+    family(
+        e,
+        "sockgate_duplicate_bytes_dropped",
+        "Bytes the verdict program cut off retransmitted segments because they repeated bytes already handed on",
+        stats
+            .iter()
+            .map(|(p, s)| (labels(*p), ConstCounter::new(s.duplicate_bytes_dropped))),
+    )?;
+    Ok(())
+}
+
 impl Collector for MapCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let ports: Vec<u16> = self.dp.listener_keys().iter().map(|k| k.port).collect();
@@ -183,14 +209,7 @@ impl Collector for MapCollector {
                 .iter()
                 .map(|(p, s)| (labels(*p), ConstCounter::new(s.connect_failures))),
         )?;
-        family(
-            e,
-            "sockgate_kernel_throttles",
-            "Times the verdict program throttled a kernel-path socket whose peer's queue was full",
-            stats
-                .iter()
-                .map(|(p, s)| (labels(*p), ConstCounter::new(s.kernel_throttles))),
-        )?;
+        kernel_path_families(e, &stats)?;
         family(
             e,
             "sockgate_connections_active",

@@ -113,6 +113,8 @@ pub struct Counts {
     pub bytes_backend_to_client_userspace: u64,
     /// Times the verdict throttled a kernel-path socket (its peer's queue was full).
     pub kernel_throttles: u64,
+    /// Repeated bytes cut off retransmitted segments by the verdict.
+    pub duplicate_bytes_dropped: u64,
 }
 
 impl From<ListenerStats> for Counts {
@@ -133,6 +135,7 @@ impl From<ListenerStats> for Counts {
             bytes_client_to_backend_userspace: s.bytes_c2b_userspace,
             bytes_backend_to_client_userspace: s.bytes_b2c_userspace,
             kernel_throttles: s.kernel_throttles,
+            duplicate_bytes_dropped: s.duplicate_bytes_dropped,
         }
     }
 }
@@ -293,6 +296,11 @@ pub fn render(s: &Status) -> String {
             o,
             "  throttled:   kernel {}  (peer queue full; parked bytes moved by the agent)",
             c.kernel_throttles
+        );
+        let _ = writeln!(
+            o,
+            "  repeated:    {} bytes cut off retransmitted segments",
+            c.duplicate_bytes_dropped
         );
         let x = &l.xdp;
         if *x != XdpCounts::default() {

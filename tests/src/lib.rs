@@ -213,6 +213,33 @@ impl Netns {
             })
     }
 
+    /// Drops `per_mille` of every thousand IP packets this namespace receives or sends,
+    /// at random (an nftables `numgen random` rule on input and output), so that TCP
+    /// loses segments and acknowledgements and retransmits. Needs `nft` (Debian
+    /// package nftables). The rules go with the namespace.
+    pub fn drop_at_random(&self, per_mille: u32) -> Result<(), BedError> {
+        let rule = format!("numgen random mod 1000 < {per_mille} drop");
+        let input = "{ type filter hook input priority 0; }";
+        let output = "{ type filter hook output priority 0; }";
+        let steps: [&[&str]; 5] = [
+            &["add", "table", "inet", "loss"],
+            &["add", "chain", "inet", "loss", "in", input],
+            &["add", "chain", "inet", "loss", "out", output],
+            &["add", "rule", "inet", "loss", "in", &rule],
+            &["add", "rule", "inet", "loss", "out", &rule],
+        ];
+        for args in steps {
+            let out = self.output("nft", args)?;
+            if !out.status.success() {
+                return Err(BedError::Command {
+                    cmd: format!("nft {}", args.join(" ")),
+                    stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+                });
+            }
+        }
+        Ok(())
+    }
+
     /// Runs `f` on a new thread that has entered this namespace, and returns its
     /// result. Sockets made by `f` belong to the namespace.
     pub fn run<F, R>(&self, f: F) -> Result<R, BedError>

@@ -15,6 +15,8 @@ const PACKAGES: &[&str] = &[
     "iproute2",
     // `sysctl` in the bed.
     "procps",
+    // `nft`: packet loss on the bed's links.
+    "nftables",
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";

@@ -301,3 +301,170 @@ pub fn bpftool_json(args: &[&str]) -> serde_json::Value {
     );
     serde_json::from_slice(&out.stdout).expect("bpftool JSON")
 }
+
+/// Raw IPv4/TCP packets, for segments a normal socket never sends (SYN floods, forged
+/// retransmits), sent from the calling thread's namespace.
+pub mod raw {
+    use std::{
+        io,
+        net::{Ipv4Addr, SocketAddrV4},
+        os::fd::{AsRawFd, FromRawFd, OwnedFd},
+    };
+
+    /// TCP flags.
+    pub const SYN: u8 = 0x02;
+    pub const PSH: u8 = 0x08;
+    pub const ACK: u8 = 0x10;
+
+    fn sum(data: &[u8], mut acc: u32) -> u32 {
+        for c in data.chunks(2) {
+            acc += u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]));
+        }
+        acc
+    }
+
+    fn fold(mut acc: u32) -> u16 {
+        while acc > 0xffff {
+            acc = (acc & 0xffff) + (acc >> 16);
+        }
+        !(acc as u16)
+    }
+
+    /// An IPv4 packet holding a TCP segment without options from `src` to `dst`, with
+    /// both checksums set.
+    pub fn tcp_packet(
+        src: SocketAddrV4,
+        dst: SocketAddrV4,
+        seq: u32,
+        ack: u32,
+        flags: u8,
+        payload: &[u8],
+    ) -> Vec<u8> {
+        let tcp_len = 20 + payload.len();
+        let total = u16::try_from(20 + tcp_len).expect("packet fits in 64 KiB");
+        let mut ip = vec![0u8; 20];
+        ip[0] = 0x45;
+        ip[2..4].copy_from_slice(&total.to_be_bytes());
+        ip[8] = 64;
+        ip[9] = 6;
+        ip[12..16].copy_from_slice(&src.ip().octets());
+        ip[16..20].copy_from_slice(&dst.ip().octets());
+        let c = fold(sum(&ip, 0));
+        ip[10..12].copy_from_slice(&c.to_be_bytes());
+        let mut tcp = vec![0u8; 20];
+        tcp[0..2].copy_from_slice(&src.port().to_be_bytes());
+        tcp[2..4].copy_from_slice(&dst.port().to_be_bytes());
+        tcp[4..8].copy_from_slice(&seq.to_be_bytes());
+        tcp[8..12].copy_from_slice(&ack.to_be_bytes());
+        tcp[12] = 5 << 4;
+        tcp[13] = flags;
+        tcp[14..16].copy_from_slice(&64240u16.to_be_bytes());
+        tcp.extend_from_slice(payload);
+        let mut pseudo = Vec::with_capacity(12);
+        pseudo.extend_from_slice(&src.ip().octets());
+        pseudo.extend_from_slice(&dst.ip().octets());
+        pseudo.extend_from_slice(&[0, 6]);
+        pseudo.extend_from_slice(&u16::try_from(tcp_len).expect("fits").to_be_bytes());
+        let c = fold(sum(&tcp, sum(&pseudo, 0)));
+        tcp[16..18].copy_from_slice(&c.to_be_bytes());
+        ip.extend_from_slice(&tcp);
+        ip
+    }
+
+    /// A raw socket that sends whole IPv4 packets (`IPPROTO_RAW`).
+    pub struct Sender(OwnedFd);
+
+    impl Sender {
+        pub fn new() -> io::Result<Self> {
+            // SAFETY: plain socket(2); the descriptor is owned below.
+            let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_RAW) };
+            if fd < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            // SAFETY: fd is a new descriptor nobody else owns.
+            Ok(Self(unsafe { OwnedFd::from_raw_fd(fd) }))
+        }
+
+        /// Sends `pkt` (an IPv4 packet) towards `dst`; true when all of it went.
+        pub fn send(&self, dst: Ipv4Addr, pkt: &[u8]) -> bool {
+            let to = libc::sockaddr_in {
+                sin_family: libc::AF_INET as libc::sa_family_t,
+                sin_port: 0,
+                sin_addr: libc::in_addr {
+                    s_addr: u32::from_ne_bytes(dst.octets()),
+                },
+                sin_zero: [0; 8],
+            };
+            // SAFETY: buffer and address valid for the call.
+            let r = unsafe {
+                libc::sendto(
+                    self.0.as_raw_fd(),
+                    pkt.as_ptr().cast(),
+                    pkt.len(),
+                    0,
+                    std::ptr::from_ref(&to).cast(),
+                    size_of::<libc::sockaddr_in>() as libc::socklen_t,
+                )
+            };
+            usize::try_from(r).is_ok_and(|r| r == pkt.len())
+        }
+    }
+
+    /// The next sequence number `s` will send and the next it expects, read in TCP
+    /// repair mode (`TCP_REPAIR`, `TCP_QUEUE_SEQ`; needs `CAP_NET_ADMIN`), which is left
+    /// again at once.
+    pub fn tcp_seqs(s: &std::net::TcpStream) -> io::Result<(u32, u32)> {
+        const TCP_REPAIR: libc::c_int = 19;
+        const TCP_REPAIR_QUEUE: libc::c_int = 20;
+        const TCP_QUEUE_SEQ: libc::c_int = 21;
+        const TCP_RECV_QUEUE: libc::c_int = 1;
+        const TCP_SEND_QUEUE: libc::c_int = 2;
+        let fd = s.as_raw_fd();
+        let set = |opt: libc::c_int, v: libc::c_int| {
+            // SAFETY: an int option, valid for the call.
+            let rc = unsafe {
+                libc::setsockopt(
+                    fd,
+                    libc::IPPROTO_TCP,
+                    opt,
+                    std::ptr::from_ref(&v).cast(),
+                    size_of::<libc::c_int>() as libc::socklen_t,
+                )
+            };
+            if rc == 0 {
+                Ok(())
+            } else {
+                Err(io::Error::last_os_error())
+            }
+        };
+        let get_seq = || {
+            let mut v: u32 = 0;
+            let mut len = size_of::<u32>() as libc::socklen_t;
+            // SAFETY: a u32 option, valid for the call.
+            let rc = unsafe {
+                libc::getsockopt(
+                    fd,
+                    libc::IPPROTO_TCP,
+                    TCP_QUEUE_SEQ,
+                    std::ptr::from_mut(&mut v).cast(),
+                    &raw mut len,
+                )
+            };
+            if rc == 0 {
+                Ok(v)
+            } else {
+                Err(io::Error::last_os_error())
+            }
+        };
+        set(TCP_REPAIR, 1)?;
+        let seqs = (|| {
+            set(TCP_REPAIR_QUEUE, TCP_SEND_QUEUE)?;
+            let snd = get_seq()?;
+            set(TCP_REPAIR_QUEUE, TCP_RECV_QUEUE)?;
+            let rcv = get_seq()?;
+            Ok((snd, rcv))
+        })();
+        set(TCP_REPAIR, 0)?;
+        seqs
+    }
+}
