@@ -379,4 +379,5 @@ impl Bed {
     }
 }
 
+pub mod flood;
 pub mod servers;
