@@ -348,6 +348,38 @@ impl Running {
         Ok(sum)
     }
 
+    /// SYNs the guard dropped as denied, by CPU (index = CPU), all listeners together,
+    /// from `bpftool map dump` of the pinned `GW_XDP_STATS` (per-CPU, with BTF).
+    pub fn xdp_denied_by_cpu(&self) -> anyhow::Result<Vec<u64>> {
+        let pins = self.pin_dir.as_ref().context("not sockgate")?;
+        let out = Command::new("bpftool")
+            .args(["-j", "map", "dump", "pinned"])
+            .arg(pins.join("GW_XDP_STATS"))
+            .output()?;
+        let v: serde_json::Value =
+            serde_json::from_slice(&out.stdout).context("bpftool map dump JSON")?;
+        let mut by_cpu: Vec<u64> = Vec::new();
+        for entry in v.as_array().into_iter().flatten() {
+            let values = entry["formatted"]["values"]
+                .as_array()
+                .or_else(|| entry["values"].as_array());
+            for per_cpu in values.into_iter().flatten() {
+                let (Some(cpu), Some(n)) = (
+                    per_cpu["cpu"].as_u64(),
+                    per_cpu["value"]["dropped_denied"].as_u64(),
+                ) else {
+                    continue;
+                };
+                let cpu = usize::try_from(cpu)?;
+                if by_cpu.len() <= cpu {
+                    by_cpu.resize(cpu + 1, 0);
+                }
+                by_cpu[cpu] += n;
+            }
+        }
+        Ok(by_cpu)
+    }
+
     /// sockgate's per-listener connection counts by path: (kernel, userspace).
     pub fn sockgate_paths(&self) -> Option<(u64, u64)> {
         let (bin, pins) = (self.sockgate.as_ref()?, self.pin_dir.as_ref()?);
