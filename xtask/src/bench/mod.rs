@@ -458,7 +458,7 @@ fn flood(
     r.check_alive()?;
     match r.xdp_denied_by_cpu() {
         Ok(by_cpu) => {
-            println!("bench: SYNs the guard dropped by CPU (the sender ran on CPU 0): {by_cpu:?}")
+            println!("bench: SYNs the guard dropped by CPU (the sender ran on CPU 0): {by_cpu:?}");
         }
         Err(e) => println!("bench: per-CPU guard counters not read: {e:#}"),
     }
