@@ -393,17 +393,23 @@ pub struct BucketKey {
 }
 const _: () = assert!(size_of::<BucketKey>() == 20);
 
-/// Value of [`GW_XDP_BUCKETS`]: a SYN token bucket.
+/// Value of [`GW_XDP_BUCKETS`]: a SYN token bucket, kept as one word so that CPUs
+/// update it with a single compare-and-swap.
+///
+/// The bucket is a generic cell rate algorithm (GCRA) state: with the emission
+/// interval `I = ceil(10^9 / rate)` ns and `burst` tokens, a bucket whose
+/// `tat_ns` is `T` holds `(now + burst * I - T) / I` tokens at `now` (at most
+/// `burst`). A SYN is admitted when `max(T, now) + I - now <= burst * I`, and then
+/// `T` becomes `max(T, now) + I`; a refused SYN leaves it unchanged.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 #[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
 pub struct Bucket {
-    /// Tokens left, in billionths of a SYN (so that refill is exact per nanosecond).
-    pub tokens_nano: u64,
-    /// `bpf_ktime_get_ns()` of the last refill.
-    pub last_ns: u64,
+    /// Theoretical arrival time: the `bpf_ktime_get_ns()` instant at which the bucket
+    /// is full again.
+    pub tat_ns: u64,
 }
-const _: () = assert!(size_of::<Bucket>() == 16);
+const _: () = assert!(size_of::<Bucket>() == 8);
 
 /// Value of [`GW_XDP_STATS`], per CPU: what the XDP guard did for one listener.
 #[repr(C)]
@@ -420,8 +426,12 @@ pub struct XdpStats {
     pub dropped_not_allowed: u64,
     /// SYNs dropped: the source prefix's token bucket was empty.
     pub dropped_rate_limited: u64,
+    /// Of `dropped_rate_limited`, the SYNs dropped because the bucket kept changing
+    /// under this CPU (other CPUs took tokens of the same prefix at the same instant)
+    /// until the compare-and-swap retries ran out: the guard fails closed there.
+    pub rate_contended: u64,
 }
-const _: () = assert!(size_of::<XdpStats>() == 5 * 8);
+const _: () = assert!(size_of::<XdpStats>() == 6 * 8);
 
 impl XdpStats {
     /// Field-wise sum, for adding up per-CPU values.
@@ -432,6 +442,7 @@ impl XdpStats {
         self.dropped_denied += o.dropped_denied;
         self.dropped_not_allowed += o.dropped_not_allowed;
         self.dropped_rate_limited += o.dropped_rate_limited;
+        self.rate_contended += o.rate_contended;
         self
     }
 }

@@ -19,6 +19,14 @@
 //! nothing unless asked for.
 #![no_std]
 #![no_main]
+// `atomic_cxchg` for the XDP guard's token buckets: core's `AtomicU64` has no
+// compare-and-swap on bpfel-unknown-none (its target spec says `atomic-cas: false`),
+// although BPF ISA v3 has `BPF_CMPXCHG` and LLVM emits it.
+#![feature(core_intrinsics)]
+#![expect(
+    internal_features,
+    reason = "core_intrinsics, for atomic_cxchg (see above)"
+)]
 
 use aya_ebpf::{
     EbpfContext as _,

@@ -16,9 +16,18 @@
 //! extension headers, ESP, truncated headers, non-first fragments). The guard must never
 //! break the node: when in doubt, `XDP_PASS`.
 //!
+//! The token buckets are shared by all CPUs and updated with one compare-and-swap
+//! (`BPF_CMPXCHG`) each, so a source flooding over several receive queues gets no
+//! more than its rate. When the swap keeps failing (other CPUs admitting SYNs of the
+//! same prefix at the same instant, [`MAX_CAS_TRIES`] times in a row) the SYN is
+//! dropped as rate limited and counted in `rate_contended`: fail closed, because only
+//! a flood gets there and admitting would overrun the quota.
+//!
 //! Counters per listener go to the per-CPU `GW_XDP_STATS`. Nothing is logged per packet.
+use core::intrinsics::{AtomicOrdering, atomic_cxchg};
+
 use aya_ebpf::{
-    bindings::{BPF_ANY, BPF_NOEXIST, xdp_action},
+    bindings::{BPF_NOEXIST, xdp_action},
     btf_maps::{HashMap, LpmTrie, LruHashMap, PerCpuHashMap, lpm_trie::Key},
     helpers::bpf_ktime_get_ns,
     macros::{btf_map, xdp},
@@ -83,6 +92,8 @@ enum Drop {
     Denied,
     NotAllowed,
     RateLimited,
+    /// Rate limited because the bucket's compare-and-swap retries ran out.
+    RateContended,
 }
 
 /// `N` bytes of the packet at `off`, or `None` when the packet is shorter.
@@ -100,7 +111,7 @@ fn bytes<const N: usize>(ctx: &XdpContext, off: usize) -> Option<[u8; N]> {
 #[xdp]
 pub fn gw_xdp(ctx: XdpContext) -> u32 {
     match guard(&ctx) {
-        Some(Drop::Denied | Drop::NotAllowed | Drop::RateLimited) => xdp_action::XDP_DROP,
+        Some(_) => xdp_action::XDP_DROP,
         None => xdp_action::XDP_PASS,
     }
 }
@@ -136,6 +147,10 @@ fn guard(ctx: &XdpContext) -> Option<Drop> {
             Some(Drop::Denied) => s.dropped_denied += 1,
             Some(Drop::NotAllowed) => s.dropped_not_allowed += 1,
             Some(Drop::RateLimited) => s.dropped_rate_limited += 1,
+            Some(Drop::RateContended) => {
+                s.dropped_rate_limited += 1;
+                s.rate_contended += 1;
+            }
         }
     }
     verdict
@@ -266,20 +281,54 @@ fn admit(policy: &XdpPolicy, port: u16, src: &Source) -> Option<Drop> {
     if !allowed {
         return Some(Drop::NotAllowed);
     }
-    if policy.syn_rate == 0 || take_token(policy, port, src) {
-        None
-    } else {
-        Some(Drop::RateLimited)
+    if policy.syn_rate == 0 {
+        return None;
+    }
+    match take_token(policy, port, src) {
+        Take::Admitted => None,
+        Take::Empty => Some(Drop::RateLimited),
+        Take::Contended => Some(Drop::RateContended),
     }
 }
 
-/// Takes one token from the bucket of `src`'s prefix; `false` when it is empty.
+/// What [`take_token`] found.
+enum Take {
+    /// A token was taken: admit the SYN.
+    Admitted,
+    /// The bucket is empty: drop.
+    Empty,
+    /// Other CPUs changed the bucket under every try: drop (fail closed).
+    Contended,
+}
+
+/// Compare-and-swap tries on a bucket before giving up. A try fails only when
+/// another CPU admitted a SYN of the same prefix between this CPU's read and its
+/// swap, so running out means a flood from that prefix.
+const MAX_CAS_TRIES: usize = 4;
+
+/// One `BPF_CMPXCHG` on the word at `p` (BPF ISA v3 atomics, the LLVM default CPU):
+/// `Ok` when it held `old` and now holds `new`, else `Err` with what it holds.
 ///
-/// Updates are not atomic across CPUs: two SYNs of one source on two CPUs at the same
-/// instant may both take the last token. The limit is a bound on floods, not an exact
-/// quota.
+/// # Safety
+///
+/// `p` points to a live, aligned `u64` (a map value).
 #[inline(always)]
-fn take_token(policy: &XdpPolicy, port: u16, src: &Source) -> bool {
+unsafe fn cmpxchg(p: *mut u64, old: u64, new: u64) -> Result<(), u64> {
+    // SAFETY: as the caller promises.
+    let (seen, swapped) = unsafe {
+        atomic_cxchg::<u64, { AtomicOrdering::SeqCst }, { AtomicOrdering::SeqCst }>(p, old, new)
+    };
+    if swapped { Ok(()) } else { Err(seen) }
+}
+
+/// Takes one token from the bucket of `src`'s prefix (a GCRA state in one word, see
+/// [`Bucket`]), atomically across CPUs: SYNs admitted from a prefix never exceed
+/// `burst + rate * elapsed`, however many CPUs its packets arrive on.
+///
+/// Fails open in one case only: when no bucket can be kept for the prefix (the
+/// insert and the lookup after it both fail), the SYN is admitted.
+#[inline(always)]
+fn take_token(policy: &XdpPolicy, port: u16, src: &Source) -> Take {
     let mut key = BucketKey {
         port,
         ..BucketKey::default()
@@ -305,36 +354,48 @@ fn take_token(policy: &XdpPolicy, port: u16, src: &Source) -> bool {
             }
         }
     }
-    let rate = u64::from(policy.syn_rate);
-    let full = u64::from(policy.syn_burst.max(1)) * NS_PER_SEC;
+    // Rounded up, so that admissions never exceed the rate.
+    let interval = NS_PER_SEC.div_ceil(u64::from(policy.syn_rate.max(1)));
+    let window = u64::from(policy.syn_burst.max(1)) * interval;
     // SAFETY: reads the monotonic clock.
     let now = unsafe { bpf_ktime_get_ns() };
-    match GW_XDP_BUCKETS.get_ptr_mut(&key) {
-        Some(b) => {
-            // SAFETY: pointer from the lookup; see the note on atomicity above.
-            let b = unsafe { &mut *b };
-            // Time to fill an empty bucket bounds the refill, so the product fits.
-            let elapsed = now.saturating_sub(b.last_ns).min(full / rate + 1);
-            let tokens = (b.tokens_nano + elapsed * rate).min(full);
-            b.last_ns = now;
-            if tokens >= NS_PER_SEC {
-                b.tokens_nano = tokens - NS_PER_SEC;
-                true
-            } else {
-                b.tokens_nano = tokens;
-                false
+    let bucket = match GW_XDP_BUCKETS.get_ptr_mut(&key) {
+        Some(b) => b,
+        None => {
+            // First SYN of the prefix: a full bucket less this SYN's token. A full map
+            // evicts its least recently used bucket.
+            let b = Bucket {
+                tat_ns: now + interval,
+            };
+            if GW_XDP_BUCKETS
+                .insert(&key, &b, u64::from(BPF_NOEXIST))
+                .is_ok()
+            {
+                return Take::Admitted;
+            }
+            // Another CPU made the bucket first: take from it like any other.
+            match GW_XDP_BUCKETS.get_ptr_mut(&key) {
+                Some(b) => b,
+                None => return Take::Admitted,
             }
         }
-        None => {
-            let b = Bucket {
-                tokens_nano: full - NS_PER_SEC,
-                last_ns: now,
-            };
-            // A full map evicts its least recently used bucket.
-            let _ = GW_XDP_BUCKETS.insert(&key, &b, u64::from(BPF_ANY));
-            true
+    };
+    // `Bucket` is `#[repr(C)]` with its one `u64` first.
+    let tat = bucket.cast::<u64>();
+    // SAFETY: a map value, live for this program run.
+    let mut seen = unsafe { core::ptr::read_volatile(tat) };
+    for _ in 0..MAX_CAS_TRIES {
+        let next = seen.max(now) + interval;
+        if next - now > window {
+            return Take::Empty;
+        }
+        // SAFETY: as above; the value is 8-byte aligned in the map.
+        match unsafe { cmpxchg(tat, seen, next) } {
+            Ok(()) => return Take::Admitted,
+            Err(current) => seen = current,
         }
     }
+    Take::Contended
 }
 
 /// The counters of listener `key` on this CPU, created on first use.

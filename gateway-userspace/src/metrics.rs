@@ -132,6 +132,13 @@ impl MapCollector {
                 .map(|(reason, v)| (with(*p, &[("reason", reason)]), ConstCounter::new(v)))
             }),
         )?;
+        family(
+            e,
+            "sockgate_xdp_rate_contended",
+            "SYNs of sockgate_xdp_dropped{reason=\"rate_limited\"} dropped because other CPUs kept changing the token bucket",
+            xdp.iter()
+                .map(|(p, s)| (labels(*p), ConstCounter::new(s.rate_contended))),
+        )?;
         Ok(())
     }
 }

@@ -59,6 +59,9 @@ pub struct XdpCounts {
     pub dropped_not_allowed: u64,
     /// SYNs dropped: source prefix over its SYN rate.
     pub dropped_rate_limited: u64,
+    /// Of `dropped_rate_limited`: dropped because other CPUs kept changing the
+    /// prefix's token bucket (compare-and-swap retries exhausted).
+    pub rate_contended: u64,
 }
 
 impl From<XdpStats> for XdpCounts {
@@ -69,6 +72,7 @@ impl From<XdpStats> for XdpCounts {
             dropped_denied: s.dropped_denied,
             dropped_not_allowed: s.dropped_not_allowed,
             dropped_rate_limited: s.dropped_rate_limited,
+            rate_contended: s.rate_contended,
         }
     }
 }
@@ -306,12 +310,13 @@ pub fn render(s: &Status) -> String {
         if *x != XdpCounts::default() {
             let _ = writeln!(
                 o,
-                "  xdp guard:   packets {}  SYN admitted {}  dropped: denied {}  not allowed {}  rate limited {}",
+                "  xdp guard:   packets {}  SYN admitted {}  dropped: denied {}  not allowed {}  rate limited {} (contended {})",
                 x.packets,
                 x.syn_admitted,
                 x.dropped_denied,
                 x.dropped_not_allowed,
-                x.dropped_rate_limited
+                x.dropped_rate_limited,
+                x.rate_contended
             );
         }
     }

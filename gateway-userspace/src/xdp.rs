@@ -429,6 +429,15 @@ impl GuardMaps {
         Ok(())
     }
 
+    /// The guard's counters of `port`, one value per possible CPU (zeros when the
+    /// listener has none yet).
+    pub fn stats_per_cpu(&self, port: u16) -> Vec<XdpStats> {
+        self.stats
+            .get(&ListenerKey::new(port), 0)
+            .map(|per_cpu| per_cpu.iter().copied().collect())
+            .unwrap_or_default()
+    }
+
     /// The guard's counters of `port`, summed over CPUs.
     pub fn stats(&self, port: u16) -> XdpStats {
         self.stats

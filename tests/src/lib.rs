@@ -406,4 +406,5 @@ impl Bed {
     }
 }
 
+pub mod flood;
 pub mod servers;

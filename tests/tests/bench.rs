@@ -54,12 +54,17 @@ fn bench_quick_runs_and_writes_its_files() {
         }
     }
 
+    check_guard_rows(&csv);
+
     let md = std::fs::read_to_string(out_dir.join("BENCHMARKS.md")).expect("BENCHMARKS.md");
     for part in [
         "## Results",
         "## Ratios against direct",
         "## Ratios against HAProxy",
         "## The targets of issue 6",
+        "## The XDP listener guard",
+        "| sockgate auto + guard native |",
+        "| guard SYN drop generic |",
         "| CPU | ",
         "| kernel | ",
         "bench/benchmarks.png",
@@ -101,4 +106,38 @@ fn bench_quick_runs_and_writes_its_files() {
         assert!(!list.contains(n), "namespace {n} left behind");
     }
     let _ = std::fs::remove_dir_all(&out_dir);
+}
+
+/// The XDP guard rows: throughput and RR with the guard attached (generic and
+/// native) beside the same sockgate without it, and the SYN drop rate.
+fn check_guard_rows(csv: &str) {
+    let median = |row: &str, metric: &str| -> f64 {
+        csv.lines()
+            .find(|l| l.starts_with(&format!("{row},{metric},")) && l.contains(",median,"))
+            .unwrap_or_else(|| panic!("no median of {metric} for {row}:\n{csv}"))
+            .split(',')
+            .nth(4)
+            .and_then(|v| v.parse().ok())
+            .expect("a number")
+    };
+    for row in [
+        "sockgate auto",
+        "sockgate auto + guard generic",
+        "sockgate auto + guard native",
+    ] {
+        for metric in ["tput_1", "rr_p50"] {
+            let v = median(row, metric);
+            assert!(v.is_finite() && v > 0.0, "{row} {metric} = {v}");
+        }
+    }
+    for row in ["guard SYN drop generic", "guard SYN drop native"] {
+        let dropped = median(row, "syn_drop_rate");
+        let sent = median(row, "syn_sent_rate");
+        // Every SYN of the flood comes from a denied source: the guard drops what
+        // reaches it, and cannot drop more than was sent.
+        assert!(
+            dropped > 0.0 && dropped <= sent * 1.000_001,
+            "{row}: dropped {dropped}/s of {sent}/s sent"
+        );
+    }
 }

@@ -149,87 +149,6 @@ fn denied_client_times_out_allowed_client_connects() {
     );
 }
 
-/// The IPv4 + TCP SYN from `src:sport` to `dst:dport`, checksums set.
-fn syn_packet(src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16) -> Vec<u8> {
-    fn sum(data: &[u8], mut acc: u32) -> u32 {
-        for c in data.chunks(2) {
-            acc += u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]));
-        }
-        acc
-    }
-    fn fold(mut acc: u32) -> u16 {
-        while acc > 0xffff {
-            acc = (acc & 0xffff) + (acc >> 16);
-        }
-        !(acc as u16)
-    }
-    let mut ip = vec![0u8; 20];
-    ip[0] = 0x45;
-    ip[2..4].copy_from_slice(&40u16.to_be_bytes());
-    ip[8] = 64;
-    ip[9] = 6;
-    ip[12..16].copy_from_slice(&src.octets());
-    ip[16..20].copy_from_slice(&dst.octets());
-    let c = fold(sum(&ip, 0));
-    ip[10..12].copy_from_slice(&c.to_be_bytes());
-    let mut tcp = vec![0u8; 20];
-    tcp[0..2].copy_from_slice(&sport.to_be_bytes());
-    tcp[2..4].copy_from_slice(&dport.to_be_bytes());
-    tcp[4..8].copy_from_slice(&u32::from(sport).wrapping_mul(2_654_435_761).to_be_bytes());
-    tcp[12] = 5 << 4;
-    tcp[13] = 0x02;
-    tcp[14..16].copy_from_slice(&64240u16.to_be_bytes());
-    let mut pseudo = Vec::with_capacity(12);
-    pseudo.extend_from_slice(&src.octets());
-    pseudo.extend_from_slice(&dst.octets());
-    pseudo.extend_from_slice(&[0, 6, 0, 20]);
-    let c = fold(sum(&tcp, sum(&pseudo, 0)));
-    tcp[16..18].copy_from_slice(&c.to_be_bytes());
-    ip.extend_from_slice(&tcp);
-    ip
-}
-
-/// Sends `n` SYNs from `src` (distinct source ports) through a raw socket in the
-/// calling thread's namespace; returns how many were sent and how long it took.
-fn flood(src: Ipv4Addr, dst: Ipv4Addr, dport: u16, n: u16) -> (u64, Duration) {
-    // SAFETY: plain socket(2); the descriptor is owned below.
-    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_RAW) };
-    assert!(fd >= 0, "raw socket: {}", io::Error::last_os_error());
-    // SAFETY: fd is a new descriptor nobody else owns.
-    let fd = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
-    let to = libc::sockaddr_in {
-        sin_family: libc::AF_INET as libc::sa_family_t,
-        sin_port: 0,
-        sin_addr: libc::in_addr {
-            s_addr: u32::from_ne_bytes(dst.octets()),
-        },
-        sin_zero: [0; 8],
-    };
-    let started = Instant::now();
-    let mut sent = 0;
-    for i in 0..n {
-        let pkt = syn_packet(src, 20000 + i, dst, dport);
-        // SAFETY: buffer and address valid for the call.
-        let r = unsafe {
-            libc::sendto(
-                std::os::fd::AsRawFd::as_raw_fd(&fd),
-                pkt.as_ptr().cast(),
-                pkt.len(),
-                0,
-                std::ptr::from_ref(&to).cast(),
-                size_of::<libc::sockaddr_in>() as libc::socklen_t,
-            )
-        };
-        if usize::try_from(r).is_ok_and(|r| r == pkt.len()) {
-            sent += 1;
-        }
-        if started.elapsed() > Duration::from_secs(5) {
-            break;
-        }
-    }
-    (sent, started.elapsed())
-}
-
 #[test]
 fn syn_flood_held_to_rate_while_others_connect() {
     require_root();
@@ -244,7 +163,15 @@ fn syn_flood_held_to_rate_while_others_connect() {
     let (sent, elapsed, replies) = bed
         .client()
         .run(move || {
-            let (sent, elapsed) = flood(FLOODER, node, PORT, FLOOD);
+            let f = netbed::flood::syn_flood(
+                FLOODER,
+                node,
+                PORT,
+                u64::from(FLOOD),
+                Duration::from_secs(5),
+            )
+            .expect("raw socket");
+            let (sent, elapsed) = (f.sent, f.elapsed);
             // The flooder's bucket is empty; another source still connects.
             let mut replies = Vec::new();
             for i in 0..CONNECTS {

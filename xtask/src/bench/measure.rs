@@ -509,3 +509,62 @@ fn libc_linger_zero() -> nix::libc::linger {
         l_linger: 0,
     }
 }
+
+/// What one SYN flood against the XDP guard measured.
+#[derive(Clone, Copy, Debug)]
+pub struct FloodResult {
+    /// SYNs the raw socket sent.
+    pub sent: u64,
+    /// SYNs the guard counted as dropped (denied) meanwhile.
+    pub dropped: u64,
+    /// Seconds the flood took.
+    pub secs: f64,
+    /// Softirq CPU time of the whole machine meanwhile, in seconds.
+    pub softirq_s: f64,
+}
+
+/// Most SYNs one flood sends, whatever its duration.
+pub const FLOOD_MAX: u64 = 50_000_000;
+
+/// Sends SYNs from `src` to `dst` for `secs` (at most [`FLOOD_MAX`]) from one thread of
+/// the client namespace pinned to `cpu`, and measures the drops the guard counted
+/// (`dropped` reads its counter) and the machine's softirq time meanwhile.
+pub fn syn_flood(
+    client: &Netns,
+    src: std::net::Ipv4Addr,
+    dst: std::net::SocketAddrV4,
+    cpu: usize,
+    secs: f64,
+    dropped: impl Fn() -> anyhow::Result<u64>,
+) -> anyhow::Result<FloodResult> {
+    let d0 = dropped()?;
+    let (_, _, s0) = proc_stat();
+    let flood = client
+        .run(move || -> io::Result<netbed::flood::Flood> {
+            let mut set = nix::sched::CpuSet::new();
+            set.set(cpu).map_err(io::Error::from)?;
+            nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set)
+                .map_err(io::Error::from)?;
+            netbed::flood::syn_flood(
+                src,
+                *dst.ip(),
+                dst.port(),
+                FLOOD_MAX,
+                Duration::from_secs_f64(secs),
+            )
+        })?
+        .context("raw-socket SYN flood")?;
+    let (_, _, s1) = proc_stat();
+    // Let the last packets queued for another CPU be processed before counting.
+    std::thread::sleep(Duration::from_millis(100));
+    let d1 = dropped()?;
+    if flood.sent == 0 {
+        bail!("the flood sent nothing ({} sends failed)", flood.failed);
+    }
+    Ok(FloodResult {
+        sent: flood.sent,
+        dropped: d1.saturating_sub(d0),
+        secs: flood.elapsed.as_secs_f64(),
+        softirq_s: s1.saturating_sub(s0) as f64 / ticks_per_sec(),
+    })
+}

@@ -77,7 +77,19 @@ pub struct Options {
 }
 
 /// The rows of `--quick`.
-const QUICK_ROWS: &[&str] = &["direct", "sockgate kernel", "sockgate splice", "HAProxy"];
+const QUICK_ROWS: &[&str] = &[
+    "direct",
+    "sockgate kernel",
+    "sockgate splice",
+    "sockgate auto",
+    "sockgate auto + guard generic",
+    "sockgate auto + guard native",
+    "guard SYN drop generic",
+    "guard SYN drop native",
+    "HAProxy",
+];
+/// The row the guard rows are compared with: the same sockgate without the guard.
+const GUARD_BASE_ROW: &str = "sockgate auto";
 const ENVOY_ROW: &str = "Envoy tcp_proxy";
 
 /// The bench services on the backend, and the listener port every proxy gives each.
@@ -106,6 +118,8 @@ pub struct Timing {
     pub rr_secs: u32,
     pub conn_secs: f64,
     pub slow_secs: f64,
+    /// Seconds of each SYN flood of the guard's drop-rate rows.
+    pub flood_secs: f64,
     pub quiet_max: Duration,
 }
 
@@ -162,6 +176,30 @@ pub const METRICS: &[(&str, &str, &str, bool)] = &[
         false,
     ),
     ("conn_failures", "failed connections", "count", false),
+    (
+        "syn_drop_rate",
+        "SYNs the guard dropped per second",
+        "SYN/s",
+        true,
+    ),
+    (
+        "syn_sent_rate",
+        "SYNs sent per second (one sender core)",
+        "SYN/s",
+        true,
+    ),
+    (
+        "syn_drop_softirq",
+        "softirq CPU during the flood",
+        "cores",
+        false,
+    ),
+    (
+        "syn_drop_per_core",
+        "SYNs dropped per softirq CPU second",
+        "SYN/s",
+        true,
+    ),
 ];
 
 /// One measured value.
@@ -233,6 +271,7 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
             rr_secs: 1,
             conn_secs: 1.0,
             slow_secs: 1.0,
+            flood_secs: 1.0,
             quiet_max: Duration::ZERO,
         }
     } else {
@@ -241,6 +280,7 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
             rr_secs: 3,
             conn_secs: 3.0,
             slow_secs: 4.0,
+            flood_secs: 3.0,
             quiet_max: Duration::from_secs(10),
         }
     };
@@ -256,7 +296,7 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
         ..RunInfo::default()
     };
 
-    let wanted = |name: &str| {
+    let selected = |name: &str| {
         if opts.only.is_empty() {
             !opts.quick || QUICK_ROWS.contains(&name)
         } else {
@@ -264,11 +304,23 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
             opts.only.iter().any(|o| name.contains(&o.to_lowercase()))
         }
     };
+    // The guard rows are read against the same sockgate without the guard, in the
+    // same run: selecting one selects that row too.
+    let guard_rows = [
+        Proxy::SockgateGuard("generic"),
+        Proxy::SockgateGuard("native"),
+    ];
+    let any_guard = guard_rows.iter().any(|p| selected(p.name()));
+    let wanted = |name: &str| selected(name) || (any_guard && name == GUARD_BASE_ROW);
     let mut proxies: Vec<Proxy> = [
         Proxy::Direct,
         Proxy::Sockgate("sockmap"),
         Proxy::Sockgate("splice"),
         Proxy::Sockgate("auto"),
+        Proxy::SockgateGuard("generic"),
+        Proxy::SockgateGuard("native"),
+        Proxy::SynFlood("generic"),
+        Proxy::SynFlood("native"),
         Proxy::Haproxy(HaSplice::Off),
         Proxy::Haproxy(HaSplice::Auto),
         Proxy::Haproxy(HaSplice::Forced),
@@ -319,6 +371,15 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
             "sysctl",
             &["-qw", "net.ipv4.ip_local_port_range=1024 65000"],
         )?;
+    }
+    if proxies.iter().any(|p| matches!(p, Proxy::SynFlood(_))) {
+        bed.client().ip(&[
+            "addr",
+            "add",
+            &format!("{}/24", peers::FLOODER),
+            "dev",
+            "eth0",
+        ])?;
     }
     let backend = bed.backend_addr(0);
     let _iperf = Daemon::start(
@@ -380,6 +441,73 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// One SYN flood from [`peers::FLOODER`] to the exchange listener, which the running
+/// sockgate's guard denies; the drops are read from its counters.
+fn flood(
+    bed: &Bed,
+    r: &mut peers::Running,
+    t: Timing,
+) -> anyhow::Result<(measure::FloodResult, Load)> {
+    let load = measure::wait_quiet(t.quiet_max);
+    let dst = std::net::SocketAddrV4::new(bed.node_addr(), EXCHANGE.listen_port);
+    let f = with_rps(bed, || {
+        measure::syn_flood(bed.client(), peers::FLOODER, dst, 0, t.flood_secs, || {
+            r.xdp_denied().map(|(_, d)| d)
+        })
+    })?;
+    r.check_alive()?;
+    match r.xdp_denied_by_cpu() {
+        Ok(by_cpu) => {
+            println!("bench: SYNs the guard dropped by CPU (the sender ran on CPU 0): {by_cpu:?}");
+        }
+        Err(e) => println!("bench: per-CPU guard counters not read: {e:#}"),
+    }
+    Ok((f, load))
+}
+
+/// The metrics of one flood (printed too).
+fn flood_metrics(row: &str, f: &measure::FloodResult) -> Vec<(&'static str, f64)> {
+    println!(
+        "bench: {row}: {} SYNs sent, {} dropped by the guard in {:.2} s, softirq {:.2} CPU s",
+        f.sent, f.dropped, f.secs, f.softirq_s
+    );
+    let mut m = vec![
+        ("syn_drop_rate", f.dropped as f64 / f.secs),
+        ("syn_sent_rate", f.sent as f64 / f.secs),
+        ("syn_drop_softirq", f.softirq_s / f.secs),
+    ];
+    if f.softirq_s > 0.0 {
+        m.push(("syn_drop_per_core", f.dropped as f64 / f.softirq_s));
+    }
+    m
+}
+
+/// Runs `f` with receive packet steering on the node's client-side interface sending
+/// every packet to CPU 1 (the flooder runs on CPU 0), so that the guard's work in
+/// generic mode lands on the other core; steering is off again afterwards. On a
+/// machine with one CPU, `f` runs without it.
+fn with_rps<R>(bed: &Bed, f: impl FnOnce() -> anyhow::Result<R>) -> anyhow::Result<R> {
+    let steer = std::thread::available_parallelism().map_or(1, std::num::NonZero::get) >= 2;
+    let set = |mask: &str| {
+        netbed::ip(&[
+            "netns",
+            "exec",
+            bed.node().name(),
+            "sh",
+            "-c",
+            &format!("echo {mask} > /sys/class/net/c0/queues/rx-0/rps_cpus"),
+        ])
+    };
+    if steer {
+        set("2")?;
+    }
+    let r = f();
+    if steer {
+        set("0")?;
+    }
+    r
+}
+
 fn versions(proxies: &[Proxy], sockgate: &std::path::Path) -> Vec<(String, String)> {
     let mut v = Vec::new();
     let mut add = |name: &str, cmd: &mut Command| {
@@ -402,6 +530,10 @@ fn versions(proxies: &[Proxy], sockgate: &std::path::Path) -> Vec<(String, Strin
 }
 
 /// Runs one repeat of one row; returns sockgate's (kernel, userspace) connection counts.
+#[expect(
+    clippy::too_many_lines,
+    reason = "one row's measurements, in order, with the guard rows' subsets"
+)]
 fn run_row(
     bed: &Bed,
     proxy: &Proxy,
@@ -438,6 +570,17 @@ fn run_row(
     };
     let client = bed.client();
 
+    if let Proxy::SynFlood(_) = proxy {
+        let r = running.as_mut().context("sockgate runs")?;
+        let (f, load) = flood(bed, r, t)?;
+        for (metric, value) in flood_metrics(row, &f) {
+            push(metric, value, load);
+        }
+        drop(running);
+        std::thread::sleep(Duration::from_millis(500));
+        return Ok(None);
+    }
+
     let load = measure::wait_quiet(t.quiet_max);
     let before = measure::cpu_snapshot(&pids);
     let (bps, bytes) =
@@ -462,14 +605,29 @@ fn run_row(
         );
     }
 
-    let load = measure::wait_quiet(t.quiet_max);
-    let (bps, _) = measure::iperf(client, addr(IPERF), 4, t.iperf_secs).context("iperf3 -P 4")?;
-    push("tput_4", bps / 1e9, load);
+    // The guard rows measure what the guard changes: 1-stream throughput (and its
+    // CPU) and RR latency.
+    let guard_row = matches!(proxy, Proxy::SockgateGuard(_));
+    if !guard_row {
+        let load = measure::wait_quiet(t.quiet_max);
+        let (bps, _) =
+            measure::iperf(client, addr(IPERF), 4, t.iperf_secs).context("iperf3 -P 4")?;
+        push("tput_4", bps / 1e9, load);
+    }
 
     let load = measure::wait_quiet(t.quiet_max);
     let (p50, p99) = measure::sockperf(client, addr(SOCKPERF), t.rr_secs).context("sockperf")?;
     push("rr_p50", p50, load);
     push("rr_p99", p99, load);
+    if guard_row {
+        let paths = running.as_mut().and_then(|r| {
+            r.check_alive().ok()?;
+            r.sockgate_paths()
+        });
+        drop(running);
+        std::thread::sleep(Duration::from_millis(500));
+        return Ok(paths);
+    }
 
     let load = measure::wait_quiet(t.quiet_max);
     let (rate, failed) = measure::conn_rate(client, addr(EXCHANGE), t.conn_secs)?;

@@ -168,6 +168,13 @@ pub enum HaSplice {
 pub enum Proxy {
     Direct,
     Sockgate(&'static str),
+    /// sockgate `--datapath auto` with the XDP listener guard on the node's client-side
+    /// interface, attached in this `--xdp-mode` (`generic` or `native`); every listener
+    /// has a deny range no bench client is in, so each SYN takes the guard's lookups.
+    SockgateGuard(&'static str),
+    /// The guard's SYN drop rate: sockgate with the guard (this `--xdp-mode`) denying
+    /// [`FLOODER`] on the exchange listener, flooded with SYNs from that address.
+    SynFlood(&'static str),
     Haproxy(HaSplice),
     Nginx,
     Socat,
@@ -182,6 +189,10 @@ impl Proxy {
             Self::Sockgate("sockmap") => "sockgate kernel",
             Self::Sockgate("splice") => "sockgate splice",
             Self::Sockgate(_) => "sockgate auto",
+            Self::SockgateGuard("native") => "sockgate auto + guard native",
+            Self::SockgateGuard(_) => "sockgate auto + guard generic",
+            Self::SynFlood("native") => "guard SYN drop native",
+            Self::SynFlood(_) => "guard SYN drop generic",
             Self::Haproxy(HaSplice::Off) => "HAProxy",
             Self::Haproxy(HaSplice::Auto) => "HAProxy splice-auto",
             Self::Haproxy(HaSplice::Forced) => "HAProxy forced splice",
@@ -191,6 +202,17 @@ impl Proxy {
         }
     }
 }
+
+/// The client-side address the SYN flood comes from (added to the client namespace by
+/// the bench), denied by the guard in the [`Proxy::SynFlood`] rows.
+pub const FLOODER: std::net::Ipv4Addr = std::net::Ipv4Addr::new(10, 200, 0, 4);
+
+/// A range no bench client is in, denied on every listener of the
+/// [`Proxy::SockgateGuard`] rows (TEST-NET-1).
+const UNUSED_RANGE: &str = "192.0.2.0/24";
+
+/// The node's interface towards the client, where the guard is attached.
+const GUARD_IFACE: &str = "c0";
 
 /// A bench service: a port on the backend and the listener port proxies give it.
 #[derive(Clone, Copy, Debug)]
@@ -303,6 +325,59 @@ impl Running {
             )?;
         }
         Ok(())
+    }
+
+    /// The XDP guard's counters of every listener, summed, from `sockgate status`:
+    /// (packets, SYNs dropped as denied).
+    pub fn xdp_denied(&self) -> anyhow::Result<(u64, u64)> {
+        let (bin, pins) = (
+            self.sockgate.as_ref().context("not sockgate")?,
+            self.pin_dir.as_ref().context("not sockgate")?,
+        );
+        let out = Command::new(bin)
+            .args(["status", "--json", "--pin-dir"])
+            .arg(pins)
+            .output()?;
+        let v: serde_json::Value =
+            serde_json::from_slice(&out.stdout).context("sockgate status --json")?;
+        let mut sum = (0, 0);
+        for l in v["listeners"].as_array().into_iter().flatten() {
+            sum.0 += l["xdp"]["packets"].as_u64().unwrap_or(0);
+            sum.1 += l["xdp"]["dropped_denied"].as_u64().unwrap_or(0);
+        }
+        Ok(sum)
+    }
+
+    /// SYNs the guard dropped as denied, by CPU (index = CPU), all listeners together,
+    /// from `bpftool map dump` of the pinned `GW_XDP_STATS` (per-CPU, with BTF).
+    pub fn xdp_denied_by_cpu(&self) -> anyhow::Result<Vec<u64>> {
+        let pins = self.pin_dir.as_ref().context("not sockgate")?;
+        let out = Command::new("bpftool")
+            .args(["-j", "map", "dump", "pinned"])
+            .arg(pins.join("GW_XDP_STATS"))
+            .output()?;
+        let v: serde_json::Value =
+            serde_json::from_slice(&out.stdout).context("bpftool map dump JSON")?;
+        let mut by_cpu: Vec<u64> = Vec::new();
+        for entry in v.as_array().into_iter().flatten() {
+            let values = entry["formatted"]["values"]
+                .as_array()
+                .or_else(|| entry["values"].as_array());
+            for per_cpu in values.into_iter().flatten() {
+                let (Some(cpu), Some(n)) = (
+                    per_cpu["cpu"].as_u64(),
+                    per_cpu["value"]["dropped_denied"].as_u64(),
+                ) else {
+                    continue;
+                };
+                let cpu = usize::try_from(cpu)?;
+                if by_cpu.len() <= cpu {
+                    by_cpu.resize(cpu + 1, 0);
+                }
+                by_cpu[cpu] += n;
+            }
+        }
+        Ok(by_cpu)
     }
 
     /// sockgate's per-listener connection counts by path: (kernel, userspace).
@@ -431,10 +506,14 @@ pub fn start(
     };
     match proxy {
         Proxy::Direct => return Ok(None),
-        Proxy::Sockgate(datapath) => {
+        Proxy::Sockgate(_) | Proxy::SockgateGuard(_) | Proxy::SynFlood(_) => {
             let pins = PathBuf::from(format!("/sys/fs/bpf/sockgate-bench-{}", std::process::id()));
             running.pin_dir = Some(pins.clone());
             running.sockgate = Some(sockgate.to_path_buf());
+            let datapath = match proxy {
+                Proxy::Sockgate(d) => d,
+                _ => "auto",
+            };
             let mut cmd = node.command(sockgate);
             cmd.arg("run").arg("--pin-dir").arg(&pins).args([
                 "--datapath",
@@ -445,6 +524,24 @@ pub fn start(
             for s in services {
                 cmd.arg("--route")
                     .arg(format!("{}={backend}:{}", s.listen_port, s.backend_port));
+            }
+            if let Proxy::SockgateGuard(mode) | Proxy::SynFlood(mode) = proxy {
+                cmd.args(["--xdp-iface", GUARD_IFACE, "--xdp-mode", mode]);
+            }
+            match proxy {
+                Proxy::SockgateGuard(_) => {
+                    for s in services {
+                        cmd.arg("--xdp-deny")
+                            .arg(format!("{}={UNUSED_RANGE}", s.listen_port));
+                    }
+                }
+                Proxy::SynFlood(_) => {
+                    for s in services {
+                        cmd.arg("--xdp-deny")
+                            .arg(format!("{}={FLOODER}", s.listen_port));
+                    }
+                }
+                _ => {}
             }
             cmd.env("RUST_LOG", "warn");
             running.children.push(spawn(&mut cmd, &log)?);

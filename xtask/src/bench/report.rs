@@ -194,9 +194,14 @@ fn table(
     }
     md.push('\n');
     for row in &info.rows {
+        let cells: Vec<String> = metrics.iter().map(|m| f(row, m)).collect();
+        // Rows that measure none of these metrics (the SYN flood rows) are left out.
+        if cells.iter().all(|c| c == "–") {
+            continue;
+        }
         let _ = write!(md, "| {row} |");
-        for m in metrics {
-            let _ = write!(md, " {} |", f(row, m));
+        for c in cells {
+            let _ = write!(md, " {c} |");
         }
         md.push('\n');
     }
@@ -270,6 +275,101 @@ fn targets(md: &mut String, stats: &Stats) {
     }
 }
 
+/// The XDP listener guard's rows: its cost on the data path against the same sockgate
+/// without it, and its SYN drop rate.
+fn guard(md: &mut String, stats: &Stats, info: &RunInfo) {
+    let base = super::GUARD_BASE_ROW;
+    let with: Vec<&String> = info
+        .rows
+        .iter()
+        .filter(|r| r.starts_with("sockgate auto + guard"))
+        .collect();
+    let floods: Vec<&String> = info
+        .rows
+        .iter()
+        .filter(|r| r.starts_with("guard SYN drop"))
+        .collect();
+    if with.is_empty() && floods.is_empty() {
+        return;
+    }
+    md.push_str("\n## The XDP listener guard\n\n");
+    if !with.is_empty() {
+        let metrics = ["tput_1", "rr_p50", "rr_p99", "cpu_per_gb"];
+        md.push_str("| row |");
+        for m in metrics {
+            let _ = write!(md, " {} | vs {base} |", title(m));
+        }
+        md.push_str("\n|---|");
+        for _ in metrics {
+            md.push_str("---|---|");
+        }
+        md.push('\n');
+        for row in std::iter::once(&base.to_owned()).chain(with.iter().copied()) {
+            let _ = write!(md, "| {row} |");
+            for m in metrics {
+                let _ = write!(
+                    md,
+                    " {} | {} |",
+                    cell(stats, row, m),
+                    ratio(stats, row, base, m)
+                );
+            }
+            md.push('\n');
+        }
+        md.push_str(
+            "\n`gw_xdp` attached to the node's interface towards the client (`--xdp-iface \
+             c0`) in generic or native mode, every listener with a deny range no client is \
+             in (each SYN takes the deny lookup, every packet to a listener is counted). \
+             Native XDP on veth turns TSO/GSO off on the peer veth (the client's end), so \
+             the client's stack cuts its stream into MTU-sized segments: that, not the \
+             program, is what the native row's throughput loses. Generic mode runs after \
+             the skb is built and leaves the offloads alone, but the kernel makes every \
+             non-linear skb linear, with 256 bytes of headroom, before running the program \
+             (`netif_receive_generic_xdp`, net/core/dev.c): a copy, seen as CPU rather \
+             than throughput while the proxy is the limit. See `docs/xdp.md`.\n",
+        );
+    }
+    if !floods.is_empty() {
+        let metrics = [
+            "syn_drop_rate",
+            "syn_sent_rate",
+            "syn_drop_softirq",
+            "syn_drop_per_core",
+        ];
+        md.push_str("\n| row |");
+        for m in metrics {
+            let _ = write!(md, " {} |", title(m));
+        }
+        md.push_str("\n|---|");
+        for _ in metrics {
+            md.push_str("---|");
+        }
+        md.push('\n');
+        for row in floods {
+            let _ = write!(md, "| {row} |");
+            for m in metrics {
+                let _ = write!(md, " {} |", cell(stats, row, m));
+            }
+            md.push('\n');
+        }
+        let secs = info.timing.map_or(0.0, |t| t.flood_secs);
+        let _ = writeln!(
+            md,
+            "\nOne thread of the client namespace, pinned to CPU 0, sends hand-made SYNs \
+             through a raw socket from an address the guard denies (netbed's `syn_flood`, \
+             {secs} s, at most {} SYNs); receive packet steering on the node's `c0` sends \
+             them to CPU 1 during the flood, so in generic mode the guard drops on the \
+             other core (native XDP on veth runs in the veth's NAPI before steering, on \
+             the sender's core). *Dropped per second* is the guard's `dropped_denied` \
+             counter over the flood's time; *softirq CPU* is the whole machine's softirq \
+             time from `/proc/stat` (tick-sampled) over the same time, in cores; *per \
+             softirq CPU second* divides the drops by it: what one core busy in softirq \
+             drops. The sender (a syscall per SYN) is the limit of the rate, not the guard.",
+            super::measure::FLOOD_MAX
+        );
+    }
+}
+
 /// Writes the three result files under `out`.
 #[expect(
     clippy::too_many_lines,
@@ -280,7 +380,14 @@ pub fn write(out: &Path, samples: &[Sample], info: &RunInfo) -> anyhow::Result<(
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let stats = stats(samples);
     write_csv(&dir.join("results.csv"), samples, &stats)?;
-    let chart_note = match super::chart::draw(&dir.join("benchmarks.png"), &stats, &info.rows) {
+    // The SYN flood rows have none of the chart's metrics.
+    let chart_rows: Vec<String> = info
+        .rows
+        .iter()
+        .filter(|r| stats.contains_key(&((*r).clone(), "tput_1")))
+        .cloned()
+        .collect();
+    let chart_note = match super::chart::draw(&dir.join("benchmarks.png"), &stats, &chart_rows) {
         Ok(()) => None,
         Err(e) => {
             println!("bench: chart not drawn: {e:#}");
@@ -388,6 +495,7 @@ pub fn write(out: &Path, samples: &[Sample], info: &RunInfo) -> anyhow::Result<(
             super::measure::SLOW_CAP / 1024.0 / 1024.0
         );
     }
+    guard(&mut md, &stats, info);
     if !info.paths.is_empty() {
         md.push_str(
             "\n## Data path of sockgate's connections\n\nFrom `sockgate status` after each \
