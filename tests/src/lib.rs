@@ -406,5 +406,5 @@ impl Bed {
     }
 }
 
-pub mod flood;
+pub mod raw;
 pub mod servers;

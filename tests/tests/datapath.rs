@@ -13,8 +13,8 @@ use std::{
     time::Duration,
 };
 
-use common::{Agent, Stream, connect, exchange, raw, require_root};
-use netbed::{Bed, servers};
+use common::{Agent, Stream, connect, exchange, require_root};
+use netbed::{Bed, raw, servers};
 
 const KERNEL: &str = "sockmap";
 const SPLICE: &str = "splice";

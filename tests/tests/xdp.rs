@@ -163,7 +163,7 @@ fn syn_flood_held_to_rate_while_others_connect() {
     let (sent, elapsed, replies) = bed
         .client()
         .run(move || {
-            let f = netbed::flood::syn_flood(
+            let f = netbed::raw::syn_flood(
                 FLOODER,
                 node,
                 PORT,

@@ -540,12 +540,12 @@ pub fn syn_flood(
     let d0 = dropped()?;
     let (_, _, s0) = proc_stat();
     let flood = client
-        .run(move || -> io::Result<netbed::flood::Flood> {
+        .run(move || -> io::Result<netbed::raw::Flood> {
             let mut set = nix::sched::CpuSet::new();
             set.set(cpu).map_err(io::Error::from)?;
             nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set)
                 .map_err(io::Error::from)?;
-            netbed::flood::syn_flood(
+            netbed::raw::syn_flood(
                 src,
                 *dst.ip(),
                 dst.port(),
