@@ -313,37 +313,29 @@ fn kube_options(args: &RunArgs) -> anyhow::Result<KubeOptions> {
 /// The interfaces the XDP guard is attached to: `--xdp-iface` (`none`: off); by
 /// default the ones holding the node's addresses under the kube source (which then
 /// publishes them), else none.
-fn xdp_selection(
-    ifaces: &[String],
-    kube: Option<&mut KubeOptions>,
-) -> anyhow::Result<(Selection, &'static str)> {
+fn xdp_selection(ifaces: &[String], kube: Option<&mut KubeOptions>) -> anyhow::Result<Selection> {
+    let off = |why: &str| {
+        info!(why, "XDP listener guard not attached");
+        Ok(Selection::Off)
+    };
     if ifaces.iter().any(|i| i == "none") {
         anyhow::ensure!(
             ifaces.len() == 1,
             "--xdp-iface none cannot be combined with interface names"
         );
-        return Ok((Selection::Off, "--xdp-iface none"));
+        return off("--xdp-iface none");
     }
     if !ifaces.is_empty() {
-        return Ok((
-            Selection::Named(ifaces.iter().cloned().collect()),
-            "--xdp-iface",
-        ));
+        return Ok(Selection::Named(ifaces.iter().cloned().collect()));
     }
-    Ok(match kube {
+    match kube {
         Some(opts) => {
             let (tx, rx) = watch::channel(std::collections::BTreeSet::new());
             opts.node_addresses = Some(tx);
-            (
-                Selection::NodeAddresses(rx),
-                "--source kube: the interfaces holding the Node's addresses",
-            )
+            Ok(Selection::NodeAddresses(rx))
         }
-        None => (
-            Selection::Off,
-            "no --xdp-iface (without a cluster the guard is attached only where asked)",
-        ),
-    })
+        None => off("no --xdp-iface: outside a cluster the guard is attached only where asked"),
+    }
 }
 
 /// Attaches the XDP guard to the selected interfaces and keeps it attached until
@@ -351,14 +343,12 @@ fn xdp_selection(
 async fn start_guard(
     dp: &Arc<Datapath>,
     mode: AttachMode,
-    (selection, why): (Selection, &'static str),
+    selection: Selection,
     shutdown: &CancellationToken,
 ) -> anyhow::Result<Option<tokio::task::JoinHandle<()>>> {
     if matches!(selection, Selection::Off) {
-        info!(why, "XDP listener guard not attached");
         return Ok(None);
     }
-    info!(%mode, why, "XDP listener guard: selecting interfaces");
     let nl = Netlink::open()?;
     let mut manager = Manager::new(dp.clone(), mode)?;
     let errors = manager.sync(nl.handle(), &selection).await?;
