@@ -61,7 +61,7 @@ pub fn require_root() {
 
 /// A kubeconfig whose API server is port 1 on the node namespace's loopback: nothing
 /// listens there, every connect is refused. Returns (its directory, the file).
-pub fn unreachable_kubeconfig(tag: &str) -> (std::path::PathBuf, std::path::PathBuf) {
+pub fn unreachable_kubeconfig(tag: &str) -> (PathBuf, PathBuf) {
     let dir =
         std::env::temp_dir().join(format!("sockgate-kubeconfig-{tag}-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("dir");
