@@ -339,7 +339,8 @@ fn xdp_selection(ifaces: &[String], kube: Option<&mut KubeOptions>) -> anyhow::R
 }
 
 /// Attaches the XDP guard to the selected interfaces and keeps it attached until
-/// `shutdown`. Named interfaces that cannot be attached at start are an error.
+/// `shutdown`. Named interfaces that cannot be attached at start are an error; under
+/// the cluster default a guard that cannot start is logged and left out.
 async fn start_guard(
     dp: &Arc<Datapath>,
     mode: AttachMode,
@@ -349,13 +350,25 @@ async fn start_guard(
     if matches!(selection, Selection::Off) {
         return Ok(None);
     }
-    let nl = Netlink::open()?;
-    let mut manager = Manager::new(dp.clone(), mode)?;
-    let errors = manager.sync(nl.handle(), &selection).await?;
+    let named = matches!(selection, Selection::Named(_));
+    let started = async {
+        let nl = Netlink::open()?;
+        let mut manager = Manager::new(dp.clone(), mode)?;
+        let errors = manager.sync(nl.handle(), &selection).await?;
+        Ok::<_, sockgate::xdp::XdpError>((nl, manager, errors))
+    };
+    let (nl, manager, errors) = match started.await {
+        Ok(s) => s,
+        // Asked for by name: an error. The cluster default: the data path serves
+        // without the guard.
+        Err(e) if named => return Err(e.into()),
+        Err(e) => {
+            tracing::error!(error = %e, "XDP listener guard unavailable: serving without it");
+            return Ok(None);
+        }
+    };
     let failing = !errors.is_empty();
-    if matches!(selection, Selection::Named(_))
-        && let Some(e) = errors.into_iter().next()
-    {
+    if named && let Some(e) = errors.into_iter().next() {
         return Err(e.into());
     }
     Ok(Some(tokio::spawn(attach::run(

@@ -308,8 +308,10 @@ pub enum XdpError {
         #[source]
         source: ProgramError,
     },
+    #[error("rtnetlink socket: {0}")]
+    NetlinkSocket(#[source] std::io::Error),
     #[error("listing interfaces (rtnetlink): {0}")]
-    Netlink(String),
+    Netlink(#[source] rtnetlink::Error),
 }
 
 fn map_err(name: &'static str) -> impl Fn(aya::maps::MapError) -> XdpError {

@@ -173,10 +173,6 @@ pub fn plan(
     steps
 }
 
-fn netlink_err(e: impl std::fmt::Display) -> XdpError {
-    XdpError::Netlink(e.to_string())
-}
-
 fn iface_of(msg: LinkMessage) -> Option<Iface> {
     let mut iface = Iface {
         index: msg.header.index,
@@ -220,22 +216,28 @@ fn iface_of(msg: LinkMessage) -> Option<Iface> {
 pub async fn list_ifaces(handle: &rtnetlink::Handle) -> Result<BTreeMap<String, Iface>, XdpError> {
     let mut by_index = BTreeMap::new();
     let mut links = handle.link().get().execute();
-    while let Some(msg) = links.try_next().await.map_err(netlink_err)? {
+    while let Some(msg) = links.try_next().await.map_err(XdpError::Netlink)? {
         if let Some(i) = iface_of(msg) {
             by_index.insert(i.index, i);
         }
     }
     let mut addrs = handle.address().get().execute();
-    while let Some(msg) = addrs.try_next().await.map_err(netlink_err)? {
+    while let Some(msg) = addrs.try_next().await.map_err(XdpError::Netlink)? {
         let Some(iface) = by_index.get_mut(&msg.header.index) else {
             continue;
         };
+        // IFA_LOCAL is the interface's own address (IFA_ADDRESS is the peer's on a
+        // point-to-point link); IPv6 carries only IFA_ADDRESS.
+        let (mut local, mut address) = (None, None);
         for attr in msg.attributes {
-            // IFA_LOCAL is the interface's own address (IFA_ADDRESS is the peer's on a
-            // point-to-point link); IPv6 carries only IFA_ADDRESS.
-            if let AddressAttribute::Local(a) | AddressAttribute::Address(a) = attr {
-                iface.addrs.insert(a);
+            match attr {
+                AddressAttribute::Local(a) => local = Some(a),
+                AddressAttribute::Address(a) => address = Some(a),
+                _ => {}
             }
+        }
+        if let Some(a) = local.or(address) {
+            iface.addrs.insert(a);
         }
     }
     Ok(by_index
@@ -430,11 +432,11 @@ impl Netlink {
     /// namespace.
     pub fn open() -> Result<Self, XdpError> {
         use rtnetlink::MulticastGroup as G;
-        let (conn, handle, _) = rtnetlink::new_connection().map_err(netlink_err)?;
+        let (conn, handle, _) = rtnetlink::new_connection().map_err(XdpError::NetlinkSocket)?;
         tokio::spawn(conn);
         let (conn, _, events) =
             rtnetlink::new_multicast_connection(&[G::Link, G::Ipv4Ifaddr, G::Ipv6Ifaddr])
-                .map_err(netlink_err)?;
+                .map_err(XdpError::NetlinkSocket)?;
         tokio::spawn(conn);
         Ok(Self {
             handle,
