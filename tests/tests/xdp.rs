@@ -769,6 +769,20 @@ fn in_a_cluster_the_default_is_the_node_addresses_interfaces() {
     );
     assert!(!log.contains("XDP listener guard attached"), "{log}");
     assert_eq!(xdp_of(&bed, "c0").map(|x| x.1), Some(vec![]));
+    // The agent is past start-up (its SIGTERM handler in place) once the kube source
+    // retries.
+    wait_until(
+        Duration::from_secs(20),
+        "kube source retrying",
+        &agent,
+        || {
+            agent
+                .log_text()
+                .matches("API discovery failed; retrying")
+                .count()
+                >= 2
+        },
+    );
     assert!(agent.stop().success(), "clean stop");
     let _ = std::fs::remove_dir_all(&dir);
 }
