@@ -37,7 +37,7 @@ use rtnetlink::packet_route::{
 };
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, error, info, warn};
+use tracing::{error, info, warn};
 
 use super::{AttachMode, XdpError, XdpKind};
 use crate::ebpf::Datapath;
@@ -343,7 +343,7 @@ impl Manager {
                     self.held.remove(&name);
                     info!(iface = %name, "XDP listener guard detached: interface no longer selected");
                 }
-                Step::Attach { name, index } => {
+                Step::Attach { name, .. } => {
                     let Some(iface) = ifaces.get(&name) else {
                         continue;
                     };
@@ -356,7 +356,6 @@ impl Manager {
                             errors.push(e);
                         }
                     }
-                    debug!(ifindex = index, "attach step done");
                 }
             }
         }
