@@ -312,30 +312,32 @@ fn kube_options(args: &RunArgs) -> anyhow::Result<KubeOptions> {
 
 /// The interfaces the XDP guard is attached to: `--xdp-iface` (`none`: off); by
 /// default the ones holding the node's addresses under the kube source (which then
-/// publishes them), else none.
-fn xdp_selection(ifaces: &[String], kube: Option<&mut KubeOptions>) -> anyhow::Result<Selection> {
-    let off = |why: &str| {
-        info!(why, "XDP listener guard not attached");
-        Ok(Selection::Off)
-    };
+/// publishes them), else none. With the selection, why it is off (when it is).
+fn xdp_selection(
+    ifaces: &[String],
+    kube: Option<&mut KubeOptions>,
+) -> anyhow::Result<(Selection, &'static str)> {
     if ifaces.iter().any(|i| i == "none") {
         anyhow::ensure!(
             ifaces.len() == 1,
             "--xdp-iface none cannot be combined with interface names"
         );
-        return off("--xdp-iface none");
+        return Ok((Selection::Off, "--xdp-iface none"));
     }
     if !ifaces.is_empty() {
-        return Ok(Selection::Named(ifaces.iter().cloned().collect()));
+        return Ok((Selection::Named(ifaces.iter().cloned().collect()), ""));
     }
-    match kube {
+    Ok(match kube {
         Some(opts) => {
             let (tx, rx) = watch::channel(std::collections::BTreeSet::new());
             opts.node_addresses = Some(tx);
-            Ok(Selection::NodeAddresses(rx))
+            (Selection::NodeAddresses(rx), "")
         }
-        None => off("no --xdp-iface: outside a cluster the guard is attached only where asked"),
-    }
+        None => (
+            Selection::Off,
+            "no --xdp-iface: outside a cluster the guard is attached only where asked",
+        ),
+    })
 }
 
 /// Attaches the XDP guard to the selected interfaces and keeps it attached until
@@ -344,10 +346,11 @@ fn xdp_selection(ifaces: &[String], kube: Option<&mut KubeOptions>) -> anyhow::R
 async fn start_guard(
     dp: &Arc<Datapath>,
     mode: AttachMode,
-    selection: Selection,
+    (selection, off_why): (Selection, &'static str),
     shutdown: &CancellationToken,
 ) -> anyhow::Result<Option<tokio::task::JoinHandle<()>>> {
     if matches!(selection, Selection::Off) {
+        info!(why = off_why, "XDP listener guard not attached");
         return Ok(None);
     }
     let named = matches!(selection, Selection::Named(_));

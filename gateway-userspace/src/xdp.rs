@@ -7,8 +7,6 @@
 //! prefix's SYN rate; everything else passes. See `docs/xdp.md`.
 use std::{collections::BTreeSet, fmt, net::IpAddr, str::FromStr};
 
-pub mod attach;
-
 use aya::{
     Ebpf,
     maps::{HashMap, LpmTrie, MapData, PerCpuHashMap, lpm_trie::Key},
@@ -20,6 +18,8 @@ use gateway_common::{
 };
 
 use crate::ebpf::MapOpError;
+
+pub mod attach;
 
 /// A client address range: an address with its host bits cleared and a prefix length.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
