@@ -20,18 +20,18 @@ use aya::{
         HashMap, MapData, MapInfo, MapType, PerCpuHashMap, PerCpuValues, SockHash,
         lpm_trie::Key as LpmKey,
     },
-    programs::{SkMsg, SkSkb},
+    programs::{ProgramError, SkMsg, SkSkb, Xdp, xdp::XdpLink},
 };
 use gateway_common::{
     Backend, BackendKey, Bucket, BucketKey, Cidr4, Cidr6, GLOBAL_COPIED_SEQ_OFFSET,
     GLOBAL_SKB_CB_OFFSET, GLOBAL_WRITE_SEQ_OFFSET, GW_BACKENDS, GW_LISTENERS, GW_PEERS, GW_SOCKS,
     GW_STATS, GW_XDP_BUCKETS, GW_XDP_CIDR4, GW_XDP_CIDR6, GW_XDP_POLICY, GW_XDP_STATS,
     ListenerInfo, ListenerKey, ListenerStats, MAP_NAMES, MAX_BACKENDS, MAX_LISTENERS, MAX_SOCKETS,
-    MAX_STATS, MAX_XDP_BUCKETS, MAX_XDP_CIDRS, PROG_MSG, PROG_VERDICT, Peer, StatsKey, XdpPolicy,
-    XdpStats,
+    MAX_STATS, MAX_XDP_BUCKETS, MAX_XDP_CIDRS, PROG_MSG, PROG_VERDICT, PROG_XDP, Peer, StatsKey,
+    XdpPolicy, XdpStats,
 };
 
-use crate::xdp::{AttachMode, GuardMaps, ListenerGuard, XdpError};
+use crate::xdp::{GuardMaps, ListenerGuard, XdpError, XdpKind};
 use tracing::{info, warn};
 
 /// The eBPF object built by `build.rs` from `gateway-ebpf`.
@@ -83,7 +83,7 @@ pub enum LoadError {
     Program {
         name: &'static str,
         #[source]
-        source: aya::programs::ProgramError,
+        source: ProgramError,
     },
     #[error("map {name}: {source}")]
     Map {
@@ -129,10 +129,6 @@ pub struct LoadOptions {
     pub on_mismatch: PinMismatch,
     /// The kernel BTF file whose presence is required.
     pub kernel_btf: PathBuf,
-    /// Interfaces the XDP listener guard is attached to (none: not attached).
-    pub xdp_ifaces: Vec<String>,
-    /// How the guard is attached.
-    pub xdp_mode: AttachMode,
 }
 
 impl Default for LoadOptions {
@@ -142,8 +138,6 @@ impl Default for LoadOptions {
             keep_pins: false,
             on_mismatch: PinMismatch::Replace,
             kernel_btf: PathBuf::from(DEFAULT_KERNEL_BTF),
-            xdp_ifaces: Vec::new(),
-            xdp_mode: AttachMode::Generic,
         }
     }
 }
@@ -353,8 +347,9 @@ pub const KERNEL_LOG_TARGET: &str = "gateway";
 
 /// The loaded and attached programs, and their maps.
 pub struct Datapath {
-    // Owns the programs and their attachments: dropping it detaches them.
-    _ebpf: Ebpf,
+    // Owns the programs and their attachments: dropping it detaches them. The XDP
+    // guard's links are owned by the attachment manager (`xdp::attach`).
+    ebpf: Mutex<Ebpf>,
     pub maps: Maps,
     /// Records of `aya-log` from the programs, until [`Datapath::forward_kernel_logs`]
     /// takes them.
@@ -393,8 +388,8 @@ fn remove_stale_peers(maps: &Maps) {
 }
 
 /// Empties the XDP guard's policy maps (an earlier run's, in reused pins: the agent
-/// programs them again) and attaches the guard to the interfaces asked for.
-fn start_guard(ebpf: &mut Ebpf, maps: &Maps, opts: &LoadOptions) -> Result<(), LoadError> {
+/// programs them again). The guard is attached by [`crate::xdp::attach`].
+fn start_guard(maps: &Maps) {
     let stale = lock(&maps.guard).0.clear();
     if stale > 0 {
         info!(
@@ -402,10 +397,6 @@ fn start_guard(ebpf: &mut Ebpf, maps: &Maps, opts: &LoadOptions) -> Result<(), L
             "removed XDP guard entries of an earlier run"
         );
     }
-    if !opts.xdp_ifaces.is_empty() {
-        crate::xdp::attach(ebpf, &opts.xdp_ifaces, opts.xdp_mode)?;
-    }
-    Ok(())
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -523,13 +514,13 @@ impl Datapath {
             stats: Mutex::new(take(&mut ebpf, GW_STATS)?),
             guard: Mutex::new((GuardMaps::take(&mut ebpf)?, BTreeMap::new())),
         };
-        start_guard(&mut ebpf, &maps, opts)?;
+        start_guard(&maps);
         if reused.contains(&GW_PEERS) {
             remove_stale_peers(&maps);
         }
         info!(pin_dir = %opts.pin_dir.display(), reused = ?reused, "eBPF programs loaded and attached");
         Ok(Self {
-            _ebpf: ebpf,
+            ebpf: Mutex::new(ebpf),
             maps,
             kernel_logs: Mutex::new(kernel_logs),
             pin_dir: opts.pin_dir.clone(),
@@ -575,6 +566,40 @@ impl Datapath {
                 },
             }
         }
+    }
+
+    /// `gw_xdp`, loaded on first use.
+    fn xdp_program(ebpf: &mut Ebpf) -> Result<&mut Xdp, XdpError> {
+        let prog: &mut Xdp = ebpf
+            .program_mut(PROG_XDP)
+            .ok_or(XdpError::Missing(PROG_XDP))?
+            .try_into()
+            .map_err(XdpError::Program)?;
+        if prog.fd().is_err() {
+            prog.load().map_err(XdpError::Program)?;
+        }
+        Ok(prog)
+    }
+
+    /// The kernel's id of `gw_xdp` (loading it on first use): what `ip link` and
+    /// `bpftool net` show on an interface it is attached to.
+    pub fn xdp_program_id(&self) -> Result<u32, XdpError> {
+        let mut ebpf = lock(&self.ebpf);
+        let prog = Self::xdp_program(&mut ebpf)?;
+        prog.info().map(|i| i.id()).map_err(XdpError::Program)
+    }
+
+    /// Attaches `gw_xdp` to the interface of index `ifindex` in `mode`, as a bpf link
+    /// owned by the caller: dropping it detaches the program, and the kernel detaches
+    /// it when the agent dies or the interface goes away.
+    pub fn attach_xdp(&self, ifindex: u32, mode: XdpKind) -> Result<XdpLink, ProgramError> {
+        let mut ebpf = lock(&self.ebpf);
+        let prog = Self::xdp_program(&mut ebpf).map_err(|e| match e {
+            XdpError::Program(p) => p,
+            other => ProgramError::IOError(io::Error::other(other.to_string())),
+        })?;
+        let id = prog.attach_to_if_index(ifindex, mode.into())?;
+        prog.take_link(id)
     }
 
     /// The pin directory.

@@ -17,7 +17,8 @@
 //! * [`routes`]: the `--route` fixed table.
 //! * [`source`]: where Gateway API objects come from (manifest files).
 //! * [`status`]: `sockgate status`, read from the pinned maps.
-//! * [`xdp`]: the XDP listener guard: policy, its map entries, attaching `gw_xdp`.
+//! * [`xdp`]: the XDP listener guard: policy, its map entries, and ([`xdp::attach`])
+//!   keeping `gw_xdp` attached to the interfaces it should guard.
 pub mod btf;
 pub mod check;
 pub mod cluster;

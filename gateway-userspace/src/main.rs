@@ -15,6 +15,10 @@ use sockgate::{
     routes,
     source::files::{FileSource, follow},
     status,
+    xdp::{
+        AttachMode,
+        attach::{self, Manager, Netlink, Selection},
+    },
 };
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -155,13 +159,16 @@ struct RunArgs {
     /// The kernel BTF the agent requires.
     #[arg(long, default_value = sockgate::ebpf::DEFAULT_KERNEL_BTF, hide = true)]
     kernel_btf: PathBuf,
-    /// Attach the XDP listener guard to this interface (repeatable; none: no guard).
+    /// Attach the XDP listener guard to this interface (repeatable); `none`: no guard.
+    /// Default: under `--source kube` the interfaces holding this node's `InternalIP` and
+    /// `ExternalIP` addresses, otherwise none. Interfaces that come and go are followed.
     #[arg(long = "xdp-iface", value_name = "IFACE")]
     xdp_ifaces: Vec<String>,
-    /// How the XDP guard is attached: generic (every interface, no cost on veth) or
-    /// native (in the driver).
-    #[arg(long, value_enum, default_value_t = sockgate::xdp::AttachMode::Generic)]
-    xdp_mode: sockgate::xdp::AttachMode,
+    /// How the XDP guard is attached: auto (generic on veth, else native with a
+    /// fallback to generic), generic (every interface), or native (in the driver; an
+    /// error where the driver refuses it).
+    #[arg(long, value_enum, default_value_t = AttachMode::Auto)]
+    xdp_mode: AttachMode,
     /// XDP guard: only these clients may connect to a listener, PORT=CIDR[,CIDR...]
     /// (repeatable).
     #[arg(long = "xdp-allow", value_name = "PORT=CIDRS")]
@@ -299,7 +306,81 @@ fn kube_options(args: &RunArgs) -> anyhow::Result<KubeOptions> {
         lease_duration: Duration::from_secs(args.lease_duration.max(3)),
         node_selector,
         debounce: Duration::from_millis(200),
+        node_addresses: None,
     })
+}
+
+/// The interfaces the XDP guard is attached to: `--xdp-iface` (`none`: off); by
+/// default the ones holding the node's addresses under the kube source (which then
+/// publishes them), else none. With the selection, why it is off (when it is).
+fn xdp_selection(
+    ifaces: &[String],
+    kube: Option<&mut KubeOptions>,
+) -> anyhow::Result<(Selection, &'static str)> {
+    if ifaces.iter().any(|i| i == "none") {
+        anyhow::ensure!(
+            ifaces.len() == 1,
+            "--xdp-iface none cannot be combined with interface names"
+        );
+        return Ok((Selection::Off, "--xdp-iface none"));
+    }
+    if !ifaces.is_empty() {
+        return Ok((Selection::Named(ifaces.iter().cloned().collect()), ""));
+    }
+    Ok(match kube {
+        Some(opts) => {
+            let (tx, rx) = watch::channel(std::collections::BTreeSet::new());
+            opts.node_addresses = Some(tx);
+            (Selection::NodeAddresses(rx), "")
+        }
+        None => (
+            Selection::Off,
+            "no --xdp-iface: outside a cluster the guard is attached only where asked",
+        ),
+    })
+}
+
+/// Attaches the XDP guard to the selected interfaces and keeps it attached until
+/// `shutdown`. Named interfaces that cannot be attached at start are an error; under
+/// the cluster default a guard that cannot start is logged and left out.
+async fn start_guard(
+    dp: &Arc<Datapath>,
+    mode: AttachMode,
+    (selection, off_why): (Selection, &'static str),
+    shutdown: &CancellationToken,
+) -> anyhow::Result<Option<tokio::task::JoinHandle<()>>> {
+    if matches!(selection, Selection::Off) {
+        info!(why = off_why, "XDP listener guard not attached");
+        return Ok(None);
+    }
+    let named = matches!(selection, Selection::Named(_));
+    let started = async {
+        let nl = Netlink::open()?;
+        let mut manager = Manager::new(dp.clone(), mode)?;
+        let errors = manager.sync(nl.handle(), &selection).await?;
+        Ok::<_, sockgate::xdp::XdpError>((nl, manager, errors))
+    };
+    let (nl, manager, errors) = match started.await {
+        Ok(s) => s,
+        // Asked for by name: an error. The cluster default: the data path serves
+        // without the guard.
+        Err(e) if named => return Err(e.into()),
+        Err(e) => {
+            tracing::error!(error = %e, "XDP listener guard unavailable: serving without it");
+            return Ok(None);
+        }
+    };
+    let failing = !errors.is_empty();
+    if named && let Some(e) = errors.into_iter().next() {
+        return Err(e.into());
+    }
+    Ok(Some(tokio::spawn(attach::run(
+        manager,
+        nl,
+        selection,
+        failing,
+        shutdown.clone(),
+    ))))
 }
 
 fn secs(v: f64, what: &str) -> anyhow::Result<Duration> {
@@ -320,9 +401,10 @@ fn run(args: &RunArgs) -> anyhow::Result<()> {
         (SourceKind::Files, None) => anyhow::bail!("--source files needs --dir DIR"),
         (SourceKind::Routes | SourceKind::Kube, _) => None,
     };
-    let kube = (source == SourceKind::Kube)
+    let mut kube = (source == SourceKind::Kube)
         .then(|| kube_options(args))
         .transpose()?;
+    let selection = xdp_selection(&args.xdp_ifaces, kube.as_mut())?;
     let desired: DesiredState = match &files {
         Some(f) => (**f.current()).clone(),
         None => routes::parse(&args.routes)?,
@@ -340,8 +422,6 @@ fn run(args: &RunArgs) -> anyhow::Result<()> {
         keep_pins: args.keep_pins,
         on_mismatch: args.on_pin_mismatch,
         kernel_btf: args.kernel_btf.clone(),
-        xdp_ifaces: args.xdp_ifaces.clone(),
-        xdp_mode: args.xdp_mode,
     };
     let guards = sockgate::xdp::parse_flags(&args.xdp_allow, &args.xdp_deny, &args.xdp_syn_rate)?;
     let dp = Arc::new(Datapath::load(&opts)?);
@@ -364,6 +444,7 @@ fn run(args: &RunArgs) -> anyhow::Result<()> {
     rt.block_on(async {
         let (tx, rx) = watch::channel(Arc::new(desired));
         let shutdown = CancellationToken::new();
+        let guard = start_guard(&dp, args.xdp_mode, selection, &shutdown).await?;
         spawn_source(files, kube, &dp, &metrics, tx, &shutdown).await?;
         let counters = Arc::new(Registry::default());
         let _http = metrics::serve(args.metrics_addr, metrics.clone(), shutdown.clone()).await?;
@@ -387,6 +468,9 @@ fn run(args: &RunArgs) -> anyhow::Result<()> {
         shutdown.cancel();
         let _ = serving.await;
         let _ = kernel_logs.await;
+        if let Some(g) = guard {
+            let _ = g.await;
+        }
         anyhow::Ok(())
     })?;
     drop(rt);

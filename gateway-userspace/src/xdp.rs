@@ -1,5 +1,6 @@
 //! The XDP listener guard, agent side: the policy of a listener as plain data, the map
-//! entries it becomes, the maps' handles, and attaching `gw_xdp` to interfaces.
+//! entries it becomes, the maps' handles, and the attach modes. [`attach`] keeps
+//! `gw_xdp` attached to the interfaces it should guard.
 //!
 //! The kernel side (`gateway-ebpf/src/xdp.rs`) drops SYNs to a listener port from a
 //! denied source, from a source outside a non-empty allow list, or beyond the source
@@ -9,15 +10,16 @@ use std::{collections::BTreeSet, fmt, net::IpAddr, str::FromStr};
 use aya::{
     Ebpf,
     maps::{HashMap, LpmTrie, MapData, PerCpuHashMap, lpm_trie::Key},
-    programs::{ProgramError, Xdp, XdpMode, xdp::XdpLinkId},
+    programs::{ProgramError, XdpMode},
 };
 use gateway_common::{
     CIDR_ALLOW, CIDR_DENY, CIDR_KEY_HEAD_BITS, Cidr4, Cidr6, GW_XDP_CIDR4, GW_XDP_CIDR6,
     GW_XDP_POLICY, GW_XDP_STATS, ListenerKey, PROG_XDP, XDP_F_HAS_ALLOW, XdpPolicy, XdpStats,
 };
-use tracing::info;
 
 use crate::ebpf::MapOpError;
+
+pub mod attach;
 
 /// A client address range: an address with its host bits cleared and a prefix length.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -294,10 +296,22 @@ pub enum XdpError {
     #[error("attaching {PROG_XDP} to {iface} in {mode} mode: {source}")]
     Attach {
         iface: String,
-        mode: AttachMode,
+        mode: XdpKind,
         #[source]
         source: ProgramError,
     },
+    #[error(
+        "the driver of {iface} refuses native XDP ({source}): use --xdp-mode generic, or auto to fall back to generic"
+    )]
+    NativeRefused {
+        iface: String,
+        #[source]
+        source: ProgramError,
+    },
+    #[error("rtnetlink socket: {0}")]
+    NetlinkSocket(#[source] std::io::Error),
+    #[error("listing interfaces (rtnetlink): {0}")]
+    Netlink(#[source] rtnetlink::Error),
 }
 
 fn map_err(name: &'static str) -> impl Fn(aya::maps::MapError) -> XdpError {
@@ -447,66 +461,61 @@ impl GuardMaps {
     }
 }
 
-/// How `gw_xdp` is attached to an interface.
+/// How `gw_xdp` is attached to an interface (`--xdp-mode`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
 pub enum AttachMode {
+    /// Generic on veth (where native mode turns TSO off on the peer and costs
+    /// throughput); elsewhere native, falling back to generic when the driver
+    /// refuses it. The choice and its reason are logged per interface.
+    #[default]
+    Auto,
     /// Generic XDP (in the stack, after the skb is built): works on every interface
     /// and costs nothing measurable on veth.
-    #[default]
     Generic,
     /// Native XDP (in the driver): cheapest on a NIC whose driver supports it; on veth
-    /// it turns TSO off on the peer.
+    /// it turns TSO off on the peer. An interface whose driver refuses it is an error.
     Native,
 }
 
 impl fmt::Display for AttachMode {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
+            Self::Auto => "auto",
             Self::Generic => "generic",
             Self::Native => "native",
         })
     }
 }
 
-impl From<AttachMode> for XdpMode {
-    fn from(m: AttachMode) -> Self {
-        match m {
-            AttachMode::Generic => Self::Skb,
-            AttachMode::Native => Self::Driver,
-        }
+/// Where a program is attached on an interface: the kernel's XDP attach modes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum XdpKind {
+    /// `XDP_FLAGS_SKB_MODE`, `xdpgeneric` in `ip link`.
+    Generic,
+    /// `XDP_FLAGS_DRV_MODE`, `xdpdrv` in `ip link`.
+    Native,
+    /// `XDP_FLAGS_HW_MODE`, `xdpoffload` (sockgate never asks for it).
+    Offload,
+}
+
+impl fmt::Display for XdpKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Generic => "generic",
+            Self::Native => "native",
+            Self::Offload => "offload",
+        })
     }
 }
 
-/// Loads `gw_xdp` (once) and attaches it to each of `ifaces` in `mode`. The
-/// attachments are bpf links owned by `ebpf`: dropping it detaches them, and a crashed
-/// agent leaves no program behind (the kernel detaches a link when its last descriptor
-/// closes).
-pub fn attach(
-    ebpf: &mut Ebpf,
-    ifaces: &[String],
-    mode: AttachMode,
-) -> Result<Vec<(String, XdpLinkId)>, XdpError> {
-    let prog: &mut Xdp = ebpf
-        .program_mut(PROG_XDP)
-        .ok_or(XdpError::Missing(PROG_XDP))?
-        .try_into()
-        .map_err(XdpError::Program)?;
-    if prog.fd().is_err() {
-        prog.load().map_err(XdpError::Program)?;
+impl From<XdpKind> for XdpMode {
+    fn from(m: XdpKind) -> Self {
+        match m {
+            XdpKind::Generic => Self::Skb,
+            XdpKind::Native => Self::Driver,
+            XdpKind::Offload => Self::Hardware,
+        }
     }
-    let mut links = Vec::new();
-    for iface in ifaces {
-        let id = prog
-            .attach(iface, mode.into())
-            .map_err(|source| XdpError::Attach {
-                iface: iface.clone(),
-                mode,
-                source,
-            })?;
-        info!(iface = %iface, %mode, "XDP listener guard attached");
-        links.push((iface.clone(), id));
-    }
-    Ok(links)
 }
 
 #[cfg(test)]

@@ -317,6 +317,16 @@ fn veth(a: &Netns, a_if: &str, b: &Netns, b_if: &str) -> Result<(), BedError> {
     Ok(())
 }
 
+/// Makes the client link (`eth0` in the client, `c0` in the node) with its addresses
+/// and the client's default route.
+fn link_client(client: &Netns, node: &Netns) -> Result<(), BedError> {
+    veth(client, "eth0", node, "c0")?;
+    client.ip(&["addr", "add", "10.200.0.2/24", "dev", "eth0"])?;
+    node.ip(&["addr", "add", "10.200.0.1/24", "dev", "c0"])?;
+    client.ip(&["route", "add", "default", "via", "10.200.0.1"])?;
+    Ok(())
+}
+
 /// The client, node and backend namespaces, linked and addressed.
 #[derive(Debug)]
 pub struct Bed {
@@ -332,10 +342,7 @@ impl Bed {
         assert!(backends < 250, "at most 249 backends");
         let node = Netns::new("node")?;
         let client = Netns::new("client")?;
-        veth(&client, "eth0", &node, "c0")?;
-        client.ip(&["addr", "add", "10.200.0.2/24", "dev", "eth0"])?;
-        node.ip(&["addr", "add", "10.200.0.1/24", "dev", "c0"])?;
-        client.ip(&["route", "add", "default", "via", "10.200.0.1"])?;
+        link_client(&client, &node)?;
         node.output("sysctl", &["-qw", "net.ipv4.ip_forward=1"])?;
         let mut list = Vec::with_capacity(backends);
         for i in 0..backends {
@@ -359,6 +366,13 @@ impl Bed {
             client,
             node,
         })
+    }
+
+    /// Makes the client link again after it was deleted (`ip link del c0` in the
+    /// node): same names and addresses, new interface indexes. The client's extra
+    /// addresses went with the old link.
+    pub fn relink_client(&self) -> Result<(), BedError> {
+        link_client(&self.client, &self.node)
     }
 
     /// The client namespace.

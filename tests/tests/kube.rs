@@ -4,25 +4,8 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{Agent, require_root};
+use common::{Agent, require_root, unreachable_kubeconfig};
 use netbed::Bed;
-
-/// A kubeconfig whose API server is port 1 on the node namespace's loopback: nothing
-/// listens there, every connect is refused. Returns (its directory, the file).
-fn unreachable_kubeconfig(tag: &str) -> (std::path::PathBuf, std::path::PathBuf) {
-    let dir =
-        std::env::temp_dir().join(format!("sockgate-kubeconfig-{tag}-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("dir");
-    let kubeconfig = dir.join("config");
-    std::fs::write(
-        &kubeconfig,
-        "apiVersion: v1\nkind: Config\nclusters:\n- name: c\n  cluster:\n    server: http://127.0.0.1:1\n\
-         contexts:\n- name: c\n  context:\n    cluster: c\n    user: u\ncurrent-context: c\n\
-         users:\n- name: u\n  user: {}\n",
-    )
-    .expect("kubeconfig");
-    (dir, kubeconfig)
-}
 
 #[test]
 fn unreachable_api_server_one_error_then_backoff_and_clean_stop() {

@@ -17,6 +17,7 @@ use std::{
     collections::{BTreeMap, BTreeSet},
     fmt::Debug,
     hash::Hash,
+    net::IpAddr,
     sync::{Arc, Mutex},
     time::Duration,
 };
@@ -85,6 +86,9 @@ pub struct KubeOptions {
     pub node_selector: BTreeMap<String, String>,
     /// Quiet time after the last event before a reconcile.
     pub debounce: Duration,
+    /// Where this node's addresses are published ([`node_addresses`] of the `Node`
+    /// named `identity`), e.g. for the XDP guard's default interfaces.
+    pub node_addresses: Option<watch::Sender<BTreeSet<IpAddr>>>,
 }
 
 /// The `ApiResource` of `TCPRoute` in `version`.
@@ -393,6 +397,18 @@ pub fn fill_addresses(
     }
 }
 
+/// The `InternalIP` and `ExternalIP` addresses of the `Node` named `name` (hostnames
+/// and unparsable values skipped).
+pub fn node_addresses(nodes: &[Node], name: &str) -> BTreeSet<IpAddr> {
+    nodes
+        .iter()
+        .filter(|n| n.metadata.name.as_deref() == Some(name))
+        .flat_map(|n| n.status.iter().flat_map(|s| s.addresses.iter().flatten()))
+        .filter(|a| a.type_ == "InternalIP" || a.type_ == "ExternalIP")
+        .filter_map(|a| a.address.parse().ok())
+        .collect()
+}
+
 /// Finds the `TCPRoute` version to watch, retrying with backoff (logged once) while the
 /// API server does not answer.
 async fn discover(client: &Client, shutdown: &CancellationToken) -> Option<TcpRouteVersion> {
@@ -554,6 +570,10 @@ pub async fn run(
             );
             program(&desired);
             let _ = tx.send(Arc::new(desired));
+        }
+        if let Some(tx) = &opts.node_addresses {
+            let addrs = node_addresses(&stores.nodes(), &opts.identity);
+            tx.send_if_modified(|old| std::mem::replace(old, addrs.clone()) != addrs);
         }
         counters
             .ready

@@ -121,6 +121,32 @@ fn addresses_are_spec_addresses_or_the_agent_nodes_internal_ips() {
     );
 }
 
+#[test]
+fn node_addresses_of_this_node_only() {
+    let nodes = vec![
+        node(
+            "a",
+            &[],
+            &[
+                ("InternalIP", "10.0.0.1"),
+                ("ExternalIP", "203.0.113.1"),
+                ("InternalIP", "fd00::1"),
+                ("Hostname", "a.example"),
+                ("InternalDNS", "a.internal"),
+                ("InternalIP", "not-an-address"),
+            ],
+        ),
+        node("b", &[], &[("InternalIP", "10.0.0.2")]),
+    ];
+    let got: Vec<String> = node_addresses(&nodes, "a")
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    assert_eq!(got, vec!["10.0.0.1", "203.0.113.1", "fd00::1"]);
+    assert!(node_addresses(&nodes, "c").is_empty(), "unknown node");
+    assert!(node_addresses(&nodes, "").is_empty());
+}
+
 mod against_a_scripted_api_server {
     use std::{collections::BTreeSet, pin::pin};
 
@@ -190,6 +216,17 @@ mod against_a_scripted_api_server {
                                     "namespace": "sockgate-system", "resourceVersion": "1"},
                        "spec": {"holderIdentity": "node-1"}}),
             ),
+            ("GET", "/api/v1/nodes") => (
+                StatusCode::OK,
+                json!({"apiVersion": "v1", "kind": "NodeList",
+                       "metadata": {"resourceVersion": "1"}, "items": [
+                    {"metadata": {"name": "node-1"}, "status": {"addresses": [
+                        {"type": "InternalIP", "address": "10.0.0.1"},
+                        {"type": "Hostname", "address": "node-1"}]}},
+                    {"metadata": {"name": "node-2"}, "status": {"addresses": [
+                        {"type": "InternalIP", "address": "10.0.0.2"}]}},
+                ]}),
+            ),
             ("GET", _) => (
                 StatusCode::OK,
                 json!({"apiVersion": "v1", "kind": "List",
@@ -205,6 +242,7 @@ mod against_a_scripted_api_server {
         let client = Client::new(service, "default");
         let shutdown = CancellationToken::new();
         let (tx, _rx) = watch::channel(Arc::new(DesiredState::default()));
+        let (addrs_tx, addrs) = watch::channel(BTreeSet::new());
         let opts = KubeOptions {
             controller_name: "sockgate.dev/gateway-controller".into(),
             identity: "node-1".into(),
@@ -213,6 +251,7 @@ mod against_a_scripted_api_server {
             lease_duration: Duration::from_secs(15),
             node_selector: BTreeMap::new(),
             debounce: Duration::from_millis(10),
+            node_addresses: Some(addrs_tx),
         };
         let counters = SourceCounters::default();
         counters
@@ -287,6 +326,11 @@ mod against_a_scripted_api_server {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         assert_eq!(lease["spec"]["holderIdentity"], "node-1");
+        assert_eq!(
+            *addrs.borrow(),
+            BTreeSet::from(["10.0.0.1".parse::<IpAddr>().expect("ip")]),
+            "this node's addresses are published"
+        );
         shutdown.cancel();
         tokio::time::timeout(Duration::from_secs(10), source)
             .await
