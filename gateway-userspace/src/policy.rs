@@ -17,6 +17,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::{
     desired::DesiredState,
+    model::snapshot::ObjectKey,
     xdp::{Cidr, ListenerGuard, SynRate},
 };
 
@@ -216,14 +217,14 @@ fn target_ports(desired: &DesiredState, ns: &str, t: &PolicyTargetRef) -> Vec<u1
 }
 
 /// Resolves `policies` against the listeners of `desired`: the guard of each listener
-/// port, and each policy's status (keyed `namespace/name`).
+/// port, and each policy's status.
 pub fn resolve(
     policies: &[ListenerPolicy],
     desired: &DesiredState,
     controller_name: &str,
 ) -> (
     BTreeMap<u16, ListenerGuard>,
-    BTreeMap<String, ListenerPolicyStatus>,
+    BTreeMap<ObjectKey, ListenerPolicyStatus>,
 ) {
     let mut ordered: Vec<&ListenerPolicy> = policies.iter().collect();
     ordered.sort_by(|a, b| {
@@ -240,12 +241,9 @@ pub fn resolve(
     let mut owner: BTreeMap<u16, String> = BTreeMap::new();
     let mut statuses = BTreeMap::new();
     for p in ordered {
-        let ns = p
-            .metadata
-            .namespace
-            .clone()
-            .unwrap_or_else(|| "default".to_owned());
-        let id = format!("{ns}/{}", p.metadata.name.clone().unwrap_or_default());
+        let key = ObjectKey::of(&p.metadata, true);
+        let ns = key.namespace.clone();
+        let id = key.to_string();
         let guard = guard_of(&p.spec);
         let mut status = ListenerPolicyStatus::default();
         for t in &p.spec.target_refs {
@@ -308,7 +306,7 @@ pub fn resolve(
                 conditions: vec![accepted, resolved],
             });
         }
-        statuses.insert(id, status);
+        statuses.insert(key, status);
     }
     (guards, statuses)
 }

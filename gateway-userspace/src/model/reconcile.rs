@@ -34,8 +34,8 @@ pub struct StatusSet {
     /// TCPRoutes with a parentRef to such a Gateway: only the `status.parents` entries
     /// of those parentRefs (entries of other controllers are theirs).
     pub tcp_routes: BTreeMap<ObjectKey, TcpRouteStatus>,
-    /// `ListenerPolicy` objects by `namespace/name` (GEP-713 ancestors).
-    pub listener_policies: BTreeMap<String, crate::policy::ListenerPolicyStatus>,
+    /// `ListenerPolicy` objects (GEP-713 ancestors).
+    pub listener_policies: BTreeMap<ObjectKey, crate::policy::ListenerPolicyStatus>,
 }
 
 /// Age order: `creationTimestamp` (absent first), then namespace/name.

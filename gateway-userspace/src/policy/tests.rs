@@ -33,8 +33,20 @@ fn policies(yaml: &str) -> Vec<ListenerPolicy> {
         .collect()
 }
 
-fn conditions(s: &BTreeMap<String, ListenerPolicyStatus>, id: &str) -> Vec<Vec<(String, String)>> {
-    s[id]
+/// The key of `namespace/name`.
+fn key(id: &str) -> ObjectKey {
+    let (namespace, name) = id.split_once('/').expect("namespace/name");
+    ObjectKey {
+        namespace: namespace.to_owned(),
+        name: name.to_owned(),
+    }
+}
+
+fn conditions(
+    s: &BTreeMap<ObjectKey, ListenerPolicyStatus>,
+    id: &str,
+) -> Vec<Vec<(String, String)>> {
+    s[&key(id)]
         .ancestors
         .iter()
         .map(|a| {
@@ -91,7 +103,7 @@ spec:
     );
     assert_eq!(conditions(&status, "default/whole-gateway"), [ok()]);
     assert_eq!(conditions(&status, "other/route"), [ok()]);
-    let a = &status["other/route"].ancestors[0];
+    let a = &status[&key("other/route")].ancestors[0];
     assert_eq!(
         (
             a.ancestor_ref.kind.as_str(),
@@ -114,7 +126,7 @@ spec:
     let (guards, status) = resolve(&policies(&yaml), &desired(), "c");
     assert_eq!(guards.keys().copied().collect::<Vec<_>>(), [8081]);
     assert_eq!(
-        status["default/one"].ancestors[0]
+        status[&key("default/one")].ancestors[0]
             .ancestor_ref
             .section_name
             .as_deref(),
@@ -186,7 +198,7 @@ spec:
         ["198.51.100.0/24"]
     );
     assert_eq!(conditions(&status, "default/z-older"), [ok()]);
-    let c = &status["default/a-newer"].ancestors[0].conditions[0];
+    let c = &status[&key("default/a-newer")].ancestors[0].conditions[0];
     assert_eq!(
         (c.status.as_str(), c.reason.as_str()),
         ("False", REASON_CONFLICTED)

@@ -65,7 +65,8 @@ async fn record(handle: Handle, n: usize) -> Vec<(Method, String, String, Value)
         // The server answers with the whole object: the patch plus a spec.
         let mut object = body.clone();
         object["spec"] = json!({
-            "controllerName": CONTROLLER, "gatewayClassName": "sockgate", "listeners": []
+            "controllerName": CONTROLLER, "gatewayClassName": "sockgate", "listeners": [],
+            "targetRefs": [],
         });
         send.send_response(
             Response::builder()
@@ -199,4 +200,97 @@ async fn route_parents_of_other_controllers_are_kept() {
         .expect("write");
     assert_eq!(n, 0);
     assert_eq!(w.writes, 1, "one write in all");
+}
+
+fn ancestor(controller: &str, gateway: &str, accepted: &str) -> Value {
+    json!({
+        "ancestorRef": {"group": "gateway.networking.k8s.io", "kind": "Gateway",
+                        "namespace": "default", "name": gateway},
+        "controllerName": controller,
+        "conditions": [
+            {"type": "Accepted", "status": accepted, "reason": "Accepted", "message": ""},
+            {"type": "ResolvedRefs", "status": "True", "reason": "ResolvedRefs", "message": ""},
+        ],
+    })
+}
+
+fn policy_key() -> ObjectKey {
+    ObjectKey {
+        namespace: "default".into(),
+        name: "guard".into(),
+    }
+}
+
+#[tokio::test]
+async fn listener_policy_status_is_applied_keeping_other_controllers_ancestors() {
+    let (mut w, handle) = writer();
+    let mut set = StatusSet::default();
+    let ours: crate::policy::ListenerPolicyStatus =
+        serde_json::from_value(json!({"ancestors": [ancestor(CONTROLLER, "gw", "True")]}))
+            .expect("status");
+    set.listener_policies.insert(policy_key(), ours);
+    let theirs = ancestor("example.net/other", "their-gw", "False");
+    let mut current = Current::default();
+    current.listener_policies.insert(
+        policy_key(),
+        // sockgate's old entry (not accepted then) and another controller's.
+        json!({"ancestors": [ancestor(CONTROLLER, "gw", "False"), theirs.clone()]}),
+    );
+    let server = tokio::spawn(record(handle, 1));
+    assert_eq!(w.write(&set, &current).await.expect("write"), 1);
+    let seen = server.await.expect("server");
+    let (method, uri, ctype, body) = &seen[0];
+    assert_eq!(*method, Method::PATCH);
+    assert_eq!(
+        uri,
+        "/apis/sockgate.dev/v1alpha1/namespaces/default/listenerpolicies/guard/status?&force=true&fieldManager=sockgate"
+    );
+    assert_eq!(ctype, "application/apply-patch+yaml");
+    assert_eq!(
+        body,
+        &json!({
+            "apiVersion": "sockgate.dev/v1alpha1",
+            "kind": "ListenerPolicy",
+            "metadata": {"name": "guard", "namespace": "default"},
+            "status": {"ancestors": [theirs, ancestor(CONTROLLER, "gw", "True")]},
+        })
+    );
+
+    // The next round, with the cluster holding what was applied, writes nothing.
+    let mut current = Current::default();
+    current
+        .listener_policies
+        .insert(policy_key(), body["status"].clone());
+    let n = tokio::time::timeout(Duration::from_secs(5), w.write(&set, &current))
+        .await
+        .expect("no request sent")
+        .expect("write");
+    assert_eq!(n, 0);
+    assert_eq!(w.writes, 1, "one write in all");
+}
+
+#[tokio::test]
+async fn listener_policy_status_is_not_written_when_only_times_differ() {
+    let (mut w, _handle) = writer();
+    let mut set = StatusSet::default();
+    let ours: crate::policy::ListenerPolicyStatus =
+        serde_json::from_value(json!({"ancestors": [ancestor(CONTROLLER, "gw", "True")]}))
+            .expect("status");
+    set.listener_policies.insert(policy_key(), ours);
+    // The cluster's copy carries condition times (a metav1.Condition writer's): they
+    // are not a difference.
+    let mut held = ancestor(CONTROLLER, "gw", "True");
+    for c in held["conditions"].as_array_mut().expect("conditions") {
+        c["lastTransitionTime"] = json!("2026-01-01T00:00:00Z");
+    }
+    let mut current = Current::default();
+    current
+        .listener_policies
+        .insert(policy_key(), json!({"ancestors": [held]}));
+    // No request may be sent: the mock would wait forever for an answer.
+    let n = tokio::time::timeout(Duration::from_secs(5), w.write(&set, &current))
+        .await
+        .expect("no request sent")
+        .expect("write");
+    assert_eq!(n, 0);
 }
