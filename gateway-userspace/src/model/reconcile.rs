@@ -204,8 +204,7 @@ pub fn reconcile(snap: &Snapshot, params: &Params) -> (DesiredState, StatusSet) 
             .insert(g.key.clone(), gateway_status(g, &params.now));
     }
     // The XDP guard's policies attach to the listeners just computed.
-    let (guards, policies) =
-        crate::policy::resolve(&snap.listener_policies, &desired, &params.controller_name);
+    let (guards, policies) = crate::policy::resolve(&snap.listener_policies, &desired, params);
     desired.guards = guards;
     status.listener_policies = policies;
     (desired, status)

@@ -65,6 +65,16 @@ fn ok() -> Vec<(String, String)> {
     ]
 }
 
+/// The time every condition is stamped with.
+const NOW: &str = "2026-03-01T00:00:00Z";
+
+fn params(controller_name: &str) -> Params {
+    Params {
+        controller_name: controller_name.to_owned(),
+        now: Time(NOW.parse().expect("time")),
+    }
+}
+
 const HEAD: &str = "apiVersion: sockgate.dev/v1alpha1\nkind: ListenerPolicy\n";
 
 #[test]
@@ -85,7 +95,7 @@ spec:
     let (guards, status) = resolve(
         &policies(&yaml),
         &desired(),
-        "sockgate.dev/gateway-controller",
+        &params("sockgate.dev/gateway-controller"),
     );
     assert_eq!(
         guards.keys().copied().collect::<Vec<_>>(),
@@ -123,7 +133,7 @@ spec:
   deny: ['2001:db8::/32']
 "
     );
-    let (guards, status) = resolve(&policies(&yaml), &desired(), "c");
+    let (guards, status) = resolve(&policies(&yaml), &desired(), &params("c"));
     assert_eq!(guards.keys().copied().collect::<Vec<_>>(), [8081]);
     assert_eq!(
         status[&key("default/one")].ancestors[0]
@@ -157,7 +167,7 @@ spec:
   synRateLimit: {{connectionsPerSecond: 0}}
 "
     );
-    let (guards, status) = resolve(&policies(&yaml), &desired(), "c");
+    let (guards, status) = resolve(&policies(&yaml), &desired(), &params("c"));
     assert!(guards.is_empty(), "{guards:?}");
     let not_found = vec![
         ("Accepted=False".to_owned(), "TargetNotFound".to_owned()),
@@ -188,7 +198,7 @@ spec:
   deny: [198.51.100.0/24]
 "
     );
-    let (guards, status) = resolve(&policies(&yaml), &desired(), "c");
+    let (guards, status) = resolve(&policies(&yaml), &desired(), &params("c"));
     assert_eq!(
         guards[&8080]
             .deny
@@ -207,7 +217,7 @@ spec:
     // Same order whatever the input order.
     let mut reversed = policies(&yaml);
     reversed.reverse();
-    assert_eq!(resolve(&reversed, &desired(), "c").0, guards);
+    assert_eq!(resolve(&reversed, &desired(), &params("c")).0, guards);
 }
 
 #[test]
@@ -216,4 +226,22 @@ fn crd_is_generated() {
     assert!(y.contains("name: listenerpolicies.sockgate.dev"), "{y}");
     assert!(y.contains("targetRefs"), "{y}");
     assert!(y.contains("synRateLimit"), "{y}");
+}
+
+#[test]
+fn conditions_carry_the_policy_generation_and_the_round_time() {
+    let yaml = format!(
+        "{HEAD}metadata: {{name: p, namespace: default, generation: 3}}
+spec:
+  targetRefs: [{{group: gateway.networking.k8s.io, kind: Gateway, name: gw, sectionName: tcp-b}}]
+"
+    );
+    let (_, status) = resolve(&policies(&yaml), &desired(), &params("c"));
+    let conds = &status[&key("default/p")].ancestors[0].conditions;
+    assert_eq!(conds.len(), 2);
+    for c in conds {
+        assert_eq!(c.observed_generation, Some(3), "{c:?}");
+        let time = serde_json::to_value(c).expect("json")["lastTransitionTime"].clone();
+        assert_eq!(time, NOW, "{c:?}");
+    }
 }

@@ -202,17 +202,22 @@ async fn route_parents_of_other_controllers_are_kept() {
     assert_eq!(w.writes, 1, "one write in all");
 }
 
-fn ancestor(controller: &str, gateway: &str, accepted: &str) -> Value {
+/// A policy ancestor entry; `times` are the `lastTransitionTime`s of its `Accepted` and
+/// `ResolvedRefs` conditions.
+fn ancestor(controller: &str, gateway: &str, accepted: &str, times: [&str; 2]) -> Value {
     json!({
         "ancestorRef": {"group": "gateway.networking.k8s.io", "kind": "Gateway",
                         "namespace": "default", "name": gateway},
         "controllerName": controller,
         "conditions": [
-            {"type": "Accepted", "status": accepted, "reason": "Accepted", "message": ""},
-            {"type": "ResolvedRefs", "status": "True", "reason": "ResolvedRefs", "message": ""},
+            condition("Accepted", accepted, "Accepted", times[0]),
+            condition("ResolvedRefs", "True", "ResolvedRefs", times[1]),
         ],
     })
 }
+
+const T0: &str = "2026-01-01T00:00:00Z";
+const T1: &str = "2026-01-01T00:05:00Z";
 
 fn policy_key() -> ObjectKey {
     ObjectKey {
@@ -225,16 +230,17 @@ fn policy_key() -> ObjectKey {
 async fn listener_policy_status_is_applied_keeping_other_controllers_ancestors() {
     let (mut w, handle) = writer();
     let mut set = StatusSet::default();
-    let ours: crate::policy::ListenerPolicyStatus =
-        serde_json::from_value(json!({"ancestors": [ancestor(CONTROLLER, "gw", "True")]}))
-            .expect("status");
+    let ours: crate::policy::ListenerPolicyStatus = serde_json::from_value(
+        json!({"ancestors": [ancestor(CONTROLLER, "gw", "True", [T1, T1])]}),
+    )
+    .expect("status");
     set.listener_policies.insert(policy_key(), ours);
-    let theirs = ancestor("example.net/other", "their-gw", "False");
+    let theirs = ancestor("example.net/other", "their-gw", "False", [T0, T0]);
     let mut current = Current::default();
     current.listener_policies.insert(
         policy_key(),
         // sockgate's old entry (not accepted then) and another controller's.
-        json!({"ancestors": [ancestor(CONTROLLER, "gw", "False"), theirs.clone()]}),
+        json!({"ancestors": [ancestor(CONTROLLER, "gw", "False", [T0, T0]), theirs.clone()]}),
     );
     let server = tokio::spawn(record(handle, 1));
     assert_eq!(w.write(&set, &current).await.expect("write"), 1);
@@ -252,7 +258,8 @@ async fn listener_policy_status_is_applied_keeping_other_controllers_ancestors()
             "apiVersion": "sockgate.dev/v1alpha1",
             "kind": "ListenerPolicy",
             "metadata": {"name": "guard", "namespace": "default"},
-            "status": {"ancestors": [theirs, ancestor(CONTROLLER, "gw", "True")]},
+            // Accepted changed: the new time; ResolvedRefs held: the time it had.
+            "status": {"ancestors": [theirs, ancestor(CONTROLLER, "gw", "True", [T1, T0])]},
         })
     );
 
@@ -273,20 +280,17 @@ async fn listener_policy_status_is_applied_keeping_other_controllers_ancestors()
 async fn listener_policy_status_is_not_written_when_only_times_differ() {
     let (mut w, _handle) = writer();
     let mut set = StatusSet::default();
-    let ours: crate::policy::ListenerPolicyStatus =
-        serde_json::from_value(json!({"ancestors": [ancestor(CONTROLLER, "gw", "True")]}))
-            .expect("status");
+    let ours: crate::policy::ListenerPolicyStatus = serde_json::from_value(
+        json!({"ancestors": [ancestor(CONTROLLER, "gw", "True", [T1, T1])]}),
+    )
+    .expect("status");
     set.listener_policies.insert(policy_key(), ours);
-    // The cluster's copy carries condition times (a metav1.Condition writer's): they
-    // are not a difference.
-    let mut held = ancestor(CONTROLLER, "gw", "True");
-    for c in held["conditions"].as_array_mut().expect("conditions") {
-        c["lastTransitionTime"] = json!("2026-01-01T00:00:00Z");
-    }
+    // The cluster holds the same conditions from an earlier round.
     let mut current = Current::default();
-    current
-        .listener_policies
-        .insert(policy_key(), json!({"ancestors": [held]}));
+    current.listener_policies.insert(
+        policy_key(),
+        json!({"ancestors": [ancestor(CONTROLLER, "gw", "True", [T0, T0])]}),
+    );
     // No request may be sent: the mock would wait forever for an answer.
     let n = tokio::time::timeout(Duration::from_secs(5), w.write(&set, &current))
         .await
