@@ -129,28 +129,67 @@ pub fn choose_route_version(served: &[String]) -> Option<TcpRouteVersion> {
     }
 }
 
+/// The HTTP status of a watch failure the API server answered.
+fn status_code(e: &watcher::Error) -> Option<u16> {
+    match e {
+        watcher::Error::InitialListFailed(kube::Error::Api(s))
+        | watcher::Error::WatchStartFailed(kube::Error::Api(s))
+        | watcher::Error::WatchFailed(kube::Error::Api(s))
+        | watcher::Error::WatchError(s) => Some(s.code),
+        _ => None,
+    }
+}
+
 /// Logs the state of the watches once per change: the first failure, and the recovery.
+/// A kind the API server refuses (403: the RBAC does not grant it; 404: no longer
+/// served, its CRD removed) is said once for that kind, with its cause, not as an
+/// unreachable server.
 #[derive(Default)]
 struct Health {
     failing: Mutex<BTreeSet<&'static str>>,
+    refused: Mutex<BTreeSet<&'static str>>,
+}
+
+fn locked<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 impl Health {
     fn ok(&self, kind: &'static str) {
-        let mut f = self
-            .failing
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if locked(&self.refused).remove(kind) {
+            info!(kind, "watch restored");
+        }
+        let mut f = locked(&self.failing);
         if f.remove(kind) && f.is_empty() {
             info!("watches restored: the Kubernetes API server answers again");
         }
     }
 
     fn failed(&self, kind: &'static str, e: &watcher::Error) {
-        let mut f = self
-            .failing
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        match status_code(e) {
+            Some(403) => {
+                if locked(&self.refused).insert(kind) {
+                    error!(
+                        kind,
+                        error = %e,
+                        "watch forbidden: the agent's RBAC does not grant this kind (apply deploy/rbac.yaml); retrying with backoff (the first state waits for every kind's list)"
+                    );
+                }
+                return;
+            }
+            Some(404) => {
+                if locked(&self.refused).insert(kind) {
+                    warn!(
+                        kind,
+                        error = %e,
+                        "kind no longer served (its CRD removed?); the watch retries with backoff"
+                    );
+                }
+                return;
+            }
+            _ => {}
+        }
+        let mut f = locked(&self.failing);
         if f.is_empty() {
             error!(
                 kind,
@@ -187,6 +226,8 @@ fn reflect<K>(
                 n = stream.next() => n,
             };
             match next {
+                // `Init` says a (re)list starts, not that the API server answered.
+                Some(Ok(watcher::Event::Init)) => {}
                 Some(Ok(_)) => {
                     health.ok(kind);
                     dirty.notify_one();

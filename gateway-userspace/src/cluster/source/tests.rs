@@ -186,6 +186,8 @@ mod against_a_scripted_api_server {
     struct Cluster {
         handle: mock::Handle<Request<Body>, Response<Body>>,
         policy_crd: bool,
+        /// Answer 403 to every `ListenerPolicy` request (RBAC without the rule).
+        forbid_policies: bool,
         /// Objects by collection path.
         objects: BTreeMap<&'static str, Vec<Value>>,
         /// Every request: (method, path, query).
@@ -206,6 +208,7 @@ mod against_a_scripted_api_server {
             Self {
                 handle,
                 policy_crd,
+                forbid_policies: false,
                 objects,
                 requests: Vec::new(),
                 patches: Vec::new(),
@@ -256,7 +259,12 @@ mod against_a_scripted_api_server {
             }
             let missing = json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
                                  "reason": "NotFound", "code": 404});
+            let forbidden = json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
+                                   "reason": "Forbidden", "code": 403});
             let response = match (method.as_str(), path.as_str()) {
+                ("GET", POLICIES) if self.forbid_policies => {
+                    respond(StatusCode::FORBIDDEN, &forbidden)
+                }
                 ("GET", "/apis") => {
                     let mut groups = vec![group(GW, &["v1", "v1alpha2"])];
                     if self.policy_crd {
@@ -664,5 +672,46 @@ mod against_a_scripted_api_server {
             &agent.cluster.patches[writes..]
         );
         agent.stop().await;
+    }
+
+    #[tokio::test]
+    async fn a_forbidden_policy_watch_is_said_once_as_forbidden_and_holds_the_first_state() {
+        let (logs, _guard) = capture_logs();
+        let mut agent = start(true, BTreeMap::new());
+        agent.cluster.forbid_policies = true;
+        let expected: BTreeSet<&str> = KINDS.into();
+        agent
+            .cluster
+            .serve_until(|c| c.paths(true) == expected)
+            .await;
+        // Long enough for the policy list to be retried (watcher backoff).
+        let until = tokio::time::Instant::now() + Duration::from_secs(3);
+        agent
+            .cluster
+            .serve_until(|_| tokio::time::Instant::now() >= until)
+            .await;
+        let tries = agent
+            .cluster
+            .requests
+            .iter()
+            .filter(|(_, p, _)| p == POLICIES)
+            .count();
+        assert!(tries >= 2, "retried: {:?}", agent.cluster.requests);
+        assert!(
+            !agent.counters.ready.load(Relaxed),
+            "no state before every kind is listed: a policy must not be missed"
+        );
+        agent.stop().await;
+        let log = log_text(&logs);
+        let said: Vec<&str> = log
+            .lines()
+            .filter(|l| l.contains("watch forbidden"))
+            .collect();
+        assert_eq!(said.len(), 1, "once, however many retries:\n{log}");
+        assert!(
+            said[0].contains("ListenerPolicy") && said[0].contains("ERROR"),
+            "{log}"
+        );
+        assert!(!log.contains("unreachable"), "{log}");
     }
 }
