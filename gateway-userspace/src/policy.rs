@@ -11,12 +11,14 @@
 //! of what it names.
 use std::collections::BTreeMap;
 
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::CustomResource;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use crate::{
     desired::DesiredState,
+    model::snapshot::{ObjectKey, Params, generation_of},
     xdp::{Cidr, ListenerGuard, SynRate},
 };
 
@@ -113,7 +115,7 @@ pub struct AncestorRef {
     pub section_name: Option<String>,
 }
 
-/// A status condition (the fields of `metav1.Condition` the policy reports).
+/// A status condition, as `metav1.Condition`.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct PolicyCondition {
@@ -123,6 +125,13 @@ pub struct PolicyCondition {
     pub status: String,
     pub reason: String,
     pub message: String,
+    /// The policy's `metadata.generation` the condition was computed from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// When `status` last changed (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(with = "Option<String>", extend("format" = "date-time"))]
+    pub last_transition_time: Option<Time>,
 }
 
 /// Condition type: the policy applies to this ancestor.
@@ -181,12 +190,28 @@ pub fn guard_of(spec: &ListenerPolicySpec) -> Result<ListenerGuard, String> {
     })
 }
 
-fn condition(type_: &str, ok: bool, reason: &str, message: impl Into<String>) -> PolicyCondition {
-    PolicyCondition {
-        type_: type_.to_owned(),
-        status: if ok { "True" } else { "False" }.to_owned(),
-        reason: reason.to_owned(),
-        message: message.into(),
+/// Makes the conditions of one policy: its generation, stamped with the round's time.
+struct Conditions<'a> {
+    now: &'a Time,
+    generation: i64,
+}
+
+impl Conditions<'_> {
+    fn make(
+        &self,
+        type_: &str,
+        ok: bool,
+        reason: &str,
+        message: impl Into<String>,
+    ) -> PolicyCondition {
+        PolicyCondition {
+            type_: type_.to_owned(),
+            status: if ok { "True" } else { "False" }.to_owned(),
+            reason: reason.to_owned(),
+            message: message.into(),
+            observed_generation: Some(self.generation),
+            last_transition_time: Some(self.now.clone()),
+        }
     }
 }
 
@@ -216,14 +241,15 @@ fn target_ports(desired: &DesiredState, ns: &str, t: &PolicyTargetRef) -> Vec<u1
 }
 
 /// Resolves `policies` against the listeners of `desired`: the guard of each listener
-/// port, and each policy's status (keyed `namespace/name`).
+/// port, and each policy's status (conditions stamped with `params.now`, ancestors
+/// under `params.controller_name`).
 pub fn resolve(
     policies: &[ListenerPolicy],
     desired: &DesiredState,
-    controller_name: &str,
+    params: &Params,
 ) -> (
     BTreeMap<u16, ListenerGuard>,
-    BTreeMap<String, ListenerPolicyStatus>,
+    BTreeMap<ObjectKey, ListenerPolicyStatus>,
 ) {
     let mut ordered: Vec<&ListenerPolicy> = policies.iter().collect();
     ordered.sort_by(|a, b| {
@@ -240,18 +266,19 @@ pub fn resolve(
     let mut owner: BTreeMap<u16, String> = BTreeMap::new();
     let mut statuses = BTreeMap::new();
     for p in ordered {
-        let ns = p
-            .metadata
-            .namespace
-            .clone()
-            .unwrap_or_else(|| "default".to_owned());
-        let id = format!("{ns}/{}", p.metadata.name.clone().unwrap_or_default());
+        let key = ObjectKey::of(&p.metadata, true);
+        let ns = key.namespace.clone();
+        let id = key.to_string();
         let guard = guard_of(&p.spec);
+        let cond = Conditions {
+            now: &params.now,
+            generation: generation_of(&p.metadata),
+        };
         let mut status = ListenerPolicyStatus::default();
         for t in &p.spec.target_refs {
             let ports = target_ports(desired, &ns, t);
             let resolved = if ports.is_empty() {
-                condition(
+                cond.make(
                     RESOLVED_REFS,
                     false,
                     REASON_TARGET_NOT_FOUND,
@@ -261,11 +288,11 @@ pub fn resolve(
                     },
                 )
             } else {
-                condition(RESOLVED_REFS, true, REASON_RESOLVED, "target resolved")
+                cond.make(RESOLVED_REFS, true, REASON_RESOLVED, "target resolved")
             };
             let accepted = match (&guard, ports.is_empty()) {
-                (Err(e), _) => condition(ACCEPTED, false, REASON_INVALID, e.clone()),
-                (Ok(_), true) => condition(
+                (Err(e), _) => cond.make(ACCEPTED, false, REASON_INVALID, e.clone()),
+                (Ok(_), true) => cond.make(
                     ACCEPTED,
                     false,
                     REASON_TARGET_NOT_FOUND,
@@ -282,9 +309,9 @@ pub fn resolve(
                             owner.insert(*port, id.clone());
                             guards.insert(*port, g.clone());
                         }
-                        condition(ACCEPTED, true, REASON_ACCEPTED, "applied at the NIC")
+                        cond.make(ACCEPTED, true, REASON_ACCEPTED, "applied at the NIC")
                     } else {
-                        condition(
+                        cond.make(
                             ACCEPTED,
                             false,
                             REASON_CONFLICTED,
@@ -304,11 +331,11 @@ pub fn resolve(
                     name: t.name.clone(),
                     section_name: t.section_name.clone(),
                 },
-                controller_name: controller_name.to_owned(),
+                controller_name: params.controller_name.clone(),
                 conditions: vec![accepted, resolved],
             });
         }
-        statuses.insert(id, status);
+        statuses.insert(key, status);
     }
     (guards, statuses)
 }

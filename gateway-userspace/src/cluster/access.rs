@@ -28,6 +28,7 @@ pub struct Access {
 
 const WATCH: &[&str] = &["get", "list", "watch"];
 const GATEWAY: &str = "gateway.networking.k8s.io";
+const SOCKGATE: &str = "sockgate.dev";
 
 /// Everything the agent does in the API.
 pub const API_ACCESS: &[Access] = &[
@@ -88,6 +89,13 @@ pub const API_ACCESS: &[Access] = &[
         used_by: "reflector",
     },
     Access {
+        group: SOCKGATE,
+        resource: "listenerpolicies",
+        verbs: WATCH,
+        scope: Scope::Cluster,
+        used_by: "reflector (when the ListenerPolicy CRD is installed)",
+    },
+    Access {
         group: GATEWAY,
         resource: "gatewayclasses/status",
         verbs: &["patch"],
@@ -104,6 +112,13 @@ pub const API_ACCESS: &[Access] = &[
     Access {
         group: GATEWAY,
         resource: "tcproutes/status",
+        verbs: &["patch"],
+        scope: Scope::Cluster,
+        used_by: "status writer (server-side apply)",
+    },
+    Access {
+        group: SOCKGATE,
+        resource: "listenerpolicies/status",
         verbs: &["patch"],
         scope: Scope::Cluster,
         used_by: "status writer (server-side apply)",

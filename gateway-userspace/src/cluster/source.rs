@@ -9,6 +9,9 @@
 //!   CRD serving both versions holds one set of objects: watching both would count
 //!   every route twice, so the newest served version is watched, and routes keep the
 //!   version they were read in ([`TcpRouteVersion`]) for the status writes.
+//! * `ListenerPolicy` (`sockgate.dev/v1alpha1`, the XDP guard's policy attachment) is
+//!   watched when discovery at start finds its CRD; without it the agent says so once
+//!   and runs with no policies from the cluster.
 //! * Watches restart with backoff when the API server goes away; the data path keeps
 //!   serving the last good state meanwhile, said once in the log, and again when the
 //!   watches are back.
@@ -36,6 +39,7 @@ use k8s_openapi::api::{
 use kube::{
     Api, Client, Resource, ResourceExt as _,
     api::{ApiResource, DynamicObject, GroupVersionKind},
+    discovery::{ApiGroup, Discovery},
     runtime::{
         WatchStreamExt as _,
         reflector::{self, Lookup, Store, store::Writer},
@@ -56,6 +60,7 @@ use crate::{
     desired::DesiredState,
     metrics::Metrics,
     model::{Snapshot, StatusSet, TcpRouteObject, TcpRouteVersion, reconcile, snapshot::ObjectKey},
+    policy::ListenerPolicy,
 };
 
 /// The API group of the Gateway API.
@@ -103,6 +108,20 @@ pub fn route_resource(version: TcpRouteVersion) -> ApiResource {
     )
 }
 
+/// Whether the cluster serves `ListenerPolicy` in the version the agent reads
+/// (`sockgate.dev/v1alpha1`), from the discovery of the `sockgate.dev` group (`None`:
+/// the group is not served at all).
+pub fn serves_listener_policies(group: Option<&ApiGroup>) -> bool {
+    let version = <ListenerPolicy as Resource>::version(&());
+    let kind = <ListenerPolicy as Resource>::kind(&());
+    let plural = <ListenerPolicy as Resource>::plural(&());
+    group.is_some_and(|g| {
+        g.versioned_resources(&version)
+            .iter()
+            .any(|(r, _)| r.kind == kind && r.plural == plural)
+    })
+}
+
 /// The `TCPRoute` version to watch among the versions the cluster serves.
 pub fn choose_route_version(served: &[String]) -> Option<TcpRouteVersion> {
     if served.iter().any(|v| v == "v1") {
@@ -114,28 +133,67 @@ pub fn choose_route_version(served: &[String]) -> Option<TcpRouteVersion> {
     }
 }
 
+/// The HTTP status of a watch failure the API server answered.
+fn status_code(e: &watcher::Error) -> Option<u16> {
+    match e {
+        watcher::Error::InitialListFailed(kube::Error::Api(s))
+        | watcher::Error::WatchStartFailed(kube::Error::Api(s))
+        | watcher::Error::WatchFailed(kube::Error::Api(s))
+        | watcher::Error::WatchError(s) => Some(s.code),
+        _ => None,
+    }
+}
+
 /// Logs the state of the watches once per change: the first failure, and the recovery.
+/// A kind the API server refuses (403: the RBAC does not grant it; 404: no longer
+/// served, its CRD removed) is said once for that kind, with its cause, not as an
+/// unreachable server.
 #[derive(Default)]
 struct Health {
     failing: Mutex<BTreeSet<&'static str>>,
+    refused: Mutex<BTreeSet<&'static str>>,
+}
+
+fn locked<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 impl Health {
     fn ok(&self, kind: &'static str) {
-        let mut f = self
-            .failing
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if locked(&self.refused).remove(kind) {
+            info!(kind, "watch restored");
+        }
+        let mut f = locked(&self.failing);
         if f.remove(kind) && f.is_empty() {
             info!("watches restored: the Kubernetes API server answers again");
         }
     }
 
     fn failed(&self, kind: &'static str, e: &watcher::Error) {
-        let mut f = self
-            .failing
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        match status_code(e) {
+            Some(403) => {
+                if locked(&self.refused).insert(kind) {
+                    error!(
+                        kind,
+                        error = %e,
+                        "watch forbidden: the agent's RBAC does not grant this kind (apply deploy/rbac.yaml); retrying with backoff (the first state waits for every kind's list)"
+                    );
+                }
+                return;
+            }
+            Some(404) => {
+                if locked(&self.refused).insert(kind) {
+                    warn!(
+                        kind,
+                        error = %e,
+                        "kind no longer served (its CRD removed?); the watch retries with backoff"
+                    );
+                }
+                return;
+            }
+            _ => {}
+        }
+        let mut f = locked(&self.failing);
         if f.is_empty() {
             error!(
                 kind,
@@ -172,6 +230,8 @@ fn reflect<K>(
                 n = stream.next() => n,
             };
             match next {
+                // `Init` says a (re)list starts, not that the API server answered.
+                Some(Ok(watcher::Event::Init)) => {}
                 Some(Ok(_)) => {
                     health.ok(kind);
                     dirty.notify_one();
@@ -195,6 +255,8 @@ pub struct Stores {
     services: Store<Service>,
     slices: Store<EndpointSlice>,
     nodes: Store<Node>,
+    /// `None` when the cluster does not serve `ListenerPolicy`.
+    policies: Option<Store<ListenerPolicy>>,
 }
 
 fn owned<K>(store: &Store<K>) -> Vec<K>
@@ -209,7 +271,7 @@ impl Stores {
     /// Starts a reflector per kind.
     fn start(
         client: &Client,
-        route_version: TcpRouteVersion,
+        found: Discovered,
         dirty: &Arc<Notify>,
         health: &Arc<Health>,
         shutdown: &CancellationToken,
@@ -228,6 +290,7 @@ impl Stores {
                 store
             }};
         }
+        let route_version = found.route_version;
         let ar = route_resource(route_version);
         let writer = Writer::<DynamicObject>::new(ar.clone());
         let routes = writer.as_reader();
@@ -249,6 +312,9 @@ impl Stores {
             services: watched!(Service, "Service"),
             slices: watched!(EndpointSlice, "EndpointSlice"),
             nodes: watched!(Node, "Node"),
+            policies: found
+                .listener_policies
+                .then(|| watched!(ListenerPolicy, "ListenerPolicy")),
         }
     }
 
@@ -262,6 +328,10 @@ impl Stores {
             && self.services.wait_until_ready().await.is_ok()
             && self.slices.wait_until_ready().await.is_ok()
             && self.nodes.wait_until_ready().await.is_ok()
+            && match &self.policies {
+                Some(p) => p.wait_until_ready().await.is_ok(),
+                None => true,
+            }
     }
 
     /// The objects now in the stores, as the model reads them.
@@ -292,8 +362,7 @@ impl Stores {
             namespaces: owned(&self.namespaces),
             services: owned(&self.services),
             endpoint_slices: owned(&self.slices),
-            // Not watched yet: policies come from the file source only.
-            listener_policies: Vec::new(),
+            listener_policies: self.policies.as_ref().map(owned).unwrap_or_default(),
         }
     }
 
@@ -331,6 +400,17 @@ impl Stores {
                 .state()
                 .iter()
                 .map(|r| (key(&r.metadata), json(r.data.get("status").cloned())))
+                .collect(),
+            listener_policies: self
+                .policies
+                .iter()
+                .flat_map(Store::state)
+                .map(|p| {
+                    (
+                        key(&p.metadata),
+                        json(p.status.as_ref().and_then(|s| serde_json::to_value(s).ok())),
+                    )
+                })
                 .collect(),
         }
     }
@@ -409,27 +489,58 @@ pub fn node_addresses(nodes: &[Node], name: &str) -> BTreeSet<IpAddr> {
         .collect()
 }
 
-/// Finds the `TCPRoute` version to watch, retrying with backoff (logged once) while the
-/// API server does not answer.
-async fn discover(client: &Client, shutdown: &CancellationToken) -> Option<TcpRouteVersion> {
+/// What discovery found at start.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Discovered {
+    /// The `TCPRoute` version watched.
+    pub route_version: TcpRouteVersion,
+    /// Whether `ListenerPolicy` is served (its CRD is installed), so watched.
+    pub listener_policies: bool,
+}
+
+/// Finds the `TCPRoute` version to watch and whether `ListenerPolicy` is served, in one
+/// discovery of the two groups, retrying with backoff (logged once) while the API
+/// server does not answer or serves no `TCPRoute`.
+async fn discover(client: &Client, shutdown: &CancellationToken) -> Option<Discovered> {
     let mut delay = Duration::from_millis(500);
     let mut said = false;
+    let policy_group = <ListenerPolicy as Resource>::group(&()).into_owned();
     loop {
-        match kube::discovery::group(client, GATEWAY_GROUP).await {
-            Ok(group) => {
-                let served: Vec<String> = group
-                    .versions()
-                    .filter(|v| {
+        match Discovery::new(client.clone())
+            .filter(&[GATEWAY_GROUP, &policy_group])
+            .run()
+            .await
+        {
+            Ok(found) => {
+                let served: Vec<String> = found
+                    .get(GATEWAY_GROUP)
+                    .map(|group| {
                         group
-                            .versioned_resources(v)
-                            .iter()
-                            .any(|(ar, _)| ar.kind == "TCPRoute")
+                            .versions()
+                            .filter(|v| {
+                                group
+                                    .versioned_resources(v)
+                                    .iter()
+                                    .any(|(ar, _)| ar.kind == "TCPRoute")
+                            })
+                            .map(ToOwned::to_owned)
+                            .collect()
                     })
-                    .map(ToOwned::to_owned)
-                    .collect();
+                    .unwrap_or_default();
                 if let Some(v) = choose_route_version(&served) {
                     info!(version = v.api_version(), served = ?served, "watching TCPRoute");
-                    return Some(v);
+                    let listener_policies = serves_listener_policies(found.get(&policy_group));
+                    if listener_policies {
+                        info!("watching ListenerPolicy: XDP policies from the cluster");
+                    } else {
+                        info!(
+                            "ListenerPolicy CRD not installed; XDP policies from the cluster are off"
+                        );
+                    }
+                    return Some(Discovered {
+                        route_version: v,
+                        listener_policies,
+                    });
                 }
                 if !said {
                     error!(
@@ -522,12 +633,13 @@ pub async fn run(
     counters
         .ready
         .store(false, std::sync::atomic::Ordering::Relaxed);
-    let Some(version) = discover(&client, &shutdown).await else {
+    let Some(found) = discover(&client, &shutdown).await else {
         return;
     };
+    let version = found.route_version;
     let dirty = Arc::new(Notify::new());
     let health = Arc::new(Health::default());
-    let stores = Stores::start(&client, version, &dirty, &health, &shutdown);
+    let stores = Stores::start(&client, found, &dirty, &health, &shutdown);
     let (leading_tx, mut leading) = watch::channel(false);
     let elector = Elector::new(
         client.clone(),

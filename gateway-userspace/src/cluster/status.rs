@@ -5,10 +5,12 @@
 //!   time of the round, so comparing it would write every object on every round. When
 //!   a condition keeps its status, the time already in the cluster is written back
 //!   (the Kubernetes convention: the time changes when the status does).
-//! * `TCPRoute` `status.parents` is shared with other controllers: only the entries whose
-//!   `controllerName` is sockgate's are compared and replaced; the others are sent back
-//!   as they are, so an apply never drops them.
-//! * Only objects of sockgate's classes are in a [`StatusSet`]: nothing else is touched.
+//! * `TCPRoute` `status.parents` and `ListenerPolicy` `status.ancestors` (GEP-713) are
+//!   shared with other controllers: only the entries whose `controllerName` is
+//!   sockgate's are compared and replaced; the others are sent back as they are, so an
+//!   apply never drops them.
+//! * Only objects of sockgate's classes, and sockgate's own `ListenerPolicy` objects,
+//!   are in a [`StatusSet`]: nothing else is touched.
 use std::collections::BTreeMap;
 #[cfg(test)]
 use std::time::Duration;
@@ -21,7 +23,10 @@ use kube::{
 use serde_json::{Value, json};
 use tracing::{debug, info};
 
-use crate::model::{StatusSet, snapshot::ObjectKey};
+use crate::{
+    model::{StatusSet, snapshot::ObjectKey},
+    policy::ListenerPolicy,
+};
 
 /// The field manager of every status write.
 pub const FIELD_MANAGER: &str = "sockgate";
@@ -43,6 +48,7 @@ pub struct Current {
     pub gateway_classes: BTreeMap<String, Value>,
     pub gateways: BTreeMap<ObjectKey, Value>,
     pub tcp_routes: BTreeMap<ObjectKey, Value>,
+    pub listener_policies: BTreeMap<ObjectKey, Value>,
 }
 
 /// Removes every `lastTransitionTime`, recursively.
@@ -60,9 +66,10 @@ fn without_times(v: &Value) -> Value {
 }
 
 /// The identity of an array element for matching old and new: a condition by `type`,
-/// a listener by `name`, a route parent by its `parentRef`.
+/// a listener by `name`, a route parent by its `parentRef`, a policy ancestor by its
+/// `ancestorRef`.
 fn element_key(v: &Value) -> Option<Value> {
-    ["type", "name", "parentRef"]
+    ["type", "name", "parentRef", "ancestorRef"]
         .iter()
         .find_map(|k| v.get(*k).cloned())
 }
@@ -96,10 +103,16 @@ fn carry_times(new: &mut Value, old: &Value) {
     }
 }
 
-/// Splits a route's current `status.parents` into sockgate's entries and the others.
-fn split_parents(current: &Value, controller: &str) -> (Vec<Value>, Vec<Value>) {
+/// The status list of `TCPRoute` that other controllers write into too.
+const ROUTE_PARENTS: &str = "parents";
+/// The status list of `ListenerPolicy` that other controllers write into too (GEP-713).
+const POLICY_ANCESTORS: &str = "ancestors";
+
+/// Splits the shared list `field` of a current status into sockgate's entries and the
+/// others.
+fn split_shared(current: &Value, field: &str, controller: &str) -> (Vec<Value>, Vec<Value>) {
     current
-        .get("parents")
+        .get(field)
         .and_then(Value::as_array)
         .into_iter()
         .flatten()
@@ -108,27 +121,27 @@ fn split_parents(current: &Value, controller: &str) -> (Vec<Value>, Vec<Value>) 
 }
 
 /// The status to apply for one object, or `None` when the cluster already has it.
-/// `ours_of` selects the part of the current status sockgate owns.
 fn plan(desired: &Value, current: &Value) -> Option<Value> {
     let mut desired = desired.clone();
     carry_times(&mut desired, current);
     (without_times(&desired) != without_times(current)).then_some(desired)
 }
 
-/// The planned `TCPRoute` status: sockgate's parents compared and replaced, the other
-/// controllers' parents kept.
-fn plan_route(desired: &Value, current: &Value, controller: &str) -> Option<Value> {
-    let (ours, others) = split_parents(current, controller);
-    let planned = plan(desired, &json!({ "parents": ours }))?;
-    let mut parents = others;
-    parents.extend(
+/// The planned status of an object whose status is one list `field` shared by
+/// controllers (`TCPRoute` parents, `ListenerPolicy` ancestors): sockgate's entries
+/// compared and replaced, the other controllers' entries kept, first.
+fn plan_shared(desired: &Value, current: &Value, field: &str, controller: &str) -> Option<Value> {
+    let (ours, others) = split_shared(current, field, controller);
+    let planned = plan(desired, &json!({ field: ours }))?;
+    let mut entries = others;
+    entries.extend(
         planned
-            .get("parents")
+            .get(field)
             .and_then(Value::as_array)
             .cloned()
             .unwrap_or_default(),
     );
-    Some(json!({ "parents": parents }))
+    Some(json!({ field: entries }))
 }
 
 /// Writes status; counts what it sends.
@@ -219,11 +232,21 @@ impl StatusWriter {
         for (key, status) in &set.tcp_routes {
             let desired = serde_json::to_value(status).unwrap_or_default();
             let cur = current.tcp_routes.get(key).unwrap_or(&Value::Null);
-            if let Some(status) = plan_route(&desired, cur, &self.controller) {
+            if let Some(status) = plan_shared(&desired, cur, ROUTE_PARENTS, &self.controller) {
                 let api: Api<DynamicObject> =
                     Api::namespaced_with(self.client.clone(), &key.namespace, &self.route_resource);
                 let version = self.route_resource.api_version.clone();
                 self.apply(api, (&version, "TCPRoute"), key, status).await?;
+            }
+        }
+        for (key, status) in &set.listener_policies {
+            let desired = serde_json::to_value(status).unwrap_or_default();
+            let cur = current.listener_policies.get(key).unwrap_or(&Value::Null);
+            if let Some(status) = plan_shared(&desired, cur, POLICY_ANCESTORS, &self.controller) {
+                let api: Api<ListenerPolicy> = Api::namespaced(self.client.clone(), &key.namespace);
+                let version = ListenerPolicy::api_version(&());
+                self.apply(api, (&version, "ListenerPolicy"), key, status)
+                    .await?;
             }
         }
         let written = self.writes - before;

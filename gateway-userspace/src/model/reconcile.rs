@@ -34,8 +34,8 @@ pub struct StatusSet {
     /// TCPRoutes with a parentRef to such a Gateway: only the `status.parents` entries
     /// of those parentRefs (entries of other controllers are theirs).
     pub tcp_routes: BTreeMap<ObjectKey, TcpRouteStatus>,
-    /// `ListenerPolicy` objects by `namespace/name` (GEP-713 ancestors).
-    pub listener_policies: BTreeMap<String, crate::policy::ListenerPolicyStatus>,
+    /// `ListenerPolicy` objects (GEP-713 ancestors).
+    pub listener_policies: BTreeMap<ObjectKey, crate::policy::ListenerPolicyStatus>,
 }
 
 /// Age order: `creationTimestamp` (absent first), then namespace/name.
@@ -204,8 +204,7 @@ pub fn reconcile(snap: &Snapshot, params: &Params) -> (DesiredState, StatusSet) 
             .insert(g.key.clone(), gateway_status(g, &params.now));
     }
     // The XDP guard's policies attach to the listeners just computed.
-    let (guards, policies) =
-        crate::policy::resolve(&snap.listener_policies, &desired, &params.controller_name);
+    let (guards, policies) = crate::policy::resolve(&snap.listener_policies, &desired, params);
     desired.guards = guards;
     status.listener_policies = policies;
     (desired, status)

@@ -142,10 +142,7 @@ pub fn build(snap: &Snapshot, desired: &DesiredState, status: &StatusSet) -> Rep
         objects.push(ObjectReport {
             api_version: "sockgate.dev/v1alpha1".into(),
             kind: "ListenerPolicy".into(),
-            status: status
-                .listener_policies
-                .get(&k.to_string())
-                .and_then(to_value),
+            status: status.listener_policies.get(&k).and_then(to_value),
             metadata: meta(k),
         });
     }

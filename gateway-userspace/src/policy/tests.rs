@@ -33,8 +33,20 @@ fn policies(yaml: &str) -> Vec<ListenerPolicy> {
         .collect()
 }
 
-fn conditions(s: &BTreeMap<String, ListenerPolicyStatus>, id: &str) -> Vec<Vec<(String, String)>> {
-    s[id]
+/// The key of `namespace/name`.
+fn key(id: &str) -> ObjectKey {
+    let (namespace, name) = id.split_once('/').expect("namespace/name");
+    ObjectKey {
+        namespace: namespace.to_owned(),
+        name: name.to_owned(),
+    }
+}
+
+fn conditions(
+    s: &BTreeMap<ObjectKey, ListenerPolicyStatus>,
+    id: &str,
+) -> Vec<Vec<(String, String)>> {
+    s[&key(id)]
         .ancestors
         .iter()
         .map(|a| {
@@ -51,6 +63,16 @@ fn ok() -> Vec<(String, String)> {
         ("Accepted=True".into(), "Accepted".into()),
         ("ResolvedRefs=True".into(), "ResolvedRefs".into()),
     ]
+}
+
+/// The time every condition is stamped with.
+const NOW: &str = "2026-03-01T00:00:00Z";
+
+fn params(controller_name: &str) -> Params {
+    Params {
+        controller_name: controller_name.to_owned(),
+        now: Time(NOW.parse().expect("time")),
+    }
 }
 
 const HEAD: &str = "apiVersion: sockgate.dev/v1alpha1\nkind: ListenerPolicy\n";
@@ -73,7 +95,7 @@ spec:
     let (guards, status) = resolve(
         &policies(&yaml),
         &desired(),
-        "sockgate.dev/gateway-controller",
+        &params("sockgate.dev/gateway-controller"),
     );
     assert_eq!(
         guards.keys().copied().collect::<Vec<_>>(),
@@ -91,7 +113,7 @@ spec:
     );
     assert_eq!(conditions(&status, "default/whole-gateway"), [ok()]);
     assert_eq!(conditions(&status, "other/route"), [ok()]);
-    let a = &status["other/route"].ancestors[0];
+    let a = &status[&key("other/route")].ancestors[0];
     assert_eq!(
         (
             a.ancestor_ref.kind.as_str(),
@@ -111,10 +133,10 @@ spec:
   deny: ['2001:db8::/32']
 "
     );
-    let (guards, status) = resolve(&policies(&yaml), &desired(), "c");
+    let (guards, status) = resolve(&policies(&yaml), &desired(), &params("c"));
     assert_eq!(guards.keys().copied().collect::<Vec<_>>(), [8081]);
     assert_eq!(
-        status["default/one"].ancestors[0]
+        status[&key("default/one")].ancestors[0]
             .ancestor_ref
             .section_name
             .as_deref(),
@@ -145,7 +167,7 @@ spec:
   synRateLimit: {{connectionsPerSecond: 0}}
 "
     );
-    let (guards, status) = resolve(&policies(&yaml), &desired(), "c");
+    let (guards, status) = resolve(&policies(&yaml), &desired(), &params("c"));
     assert!(guards.is_empty(), "{guards:?}");
     let not_found = vec![
         ("Accepted=False".to_owned(), "TargetNotFound".to_owned()),
@@ -176,7 +198,7 @@ spec:
   deny: [198.51.100.0/24]
 "
     );
-    let (guards, status) = resolve(&policies(&yaml), &desired(), "c");
+    let (guards, status) = resolve(&policies(&yaml), &desired(), &params("c"));
     assert_eq!(
         guards[&8080]
             .deny
@@ -186,7 +208,7 @@ spec:
         ["198.51.100.0/24"]
     );
     assert_eq!(conditions(&status, "default/z-older"), [ok()]);
-    let c = &status["default/a-newer"].ancestors[0].conditions[0];
+    let c = &status[&key("default/a-newer")].ancestors[0].conditions[0];
     assert_eq!(
         (c.status.as_str(), c.reason.as_str()),
         ("False", REASON_CONFLICTED)
@@ -195,7 +217,7 @@ spec:
     // Same order whatever the input order.
     let mut reversed = policies(&yaml);
     reversed.reverse();
-    assert_eq!(resolve(&reversed, &desired(), "c").0, guards);
+    assert_eq!(resolve(&reversed, &desired(), &params("c")).0, guards);
 }
 
 #[test]
@@ -204,4 +226,22 @@ fn crd_is_generated() {
     assert!(y.contains("name: listenerpolicies.sockgate.dev"), "{y}");
     assert!(y.contains("targetRefs"), "{y}");
     assert!(y.contains("synRateLimit"), "{y}");
+}
+
+#[test]
+fn conditions_carry_the_policy_generation_and_the_round_time() {
+    let yaml = format!(
+        "{HEAD}metadata: {{name: p, namespace: default, generation: 3}}
+spec:
+  targetRefs: [{{group: gateway.networking.k8s.io, kind: Gateway, name: gw, sectionName: tcp-b}}]
+"
+    );
+    let (_, status) = resolve(&policies(&yaml), &desired(), &params("c"));
+    let conds = &status[&key("default/p")].ancestors[0].conditions;
+    assert_eq!(conds.len(), 2);
+    for c in conds {
+        assert_eq!(c.observed_generation, Some(3), "{c:?}");
+        let time = serde_json::to_value(c).expect("json")["lastTransitionTime"].clone();
+        assert_eq!(time, NOW, "{c:?}");
+    }
 }

@@ -62,15 +62,21 @@ pub fn require_root() {
 /// A kubeconfig whose API server is port 1 on the node namespace's loopback: nothing
 /// listens there, every connect is refused. Returns (its directory, the file).
 pub fn unreachable_kubeconfig(tag: &str) -> (PathBuf, PathBuf) {
+    kubeconfig(tag, 1)
+}
+
+/// A kubeconfig whose API server is `http://127.0.0.1:PORT` (in the node namespace).
+/// Returns (its directory, the file).
+pub fn kubeconfig(tag: &str, port: u16) -> (PathBuf, PathBuf) {
     let dir =
         std::env::temp_dir().join(format!("sockgate-kubeconfig-{tag}-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("dir");
     let kubeconfig = dir.join("config");
     std::fs::write(
         &kubeconfig,
-        "apiVersion: v1\nkind: Config\nclusters:\n- name: c\n  cluster:\n    server: http://127.0.0.1:1\n\
+        format!("apiVersion: v1\nkind: Config\nclusters:\n- name: c\n  cluster:\n    server: http://127.0.0.1:{port}\n\
          contexts:\n- name: c\n  context:\n    cluster: c\n    user: u\ncurrent-context: c\n\
-         users:\n- name: u\n  user: {}\n",
+         users:\n- name: u\n  user: {{}}\n"),
     )
     .expect("kubeconfig");
     (dir, kubeconfig)

@@ -148,14 +148,31 @@ fn node_addresses_of_this_node_only() {
 }
 
 mod against_a_scripted_api_server {
-    use std::{collections::BTreeSet, pin::pin};
+    use std::{collections::BTreeSet, io::Write, sync::atomic::Ordering::Relaxed};
 
-    use http::{Request, Response, StatusCode};
+    use http::{Method, Request, Response, StatusCode};
     use kube::client::Body;
     use serde_json::{Value, json};
     use tower_test::mock;
 
     use super::*;
+
+    const CONTROLLER: &str = "sockgate.dev/gateway-controller";
+    const GW: &str = "gateway.networking.k8s.io";
+    const LEASES: &str = "/apis/coordination.k8s.io/v1/namespaces/sockgate-system/leases";
+    const POLICIES: &str = "/apis/sockgate.dev/v1alpha1/listenerpolicies";
+
+    /// The collection paths the agent lists and watches, without `ListenerPolicy`.
+    const KINDS: [&str; 8] = [
+        "/apis/gateway.networking.k8s.io/v1/gatewayclasses",
+        "/apis/gateway.networking.k8s.io/v1/gateways",
+        "/apis/gateway.networking.k8s.io/v1/tcproutes",
+        "/apis/gateway.networking.k8s.io/v1/referencegrants",
+        "/api/v1/namespaces",
+        "/api/v1/services",
+        "/api/v1/nodes",
+        "/apis/discovery.k8s.io/v1/endpointslices",
+    ];
 
     fn resources(group_version: &str, list: &[(&str, &str, bool)]) -> Value {
         json!({
@@ -167,174 +184,583 @@ mod against_a_scripted_api_server {
         })
     }
 
-    /// What the scripted server answers to one request.
-    fn answer(method: &http::Method, path: &str, query: &str) -> Option<(StatusCode, Value)> {
-        let gw = "gateway.networking.k8s.io";
-        let lease = "/apis/coordination.k8s.io/v1/namespaces/sockgate-system/leases";
-        if query.contains("watch=true") {
-            return None; // Held open: nothing changes in this cluster.
+    fn group(name: &str, versions: &[&str]) -> Value {
+        json!({
+            "name": name,
+            "versions": versions.iter().map(|v| json!({
+                "groupVersion": format!("{name}/{v}"), "version": v,
+            })).collect::<Vec<_>>(),
+            "preferredVersion": {"groupVersion": format!("{name}/{}", versions[0]),
+                                 "version": versions[0]},
+        })
+    }
+
+    fn ok(body: &Value) -> Response<Body> {
+        respond(StatusCode::OK, body)
+    }
+
+    fn respond(code: StatusCode, body: &Value) -> Response<Body> {
+        Response::builder()
+            .status(code)
+            .body(Body::from(serde_json::to_vec(body).expect("json")))
+            .expect("response")
+    }
+
+    /// A scripted API server: discovery (with or without the `ListenerPolicy` CRD),
+    /// lists of the objects it holds, watches held open until the test sends an event,
+    /// the Lease, and server-side apply of status (stored, answered with the object).
+    struct Cluster {
+        handle: mock::Handle<Request<Body>, Response<Body>>,
+        policy_crd: bool,
+        /// Answer 403 to every `ListenerPolicy` request (RBAC without the rule).
+        forbid_policies: bool,
+        /// Objects by collection path.
+        objects: BTreeMap<&'static str, Vec<Value>>,
+        /// Every request: (method, path, query).
+        requests: Vec<(Method, String, String)>,
+        /// Status patches: (path and query, body).
+        patches: Vec<(String, Value)>,
+        lease_created: Option<Value>,
+        /// Open watches: (collection path, the answer to send).
+        held: Vec<(String, mock::SendResponse<Response<Body>>)>,
+    }
+
+    impl Cluster {
+        fn new(
+            handle: mock::Handle<Request<Body>, Response<Body>>,
+            policy_crd: bool,
+            objects: BTreeMap<&'static str, Vec<Value>>,
+        ) -> Self {
+            Self {
+                handle,
+                policy_crd,
+                forbid_policies: false,
+                objects,
+                requests: Vec::new(),
+                patches: Vec::new(),
+                lease_created: None,
+                held: Vec::new(),
+            }
         }
-        Some(match (method.as_str(), path) {
-            ("GET", "/apis") => (
-                StatusCode::OK,
-                json!({"kind": "APIGroupList", "apiVersion": "v1", "groups": [{
-                    "name": gw,
-                    "versions": [
-                        {"groupVersion": format!("{gw}/v1"), "version": "v1"},
-                        {"groupVersion": format!("{gw}/v1alpha2"), "version": "v1alpha2"},
-                    ],
-                    "preferredVersion": {"groupVersion": format!("{gw}/v1"), "version": "v1"},
-                }]}),
-            ),
-            ("GET", "/apis/gateway.networking.k8s.io/v1") => (
-                StatusCode::OK,
-                resources(
-                    &format!("{gw}/v1"),
+
+        fn paths(&self, watch: bool) -> BTreeSet<&str> {
+            self.requests
+                .iter()
+                .filter(|(m, _, q)| *m == Method::GET && q.contains("watch=true") == watch)
+                .map(|(_, p, _)| p.as_str())
+                .filter(|p| KINDS.contains(p) || *p == POLICIES)
+                .collect()
+        }
+
+        /// Answers requests until `done` holds, for at most 20 s.
+        async fn serve_until(&mut self, mut done: impl FnMut(&Self) -> bool) {
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+            while !done(self) {
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "stalled: {:?}",
+                    self.requests
+                );
+                tokio::select! {
+                    next = self.handle.next_request() => {
+                        let (req, send) = next.expect("the client is alive");
+                        self.answer(req, send).await;
+                    }
+                    () = tokio::time::sleep(Duration::from_millis(20)) => {}
+                }
+            }
+        }
+
+        async fn answer(&mut self, req: Request<Body>, send: mock::SendResponse<Response<Body>>) {
+            let method = req.method().clone();
+            let path = req.uri().path().to_owned();
+            let query = req.uri().query().unwrap_or_default().to_owned();
+            self.requests
+                .push((method.clone(), path.clone(), query.clone()));
+            let bytes = req.into_body().collect_bytes().await.expect("body");
+            let body: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+            if query.contains("watch=true") {
+                self.held.push((path, send));
+                return;
+            }
+            let missing = json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
+                                 "reason": "NotFound", "code": 404});
+            let forbidden = json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
+                                   "reason": "Forbidden", "code": 403});
+            let response = match (method.as_str(), path.as_str()) {
+                ("GET", POLICIES) if self.forbid_policies => {
+                    respond(StatusCode::FORBIDDEN, &forbidden)
+                }
+                ("GET", "/apis") => {
+                    let mut groups = vec![group(GW, &["v1", "v1alpha2"])];
+                    if self.policy_crd {
+                        groups.push(group("sockgate.dev", &["v1alpha1"]));
+                    }
+                    ok(&json!({"kind": "APIGroupList", "apiVersion": "v1", "groups": groups}))
+                }
+                ("GET", "/apis/gateway.networking.k8s.io/v1") => ok(&resources(
+                    &format!("{GW}/v1"),
                     &[
                         ("gatewayclasses", "GatewayClass", false),
                         ("gateways", "Gateway", true),
                         ("tcproutes", "TCPRoute", true),
                     ],
-                ),
-            ),
-            ("GET", "/apis/gateway.networking.k8s.io/v1alpha2") => (
-                StatusCode::OK,
-                resources(
-                    &format!("{gw}/v1alpha2"),
+                )),
+                ("GET", "/apis/gateway.networking.k8s.io/v1alpha2") => ok(&resources(
+                    &format!("{GW}/v1alpha2"),
                     &[("tcproutes", "TCPRoute", true)],
-                ),
-            ),
-            ("GET", p) if p == format!("{lease}/sockgate-status-writer") => (
-                StatusCode::NOT_FOUND,
-                json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
-                       "reason": "NotFound", "code": 404}),
-            ),
-            ("POST", p) if p == lease => (
-                StatusCode::CREATED,
-                json!({"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
-                       "metadata": {"name": "sockgate-status-writer",
-                                    "namespace": "sockgate-system", "resourceVersion": "1"},
-                       "spec": {"holderIdentity": "node-1"}}),
-            ),
-            ("GET", "/api/v1/nodes") => (
-                StatusCode::OK,
-                json!({"apiVersion": "v1", "kind": "NodeList",
-                       "metadata": {"resourceVersion": "1"}, "items": [
-                    {"metadata": {"name": "node-1"}, "status": {"addresses": [
-                        {"type": "InternalIP", "address": "10.0.0.1"},
-                        {"type": "Hostname", "address": "node-1"}]}},
-                    {"metadata": {"name": "node-2"}, "status": {"addresses": [
-                        {"type": "InternalIP", "address": "10.0.0.2"}]}},
-                ]}),
-            ),
-            ("GET", _) => (
-                StatusCode::OK,
-                json!({"apiVersion": "v1", "kind": "List",
-                       "metadata": {"resourceVersion": "1"}, "items": []}),
-            ),
-            _ => (StatusCode::METHOD_NOT_ALLOWED, json!({})),
-        })
+                )),
+                ("GET", "/apis/sockgate.dev/v1alpha1") if self.policy_crd => ok(&resources(
+                    "sockgate.dev/v1alpha1",
+                    &[
+                        ("listenerpolicies", "ListenerPolicy", true),
+                        ("listenerpolicies/status", "ListenerPolicy", true),
+                    ],
+                )),
+                ("GET", p) if p.starts_with("/apis/sockgate.dev") && !self.policy_crd => {
+                    respond(StatusCode::NOT_FOUND, &missing)
+                }
+                ("GET", p) if p == format!("{LEASES}/sockgate-status-writer") => {
+                    respond(StatusCode::NOT_FOUND, &missing)
+                }
+                ("POST", LEASES) => {
+                    self.lease_created = Some(body.clone());
+                    respond(
+                        StatusCode::CREATED,
+                        &json!({"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+                               "metadata": {"name": "sockgate-status-writer",
+                                            "namespace": "sockgate-system",
+                                            "resourceVersion": "1"},
+                               "spec": {"holderIdentity": "node-1"}}),
+                    )
+                }
+                ("GET", p) => ok(&json!({
+                    "apiVersion": "v1", "kind": "List", "metadata": {"resourceVersion": "1"},
+                    "items": self.objects.get(p).cloned().unwrap_or_default(),
+                })),
+                ("PATCH", p) if p.ends_with("/status") => {
+                    self.patches.push((format!("{p}?{query}"), body.clone()));
+                    match self.store_status(&body) {
+                        Some(object) => ok(&object),
+                        None => respond(StatusCode::NOT_FOUND, &missing),
+                    }
+                }
+                _ => respond(StatusCode::METHOD_NOT_ALLOWED, &json!({})),
+            };
+            send.send_response(response);
+        }
+
+        /// Stores the status of an apply on the object of the same kind and name;
+        /// returns the object.
+        fn store_status(&mut self, patch: &Value) -> Option<Value> {
+            let object = self.objects.values_mut().flatten().find(|o| {
+                o["kind"] == patch["kind"] && o["metadata"]["name"] == patch["metadata"]["name"]
+            })?;
+            object["status"] = patch["status"].clone();
+            object["metadata"]["resourceVersion"] = json!("2");
+            Some(object.clone())
+        }
+
+        /// Ends the open watch of `path` with one `MODIFIED` event per object it holds.
+        fn send_modified(&mut self, path: &str) {
+            let at = self
+                .held
+                .iter()
+                .position(|(p, _)| p == path)
+                .unwrap_or_else(|| panic!("no open watch of {path}"));
+            let (_, send) = self.held.remove(at);
+            let mut events = Vec::new();
+            for o in self.objects.get(path).into_iter().flatten() {
+                serde_json::to_writer(&mut events, &json!({"type": "MODIFIED", "object": o}))
+                    .expect("json");
+                events.push(b'\n');
+            }
+            send.send_response(
+                Response::builder()
+                    .status(StatusCode::OK)
+                    .body(Body::from(events))
+                    .expect("response"),
+            );
+        }
     }
 
-    #[tokio::test]
-    async fn discovers_tcproute_lists_and_watches_every_kind_and_competes_for_the_lease() {
-        let (service, handle) = mock::pair::<Request<Body>, Response<Body>>();
-        let client = Client::new(service, "default");
-        let shutdown = CancellationToken::new();
-        let (tx, _rx) = watch::channel(Arc::new(DesiredState::default()));
-        let (addrs_tx, addrs) = watch::channel(BTreeSet::new());
-        let opts = KubeOptions {
-            controller_name: "sockgate.dev/gateway-controller".into(),
+    fn options() -> KubeOptions {
+        KubeOptions {
+            controller_name: CONTROLLER.into(),
             identity: "node-1".into(),
             namespace: "sockgate-system".into(),
             lease_name: "sockgate-status-writer".into(),
             lease_duration: Duration::from_secs(15),
             node_selector: BTreeMap::new(),
             debounce: Duration::from_millis(10),
-            node_addresses: Some(addrs_tx),
-        };
+            node_addresses: None,
+        }
+    }
+
+    /// The log lines written while the returned guard lives (this thread: the tests
+    /// run on a current-thread runtime).
+    fn capture_logs() -> (Arc<Mutex<Vec<u8>>>, tracing::subscriber::DefaultGuard) {
+        #[derive(Clone)]
+        struct Lines(Arc<Mutex<Vec<u8>>>);
+        impl Write for Lines {
+            fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().expect("log buffer").extend_from_slice(buf);
+                Ok(buf.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let buf = Arc::new(Mutex::new(Vec::new()));
+        let lines = Lines(buf.clone());
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(move || lines.clone())
+            .with_ansi(false)
+            .with_max_level(tracing::Level::INFO)
+            .finish();
+        (buf, tracing::subscriber::set_default(subscriber))
+    }
+
+    fn log_text(buf: &Arc<Mutex<Vec<u8>>>) -> String {
+        String::from_utf8_lossy(&buf.lock().expect("log buffer")).into_owned()
+    }
+
+    struct Running {
+        cluster: Cluster,
+        /// This node's addresses as the source publishes them.
+        addrs: watch::Receiver<BTreeSet<IpAddr>>,
+        rx: watch::Receiver<Arc<DesiredState>>,
+        counters: SourceCounters,
+        shutdown: CancellationToken,
+        source: tokio::task::JoinHandle<()>,
+    }
+
+    fn start(policy_crd: bool, objects: BTreeMap<&'static str, Vec<Value>>) -> Running {
+        let (service, handle) = mock::pair::<Request<Body>, Response<Body>>();
+        let client = Client::new(service, "default");
+        let shutdown = CancellationToken::new();
+        let (tx, rx) = watch::channel(Arc::new(DesiredState::default()));
         let counters = SourceCounters::default();
-        counters
-            .ready
-            .store(true, std::sync::atomic::Ordering::Relaxed);
+        counters.ready.store(true, Relaxed);
+        let (addrs_tx, addrs) = watch::channel(BTreeSet::new());
         let source = tokio::spawn(run(
             client,
-            opts,
+            KubeOptions {
+                node_addresses: Some(addrs_tx),
+                ..options()
+            },
             tx,
             |_| {},
             counters.clone(),
             shutdown.clone(),
         ));
-        let expected_watches: BTreeSet<&str> = [
-            "/apis/gateway.networking.k8s.io/v1/gatewayclasses",
-            "/apis/gateway.networking.k8s.io/v1/gateways",
-            "/apis/gateway.networking.k8s.io/v1/tcproutes",
-            "/apis/gateway.networking.k8s.io/v1/referencegrants",
-            "/api/v1/namespaces",
-            "/api/v1/services",
-            "/api/v1/nodes",
-            "/apis/discovery.k8s.io/v1/endpointslices",
-        ]
-        .into();
-        let mut listed = BTreeSet::new();
-        let mut watched = BTreeSet::new();
-        let mut lease_created = None;
-        let mut held = Vec::new();
-        let mut handle = pin!(handle);
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-        while !(listed.len() == expected_watches.len()
-            && watched.len() == expected_watches.len()
-            && lease_created.is_some())
-        {
-            let next = tokio::time::timeout_at(deadline, handle.next_request()).await;
-            let Ok(Some((req, send))) = next else {
-                panic!("stalled: listed {listed:?}, watched {watched:?}, lease {lease_created:?}");
-            };
-            let (method, path) = (req.method().clone(), req.uri().path().to_owned());
-            let query = req.uri().query().unwrap_or_default().to_owned();
-            if query.contains("watch=true") {
-                watched.insert(path.clone());
-            } else if method == http::Method::GET && expected_watches.contains(path.as_str()) {
-                listed.insert(path.clone());
-            }
-            if method == http::Method::POST && path.ends_with("/leases") {
-                let bytes = req.into_body().collect_bytes().await.expect("body");
-                lease_created = serde_json::from_slice::<Value>(&bytes).ok();
-            }
-            match answer(&method, &path, &query) {
-                Some((code, body)) => send.send_response(
-                    Response::builder()
-                        .status(code)
-                        .body(Body::from(serde_json::to_vec(&body).expect("json")))
-                        .expect("response"),
-                ),
-                None => held.push(send),
-            }
+        Running {
+            cluster: Cluster::new(handle, policy_crd, objects),
+            addrs,
+            rx,
+            counters,
+            shutdown,
+            source,
         }
-        let listed: BTreeSet<&str> = listed.iter().map(String::as_str).collect();
+    }
+
+    impl Running {
+        /// Waits until the source says it is ready (its first state programmed).
+        async fn until_ready(&mut self) {
+            let counters = self.counters.clone();
+            self.cluster
+                .serve_until(|_| counters.ready.load(Relaxed))
+                .await;
+        }
+
+        async fn stop(self) {
+            self.shutdown.cancel();
+            tokio::time::timeout(Duration::from_secs(10), self.source)
+                .await
+                .expect("the source stops on shutdown")
+                .expect("no panic");
+        }
+    }
+
+    #[tokio::test]
+    async fn discovers_tcproute_lists_and_watches_every_kind_and_competes_for_the_lease() {
+        let nodes = vec![
+            json!({"apiVersion": "v1", "kind": "Node",
+                   "metadata": {"name": "node-1", "resourceVersion": "1"},
+                   "status": {"addresses": [
+                       {"type": "InternalIP", "address": "10.0.0.1"},
+                       {"type": "Hostname", "address": "node-1"}]}}),
+            json!({"apiVersion": "v1", "kind": "Node",
+                   "metadata": {"name": "node-2", "resourceVersion": "1"},
+                   "status": {"addresses": [{"type": "InternalIP", "address": "10.0.0.2"}]}}),
+        ];
+        let mut agent = start(true, BTreeMap::from([("/api/v1/nodes", nodes)]));
+        let mut expected: BTreeSet<&str> = KINDS.into();
+        expected.insert(POLICIES);
+        agent
+            .cluster
+            .serve_until(|c| {
+                c.paths(false) == expected && c.paths(true) == expected && c.lease_created.is_some()
+            })
+            .await;
         assert_eq!(
-            listed, expected_watches,
-            "one list per kind, TCPRoute in v1"
+            agent.cluster.paths(false),
+            expected,
+            "one list per kind, TCPRoute in v1, ListenerPolicy since its CRD is served"
         );
-        let watched: BTreeSet<&str> = watched.iter().map(String::as_str).collect();
-        assert_eq!(watched, expected_watches, "then one watch per kind");
-        let lease = lease_created.expect("lease");
-        // Ready once the initial lists are programmed (the Lease comes after them).
-        let ready_by = tokio::time::Instant::now() + Duration::from_secs(5);
-        while !counters.ready.load(std::sync::atomic::Ordering::Relaxed) {
-            assert!(tokio::time::Instant::now() < ready_by, "source never ready");
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        let lease = agent.cluster.lease_created.clone().expect("lease");
         assert_eq!(lease["spec"]["holderIdentity"], "node-1");
+        // Ready once the initial lists are programmed (`run` cleared the flag set
+        // before it started).
+        agent.until_ready().await;
         assert_eq!(
-            *addrs.borrow(),
+            *agent.addrs.borrow(),
             BTreeSet::from(["10.0.0.1".parse::<IpAddr>().expect("ip")]),
             "this node's addresses are published"
         );
-        shutdown.cancel();
-        tokio::time::timeout(Duration::from_secs(10), source)
-            .await
-            .expect("the source stops on shutdown")
-            .expect("no panic");
+        agent.stop().await;
+    }
+
+    #[tokio::test]
+    async fn without_the_listener_policy_crd_one_info_line_and_the_rest_works() {
+        let (logs, _guard) = capture_logs();
+        let mut agent = start(false, BTreeMap::new());
+        let expected: BTreeSet<&str> = KINDS.into();
+        agent
+            .cluster
+            .serve_until(|c| {
+                c.paths(false) == expected && c.paths(true) == expected && c.lease_created.is_some()
+            })
+            .await;
+        agent.until_ready().await;
+        // Some more time: nothing retries the missing kind.
+        let quiet_until = tokio::time::Instant::now() + Duration::from_millis(500);
+        agent
+            .cluster
+            .serve_until(|_| tokio::time::Instant::now() >= quiet_until)
+            .await;
+        assert!(
+            !agent
+                .cluster
+                .requests
+                .iter()
+                .any(|(_, p, _)| p.contains("listenerpolicies")),
+            "{:?}",
+            agent.cluster.requests
+        );
+        let discoveries = agent
+            .cluster
+            .requests
+            .iter()
+            .filter(|(_, p, _)| p == "/apis")
+            .count();
+        assert_eq!(discoveries, 1, "discovery once, no retry loop");
+        agent.stop().await;
+        let log = log_text(&logs);
+        let said: Vec<&str> = log
+            .lines()
+            .filter(|l| {
+                l.contains(
+                    "ListenerPolicy CRD not installed; XDP policies from the cluster are off",
+                )
+            })
+            .collect();
+        assert_eq!(said.len(), 1, "{log}");
+        assert!(said[0].contains("INFO"), "{log}");
+        assert!(!log.contains("ERROR") && !log.contains("WARN"), "{log}");
+    }
+
+    fn objects_with_a_policy() -> BTreeMap<&'static str, Vec<Value>> {
+        [
+            (
+                "/apis/gateway.networking.k8s.io/v1/gatewayclasses",
+                vec![json!({
+                    "apiVersion": "gateway.networking.k8s.io/v1", "kind": "GatewayClass",
+                    "metadata": {"name": "sockgate", "resourceVersion": "1", "generation": 1},
+                    "spec": {"controllerName": CONTROLLER},
+                })],
+            ),
+            (
+                "/apis/gateway.networking.k8s.io/v1/gateways",
+                vec![json!({
+                    "apiVersion": "gateway.networking.k8s.io/v1", "kind": "Gateway",
+                    "metadata": {"name": "gw", "namespace": "default",
+                                 "resourceVersion": "1", "generation": 1},
+                    "spec": {"gatewayClassName": "sockgate", "listeners": [
+                        {"name": "tcp", "protocol": "TCP", "port": 8080},
+                    ]},
+                })],
+            ),
+            (
+                POLICIES,
+                vec![json!({
+                    "apiVersion": "sockgate.dev/v1alpha1", "kind": "ListenerPolicy",
+                    "metadata": {"name": "guard", "namespace": "default",
+                                 "resourceVersion": "1", "generation": 1,
+                                 "creationTimestamp": "2026-01-01T00:00:00Z"},
+                    "spec": {
+                        "targetRefs": [{"group": GW, "kind": "Gateway", "name": "gw"}],
+                        "deny": ["10.66.0.0/16"],
+                    },
+                })],
+            ),
+        ]
+        .into()
+    }
+
+    fn cidrs(list: &[&str]) -> BTreeSet<crate::xdp::Cidr> {
+        list.iter().map(|c| c.parse().expect("cidr")).collect()
+    }
+
+    #[tokio::test]
+    async fn a_cluster_policy_becomes_a_guard_and_its_status_is_applied_once() {
+        let mut agent = start(true, objects_with_a_policy());
+        let rx = agent.rx.clone();
+        agent
+            .cluster
+            .serve_until(|_| rx.borrow().guards.contains_key(&8080))
+            .await;
+        let guard = agent.rx.borrow().guards[&8080].clone();
+        assert_eq!(guard.deny, cidrs(&["10.66.0.0/16"]));
+        assert!(guard.allow.is_empty() && guard.syn_rate.is_none());
+
+        // Leading, the agent applies the status of the class, the Gateway and the policy.
+        agent
+            .cluster
+            .serve_until(|c| c.patches.iter().any(|(_, b)| b["kind"] == "ListenerPolicy"))
+            .await;
+        let policy_patches: Vec<&(String, Value)> = agent
+            .cluster
+            .patches
+            .iter()
+            .filter(|(_, b)| b["kind"] == "ListenerPolicy")
+            .collect();
+        assert_eq!(policy_patches.len(), 1);
+        let (uri, body) = policy_patches[0];
+        // The conditions are stamped with the round's time; compared without it.
+        let mut body = body.clone();
+        for c in body["status"]["ancestors"][0]["conditions"]
+            .as_array_mut()
+            .expect("conditions")
+        {
+            let time = c
+                .as_object_mut()
+                .and_then(|c| c.remove("lastTransitionTime"));
+            assert!(time.as_ref().is_some_and(Value::is_string), "{time:?}");
+        }
+        assert_eq!(
+            uri,
+            "/apis/sockgate.dev/v1alpha1/namespaces/default/listenerpolicies/guard/status?&force=true&fieldManager=sockgate"
+        );
+        assert_eq!(
+            body,
+            json!({
+                "apiVersion": "sockgate.dev/v1alpha1",
+                "kind": "ListenerPolicy",
+                "metadata": {"name": "guard", "namespace": "default"},
+                "status": {"ancestors": [{
+                    "ancestorRef": {"group": GW, "kind": "Gateway", "namespace": "default",
+                                    "name": "gw"},
+                    "controllerName": CONTROLLER,
+                    "conditions": [
+                        {"type": "Accepted", "status": "True", "reason": "Accepted",
+                         "message": "applied at the NIC", "observedGeneration": 1},
+                        {"type": "ResolvedRefs", "status": "True", "reason": "ResolvedRefs",
+                         "message": "target resolved", "observedGeneration": 1},
+                    ],
+                }]},
+            })
+        );
+        let writes = agent.cluster.patches.len();
+        assert_eq!(
+            writes, 3,
+            "class, Gateway, policy: {:?}",
+            agent.cluster.patches
+        );
+
+        // The watches now deliver the objects as written, and the policy denies another
+        // range: a new guard, and no status write since no status changed (the round's
+        // time, a second later at least, is not a change).
+        let later = tokio::time::Instant::now() + Duration::from_millis(1100);
+        agent
+            .cluster
+            .serve_until(|_| tokio::time::Instant::now() >= later)
+            .await;
+        for o in agent
+            .cluster
+            .objects
+            .get_mut(POLICIES)
+            .into_iter()
+            .flatten()
+        {
+            o["spec"]["deny"] = json!(["10.77.0.0/16"]);
+            o["metadata"]["generation"] = json!(1);
+        }
+        for path in [KINDS[0], KINDS[1], POLICIES] {
+            agent.cluster.send_modified(path);
+        }
+        let rx = agent.rx.clone();
+        agent
+            .cluster
+            .serve_until(|_| {
+                rx.borrow()
+                    .guards
+                    .get(&8080)
+                    .is_some_and(|g| g.deny == cidrs(&["10.77.0.0/16"]))
+            })
+            .await;
+        let quiet_until = tokio::time::Instant::now() + Duration::from_millis(500);
+        agent
+            .cluster
+            .serve_until(|_| tokio::time::Instant::now() >= quiet_until)
+            .await;
+        assert_eq!(
+            agent.cluster.patches.len(),
+            writes,
+            "no write when the status is unchanged: {:?}",
+            &agent.cluster.patches[writes..]
+        );
+        agent.stop().await;
+    }
+
+    #[tokio::test]
+    async fn a_forbidden_policy_watch_is_said_once_as_forbidden_and_holds_the_first_state() {
+        let (logs, _guard) = capture_logs();
+        let mut agent = start(true, BTreeMap::new());
+        agent.cluster.forbid_policies = true;
+        let expected: BTreeSet<&str> = KINDS.into();
+        agent
+            .cluster
+            .serve_until(|c| c.paths(true) == expected)
+            .await;
+        // Long enough for the policy list to be retried (watcher backoff).
+        let until = tokio::time::Instant::now() + Duration::from_secs(3);
+        agent
+            .cluster
+            .serve_until(|_| tokio::time::Instant::now() >= until)
+            .await;
+        let tries = agent
+            .cluster
+            .requests
+            .iter()
+            .filter(|(_, p, _)| p == POLICIES)
+            .count();
+        assert!(tries >= 2, "retried: {:?}", agent.cluster.requests);
+        assert!(
+            !agent.counters.ready.load(Relaxed),
+            "no state before every kind is listed: a policy must not be missed"
+        );
+        agent.stop().await;
+        let log = log_text(&logs);
+        let said: Vec<&str> = log
+            .lines()
+            .filter(|l| l.contains("watch forbidden"))
+            .collect();
+        assert_eq!(said.len(), 1, "once, however many retries:\n{log}");
+        assert!(
+            said[0].contains("ListenerPolicy") && said[0].contains("ERROR"),
+            "{log}"
+        );
+        assert!(!log.contains("unreachable"), "{log}");
     }
 }

@@ -65,7 +65,8 @@ async fn record(handle: Handle, n: usize) -> Vec<(Method, String, String, Value)
         // The server answers with the whole object: the patch plus a spec.
         let mut object = body.clone();
         object["spec"] = json!({
-            "controllerName": CONTROLLER, "gatewayClassName": "sockgate", "listeners": []
+            "controllerName": CONTROLLER, "gatewayClassName": "sockgate", "listeners": [],
+            "targetRefs": [],
         });
         send.send_response(
             Response::builder()
@@ -78,6 +79,32 @@ async fn record(handle: Handle, n: usize) -> Vec<(Method, String, String, Value)
     seen
 }
 
+/// Runs one write that must send nothing. No request may be sent: the mock would wait
+/// forever for an answer, so a request shows as a timeout.
+async fn assert_writes_nothing(w: &mut StatusWriter, set: &StatusSet, current: &Current) {
+    let n = tokio::time::timeout(Duration::from_secs(5), w.write(set, current))
+        .await
+        .expect("no request sent")
+        .expect("write");
+    assert_eq!(n, 0);
+}
+
+/// Runs one write that must send exactly one server-side apply; returns its path and
+/// query, and its body.
+async fn one_apply(
+    w: &mut StatusWriter,
+    handle: Handle,
+    set: &StatusSet,
+    current: &Current,
+) -> (String, Value) {
+    let server = tokio::spawn(record(handle, 1));
+    assert_eq!(w.write(set, current).await.expect("write"), 1);
+    let (method, uri, ctype, body) = server.await.expect("server").remove(0);
+    assert_eq!(method, Method::PATCH);
+    assert_eq!(ctype, "application/apply-patch+yaml");
+    (uri, body)
+}
+
 #[tokio::test]
 async fn applies_a_new_status_with_the_field_manager() {
     let (mut w, handle) = writer();
@@ -86,17 +113,11 @@ async fn applies_a_new_status_with_the_field_manager() {
         "sockgate".into(),
         class_status("True", "2026-01-01T00:00:00Z"),
     );
-    let server = tokio::spawn(record(handle, 1));
-    let n = w.write(&set, &Current::default()).await.expect("write");
-    assert_eq!(n, 1);
-    let seen = server.await.expect("server");
-    let (method, uri, ctype, body) = &seen[0];
-    assert_eq!(*method, Method::PATCH);
+    let (uri, body) = one_apply(&mut w, handle, &set, &Current::default()).await;
     assert_eq!(
         uri,
         "/apis/gateway.networking.k8s.io/v1/gatewayclasses/sockgate/status?&force=true&fieldManager=sockgate"
     );
-    assert_eq!(ctype, "application/apply-patch+yaml");
     assert_eq!(body["kind"], "GatewayClass");
     assert_eq!(body["apiVersion"], "gateway.networking.k8s.io/v1");
     assert_eq!(body["status"]["conditions"][0]["type"], "Accepted");
@@ -115,12 +136,7 @@ async fn writes_nothing_when_only_the_round_time_differs() {
         "sockgate".into(),
         serde_json::to_value(class_status("True", "2026-01-01T00:00:00Z")).expect("json"),
     );
-    // No request may be sent: the mock would wait forever for an answer.
-    let n = tokio::time::timeout(Duration::from_secs(5), w.write(&set, &current))
-        .await
-        .expect("no request sent")
-        .expect("write");
-    assert_eq!(n, 0);
+    assert_writes_nothing(&mut w, &set, &current).await;
     assert_eq!(w.writes, 0);
 }
 
@@ -193,10 +209,90 @@ async fn route_parents_of_other_controllers_are_kept() {
             .expect("key"),
         body["status"].clone(),
     );
-    let n = tokio::time::timeout(Duration::from_secs(5), w.write(&set, &current))
-        .await
-        .expect("no request sent")
-        .expect("write");
-    assert_eq!(n, 0);
+    assert_writes_nothing(&mut w, &set, &current).await;
     assert_eq!(w.writes, 1, "one write in all");
+}
+
+/// A policy ancestor entry; `times` are the `lastTransitionTime`s of its `Accepted` and
+/// `ResolvedRefs` conditions.
+fn ancestor(controller: &str, gateway: &str, accepted: &str, times: [&str; 2]) -> Value {
+    json!({
+        "ancestorRef": {"group": "gateway.networking.k8s.io", "kind": "Gateway",
+                        "namespace": "default", "name": gateway},
+        "controllerName": controller,
+        "conditions": [
+            condition("Accepted", accepted, "Accepted", times[0]),
+            condition("ResolvedRefs", "True", "ResolvedRefs", times[1]),
+        ],
+    })
+}
+
+const T0: &str = "2026-01-01T00:00:00Z";
+const T1: &str = "2026-01-01T00:05:00Z";
+
+fn policy_key() -> ObjectKey {
+    ObjectKey {
+        namespace: "default".into(),
+        name: "guard".into(),
+    }
+}
+
+/// What reconcile computes for the policy: accepted on Gateway `gw`, stamped `time`.
+fn policy_accepted_at(time: &str) -> StatusSet {
+    let mut set = StatusSet::default();
+    let ours: crate::policy::ListenerPolicyStatus = serde_json::from_value(
+        json!({"ancestors": [ancestor(CONTROLLER, "gw", "True", [time, time])]}),
+    )
+    .expect("status");
+    set.listener_policies.insert(policy_key(), ours);
+    set
+}
+
+#[tokio::test]
+async fn listener_policy_status_is_applied_keeping_other_controllers_ancestors() {
+    let (mut w, handle) = writer();
+    let set = policy_accepted_at(T1);
+    let theirs = ancestor("example.net/other", "their-gw", "False", [T0, T0]);
+    let mut current = Current::default();
+    current.listener_policies.insert(
+        policy_key(),
+        // sockgate's old entry (not accepted then) and another controller's.
+        json!({"ancestors": [ancestor(CONTROLLER, "gw", "False", [T0, T0]), theirs.clone()]}),
+    );
+    let (uri, body) = one_apply(&mut w, handle, &set, &current).await;
+    assert_eq!(
+        uri,
+        "/apis/sockgate.dev/v1alpha1/namespaces/default/listenerpolicies/guard/status?&force=true&fieldManager=sockgate"
+    );
+    assert_eq!(
+        body,
+        json!({
+            "apiVersion": "sockgate.dev/v1alpha1",
+            "kind": "ListenerPolicy",
+            "metadata": {"name": "guard", "namespace": "default"},
+            // Accepted changed: the new time; ResolvedRefs held: the time it had.
+            "status": {"ancestors": [theirs, ancestor(CONTROLLER, "gw", "True", [T1, T0])]},
+        })
+    );
+
+    // The next round, with the cluster holding what was applied, writes nothing.
+    let mut current = Current::default();
+    current
+        .listener_policies
+        .insert(policy_key(), body["status"].clone());
+    assert_writes_nothing(&mut w, &set, &current).await;
+    assert_eq!(w.writes, 1, "one write in all");
+}
+
+#[tokio::test]
+async fn listener_policy_status_is_not_written_when_only_times_differ() {
+    let (mut w, _handle) = writer();
+    let set = policy_accepted_at(T1);
+    // The cluster holds the same conditions from an earlier round.
+    let mut current = Current::default();
+    current.listener_policies.insert(
+        policy_key(),
+        json!({"ancestors": [ancestor(CONTROLLER, "gw", "True", [T0, T0])]}),
+    );
+    assert_writes_nothing(&mut w, &set, &current).await;
 }
