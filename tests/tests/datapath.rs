@@ -27,6 +27,20 @@ fn backend(bed: &Bed, i: usize, port: u16) -> SocketAddr {
     SocketAddr::new(bed.backend_addr(i).into(), port)
 }
 
+/// Starts `handler` as the server of backend 0 (port 3001) and an agent whose listener
+/// 8088 routes to it over `path`; returns both and the listener's address.
+fn agent_with_backend(
+    bed: &Bed,
+    path: &str,
+    handler: servers::Handler,
+) -> (servers::Server, Agent, SocketAddr) {
+    let server =
+        servers::Server::start(bed.backend(0), backend(bed, 0, 3001), handler).expect("server");
+    let route = format!("8088={}", backend(bed, 0, 3001));
+    let agent = Agent::start(bed, &["--route", &route, "--datapath", path], &[8088]);
+    (server, agent, listener_addr(bed, 8088))
+}
+
 /// Checks which path carried `n` connections, from the counters.
 fn assert_path(stats: &serde_json::Value, path: &str, n: u64) {
     let (on, off) = if path == KERNEL {
@@ -171,11 +185,7 @@ fn integrity_with_loss(path: &str, total: u64, writes: Writes, loss_per_mille: u
         let got = duplex(&s, 2, 1, total, writes);
         let _ = tx.lock().expect("lock").send(got);
     });
-    let _server =
-        servers::Server::start(bed.backend(0), backend(&bed, 0, 3001), handler).expect("server");
-    let route = format!("8088={}", backend(&bed, 0, 3001));
-    let agent = Agent::start(&bed, &["--route", &route, "--datapath", path], &[8088]);
-    let addr = listener_addr(&bed, 8088);
+    let (_server, agent, addr) = agent_with_backend(&bed, path, handler);
     let client_got = bed
         .client()
         .run(move || {
@@ -306,11 +316,7 @@ fn overlapping_segment(path: &str) {
         }
         let _ = tx.lock().expect("lock").send(got);
     });
-    let _server =
-        servers::Server::start(bed.backend(0), backend(&bed, 0, 3001), handler).expect("server");
-    let route = format!("8088={}", backend(&bed, 0, 3001));
-    let agent = Agent::start(&bed, &["--route", &route, "--datapath", path], &[8088]);
-    let addr = listener_addr(&bed, 8088);
+    let (_server, agent, addr) = agent_with_backend(&bed, path, handler);
     let mut data = vec![0u8; TOTAL];
     Stream::new(7).fill(&mut data);
     let sent = data.clone();
