@@ -85,9 +85,14 @@ fn test(extra: &[String]) -> anyhow::Result<()> {
             .args(["build", "--all-targets"]),
     )?;
     println!("xtask: running all tests (unit and privileged end-to-end)");
+    // The end-to-end tests run the agent built just now, with the workspace's
+    // features, instead of building it again with the features of one package.
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map_or_else(|| root().join("target"), std::path::PathBuf::from);
     run_cmd(
         Command::new(&cargo)
             .current_dir(root())
+            .env("SOCKGATE_BIN", target.join("debug/sockgate"))
             .args(["test", "--no-fail-fast"])
             .args(extra),
     )

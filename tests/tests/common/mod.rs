@@ -24,9 +24,19 @@ pub fn target_dir() -> PathBuf {
     )
 }
 
-/// The `sockgate` binary, built on first use if missing.
+/// The `sockgate` binary: `SOCKGATE_BIN` when set (`cargo xtask test` builds the
+/// workspace first and sets it), else built on first use.
 pub fn sockgate_bin() -> PathBuf {
     static BUILD: std::sync::Once = std::sync::Once::new();
+    if let Some(bin) = std::env::var_os("SOCKGATE_BIN") {
+        let bin = PathBuf::from(bin);
+        assert!(
+            bin.is_file(),
+            "SOCKGATE_BIN={} is not a file",
+            bin.display()
+        );
+        return bin;
+    }
     let bin = target_dir().join("debug/sockgate");
     BUILD.call_once(|| {
         let status = Command::new(env!("CARGO"))
