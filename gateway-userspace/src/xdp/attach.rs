@@ -37,7 +37,7 @@ use rtnetlink::packet_route::{
 };
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 use super::{AttachMode, XdpError, XdpKind};
 use crate::ebpf::Datapath;
@@ -256,6 +256,9 @@ pub struct Manager {
     said: Option<(BTreeSet<String>, String)>,
     /// Desired interfaces not present, logged once each.
     missing: BTreeSet<String>,
+    /// Interfaces whose attach fails, with the error last logged: a failure is logged
+    /// at error level when it starts or changes, and at debug level on the retries.
+    failing: BTreeMap<String, String>,
 }
 
 impl std::fmt::Debug for Manager {
@@ -298,6 +301,7 @@ impl Manager {
             held: BTreeMap::new(),
             said: None,
             missing: BTreeSet::new(),
+            failing: BTreeMap::new(),
         })
     }
 
@@ -329,6 +333,7 @@ impl Manager {
                 warn!(iface = %name, "XDP guard: no such interface (yet); attached when it appears");
             }
         }
+        self.failing.retain(|name, _| want.contains(name));
         let held: BTreeMap<String, Held> = self.attached();
         let mut errors = Vec::new();
         for step in plan(&want, &ifaces, &held, self.prog_id) {
@@ -349,10 +354,20 @@ impl Manager {
                     };
                     match self.attach(iface) {
                         Ok(held) => {
+                            self.failing.remove(&name);
                             self.held.insert(name, held);
                         }
                         Err(e) => {
-                            error!(iface = %name, error = %e, "XDP guard not attached");
+                            let text = e.to_string();
+                            if self.failing.get(&name) == Some(&text) {
+                                debug!(iface = %name, error = %e, "XDP guard still not attached");
+                            } else {
+                                error!(
+                                    iface = %name, error = %e,
+                                    "XDP guard not attached (retried; said again only if the error changes)"
+                                );
+                                self.failing.insert(name, text);
+                            }
                             errors.push(e);
                         }
                     }
