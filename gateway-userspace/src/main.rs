@@ -307,6 +307,9 @@ fn kube_options(args: &RunArgs) -> anyhow::Result<KubeOptions> {
         node_selector,
         debounce: Duration::from_millis(200),
         node_addresses: None,
+        // A ListenerPolicy CRD installed after the agents start is watched within a
+        // minute.
+        policy_rediscovery: Duration::from_mins(1),
     })
 }
 

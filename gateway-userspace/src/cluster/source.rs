@@ -94,6 +94,9 @@ pub struct KubeOptions {
     /// Where this node's addresses are published ([`node_addresses`] of the `Node`
     /// named `identity`), e.g. for the XDP guard's default interfaces.
     pub node_addresses: Option<watch::Sender<BTreeSet<IpAddr>>>,
+    /// While `ListenerPolicy` is not served, how often discovery looks for it again, so
+    /// that a CRD installed after the agents started is watched without a restart.
+    pub policy_rediscovery: Duration,
 }
 
 /// The `ApiResource` of `TCPRoute` in `version`.
@@ -255,8 +258,8 @@ pub struct Stores {
     services: Store<Service>,
     slices: Store<EndpointSlice>,
     nodes: Store<Node>,
-    /// `None` when the cluster does not serve `ListenerPolicy`.
-    policies: Option<Store<ListenerPolicy>>,
+    /// Unset while the cluster does not serve `ListenerPolicy`.
+    policies: std::sync::OnceLock<Store<ListenerPolicy>>,
 }
 
 fn owned<K>(store: &Store<K>) -> Vec<K>
@@ -302,7 +305,7 @@ impl Stores {
             health.clone(),
             shutdown.clone(),
         );
-        Self {
+        let stores = Self {
             classes: watched!(GatewayClass, "GatewayClass"),
             gateways: watched!(Gateway, "Gateway"),
             routes,
@@ -312,10 +315,34 @@ impl Stores {
             services: watched!(Service, "Service"),
             slices: watched!(EndpointSlice, "EndpointSlice"),
             nodes: watched!(Node, "Node"),
-            policies: found
-                .listener_policies
-                .then(|| watched!(ListenerPolicy, "ListenerPolicy")),
+            policies: std::sync::OnceLock::new(),
+        };
+        if found.listener_policies {
+            stores.watch_policies(client, dirty, health, shutdown);
         }
+        stores
+    }
+
+    /// Starts the `ListenerPolicy` reflector (once).
+    fn watch_policies(
+        &self,
+        client: &Client,
+        dirty: &Arc<Notify>,
+        health: &Arc<Health>,
+        shutdown: &CancellationToken,
+    ) {
+        self.policies.get_or_init(|| {
+            let (store, writer) = reflector::store::<ListenerPolicy>();
+            reflect(
+                Api::<ListenerPolicy>::all(client.clone()),
+                writer,
+                "ListenerPolicy",
+                dirty.clone(),
+                health.clone(),
+                shutdown.clone(),
+            );
+            store
+        });
     }
 
     /// Whether every store has had its first full list.
@@ -328,7 +355,7 @@ impl Stores {
             && self.services.wait_until_ready().await.is_ok()
             && self.slices.wait_until_ready().await.is_ok()
             && self.nodes.wait_until_ready().await.is_ok()
-            && match &self.policies {
+            && match self.policies.get() {
                 Some(p) => p.wait_until_ready().await.is_ok(),
                 None => true,
             }
@@ -362,7 +389,7 @@ impl Stores {
             namespaces: owned(&self.namespaces),
             services: owned(&self.services),
             endpoint_slices: owned(&self.slices),
-            listener_policies: self.policies.as_ref().map(owned).unwrap_or_default(),
+            listener_policies: self.policies.get().map(owned).unwrap_or_default(),
         }
     }
 
@@ -403,7 +430,8 @@ impl Stores {
                 .collect(),
             listener_policies: self
                 .policies
-                .iter()
+                .get()
+                .into_iter()
                 .flat_map(Store::state)
                 .map(|p| {
                     (
@@ -656,6 +684,11 @@ pub async fn run(
         leading_tx,
         shutdown.clone(),
     ));
+    let mut rediscover = PolicyRediscovery::new(
+        client.clone(),
+        found.listener_policies,
+        opts.policy_rediscovery,
+    );
     let mut writer = StatusWriter::new(client, &opts.controller_name, route_resource(version));
     tokio::select! {
         () = shutdown.cancelled() => return,
@@ -683,10 +716,7 @@ pub async fn run(
             program(&desired);
             let _ = tx.send(Arc::new(desired));
         }
-        if let Some(tx) = &opts.node_addresses {
-            let addrs = node_addresses(&stores.nodes(), &opts.identity);
-            tx.send_if_modified(|old| std::mem::replace(old, addrs.clone()) != addrs);
-        }
+        publish_node_addresses(&opts, &stores);
         counters
             .ready
             .store(true, std::sync::atomic::Ordering::Relaxed);
@@ -708,10 +738,15 @@ pub async fn run(
             }
         }
         // Wait for a change (or a new leadership), then for quiet.
-        tokio::select! {
-            () = shutdown.cancelled() => return,
-            () = dirty.notified() => {}
-            _ = leading.changed() => {}
+        loop {
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                () = dirty.notified() => break,
+                _ = leading.changed() => break,
+                found = rediscover.found() => if found {
+                    stores.watch_policies(&rediscover.client, &dirty, &health, &shutdown);
+                },
+            }
         }
         loop {
             tokio::select! {
@@ -719,6 +754,58 @@ pub async fn run(
                 () = dirty.notified() => {}
                 () = tokio::time::sleep(opts.debounce) => break,
             }
+        }
+    }
+}
+
+/// Publishes this node's addresses ([`KubeOptions::node_addresses`]) when they changed.
+fn publish_node_addresses(opts: &KubeOptions, stores: &Stores) {
+    if let Some(tx) = &opts.node_addresses {
+        let addrs = node_addresses(&stores.nodes(), &opts.identity);
+        tx.send_if_modified(|old| std::mem::replace(old, addrs.clone()) != addrs);
+    }
+}
+
+/// While the cluster does not serve `ListenerPolicy`: its discovery, now and then.
+struct PolicyRediscovery {
+    client: Client,
+    /// `None` once served (or served from the start).
+    interval: Option<tokio::time::Interval>,
+}
+
+impl PolicyRediscovery {
+    fn new(client: Client, served: bool, every: Duration) -> Self {
+        let interval =
+            (!served).then(|| tokio::time::interval_at(tokio::time::Instant::now() + every, every));
+        Self { client, interval }
+    }
+
+    /// Waits for the next discovery (forever once served); true when it found the CRD.
+    async fn found(&mut self) -> bool {
+        let Some(interval) = self.interval.as_mut() else {
+            return std::future::pending().await;
+        };
+        interval.tick().await;
+        if !policies_served(&self.client).await {
+            return false;
+        }
+        info!(
+            "ListenerPolicy CRD installed: watching ListenerPolicy, XDP policies from the cluster"
+        );
+        self.interval = None;
+        true
+    }
+}
+
+/// Whether the cluster serves `ListenerPolicy` now (one discovery of its group; a
+/// failure counts as not served, and is tried again at the next tick).
+async fn policies_served(client: &Client) -> bool {
+    let group = <ListenerPolicy as Resource>::group(&()).into_owned();
+    match Discovery::new(client.clone()).filter(&[&group]).run().await {
+        Ok(found) => serves_listener_policies(found.get(&group)),
+        Err(e) => {
+            debug!(error = %e, "ListenerPolicy discovery failed; tried again later");
+            false
         }
     }
 }

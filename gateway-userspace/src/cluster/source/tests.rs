@@ -394,6 +394,7 @@ mod against_a_scripted_api_server {
             node_selector: BTreeMap::new(),
             debounce: Duration::from_millis(10),
             node_addresses: None,
+            policy_rediscovery: Duration::from_mins(1),
         }
     }
 
@@ -436,6 +437,14 @@ mod against_a_scripted_api_server {
     }
 
     fn start(policy_crd: bool, objects: BTreeMap<&'static str, Vec<Value>>) -> Running {
+        start_with(policy_crd, objects, options())
+    }
+
+    fn start_with(
+        policy_crd: bool,
+        objects: BTreeMap<&'static str, Vec<Value>>,
+        opts: KubeOptions,
+    ) -> Running {
         let (service, handle) = mock::pair::<Request<Body>, Response<Body>>();
         let client = Client::new(service, "default");
         let shutdown = CancellationToken::new();
@@ -447,7 +456,7 @@ mod against_a_scripted_api_server {
             client,
             KubeOptions {
                 node_addresses: Some(addrs_tx),
-                ..options()
+                ..opts
             },
             tx,
             |_| {},
@@ -519,6 +528,44 @@ mod against_a_scripted_api_server {
             "this node's addresses are published"
         );
         agent.stop().await;
+    }
+
+    #[tokio::test]
+    async fn a_listener_policy_crd_installed_later_is_watched_without_a_restart() {
+        let (logs, _guard) = capture_logs();
+        let opts = KubeOptions {
+            policy_rediscovery: Duration::from_millis(100),
+            ..options()
+        };
+        let mut agent = start_with(false, BTreeMap::new(), opts);
+        let expected: BTreeSet<&str> = KINDS.into();
+        agent
+            .cluster
+            .serve_until(|c| c.paths(false) == expected && c.paths(true) == expected)
+            .await;
+        agent.until_ready().await;
+        // Rediscovery finds nothing while the CRD is absent.
+        let quiet_until = tokio::time::Instant::now() + Duration::from_millis(400);
+        agent
+            .cluster
+            .serve_until(|_| tokio::time::Instant::now() >= quiet_until)
+            .await;
+        assert_eq!(agent.cluster.paths(false), expected, "no policy list yet");
+        agent.cluster.policy_crd = true;
+        let mut with_policies = expected.clone();
+        with_policies.insert(POLICIES);
+        agent
+            .cluster
+            .serve_until(|c| c.paths(false) == with_policies && c.paths(true) == with_policies)
+            .await;
+        agent.stop().await;
+        let log = log_text(&logs);
+        assert_eq!(
+            log.matches("ListenerPolicy CRD installed: watching ListenerPolicy")
+                .count(),
+            1,
+            "{log}"
+        );
     }
 
     #[tokio::test]
