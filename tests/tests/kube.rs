@@ -20,17 +20,24 @@ use common::{Agent, bpftool_json, exchange, kubeconfig, require_root, unreachabl
 use netbed::{Bed, servers};
 use serde_json::{Value, json};
 
-#[test]
-fn unreachable_api_server_one_error_then_backoff_and_clean_stop() {
-    require_root();
-    let bed = Bed::new(0).expect("bed");
-    let (dir, kubeconfig) = unreachable_kubeconfig("retry");
-    let mut agent = Agent::start_with_env(
-        &bed,
+/// An agent on the kube source whose API server does not answer (no listener port
+/// waited for); returns the kubeconfig's directory (to remove) and the agent.
+fn agent_of_unreachable_api(bed: &Bed, tag: &str) -> (std::path::PathBuf, Agent) {
+    let (dir, kubeconfig) = unreachable_kubeconfig(tag);
+    let agent = Agent::start_with_env(
+        bed,
         &["--source", "kube", "--node-name", "node-1"],
         &[],
         &[("KUBECONFIG", kubeconfig.as_os_str())],
     );
+    (dir, agent)
+}
+
+#[test]
+fn unreachable_api_server_one_error_then_backoff_and_clean_stop() {
+    require_root();
+    let bed = Bed::new(0).expect("bed");
+    let (dir, mut agent) = agent_of_unreachable_api(&bed, "retry");
     let deadline = Instant::now() + Duration::from_secs(20);
     while agent
         .log_text()
@@ -80,13 +87,7 @@ fn unreachable_api_server_one_error_then_backoff_and_clean_stop() {
 fn not_ready_until_the_cluster_state_is_programmed() {
     require_root();
     let bed = Bed::new(0).expect("bed");
-    let (dir, kubeconfig) = unreachable_kubeconfig("ready");
-    let mut agent = Agent::start_with_env(
-        &bed,
-        &["--source", "kube", "--node-name", "node-1"],
-        &[],
-        &[("KUBECONFIG", kubeconfig.as_os_str())],
-    );
+    let (dir, mut agent) = agent_of_unreachable_api(&bed, "ready");
     let deadline = Instant::now() + Duration::from_secs(20);
     while !agent
         .log_text()

@@ -254,6 +254,29 @@ fn sysctl_max(bed: &Bed, name: &str) -> u64 {
         .unwrap_or_else(|| panic!("sysctl {name}"))
 }
 
+/// Starts `handler` as the server of backend 0 (port 3001) and an agent whose listener
+/// 8088 routes to it on the kernel path with the queue limit [`QUEUE_LIMIT`]; returns
+/// both and the listener's address.
+fn kernel_path_agent(bed: &Bed, handler: servers::Handler) -> (servers::Server, Agent, SocketAddr) {
+    let backend = SocketAddr::new(bed.backend_addr(0).into(), 3001);
+    let server = servers::Server::start(bed.backend(0), backend, handler).expect("server");
+    let route = format!("8088={backend}");
+    let limit = QUEUE_LIMIT.to_string();
+    let agent = Agent::start(
+        bed,
+        &[
+            "--route",
+            &route,
+            "--datapath",
+            "sockmap",
+            "--kernel-queue-limit",
+            &limit,
+        ],
+        &[8088],
+    );
+    (server, agent, SocketAddr::new(bed.node_addr().into(), 8088))
+}
+
 #[test]
 fn fast_client_slow_backend_kernel_memory_bounded() {
     require_root();
@@ -266,23 +289,7 @@ fn fast_client_slow_backend_kernel_memory_bounded() {
         let got = slow_reader(s, &fast2);
         let _ = tx.lock().expect("lock").send(got);
     });
-    let backend = SocketAddr::new(bed.backend_addr(0).into(), 3001);
-    let _server = servers::Server::start(bed.backend(0), backend, handler).expect("server");
-    let route = format!("8088={backend}");
-    let limit = QUEUE_LIMIT.to_string();
-    let agent = Agent::start(
-        &bed,
-        &[
-            "--route",
-            &route,
-            "--datapath",
-            "sockmap",
-            "--kernel-queue-limit",
-            &limit,
-        ],
-        &[8088],
-    );
-    let addr = SocketAddr::new(bed.node_addr().into(), 8088);
+    let (_server, agent, addr) = kernel_path_agent(&bed, handler);
 
     // The bound: the verdict's queue limit, plus what TCP bounds by itself on the two
     // node sockets (parked bytes in the client socket's receive buffer, counted twice by
@@ -291,6 +298,7 @@ fn fast_client_slow_backend_kernel_memory_bounded() {
     let wmem = sysctl_max(&bed, "net.ipv4.tcp_wmem");
     let bound = QUEUE_LIMIT + 2 * rmem + wmem + MIB;
 
+    let backend = SocketAddr::new(bed.backend_addr(0).into(), 3001);
     let base = meminfo_kernel();
     let stop = AtomicBool::new(false);
     let ((sent, client), (conn_max, machine_growth, samples)) = std::thread::scope(|scope| {
@@ -361,23 +369,7 @@ fn throttled_connection_reset_by_backend() {
         let _ = socket2::SockRef::from(&s).set_linger(Some(Duration::ZERO));
         drop(s);
     });
-    let backend = SocketAddr::new(bed.backend_addr(0).into(), 3001);
-    let _server = servers::Server::start(bed.backend(0), backend, handler).expect("server");
-    let route = format!("8088={backend}");
-    let limit = QUEUE_LIMIT.to_string();
-    let agent = Agent::start(
-        &bed,
-        &[
-            "--route",
-            &route,
-            "--datapath",
-            "sockmap",
-            "--kernel-queue-limit",
-            &limit,
-        ],
-        &[8088],
-    );
-    let addr = SocketAddr::new(bed.node_addr().into(), 8088);
+    let (_server, agent, addr) = kernel_path_agent(&bed, handler);
     let client = bed
         .client()
         .run(move || {

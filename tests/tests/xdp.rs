@@ -90,15 +90,7 @@ fn denied_client_times_out_allowed_client_connects() {
         "attach logged: {}",
         agent.log_text()
     );
-    let (reply, denied) = allowed_and_denied(
-        &bed,
-        bed.client_addr().into(),
-        DENIED.into(),
-        bed.node_addr().into(),
-    );
-    assert_guarded(&reply, denied);
-    let x = xdp_counts(&agent);
-    assert_eq!(count(&x, "syn_admitted"), 1, "{x}");
+    let x = assert_guarded_v4(&bed, &agent);
     // The denied connect sends a SYN and (after 1 s) one retransmission.
     let denied_syns = count(&x, "dropped_denied");
     assert!((1..=2).contains(&denied_syns), "{x}");
@@ -395,16 +387,19 @@ fn attach_lines(agent: &Agent, iface: &str) -> Vec<String> {
         .collect()
 }
 
-/// From the client namespace: one exchange from the client's address, and a connect
-/// from `denied` (its error kind and how long it waited).
-fn allowed_and_denied(
+/// From the client namespace: one exchange from `client` must be proxied while a
+/// connect from `denied` times out (dropped at the NIC: no RST). Checks the guard's
+/// counters saw one admitted SYN and at least one denied, and returns them.
+fn assert_guarded(
     bed: &Bed,
+    agent: &Agent,
     client: IpAddr,
     denied: IpAddr,
     node: IpAddr,
-) -> (String, Result<(), (io::ErrorKind, Duration)>) {
+) -> serde_json::Value {
     let dst = SocketAddr::new(node, PORT);
-    bed.client()
+    let (reply, denied) = bed
+        .client()
         .run(move || {
             let mut s = connect_from(client, dst, Duration::from_secs(5)).expect("allowed");
             let reply = exchange(&mut s, "hello\n");
@@ -417,14 +412,26 @@ fn allowed_and_denied(
                     .map_err(|e| (e.kind(), started.elapsed())),
             )
         })
-        .expect("client ns")
-}
-
-fn assert_guarded(reply: &str, denied: Result<(), (io::ErrorKind, Duration)>) {
+        .expect("client ns");
     assert_eq!(reply, "hello\n", "the allowed client is proxied");
     let (kind, waited) = denied.expect_err("the denied client must not connect");
     assert_eq!(kind, io::ErrorKind::TimedOut, "dropped at the NIC: no RST");
     assert!(waited >= Duration::from_millis(1400), "{waited:?}");
+    let x = xdp_counts(agent);
+    assert_eq!(count(&x, "syn_admitted"), 1, "{x}");
+    assert!(count(&x, "dropped_denied") >= 1, "{x}");
+    x
+}
+
+/// [`assert_guarded`] with the bed's IPv4 client and node and [`DENIED`].
+fn assert_guarded_v4(bed: &Bed, agent: &Agent) -> serde_json::Value {
+    assert_guarded(
+        bed,
+        agent,
+        bed.client_addr().into(),
+        DENIED.into(),
+        bed.node_addr().into(),
+    )
 }
 
 #[test]
@@ -454,16 +461,7 @@ fn native_mode_on_veth_attaches_in_the_driver_and_drops_denied_syns() {
         lines.len() == 1 && lines[0].contains("mode=native"),
         "{lines:?}"
     );
-    let (reply, denied) = allowed_and_denied(
-        &bed,
-        bed.client_addr().into(),
-        DENIED.into(),
-        bed.node_addr().into(),
-    );
-    assert_guarded(&reply, denied);
-    let x = xdp_counts(&agent);
-    assert_eq!(count(&x, "syn_admitted"), 1, "{x}");
-    assert!(count(&x, "dropped_denied") >= 1, "{x}");
+    assert_guarded_v4(&bed, &agent);
 }
 
 /// Runs `sockgate run ARGS` in the node namespace, expecting it to exit by itself
@@ -582,16 +580,7 @@ fn auto_is_generic_on_veth_and_follows_the_interface_when_it_is_recreated() {
     }
     assert_eq!(attach_lines(&agent, "c0").len(), 2, "{}", agent.log_text());
     // The guard works on the new interface.
-    let (reply, denied) = allowed_and_denied(
-        &bed,
-        bed.client_addr().into(),
-        DENIED.into(),
-        bed.node_addr().into(),
-    );
-    assert_guarded(&reply, denied);
-    let x = xdp_counts(&agent);
-    assert_eq!(count(&x, "syn_admitted"), 1, "{x}");
-    assert!(count(&x, "dropped_denied") >= 1, "{x}");
+    assert_guarded_v4(&bed, &agent);
 }
 
 const NODE6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x200, 0, 0, 0, 0, 0, 1);
@@ -613,10 +602,7 @@ fn ipv6_denied_client_times_out_allowed_client_connects() {
     // Denied by a /128 among allowed /64 neighbours; an IPv4 range beside it.
     let deny = format!("{PORT}={DENIED6}/128,10.66.0.0/16");
     let (agent, _server) = start(&bed, &["--xdp-deny", &deny]);
-    let (reply, denied) = allowed_and_denied(&bed, CLIENT6.into(), DENIED6.into(), NODE6.into());
-    assert_guarded(&reply, denied);
-    let x = xdp_counts(&agent);
-    assert_eq!(count(&x, "syn_admitted"), 1, "{x}");
+    let x = assert_guarded(&bed, &agent, CLIENT6.into(), DENIED6.into(), NODE6.into());
     assert!((1..=2).contains(&count(&x, "dropped_denied")), "{x}");
     let s = agent.stats(PORT);
     assert_eq!(
