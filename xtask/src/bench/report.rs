@@ -178,21 +178,26 @@ fn title(metric: &str) -> String {
         .map_or_else(|| metric.to_owned(), |m| format!("{} ({})", m.1, m.2))
 }
 
+/// A Markdown table's header: a `row` column, then `columns`.
+fn table_header(md: &mut String, columns: impl IntoIterator<Item = String>) {
+    md.push_str("| row |");
+    let mut n = 0;
+    for c in columns {
+        let _ = write!(md, " {c} |");
+        n += 1;
+    }
+    md.push_str("\n|---|");
+    md.push_str(&"---|".repeat(n));
+    md.push('\n');
+}
+
 fn table(
     md: &mut String,
     info: &RunInfo,
     metrics: &[&'static str],
     f: impl Fn(&str, &'static str) -> String,
 ) {
-    md.push_str("| row |");
-    for m in metrics {
-        let _ = write!(md, " {} |", title(m));
-    }
-    md.push_str("\n|---|");
-    for _ in metrics {
-        md.push_str("---|");
-    }
-    md.push('\n');
+    table_header(md, metrics.iter().map(|m| title(m)));
     for row in &info.rows {
         let cells: Vec<String> = metrics.iter().map(|m| f(row, m)).collect();
         // Rows that measure none of these metrics (the SYN flood rows) are left out.
@@ -295,15 +300,12 @@ fn guard(md: &mut String, stats: &Stats, info: &RunInfo) {
     md.push_str("\n## The XDP listener guard\n\n");
     if !with.is_empty() {
         let metrics = ["tput_1", "rr_p50", "rr_p99", "cpu_per_gb"];
-        md.push_str("| row |");
-        for m in metrics {
-            let _ = write!(md, " {} | vs {base} |", title(m));
-        }
-        md.push_str("\n|---|");
-        for _ in metrics {
-            md.push_str("---|---|");
-        }
-        md.push('\n');
+        table_header(
+            md,
+            metrics
+                .iter()
+                .flat_map(|m| [title(m), format!("vs {base}")]),
+        );
         for row in std::iter::once(&base.to_owned()).chain(with.iter().copied()) {
             let _ = write!(md, "| {row} |");
             for m in metrics {
@@ -336,15 +338,8 @@ fn guard(md: &mut String, stats: &Stats, info: &RunInfo) {
             "syn_drop_softirq",
             "syn_drop_per_core",
         ];
-        md.push_str("\n| row |");
-        for m in metrics {
-            let _ = write!(md, " {} |", title(m));
-        }
-        md.push_str("\n|---|");
-        for _ in metrics {
-            md.push_str("---|");
-        }
         md.push('\n');
+        table_header(md, metrics.iter().map(|m| title(m)));
         for row in floods {
             let _ = write!(md, "| {row} |");
             for m in metrics {
