@@ -18,6 +18,14 @@
 //!   (listener port, allow or deny, client address) -> rule id (`u32`)
 //! * [`GW_XDP_BUCKETS`]: LRU, [`BucketKey`] (listener port + masked source) -> [`Bucket`]
 //! * [`GW_XDP_STATS`]: per-CPU, listener port ([`ListenerKey`]) -> [`XdpStats`]
+//! * [`GW_FWD_FLOWS`]: the forward path's connection table, [`FlowKey`] (a packet's
+//!   tuple as it arrives, either direction) -> [`Flow`] (how to rewrite it, state,
+//!   counters)
+//! * [`GW_FWD_SLOTS`]: listener port ([`ListenerKey`]) -> [`SlotTable`], the weighted
+//!   backend selection table the forward program indexes by a hash of the client
+//! * [`GW_FWD_ADDRS`]: [`NodeAddr`] -> `u32`, the node's own addresses (a SYN to one of
+//!   them on a listener port is forwarded)
+//! * [`GW_FWD_STATS`]: per-CPU, listener port ([`ListenerKey`]) -> [`FwdStats`]
 #![no_std]
 #![expect(
     clippy::pub_underscore_fields,
@@ -48,8 +56,17 @@ pub const GW_XDP_BUCKETS: &str = "GW_XDP_BUCKETS";
 /// Name of the XDP guard's per-CPU counters ([`ListenerKey`] -> [`XdpStats`]).
 pub const GW_XDP_STATS: &str = "GW_XDP_STATS";
 
+/// Name of the forward path's connection table ([`FlowKey`] -> [`Flow`]).
+pub const GW_FWD_FLOWS: &str = "GW_FWD_FLOWS";
+/// Name of the forward path's backend selection tables ([`ListenerKey`] -> [`SlotTable`]).
+pub const GW_FWD_SLOTS: &str = "GW_FWD_SLOTS";
+/// Name of the node address set of the forward path ([`NodeAddr`] -> `u32`).
+pub const GW_FWD_ADDRS: &str = "GW_FWD_ADDRS";
+/// Name of the forward path's per-CPU counters ([`ListenerKey`] -> [`FwdStats`]).
+pub const GW_FWD_STATS: &str = "GW_FWD_STATS";
+
 /// Every map the programs declare, in the order the loader pins them.
-pub const MAP_NAMES: [&str; 10] = [
+pub const MAP_NAMES: [&str; 14] = [
     GW_LISTENERS,
     GW_BACKENDS,
     GW_SOCKS,
@@ -60,6 +77,10 @@ pub const MAP_NAMES: [&str; 10] = [
     GW_XDP_CIDR6,
     GW_XDP_BUCKETS,
     GW_XDP_STATS,
+    GW_FWD_FLOWS,
+    GW_FWD_SLOTS,
+    GW_FWD_ADDRS,
+    GW_FWD_STATS,
 ];
 
 /// Capacity of [`GW_LISTENERS`].
@@ -79,6 +100,8 @@ pub const PROG_VERDICT: &str = "gw_verdict";
 pub const PROG_MSG: &str = "gw_msg";
 /// Name of the XDP listener guard program.
 pub const PROG_XDP: &str = "gw_xdp";
+/// Name of the forward path's tc program.
+pub const PROG_FWD: &str = "gw_fwd";
 
 /// Capacity of each of [`GW_XDP_CIDR4`] and [`GW_XDP_CIDR6`] (all listeners, allow and
 /// deny together).
@@ -447,12 +470,202 @@ impl XdpStats {
     }
 }
 
+/// Default capacity of [`GW_FWD_FLOWS`]: two entries per forwarded connection (one per
+/// direction). The agent may size it at load time (`--forward-table-size`).
+pub const MAX_FLOWS: u32 = 262_144;
+/// Slots of one [`SlotTable`]: a power of two, so a hash picks one with a mask.
+pub const FWD_SLOTS: usize = 1024;
+/// Capacity of [`GW_FWD_ADDRS`].
+pub const MAX_NODE_ADDRS: u32 = 256;
+/// Backends the forward program tries for one client connection at most (a refused or
+/// silent backend is retried on another at the client's SYN retransmission).
+pub const FWD_MAX_ATTEMPTS: u32 = 4;
+
+/// Key of [`GW_FWD_FLOWS`]: the addresses and ports of a TCP segment as it arrives at
+/// the node, before translation. A connection has two entries: the client's tuple
+/// (client -> node address, listener port) and the backend's (backend -> NAT address,
+/// NAT port).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct FlowKey {
+    /// Source address: IPv6, or IPv4-mapped IPv6 (`::ffff:a.b.c.d`), network order.
+    pub src_be: [u8; 16],
+    /// Destination address, as `src_be`.
+    pub dst_be: [u8; 16],
+    /// Source port, host byte order.
+    pub sport: u16,
+    /// Destination port, host byte order.
+    pub dport: u16,
+    /// Always zero.
+    pub _pad: u32,
+}
+const _: () = assert!(size_of::<FlowKey>() == 40);
+
+/// Value of [`GW_FWD_FLOWS`]: how to rewrite the segments of one direction of a
+/// forwarded connection, and what was seen of it.
+///
+/// The forward program creates both entries of a connection at the client's SYN and
+/// updates `state`, `last_seen_ns` and the counters of the entry of each segment's
+/// direction; the agent's sweeper deletes both entries once the connection is over
+/// (per-state timeouts), and never an entry still in use.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct Flow {
+    /// Source address written into the segment (the NAT address towards the
+    /// backend; the listener's node address towards the client), as [`FlowKey`].
+    pub new_src_be: [u8; 16],
+    /// Destination address written into the segment (the backend; the client).
+    pub new_dst_be: [u8; 16],
+    /// Source port written (the NAT port; the listener port), host order.
+    pub new_sport: u16,
+    /// Destination port written (the backend's port; the client's), host order.
+    pub new_dport: u16,
+    /// The listener the connection came in on, host order.
+    pub listener_port: u16,
+    /// [`DIR_CLIENT_TO_BACKEND`] or [`DIR_BACKEND_TO_CLIENT`].
+    pub direction: u8,
+    /// Index of the backend in [`GW_BACKENDS`] (for the listener).
+    pub backend_index: u8,
+    /// Interface the translated segments leave by.
+    pub out_ifindex: u32,
+    /// `FLOW_S_*` bits seen in this direction.
+    pub state: u32,
+    /// Backends tried for this connection (client direction only): bit `i` for
+    /// backend index `i % 32`, and the attempts in [`Flow::attempts`].
+    pub tried: u32,
+    /// Connect attempts made (client direction only).
+    pub attempts: u32,
+    /// `bpf_ktime_get_ns()` when the entry was made.
+    pub created_ns: u64,
+    /// `bpf_ktime_get_ns()` of the last segment in this direction.
+    pub last_seen_ns: u64,
+    /// Segments forwarded in this direction (GSO super-packets count once).
+    pub packets: u64,
+    /// Bytes forwarded in this direction (IP length).
+    pub bytes: u64,
+}
+const _: () = assert!(size_of::<Flow>() == 88);
+
+/// [`Flow::state`]: a SYN was seen in this direction (the client's SYN, the backend's
+/// SYN-ACK).
+pub const FLOW_S_SYN: u32 = 1;
+/// [`Flow::state`]: a segment with ACK and without SYN was seen in this direction.
+pub const FLOW_S_ACK: u32 = 2;
+/// [`Flow::state`]: a FIN was seen in this direction.
+pub const FLOW_S_FIN: u32 = 4;
+/// [`Flow::state`]: a RST was seen in this direction.
+pub const FLOW_S_RST: u32 = 8;
+
+/// Value of [`GW_FWD_SLOTS`]: the backend selection table of one listener. The
+/// forward program hashes the client's address and port to a slot; the slot holds the
+/// index of a backend in [`GW_BACKENDS`]. The agent fills the slots in proportion to the
+/// weights (Maglev's population order, so a change of the backend set moves few
+/// slots); a backend of weight 0 holds none.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct SlotTable {
+    /// Number of filled slots: [`FWD_SLOTS`], or 0 when no backend has a weight (every
+    /// SYN is then refused).
+    pub filled: u32,
+    /// Always zero.
+    pub _pad: u32,
+    /// Backend index per slot.
+    pub slots: [u8; FWD_SLOTS],
+}
+const _: () = assert!(size_of::<SlotTable>() == 8 + FWD_SLOTS);
+
+impl Default for SlotTable {
+    fn default() -> Self {
+        Self {
+            filled: 0,
+            _pad: 0,
+            slots: [0; FWD_SLOTS],
+        }
+    }
+}
+
+/// Key of [`GW_FWD_ADDRS`]: an address of the node, as [`FlowKey::dst_be`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct NodeAddr {
+    /// IPv6, or IPv4-mapped IPv6, network order.
+    pub addr_be: [u8; 16],
+}
+const _: () = assert!(size_of::<NodeAddr>() == 16);
+
+/// Value of [`GW_FWD_STATS`], per CPU: what the forward program did for one listener.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct FwdStats {
+    /// Connections the forward program took (both table entries made at a SYN).
+    pub connections: u64,
+    /// SYNs answered with a RST: the listener has no backend with weight > 0.
+    pub rejected_no_backend: u64,
+    /// SYNs answered with a RST: the backendRef picked is invalid.
+    pub rejected_invalid_backend: u64,
+    /// Client SYNs answered with a RST after every attempt failed (refused or silent).
+    pub rejected_connect_failed: u64,
+    /// Backend attempts that failed: the backend reset the SYN, or the client
+    /// retransmitted its SYN before the backend answered.
+    pub connect_failures: u64,
+    /// SYNs passed to the node's stack (the socket paths) because no NAT port was
+    /// free towards the backend.
+    pub nat_exhausted: u64,
+    /// SYNs passed to the node's stack because the connection table was full.
+    pub table_full: u64,
+    /// Segments passed to the stack because no route led to the backend or client.
+    pub no_route: u64,
+    /// Segments client -> backend forwarded.
+    pub packets_c2b: u64,
+    /// Segments backend -> client forwarded.
+    pub packets_b2c: u64,
+    /// Bytes (IP length) client -> backend forwarded.
+    pub bytes_c2b: u64,
+    /// Bytes (IP length) backend -> client forwarded.
+    pub bytes_b2c: u64,
+}
+const _: () = assert!(size_of::<FwdStats>() == 12 * 8);
+
+impl FwdStats {
+    /// Field-wise sum, for adding up per-CPU values.
+    #[must_use]
+    pub const fn add(mut self, o: &Self) -> Self {
+        self.connections += o.connections;
+        self.rejected_no_backend += o.rejected_no_backend;
+        self.rejected_invalid_backend += o.rejected_invalid_backend;
+        self.rejected_connect_failed += o.rejected_connect_failed;
+        self.connect_failures += o.connect_failures;
+        self.nat_exhausted += o.nat_exhausted;
+        self.table_full += o.table_full;
+        self.no_route += o.no_route;
+        self.packets_c2b += o.packets_c2b;
+        self.packets_b2c += o.packets_b2c;
+        self.bytes_c2b += o.bytes_c2b;
+        self.bytes_b2c += o.bytes_b2c;
+        self
+    }
+}
+
+/// Name of the read-only global of the forward program: the first NAT port.
+pub const GLOBAL_FWD_PORT_MIN: &str = "FWD_PORT_MIN";
+/// Name of the read-only global of the forward program: the number of NAT ports.
+pub const GLOBAL_FWD_PORT_COUNT: &str = "FWD_PORT_COUNT";
+/// Name of the read-only global of the forward program: backends tried per client
+/// connection (at most [`FWD_MAX_ATTEMPTS`]).
+pub const GLOBAL_FWD_ATTEMPTS: &str = "FWD_ATTEMPTS";
+
 #[cfg(feature = "user")]
 mod user {
     //! `aya::Pod` for every map type, so the agent can read and write the maps.
     use super::{
-        Backend, BackendKey, Bucket, BucketKey, Cidr4, Cidr6, ListenerInfo, ListenerKey,
-        ListenerStats, Peer, StatsKey, XdpPolicy, XdpStats,
+        Backend, BackendKey, Bucket, BucketKey, Cidr4, Cidr6, Flow, FlowKey, FwdStats,
+        ListenerInfo, ListenerKey, ListenerStats, NodeAddr, Peer, SlotTable, StatsKey, XdpPolicy,
+        XdpStats,
     };
 
     // SAFETY: all of these are #[repr(C)], have no padding bytes left implicit (see the
@@ -470,6 +683,11 @@ mod user {
     unsafe impl aya::Pod for BucketKey {}
     unsafe impl aya::Pod for Bucket {}
     unsafe impl aya::Pod for XdpStats {}
+    unsafe impl aya::Pod for FlowKey {}
+    unsafe impl aya::Pod for Flow {}
+    unsafe impl aya::Pod for SlotTable {}
+    unsafe impl aya::Pod for NodeAddr {}
+    unsafe impl aya::Pod for FwdStats {}
 }
 
 impl ListenerKey {

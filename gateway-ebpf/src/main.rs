@@ -10,6 +10,9 @@
 //!   senders on proxied sockets and lets them through.
 //! * [`xdp::gw_xdp`], the XDP listener guard: per-listener client CIDR policy and SYN
 //!   rate limit at the NIC (see the module).
+//! * [`forward::gw_fwd`], the forward data path: a tc program that translates and
+//!   redirects the segments of TCPRoute connections without terminating them (see the
+//!   module).
 //!
 //! Zero-length segments (a FIN is seen that way) are dropped: the agent propagates the
 //! FIN itself, only once every byte before it was handed to TCP. Counters go to the
@@ -357,6 +360,7 @@ pub fn gw_msg(ctx: SkMsgContext) -> u32 {
     sk_action::SK_PASS
 }
 
+mod forward;
 mod xdp;
 
 #[cfg(not(test))]

@@ -20,15 +20,22 @@ use aya::{
         HashMap, MapData, MapInfo, MapType, PerCpuHashMap, PerCpuValues, SockHash,
         lpm_trie::Key as LpmKey,
     },
-    programs::{ProgramError, SkMsg, SkSkb, Xdp, xdp::XdpLink},
+    programs::{
+        ProgramError, SchedClassifier, SkMsg, SkSkb, Xdp,
+        links::{FdLink, PinnedLink},
+        tc::{SchedClassifierLink, TcAttachOptions, TcAttachType},
+        xdp::XdpLink,
+    },
 };
 use gateway_common::{
-    Backend, BackendKey, Bucket, BucketKey, Cidr4, Cidr6, GLOBAL_COPIED_SEQ_OFFSET,
-    GLOBAL_SKB_CB_OFFSET, GLOBAL_WRITE_SEQ_OFFSET, GW_BACKENDS, GW_LISTENERS, GW_PEERS, GW_SOCKS,
-    GW_STATS, GW_XDP_BUCKETS, GW_XDP_CIDR4, GW_XDP_CIDR6, GW_XDP_POLICY, GW_XDP_STATS,
-    ListenerInfo, ListenerKey, ListenerStats, MAP_NAMES, MAX_BACKENDS, MAX_LISTENERS, MAX_SOCKETS,
-    MAX_STATS, MAX_XDP_BUCKETS, MAX_XDP_CIDRS, PROG_MSG, PROG_VERDICT, PROG_XDP, Peer, StatsKey,
-    XdpPolicy, XdpStats,
+    Backend, BackendKey, Bucket, BucketKey, Cidr4, Cidr6, FWD_MAX_ATTEMPTS, Flow, FlowKey,
+    FwdStats, GLOBAL_COPIED_SEQ_OFFSET, GLOBAL_FWD_ATTEMPTS, GLOBAL_FWD_PORT_COUNT,
+    GLOBAL_FWD_PORT_MIN, GLOBAL_SKB_CB_OFFSET, GLOBAL_WRITE_SEQ_OFFSET, GW_BACKENDS, GW_FWD_ADDRS,
+    GW_FWD_FLOWS, GW_FWD_SLOTS, GW_FWD_STATS, GW_LISTENERS, GW_PEERS, GW_SOCKS, GW_STATS,
+    GW_XDP_BUCKETS, GW_XDP_CIDR4, GW_XDP_CIDR6, GW_XDP_POLICY, GW_XDP_STATS, ListenerInfo,
+    ListenerKey, ListenerStats, MAP_NAMES, MAX_BACKENDS, MAX_FLOWS, MAX_LISTENERS, MAX_NODE_ADDRS,
+    MAX_SOCKETS, MAX_STATS, MAX_XDP_BUCKETS, MAX_XDP_CIDRS, NodeAddr, PROG_FWD, PROG_MSG,
+    PROG_VERDICT, PROG_XDP, Peer, SlotTable, StatsKey, XdpPolicy, XdpStats,
 };
 
 use crate::xdp::{GuardMaps, ListenerGuard, XdpError, XdpKind};
@@ -129,6 +136,49 @@ pub struct LoadOptions {
     pub on_mismatch: PinMismatch,
     /// The kernel BTF file whose presence is required.
     pub kernel_btf: PathBuf,
+    /// The forward path's settings that are fixed at load time.
+    pub forward: ForwardLoad,
+}
+
+/// What the forward program is loaded with.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ForwardLoad {
+    /// Capacity of `GW_FWD_FLOWS` (two entries per connection).
+    pub table_size: u32,
+    /// First NAT port.
+    pub port_min: u16,
+    /// Last NAT port.
+    pub port_max: u16,
+    /// Backends tried per client connection.
+    pub attempts: u32,
+}
+
+impl ForwardLoad {
+    /// The read-only globals of `gw_fwd` and their values.
+    fn globals(self) -> [(&'static str, u32); 3] {
+        [
+            (GLOBAL_FWD_PORT_MIN, u32::from(self.port_min)),
+            (
+                GLOBAL_FWD_PORT_COUNT,
+                u32::from(self.port_max.saturating_sub(self.port_min)) + 1,
+            ),
+            (
+                GLOBAL_FWD_ATTEMPTS,
+                self.attempts.clamp(1, FWD_MAX_ATTEMPTS),
+            ),
+        ]
+    }
+}
+
+impl Default for ForwardLoad {
+    fn default() -> Self {
+        Self {
+            table_size: MAX_FLOWS,
+            port_min: 61000,
+            port_max: 65535,
+            attempts: 3,
+        }
+    }
 }
 
 impl Default for LoadOptions {
@@ -138,6 +188,7 @@ impl Default for LoadOptions {
             keep_pins: false,
             on_mismatch: PinMismatch::Replace,
             kernel_btf: PathBuf::from(DEFAULT_KERNEL_BTF),
+            forward: ForwardLoad::default(),
         }
     }
 }
@@ -156,8 +207,54 @@ const fn size32<T>() -> u32 {
     size_of::<T>() as u32
 }
 
-/// The maps of this build, as [`MAP_NAMES`] orders them.
-pub const MAP_SPECS: [MapSpec; 10] = [
+/// The maps of this build, as [`MAP_NAMES`] orders them, with a connection table of
+/// `flows` entries.
+pub const fn map_specs(flows: u32) -> [MapSpec; 14] {
+    let s = MAP_SPECS;
+    [
+        s[0],
+        s[1],
+        s[2],
+        s[3],
+        s[4],
+        s[5],
+        s[6],
+        s[7],
+        s[8],
+        s[9],
+        MapSpec {
+            name: GW_FWD_FLOWS,
+            map_type: MapType::Hash,
+            key_size: size32::<FlowKey>(),
+            value_size: size32::<Flow>(),
+            max_entries: flows,
+        },
+        MapSpec {
+            name: GW_FWD_SLOTS,
+            map_type: MapType::Hash,
+            key_size: size32::<ListenerKey>(),
+            value_size: size32::<SlotTable>(),
+            max_entries: MAX_LISTENERS,
+        },
+        MapSpec {
+            name: GW_FWD_ADDRS,
+            map_type: MapType::Hash,
+            key_size: size32::<NodeAddr>(),
+            value_size: size32::<u32>(),
+            max_entries: MAX_NODE_ADDRS,
+        },
+        MapSpec {
+            name: GW_FWD_STATS,
+            map_type: MapType::PerCpuHash,
+            key_size: size32::<ListenerKey>(),
+            value_size: size32::<FwdStats>(),
+            max_entries: MAX_LISTENERS,
+        },
+    ]
+}
+
+/// The socket path's and the XDP guard's maps, as [`MAP_NAMES`] orders them.
+const MAP_SPECS: [MapSpec; 10] = [
     MapSpec {
         name: GW_LISTENERS,
         map_type: MapType::Hash,
@@ -340,6 +437,32 @@ pub struct Maps {
     pub stats: Mutex<PerCpuHashMap<MapData, StatsKey, ListenerStats>>,
     /// The XDP guard's maps, with the guards programmed now by listener port.
     pub guard: Mutex<(GuardMaps, BTreeMap<u16, ListenerGuard>)>,
+    /// The forward path's connection table.
+    pub flows: Mutex<HashMap<MapData, FlowKey, Flow>>,
+    /// The forward path's selection tables.
+    pub slots: Mutex<HashMap<MapData, ListenerKey, SlotTable>>,
+    /// The node's addresses the forward path answers on.
+    pub node_addrs: Mutex<HashMap<MapData, NodeAddr, u32>>,
+    /// The forward path's counters.
+    pub fwd_stats: Mutex<PerCpuHashMap<MapData, ListenerKey, FwdStats>>,
+}
+
+impl Maps {
+    /// Takes the typed handles out of the loaded object (`socks` is taken already).
+    fn take(ebpf: &mut Ebpf, socks: SockHash<MapData, u64>) -> Result<Self, LoadError> {
+        Ok(Self {
+            listeners: Mutex::new(take(ebpf, GW_LISTENERS)?),
+            backends: Mutex::new(take(ebpf, GW_BACKENDS)?),
+            socks: Mutex::new(socks),
+            peers: Mutex::new(take(ebpf, GW_PEERS)?),
+            stats: Mutex::new(take(ebpf, GW_STATS)?),
+            guard: Mutex::new((GuardMaps::take(ebpf)?, BTreeMap::new())),
+            flows: Mutex::new(take(ebpf, GW_FWD_FLOWS)?),
+            slots: Mutex::new(take(ebpf, GW_FWD_SLOTS)?),
+            node_addrs: Mutex::new(take(ebpf, GW_FWD_ADDRS)?),
+            fwd_stats: Mutex::new(take(ebpf, GW_FWD_STATS)?),
+        })
+    }
 }
 
 /// The `log` target of the programs' aya-log records (the eBPF crate's name).
@@ -399,6 +522,11 @@ fn start_guard(maps: &Maps) {
     }
 }
 
+/// A link error as a program error (aya keeps the two apart).
+fn link_error(e: &aya::programs::links::LinkError) -> ProgramError {
+    ProgramError::IOError(io::Error::other(e.to_string()))
+}
+
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
@@ -436,7 +564,7 @@ impl Datapath {
         }
         ensure_pin_dir(&opts.pin_dir)?;
         let mut reused = Vec::new();
-        for spec in &MAP_SPECS {
+        for spec in &map_specs(opts.forward.table_size) {
             if check_pin(&opts.pin_dir, spec, opts.on_mismatch)? {
                 reused.push(spec.name);
             }
@@ -448,6 +576,11 @@ impl Datapath {
         }
         for name in MAP_NAMES {
             loader.map_pin_path(name, opts.pin_dir.join(name));
+        }
+        let fwd = opts.forward.globals();
+        loader.map_max_entries(GW_FWD_FLOWS, opts.forward.table_size);
+        for (name, value) in &fwd {
+            loader.override_global(name, value, true);
         }
         // Kernel-side filter of the programs' aya-log records: debug records (a failed
         // redirect) are emitted only when the agent would print them.
@@ -506,14 +639,7 @@ impl Datapath {
                 source,
             })?;
         }
-        let maps = Maps {
-            listeners: Mutex::new(take(&mut ebpf, GW_LISTENERS)?),
-            backends: Mutex::new(take(&mut ebpf, GW_BACKENDS)?),
-            socks: Mutex::new(socks),
-            peers: Mutex::new(take(&mut ebpf, GW_PEERS)?),
-            stats: Mutex::new(take(&mut ebpf, GW_STATS)?),
-            guard: Mutex::new((GuardMaps::take(&mut ebpf)?, BTreeMap::new())),
-        };
+        let maps = Maps::take(&mut ebpf, socks)?;
         start_guard(&maps);
         if reused.contains(&GW_PEERS) {
             remove_stale_peers(&maps);
@@ -600,6 +726,131 @@ impl Datapath {
         })?;
         let id = prog.attach_to_if_index(ifindex, mode.into())?;
         prog.take_link(id)
+    }
+
+    /// `gw_fwd`, loaded on first use.
+    fn fwd_program(ebpf: &mut Ebpf) -> Result<&mut SchedClassifier, ProgramError> {
+        let prog: &mut SchedClassifier = ebpf
+            .program_mut(PROG_FWD)
+            .ok_or_else(|| ProgramError::IOError(io::Error::other("no gw_fwd in the object")))?
+            .try_into()?;
+        if prog.fd().is_err() {
+            prog.load()?;
+        }
+        Ok(prog)
+    }
+
+    /// The kernel's id of `gw_fwd` (loading it on first use).
+    pub fn fwd_program_id(&self) -> Result<u32, ProgramError> {
+        let mut ebpf = lock(&self.ebpf);
+        let prog = Self::fwd_program(&mut ebpf)?;
+        prog.info().map(|i| i.id())
+    }
+
+    /// Attaches `gw_fwd` to the tc ingress of `iface` as a tcx bpf link pinned at
+    /// `pin` (so it outlives the agent). A link already pinned there (an earlier
+    /// agent's) is taken over: its program is replaced by this one atomically, so no
+    /// segment of a forwarded connection meets an interface without the program.
+    pub fn attach_fwd(&self, iface: &str, pin: &Path) -> Result<PinnedLink, ProgramError> {
+        let mut ebpf = lock(&self.ebpf);
+        let prog = Self::fwd_program(&mut ebpf)?;
+        let id = if let Ok(old) = PinnedLink::from_pin(pin) {
+            let link =
+                SchedClassifierLink::try_from(FdLink::from(old)).map_err(|e| link_error(&e))?;
+            let _ = fs::remove_file(pin);
+            prog.attach_to_link(link)?
+        } else {
+            let _ = fs::remove_file(pin);
+            prog.attach_with_options(
+                iface,
+                TcAttachType::Ingress,
+                TcAttachOptions::TcxOrder(aya::programs::LinkOrder::default()),
+            )?
+        };
+        let link = prog.take_link(id)?;
+        let fd = FdLink::try_from(link).map_err(|e| link_error(&e))?;
+        fd.pin(pin)
+            .map_err(|e| ProgramError::IOError(io::Error::other(e.to_string())))
+    }
+
+    /// Writes (or, with `None`, removes) the selection table of listener `port`;
+    /// nothing is written when the map holds it already.
+    pub fn set_slots(&self, port: u16, table: Option<&SlotTable>) -> Result<(), MapOpError> {
+        let mut slots = lock(&self.maps.slots);
+        let key = ListenerKey::new(port);
+        let err = |source| MapOpError {
+            map: GW_FWD_SLOTS,
+            source,
+        };
+        match table {
+            Some(t) => {
+                if slots.get(&key, 0).ok().as_ref() == Some(t) {
+                    return Ok(());
+                }
+                slots.insert(key, *t, 0).map_err(err)
+            }
+            None => match slots.remove(&key) {
+                Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+                Err(e) => Err(err(e)),
+            },
+        }
+    }
+
+    /// Listener ports that have a selection table.
+    pub fn slot_ports(&self) -> Vec<u16> {
+        lock(&self.maps.slots)
+            .keys()
+            .filter_map(Result::ok)
+            .map(|k| k.port)
+            .collect()
+    }
+
+    /// Makes `GW_FWD_ADDRS` hold exactly `addrs`.
+    pub fn set_node_addrs(
+        &self,
+        addrs: &std::collections::BTreeSet<NodeAddr>,
+    ) -> Result<(), MapOpError> {
+        let mut m = lock(&self.maps.node_addrs);
+        let err = |source| MapOpError {
+            map: GW_FWD_ADDRS,
+            source,
+        };
+        let have: Vec<NodeAddr> = m.keys().filter_map(Result::ok).collect();
+        for a in &have {
+            if !addrs.contains(a) {
+                m.remove(a).map_err(err)?;
+            }
+        }
+        for a in addrs {
+            if !have.contains(a) {
+                m.insert(*a, 1, 0).map_err(err)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Every entry of the connection table.
+    pub fn flows(&self) -> Vec<(FlowKey, Flow)> {
+        lock(&self.maps.flows)
+            .iter()
+            .filter_map(Result::ok)
+            .collect()
+    }
+
+    /// Deletes entries of the connection table (missing ones are fine).
+    pub fn remove_flows(&self, keys: &[FlowKey]) {
+        let mut m = lock(&self.maps.flows);
+        for k in keys {
+            let _ = m.remove(k);
+        }
+    }
+
+    /// The forward program's counters of `port`, summed over CPUs.
+    pub fn fwd_stats(&self, port: u16) -> FwdStats {
+        lock(&self.maps.fwd_stats)
+            .get(&ListenerKey::new(port), 0)
+            .map(|v| v.iter().fold(FwdStats::default(), FwdStats::add))
+            .unwrap_or_default()
     }
 
     /// The pin directory.
@@ -865,6 +1116,14 @@ impl Drop for Datapath {
         for name in MAP_NAMES {
             let _ = fs::remove_file(self.pin_dir.join(name));
         }
+        // The forward program's links (normally unpinned by the forward path already).
+        let links = self.pin_dir.join("links");
+        if let Ok(entries) = fs::read_dir(&links) {
+            for e in entries.flatten() {
+                let _ = fs::remove_file(e.path());
+            }
+        }
+        let _ = fs::remove_dir(&links);
         let _ = fs::remove_dir(&self.pin_dir);
         info!(pin_dir = %self.pin_dir.display(), "removed pinned maps");
     }

@@ -8,6 +8,8 @@
 //! * [`desired`]: the desired state the data path serves.
 //! * [`diff`]: the map delta between what is programmed and what is desired.
 //! * [`ebpf`]: the embedded eBPF object, loading, pinning and the pin compatibility check.
+//! * [`forward`]: the forward data path's agent side: tc attachment, node addresses,
+//!   NAT port range, selection tables, the connection table sweeper.
 //! * [`mapsync`]: writes the desired state to `GW_LISTENERS` / `GW_BACKENDS`.
 //! * [`model`]: the Gateway API model: snapshot, reconcile, status.
 //! * [`metrics`]: Prometheus metrics, `/healthz` and `/readyz`.
@@ -25,6 +27,7 @@ pub mod cluster;
 pub mod desired;
 pub mod diff;
 pub mod ebpf;
+pub mod forward;
 pub mod mapsync;
 pub mod metrics;
 #[expect(

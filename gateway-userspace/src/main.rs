@@ -8,7 +8,8 @@ use sockgate::{
     check,
     cluster::{self, source::KubeOptions},
     desired::DesiredState,
-    ebpf::{Datapath, LoadOptions, PinMismatch},
+    ebpf::{Datapath, ForwardLoad, LoadOptions, PinMismatch},
+    forward::{self, ForwardOptions, Timeouts},
     mapsync,
     metrics::{self, Metrics},
     proxy::{self, DatapathMode, ProxyConfig, stats::Registry},
@@ -182,6 +183,23 @@ struct RunArgs {
     /// prefixes 32 and 128).
     #[arg(long = "xdp-syn-rate", value_name = "PORT=RATE/BURST/P4/P6")]
     xdp_syn_rate: Vec<String>,
+    /// Forward data path: attach the tc program to this interface (repeatable), where
+    /// clients arrive and backends answer. Connections arriving on these interfaces
+    /// are forwarded in the kernel under `--datapath auto` or `forward`.
+    #[arg(long = "forward-iface", value_name = "IFACE")]
+    forward_ifaces: Vec<String>,
+    /// Forward data path: the NAT source ports, MIN-MAX, outside the node's ephemeral
+    /// range; reserved in `net.ipv4.ip_local_reserved_ports`.
+    #[arg(long, default_value = "61000-65535")]
+    forward_ports: String,
+    /// Forward data path: connection table entries (two per connection).
+    #[arg(long, default_value_t = gateway_common::MAX_FLOWS,
+          value_parser = clap::value_parser!(u32).range(2..))]
+    forward_table_size: u32,
+    /// Forward data path: seconds an established connection may stay silent before its
+    /// table entries are removed.
+    #[arg(long, default_value_t = 3600.0)]
+    idle_timeout: f64,
 }
 
 fn init_logs(format: LogFormat) {
@@ -386,6 +404,69 @@ async fn start_guard(
     ))))
 }
 
+/// How the programs are loaded and their maps pinned.
+fn load_options(args: &RunArgs, port_min: u16, port_max: u16) -> LoadOptions {
+    LoadOptions {
+        pin_dir: args.pin_dir.clone(),
+        keep_pins: args.keep_pins,
+        on_mismatch: args.on_pin_mismatch,
+        kernel_btf: args.kernel_btf.clone(),
+        forward: ForwardLoad {
+            table_size: args.forward_table_size,
+            port_min,
+            port_max,
+            attempts: u32::try_from(args.connect_attempts).unwrap_or(u32::MAX),
+        },
+    }
+}
+
+/// Starts the forward path when it is on.
+async fn start_forward(
+    dp: &Arc<Datapath>,
+    opts: Option<ForwardOptions>,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<Option<tokio::task::JoinHandle<()>>> {
+    Ok(match opts {
+        Some(f) => Some(forward::start(dp, f, shutdown).await?),
+        None => None,
+    })
+}
+
+/// The forward path's settings, `None` when it is off: under `--datapath forward`
+/// (which needs `--forward-iface`) and under `auto` when interfaces are named.
+fn forward_options(args: &RunArgs, drain: Duration) -> anyhow::Result<Option<ForwardOptions>> {
+    let on = match args.datapath {
+        DatapathMode::Forward => {
+            anyhow::ensure!(
+                !args.forward_ifaces.is_empty(),
+                "--datapath forward needs --forward-iface IFACE (the interfaces clients arrive on and backends answer on)"
+            );
+            true
+        }
+        DatapathMode::Auto => !args.forward_ifaces.is_empty(),
+        DatapathMode::Sockmap | DatapathMode::Splice => {
+            if !args.forward_ifaces.is_empty() {
+                tracing::warn!(
+                    "--forward-iface is ignored: --datapath sockmap or splice carries every connection"
+                );
+            }
+            false
+        }
+    };
+    if !on {
+        return Ok(None);
+    }
+    Ok(Some(ForwardOptions {
+        ifaces: args.forward_ifaces.iter().cloned().collect(),
+        timeouts: Timeouts {
+            idle: secs(args.idle_timeout, "idle-timeout")?,
+            ..Timeouts::default()
+        },
+        drain,
+        keep_pins: args.keep_pins,
+    }))
+}
+
 fn secs(v: f64, what: &str) -> anyhow::Result<Duration> {
     Duration::try_from_secs_f64(v)
         .with_context(|| format!("--{what} must be a non-negative number of seconds"))
@@ -420,12 +501,12 @@ fn run(args: &RunArgs) -> anyhow::Result<()> {
         bind: args.bind,
         kernel_queue_limit: args.kernel_queue_limit,
     };
-    let opts = LoadOptions {
-        pin_dir: args.pin_dir.clone(),
-        keep_pins: args.keep_pins,
-        on_mismatch: args.on_pin_mismatch,
-        kernel_btf: args.kernel_btf.clone(),
-    };
+    let forward = forward_options(args, cfg.drain_timeout)?;
+    let (port_min, port_max) = forward::parse_ports(&args.forward_ports)?;
+    let opts = load_options(args, port_min, port_max);
+    if forward.is_some() {
+        forward::reserve_ports(port_min, port_max)?;
+    }
     let guards = sockgate::xdp::parse_flags(&args.xdp_allow, &args.xdp_deny, &args.xdp_syn_rate)?;
     let dp = Arc::new(Datapath::load(&opts)?);
     for (port, guard) in &guards {
@@ -448,6 +529,7 @@ fn run(args: &RunArgs) -> anyhow::Result<()> {
         let (tx, rx) = watch::channel(Arc::new(desired));
         let shutdown = CancellationToken::new();
         let guard = start_guard(&dp, args.xdp_mode, selection, &shutdown).await?;
+        let forwarding = start_forward(&dp, forward, &shutdown).await?;
         spawn_source(files, kube, &dp, &metrics, tx, &shutdown).await?;
         let counters = Arc::new(Registry::default());
         let _http = metrics::serve(args.metrics_addr, metrics.clone(), shutdown.clone()).await?;
@@ -473,6 +555,9 @@ fn run(args: &RunArgs) -> anyhow::Result<()> {
         let _ = kernel_logs.await;
         if let Some(g) = guard {
             let _ = g.await;
+        }
+        if let Some(f) = forwarding {
+            let _ = f.await;
         }
         anyhow::Ok(())
     })?;

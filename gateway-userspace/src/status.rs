@@ -3,8 +3,9 @@ use std::{collections::BTreeMap, path::Path};
 
 use aya::maps::{HashMap, Map, MapData, PerCpuHashMap};
 use gateway_common::{
-    Backend, BackendKey, GW_BACKENDS, GW_LISTENERS, GW_PEERS, GW_STATS, GW_XDP_STATS, ListenerInfo,
-    ListenerKey, ListenerStats, Peer, StatsKey, XdpStats,
+    Backend, BackendKey, DIR_CLIENT_TO_BACKEND, Flow, FlowKey, FwdStats, GW_BACKENDS, GW_FWD_FLOWS,
+    GW_FWD_STATS, GW_LISTENERS, GW_PEERS, GW_STATS, GW_XDP_STATS, ListenerInfo, ListenerKey,
+    ListenerStats, Peer, StatsKey, XdpStats,
 };
 use serde::Serialize;
 
@@ -44,6 +45,85 @@ pub struct ListenerStatus {
     pub stats: Counts,
     /// What the XDP listener guard did for this listener.
     pub xdp: XdpCounts,
+    /// What the forward path did for this listener.
+    pub forward: ForwardCounts,
+}
+
+/// Counters of the forward path for one listener, summed over CPUs, and its
+/// connections in the table now.
+#[derive(Debug, Default, Serialize, PartialEq, Eq)]
+pub struct ForwardCounts {
+    /// Connections in the connection table now.
+    pub active: u64,
+    /// Connections taken by the forward program, cumulative.
+    pub connections: u64,
+    /// SYNs answered with a RST: no backend with weight > 0.
+    pub rejected_no_backend: u64,
+    /// SYNs answered with a RST: an invalid backendRef was picked.
+    pub rejected_invalid_backend: u64,
+    /// Client SYNs answered with a RST after every backend tried failed.
+    pub rejected_connect_failed: u64,
+    /// Backend attempts that failed (reset or unanswered SYN), retried or not.
+    pub connect_failures: u64,
+    /// SYNs left to the socket paths: no NAT port free towards the backend.
+    pub nat_exhausted: u64,
+    /// SYNs left to the socket paths: the connection table was full.
+    pub table_full: u64,
+    /// Segments left to the stack: no route to the backend.
+    pub no_route: u64,
+    pub packets_client_to_backend: u64,
+    pub packets_backend_to_client: u64,
+    pub bytes_client_to_backend: u64,
+    pub bytes_backend_to_client: u64,
+}
+
+impl ForwardCounts {
+    fn of(s: FwdStats, active: u64) -> Self {
+        Self {
+            active,
+            connections: s.connections,
+            rejected_no_backend: s.rejected_no_backend,
+            rejected_invalid_backend: s.rejected_invalid_backend,
+            rejected_connect_failed: s.rejected_connect_failed,
+            connect_failures: s.connect_failures,
+            nat_exhausted: s.nat_exhausted,
+            table_full: s.table_full,
+            no_route: s.no_route,
+            packets_client_to_backend: s.packets_c2b,
+            packets_backend_to_client: s.packets_b2c,
+            bytes_client_to_backend: s.bytes_c2b,
+            bytes_backend_to_client: s.bytes_b2c,
+        }
+    }
+}
+
+/// The forward path's counters and live connections by listener port, and the table's
+/// entry count; empty when its maps are not pinned.
+fn read_forward(dir: &Path) -> Result<(BTreeMap<u16, ForwardCounts>, usize), StatusError> {
+    let mut out: BTreeMap<u16, ForwardCounts> = BTreeMap::new();
+    let mut entries = 0;
+    if dir.join(GW_FWD_FLOWS).exists() {
+        let flows: HashMap<_, FlowKey, Flow> =
+            HashMap::try_from(Map::HashMap(open(dir, GW_FWD_FLOWS)?))
+                .map_err(map_err(dir, GW_FWD_FLOWS))?;
+        for (_, f) in flows.iter().filter_map(Result::ok) {
+            entries += 1;
+            if u32::from(f.direction) == DIR_CLIENT_TO_BACKEND {
+                out.entry(f.listener_port).or_default().active += 1;
+            }
+        }
+    }
+    if dir.join(GW_FWD_STATS).exists() {
+        let stats: PerCpuHashMap<_, ListenerKey, FwdStats> =
+            PerCpuHashMap::try_from(Map::PerCpuHashMap(open(dir, GW_FWD_STATS)?))
+                .map_err(map_err(dir, GW_FWD_STATS))?;
+        for (k, per_cpu) in stats.iter().filter_map(Result::ok) {
+            let sum = per_cpu.iter().fold(FwdStats::default(), FwdStats::add);
+            let e = out.entry(k.port).or_default();
+            *e = ForwardCounts::of(sum, e.active);
+        }
+    }
+    Ok((out, entries))
 }
 
 /// Counters of the XDP listener guard for one listener, summed over CPUs.
@@ -151,6 +231,8 @@ pub struct Status {
     pub listeners: Vec<ListenerStatus>,
     /// Sockets of kernel-path pairs now in `GW_PEERS`.
     pub paired_sockets: usize,
+    /// Entries in the forward path's connection table (two per connection).
+    pub forward_table_entries: usize,
 }
 
 fn open(dir: &Path, name: &str) -> Result<MapData, StatusError> {
@@ -198,6 +280,7 @@ pub fn read(dir: &Path) -> Result<Status, StatusError> {
         *e = e.add(&sum);
     }
     let mut xdp = read_xdp_counts(dir)?;
+    let (mut fwd, fwd_entries) = read_forward(dir)?;
     let mut by_port: BTreeMap<u16, Vec<BackendStatus>> = BTreeMap::new();
     for (key, b) in backends.iter().filter_map(Result::ok) {
         by_port
@@ -228,6 +311,7 @@ pub fn read(dir: &Path) -> Result<Status, StatusError> {
                     .remove(&key.port)
                     .map(XdpCounts::from)
                     .unwrap_or_default(),
+                forward: fwd.remove(&key.port).unwrap_or_default(),
             }
         })
         .collect();
@@ -236,7 +320,37 @@ pub fn read(dir: &Path) -> Result<Status, StatusError> {
         pin_dir: dir.display().to_string(),
         listeners: out,
         paired_sockets: peers.keys().filter_map(Result::ok).count(),
+        forward_table_entries: fwd_entries,
     })
+}
+
+/// The forward path's lines of a listener, when it did anything.
+fn render_forward(o: &mut String, f: &ForwardCounts) {
+    use std::fmt::Write as _;
+    if *f == ForwardCounts::default() {
+        return;
+    }
+    let _ = writeln!(
+        o,
+        "  forward:     active {}  connections {}  c->b {} B / {} segments  b->c {} B / {} segments",
+        f.active,
+        f.connections,
+        f.bytes_client_to_backend,
+        f.packets_client_to_backend,
+        f.bytes_backend_to_client,
+        f.packets_backend_to_client
+    );
+    let _ = writeln!(
+        o,
+        "  forward rejected: no backend {}  invalid backend {}  connect failed {}  (connect failures {})  to the socket paths: NAT ports exhausted {}  table full {}  no route {}",
+        f.rejected_no_backend,
+        f.rejected_invalid_backend,
+        f.rejected_connect_failed,
+        f.connect_failures,
+        f.nat_exhausted,
+        f.table_full,
+        f.no_route
+    );
 }
 
 /// The table a person reads.
@@ -245,8 +359,8 @@ pub fn render(s: &Status) -> String {
     let mut o = String::new();
     let _ = writeln!(
         o,
-        "pinned maps: {}    paired sockets (kernel path): {}",
-        s.pin_dir, s.paired_sockets
+        "pinned maps: {}    paired sockets (sockmap path): {}    forward table entries: {}",
+        s.pin_dir, s.paired_sockets, s.forward_table_entries
     );
     if s.listeners.is_empty() {
         let _ = writeln!(o, "no listeners programmed");
@@ -306,6 +420,7 @@ pub fn render(s: &Status) -> String {
             "  repeated:    {} bytes cut off retransmitted segments",
             c.duplicate_bytes_dropped
         );
+        render_forward(&mut o, &l.forward);
         let x = &l.xdp;
         if *x != XdpCounts::default() {
             let _ = writeln!(

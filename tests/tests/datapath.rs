@@ -13,7 +13,7 @@ use std::{
     time::Duration,
 };
 
-use common::{Agent, Stream, connect, exchange, require_root};
+use common::{Agent, Stream, Writes, connect, duplex, exchange, require_root};
 use netbed::{Bed, raw, servers};
 
 const KERNEL: &str = "sockmap";
@@ -91,75 +91,6 @@ fn assert_first_segments_at_copied_seq(agent: &Agent) {
     for (seq, copied) in firsts {
         assert_eq!(seq, copied, "first segment against copied_seq:\n{log}");
     }
-}
-
-// ---- a deterministic byte stream and its check -------------------------------------
-
-/// Write sizes: fixed, or varied small writes.
-#[derive(Clone, Copy)]
-enum Writes {
-    Large,
-    Small,
-}
-
-fn send_stream(mut s: TcpStream, seed: u64, total: u64, writes: Writes) -> io::Result<()> {
-    let mut stream = Stream::new(seed);
-    let mut sizes = Stream::new(seed ^ 0xABCD);
-    let mut buf = vec![0u8; 256 * 1024];
-    let mut left = total;
-    while left > 0 {
-        let n = match writes {
-            Writes::Large => buf.len(),
-            Writes::Small => {
-                let mut b = [0u8; 2];
-                sizes.fill(&mut b);
-                1 + usize::from(u16::from_le_bytes(b)) % 1500
-            }
-        };
-        let n = n.min(usize::try_from(left).unwrap_or(usize::MAX));
-        stream.fill(&mut buf[..n]);
-        s.write_all(&buf[..n])?;
-        left -= n as u64;
-    }
-    s.shutdown(Shutdown::Write)
-}
-
-/// Reads until EOF; returns the byte count and the offset of the first wrong byte.
-fn recv_stream(mut s: TcpStream, seed: u64) -> io::Result<(u64, Option<u64>)> {
-    let mut stream = Stream::new(seed);
-    let mut buf = vec![0u8; 256 * 1024];
-    let mut want = vec![0u8; 256 * 1024];
-    let mut total = 0u64;
-    let mut bad = None;
-    loop {
-        let n = s.read(&mut buf)?;
-        if n == 0 {
-            return Ok((total, bad));
-        }
-        stream.fill(&mut want[..n]);
-        if bad.is_none()
-            && let Some(i) = (0..n).find(|&i| buf[i] != want[i])
-        {
-            bad = Some(total + i as u64);
-        }
-        total += n as u64;
-    }
-}
-
-/// Sends `total` bytes each way at once through `s`; the peer does the same with the
-/// seeds swapped. Returns what this side received.
-fn duplex(
-    s: &TcpStream,
-    send_seed: u64,
-    recv_seed: u64,
-    total: u64,
-    writes: Writes,
-) -> (u64, Option<u64>) {
-    let tx = s.try_clone().expect("clone");
-    let sender = std::thread::spawn(move || send_stream(tx, send_seed, total, writes));
-    let got = recv_stream(s.try_clone().expect("clone"), recv_seed).expect("receive");
-    sender.join().expect("sender").expect("send");
-    got
 }
 
 fn integrity(path: &str, total: u64, writes: Writes) {

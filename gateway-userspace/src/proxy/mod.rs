@@ -53,6 +53,11 @@ pub enum DatapathMode {
     Sockmap,
     /// The userspace `splice(2)` path only.
     Splice,
+    /// The forward path (`--forward-iface`): connections arriving on those interfaces
+    /// are translated and redirected in the kernel, never terminated on the node; the
+    /// ones that still reach a listener socket (node-local clients, a full table) take
+    /// splice.
+    Forward,
 }
 
 /// Tunables of the data path.
@@ -440,6 +445,9 @@ async fn handle(
             "--datapath auto: splice measured faster than the kernel path (docs/performance.md)",
         ),
         DatapathMode::Splice => Some("--datapath splice"),
+        DatapathMode::Forward => Some(
+            "--datapath forward: a connection that reached the listener socket (a node-local client, or not forwarded) takes splice",
+        ),
     };
     let kernel = match splice_reason {
         Some(reason) => {

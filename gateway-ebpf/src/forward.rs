@@ -1,0 +1,827 @@
+//! `gw_fwd`, the forward data path: a tc ingress program that carries TCPRoute
+//! connections through the node as translated packets, without terminating them.
+//!
+//! On every interface it is attached to, for each TCP segment:
+//!
+//! 1. The segment's tuple is looked up in the connection table `GW_FWD_FLOWS`. A hit
+//!    is a segment of a forwarded connection, in either direction: its addresses and
+//!    ports are rewritten as the entry says (client -> node:listener becomes NAT
+//!    address:port -> backend; backend -> NAT address:port becomes node:listener ->
+//!    client), the IPv4 header and TCP checksums are updated incrementally (the kernel's
+//!    `inet_proto_csum_replace*` keeps `CHECKSUM_PARTIAL` super-packets right), and the
+//!    segment is redirected with `bpf_redirect_neigh` to the entry's interface. The
+//!    node's TCP stack never sees it.
+//! 2. A miss that is a SYN (SYN set, ACK clear) to one of the node's addresses
+//!    (`GW_FWD_ADDRS`) on a listener port (`GW_LISTENERS`) opens a connection: the
+//!    backend is the slot of the listener's selection table (`GW_FWD_SLOTS`) that a
+//!    hash of the client's address and port picks, the NAT address is the source the
+//!    FIB picks towards the backend, and the NAT port is one of the reserved range that
+//!    no other connection to that backend holds (both entries are inserted with
+//!    `BPF_NOEXIST`, so two connections never share a tuple). No backend with a weight,
+//!    or an invalid backendRef picked: the SYN is answered with a RST from here.
+//! 3. Anything else is not ours and goes on untouched (`TCX_NEXT`): segments of
+//!    connections the socket paths carry, other ports and protocols, and every packet
+//!    the parser does not follow (VLAN tags, IPv4 options, fragments, IPv6 extension
+//!    headers, truncated headers). So is a SYN the table has no room or no NAT port for:
+//!    the node's stack, and so the socket paths, take it (counted).
+//!
+//! A backend that resets the SYN, or does not answer before the client retransmits
+//! it, is replaced at the client's retransmission by another backend of the table,
+//! up to `FWD_ATTEMPTS` backends; then the client gets a RST. The backend's RST to the
+//! SYN is not passed on.
+//!
+//! The program records the TCP flags seen in each direction and the time of the last
+//! segment; the agent's sweeper removes entries by state-specific timeouts.
+use aya_ebpf::{
+    EbpfContext as _,
+    bindings::{BPF_NOEXIST, bpf_fib_lookup},
+    btf_maps::{HashMap, PerCpuArray, PerCpuHashMap},
+    helpers::{
+        bpf_csum_diff, bpf_csum_level, bpf_fib_lookup as fib_lookup, bpf_get_prandom_u32,
+        bpf_ktime_get_ns, bpf_redirect, bpf_redirect_neigh, bpf_skb_change_tail,
+    },
+    macros::{btf_map, classifier},
+    programs::TcContext,
+};
+use gateway_common::{
+    BACKEND_F_INVALID, Backend, BackendKey, DIR_BACKEND_TO_CLIENT, DIR_CLIENT_TO_BACKEND,
+    FLOW_S_ACK, FLOW_S_FIN, FLOW_S_RST, FLOW_S_SYN, FWD_MAX_ATTEMPTS, FWD_SLOTS, Flow, FlowKey,
+    FwdStats, LISTENER_F_DRAINING, ListenerKey, MAX_FLOWS, MAX_LISTENERS, MAX_NODE_ADDRS, NodeAddr,
+    SlotTable,
+};
+
+use crate::{GW_BACKENDS, GW_LISTENERS};
+
+/// A segment's tuple as it arrives -> how to rewrite it (both directions of every
+/// forwarded connection). Sized by the agent at load time.
+#[btf_map]
+static GW_FWD_FLOWS: HashMap<FlowKey, Flow, { MAX_FLOWS as usize }> = HashMap::new();
+
+/// Listener port -> weighted backend selection table.
+#[btf_map]
+static GW_FWD_SLOTS: HashMap<ListenerKey, SlotTable, { MAX_LISTENERS as usize }> = HashMap::new();
+
+/// The node's own addresses: a SYN to one of them on a listener port is forwarded.
+#[btf_map]
+static GW_FWD_ADDRS: HashMap<NodeAddr, u32, { MAX_NODE_ADDRS as usize }> = HashMap::new();
+
+/// Per-CPU counters per listener.
+#[btf_map]
+static GW_FWD_STATS: PerCpuHashMap<ListenerKey, FwdStats, { MAX_LISTENERS as usize }> =
+    PerCpuHashMap::new();
+
+/// First NAT port (set by the loader).
+#[unsafe(no_mangle)]
+static FWD_PORT_MIN: u32 = 61000;
+/// Number of NAT ports (set by the loader); at least 1.
+#[unsafe(no_mangle)]
+static FWD_PORT_COUNT: u32 = 4536;
+/// Backends tried per client connection (set by the loader), 1..=`FWD_MAX_ATTEMPTS`.
+#[unsafe(no_mangle)]
+static FWD_ATTEMPTS: u32 = 3;
+
+/// tcx: not ours, the next program (or the stack) decides.
+const TCX_NEXT: i32 = -1;
+const TC_ACT_SHOT: i32 = 2;
+
+const ETH_HLEN: usize = 14;
+const ETH_P_IP: u16 = 0x0800;
+const ETH_P_IPV6: u16 = 0x86dd;
+const IPPROTO_TCP: u8 = 6;
+const TCP_FIN: u8 = 0x01;
+const TCP_SYN: u8 = 0x02;
+const TCP_RST: u8 = 0x04;
+const TCP_ACK: u8 = 0x10;
+const AF_INET: u8 = 2;
+const AF_INET6: u8 = 10;
+const BPF_F_PSEUDO_HDR: u64 = 0x10;
+const BPF_FIB_LOOKUP_SKIP_NEIGH: u32 = 4;
+const BPF_FIB_LOOKUP_SRC: u32 = 16;
+const BPF_FIB_LKUP_RET_SUCCESS: i64 = 0;
+const BPF_CSUM_LEVEL_RESET: u64 = 3;
+const EEXIST: i32 = 17;
+/// NAT ports tried per new connection before the SYN goes to the stack.
+const NAT_TRIES: u32 = 16;
+/// Slots walked to find a backend not tried yet.
+const RETRY_WALK: u32 = 32;
+
+/// Where the IP and TCP headers are, and what the program needs of them.
+struct Segment {
+    ipv6: bool,
+    /// Offset of the TCP header.
+    l4: usize,
+    /// Offset of the TCP checksum.
+    csum: usize,
+    key: FlowKey,
+    flags: u8,
+    /// IPv4 total length or IPv6 payload length plus its header.
+    ip_len: u64,
+}
+
+/// IPv4-mapped IPv6 form of an IPv4 address.
+#[inline(always)]
+fn mapped(v4: [u8; 4]) -> [u8; 16] {
+    [
+        0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, v4[0], v4[1], v4[2], v4[3],
+    ]
+}
+
+#[inline(always)]
+fn v4_of(a: &[u8; 16]) -> [u8; 4] {
+    [a[12], a[13], a[14], a[15]]
+}
+
+/// Parses Ethernet, then IPv4 without options and not fragmented or IPv6 with TCP
+/// as the next header, then TCP, into `out`. `false` when the packet is not one of
+/// those.
+#[inline(never)]
+fn parse(ctx: &TcContext, out: &mut Segment) -> bool {
+    parse_into(ctx, out).is_some()
+}
+
+#[inline(always)]
+fn parse_into(ctx: &TcContext, out: &mut Segment) -> Option<()> {
+    let proto: [u8; 2] = ctx.load(12).ok()?;
+    match u16::from_be_bytes(proto) {
+        ETH_P_IP => {
+            let ip: [u8; 20] = ctx.load(ETH_HLEN).ok()?;
+            // No options (ihl 5), not a fragment (MF clear, offset 0), TCP.
+            if ip[0] != 0x45 || ip[6] & 0x3f != 0 || ip[7] != 0 || ip[9] != IPPROTO_TCP {
+                return None;
+            }
+            out.ipv6 = false;
+            out.l4 = ETH_HLEN + 20;
+            out.key.src_be = mapped([ip[12], ip[13], ip[14], ip[15]]);
+            out.key.dst_be = mapped([ip[16], ip[17], ip[18], ip[19]]);
+            out.ip_len = u64::from(u16::from_be_bytes([ip[2], ip[3]]));
+        }
+        ETH_P_IPV6 => {
+            let head: [u8; 8] = ctx.load(ETH_HLEN).ok()?;
+            if head[6] != IPPROTO_TCP {
+                return None;
+            }
+            out.ipv6 = true;
+            out.l4 = ETH_HLEN + 40;
+            out.key.src_be = ctx.load(ETH_HLEN + 8).ok()?;
+            out.key.dst_be = ctx.load(ETH_HLEN + 24).ok()?;
+            out.ip_len = u64::from(u16::from_be_bytes([head[4], head[5]])) + 40;
+        }
+        _ => return None,
+    }
+    let tcp: [u8; 14] = ctx.load(out.l4).ok()?;
+    out.csum = out.l4 + 16;
+    out.key.sport = u16::from_be_bytes([tcp[0], tcp[1]]);
+    out.key.dport = u16::from_be_bytes([tcp[2], tcp[3]]);
+    out.key._pad = 0;
+    out.flags = tcp[13];
+    Some(())
+}
+
+#[classifier]
+pub fn gw_fwd(ctx: TcContext) -> i32 {
+    let mut seg = Segment {
+        ipv6: false,
+        l4: 0,
+        csum: 0,
+        key: FlowKey::default(),
+        flags: 0,
+        ip_len: 0,
+    };
+    if !parse(&ctx, &mut seg) {
+        return TCX_NEXT;
+    }
+    if let Some(flow) = GW_FWD_FLOWS.get_ptr_mut(&seg.key) {
+        return existing(&ctx, &seg, flow);
+    }
+    if seg.flags & (TCP_SYN | TCP_ACK | TCP_RST) == TCP_SYN {
+        return open(&ctx, &seg);
+    }
+    TCX_NEXT
+}
+
+/// The forward program's counters of `port` on this CPU, created on first use.
+#[inline(always)]
+fn stats(port: u16) -> Option<&'static mut FwdStats> {
+    let key = ListenerKey::new(port);
+    if let Some(p) = GW_FWD_STATS.get_ptr_mut(&key) {
+        // SAFETY: per-CPU value of this CPU; programs do not nest on one CPU.
+        return Some(unsafe { &mut *p });
+    }
+    let _ = GW_FWD_STATS.insert(&key, &FwdStats::default(), u64::from(BPF_NOEXIST));
+    // SAFETY: as above.
+    GW_FWD_STATS.get_ptr_mut(&key).map(|p| unsafe { &mut *p })
+}
+
+/// The murmur3 finalizer: spreads every input bit over the result.
+#[inline(always)]
+fn mix(mut h: u32) -> u32 {
+    h ^= h >> 16;
+    h = h.wrapping_mul(0x85eb_ca6b);
+    h ^= h >> 13;
+    h = h.wrapping_mul(0xc2b2_ae35);
+    h ^ (h >> 16)
+}
+
+/// The hash a backend is picked by: the client's address and port, the same on every
+/// node (no per-boot seed), so every node picks the same backend for a client.
+#[inline(always)]
+fn client_hash(key: &FlowKey) -> u32 {
+    let a = &key.src_be;
+    let mut h = 0x9e37_79b9_u32;
+    let mut i = 0;
+    while i < 16 {
+        let w = u32::from_be_bytes([a[i], a[i + 1], a[i + 2], a[i + 3]]);
+        h = mix(h ^ w);
+        i += 4;
+    }
+    mix(h ^ u32::from(key.sport))
+}
+
+/// The key of the other direction's entry of a connection whose entry is `f`: the
+/// reply to a rewritten segment comes from its new destination to its new source.
+#[inline(always)]
+fn reverse_key(f: &Flow) -> FlowKey {
+    FlowKey {
+        src_be: f.new_dst_be,
+        dst_be: f.new_src_be,
+        sport: f.new_dport,
+        dport: f.new_sport,
+        _pad: 0,
+    }
+}
+
+/// Why a SYN is answered with a RST.
+#[derive(Clone, Copy)]
+enum Refusal {
+    NoBackend,
+    InvalidBackend,
+    ConnectFailed,
+}
+
+/// A segment of a connection in the table.
+#[inline(never)]
+fn existing(ctx: &TcContext, seg: &Segment, flow: *mut Flow) -> i32 {
+    // SAFETY: a value of GW_FWD_FLOWS from the lookup; entries are only deleted by the
+    // agent once the connection is over, and a racing delete leaves the memory valid
+    // until this program returns (RCU).
+    let f = unsafe { &mut *flow };
+    let syn_only = seg.flags & (TCP_SYN | TCP_ACK | TCP_RST) == TCP_SYN;
+    if u32::from(f.direction) == DIR_CLIENT_TO_BACKEND && syn_only {
+        // The client retransmitted its SYN: did the backend answer?
+        let Some(sc) = scratch() else {
+            return TCX_NEXT;
+        };
+        sc.key = reverse_key(f);
+        let answered = match GW_FWD_FLOWS.get_ptr(&sc.key) {
+            // SAFETY: as above, read only.
+            Some(r) => (unsafe { (*r).state } & (FLOW_S_SYN | FLOW_S_RST)) == FLOW_S_SYN,
+            None => false,
+        };
+        if !answered && !retry(ctx, seg, f) {
+            // Every attempt failed: the client is answered with a RST.
+            return reject(ctx, seg, f.listener_port, Refusal::ConnectFailed);
+        }
+    }
+    if u32::from(f.direction) == DIR_BACKEND_TO_CLIENT
+        && seg.flags & TCP_RST != 0
+        && f.state & FLOW_S_SYN == 0
+    {
+        // The backend refused the SYN: the client's retransmission tries another one.
+        f.state |= FLOW_S_RST;
+        return TC_ACT_SHOT;
+    }
+    let mut bits = 0;
+    if seg.flags & TCP_SYN != 0 {
+        bits |= FLOW_S_SYN;
+    } else if seg.flags & TCP_ACK != 0 {
+        bits |= FLOW_S_ACK;
+    }
+    if seg.flags & TCP_FIN != 0 {
+        bits |= FLOW_S_FIN;
+    }
+    if seg.flags & TCP_RST != 0 {
+        bits |= FLOW_S_RST;
+    }
+    if f.state | bits != f.state {
+        f.state |= bits;
+    }
+    // SAFETY: helper without arguments.
+    f.last_seen_ns = unsafe { bpf_ktime_get_ns() };
+    f.packets += 1;
+    f.bytes += seg.ip_len;
+    if let Some(s) = stats(f.listener_port) {
+        if u32::from(f.direction) == DIR_CLIENT_TO_BACKEND {
+            s.packets_c2b += 1;
+            s.bytes_c2b += seg.ip_len;
+        } else {
+            s.packets_b2c += 1;
+            s.bytes_b2c += seg.ip_len;
+        }
+    }
+    let out = f.out_ifindex;
+    if rewrite(ctx, seg, f).is_none() {
+        return TC_ACT_SHOT;
+    }
+    // SAFETY: no parameters: the kernel looks the neighbour of the new destination up.
+    unsafe { bpf_redirect_neigh(out, core::ptr::null_mut(), 0, 0) as i32 }
+}
+
+/// Replaces the backend of a connection whose SYN went unanswered or was refused:
+/// another backend of the table, a new NAT port. `false` when no attempt is left (or no
+/// other backend is): the caller answers the client with a RST.
+#[inline(always)]
+fn retry(ctx: &TcContext, seg: &Segment, f: &mut Flow) -> bool {
+    if let Some(s) = stats(f.listener_port) {
+        s.connect_failures += 1;
+    }
+    if let Some(sc) = scratch() {
+        sc.key = reverse_key(f);
+        let _ = GW_FWD_FLOWS.remove(&sc.key);
+    }
+    if replace_backend(ctx, seg, f).is_some() {
+        return true;
+    }
+    f.state |= FLOW_S_RST;
+    false
+}
+
+/// Per-CPU room for what does not fit the 512-byte BPF stack of a call chain.
+#[repr(C)]
+pub struct Scratch {
+    /// The backend's entry of a connection being made.
+    reply: Flow,
+    /// The key of that entry.
+    key: FlowKey,
+    /// A RST being built.
+    packet: [u8; REFUSE_MAX],
+}
+
+/// Bytes of the longest RST the program builds: Ethernet, IPv6, TCP.
+const REFUSE_MAX: usize = ETH_HLEN + 40 + 20;
+
+/// One [`Scratch`] per CPU (programs do not nest on one CPU).
+#[btf_map]
+static GW_FWD_SCRATCH: PerCpuArray<Scratch, 1> = PerCpuArray::new();
+
+#[inline(always)]
+fn scratch() -> Option<&'static mut Scratch> {
+    // SAFETY: this CPU's value; programs do not nest on one CPU.
+    GW_FWD_SCRATCH.get_ptr_mut(0).map(|p| unsafe { &mut *p })
+}
+
+/// Picks a backend of the table not tried yet for the connection of `f`, with a new
+/// NAT port, and points `f` at it. `None` when attempts are used up or nothing fits.
+#[inline(never)]
+fn replace_backend(ctx: &TcContext, seg: &Segment, f: &mut Flow) -> Option<()> {
+    let port = f.listener_port;
+    // SAFETY: a read-only global set by the loader.
+    let attempts = unsafe { core::ptr::read_volatile(&FWD_ATTEMPTS) }.min(FWD_MAX_ATTEMPTS);
+    if f.attempts >= attempts {
+        return None;
+    }
+    let table = GW_FWD_SLOTS.get_ptr(&ListenerKey::new(port))?;
+    let h = client_hash(&seg.key);
+    let mut pick = None;
+    let mut k = 0;
+    while k < RETRY_WALK {
+        let slot = (h.wrapping_add(k.wrapping_mul(97))) as usize & (FWD_SLOTS - 1);
+        // SAFETY: value from the lookup; slot is masked to the table.
+        let idx = unsafe { (*table).slots[slot] };
+        if f.tried & (1 << (u32::from(idx) % 32)) == 0 {
+            pick = Some(idx);
+            break;
+        }
+        k += 1;
+    }
+    let idx = pick?;
+    let backend = GW_BACKENDS.get_ptr(&BackendKey::new(port, u32::from(idx)))?;
+    // SAFETY: value from the lookup (kept alive by RCU while the program runs).
+    let backend = unsafe { &*backend };
+    if backend.flags & BACKEND_F_INVALID != 0 {
+        return None;
+    }
+    let sc = scratch()?;
+    let out = route(ctx, seg.ipv6, &backend.addr_be, &mut sc.reply.new_src_be)?;
+    f.new_src_be = sc.reply.new_src_be;
+    fill_reply(ctx, seg, &mut sc.reply, idx);
+    let nat_port = insert_reply(backend, &f.new_src_be, sc)?;
+    f.new_dst_be = backend.addr_be;
+    f.new_sport = nat_port;
+    f.new_dport = backend.port;
+    f.backend_index = idx;
+    f.out_ifindex = out;
+    f.tried |= 1 << (u32::from(idx) % 32);
+    f.attempts += 1;
+    Some(())
+}
+
+/// Fills `r` as the backend's entry of the connection whose client SYN is `seg`.
+#[inline(always)]
+fn fill_reply(ctx: &TcContext, seg: &Segment, r: &mut Flow, idx: u8) {
+    // SAFETY: helper without arguments.
+    let now = unsafe { bpf_ktime_get_ns() };
+    r.new_src_be = seg.key.dst_be;
+    r.new_dst_be = seg.key.src_be;
+    r.new_sport = seg.key.dport;
+    r.new_dport = seg.key.sport;
+    r.listener_port = seg.key.dport;
+    r.direction = DIR_BACKEND_TO_CLIENT as u8;
+    r.backend_index = idx;
+    // SAFETY: the context's __sk_buff.
+    r.out_ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    r.state = 0;
+    r.tried = 0;
+    r.attempts = 0;
+    r.created_ns = now;
+    r.last_seen_ns = now;
+    r.packets = 0;
+    r.bytes = 0;
+}
+
+/// Writes the NAT address (the FIB's source towards `dst`) into `src` and returns the
+/// interface to `dst`.
+#[inline(never)]
+fn route(ctx: &TcContext, ipv6: bool, dst: &[u8; 16], src: &mut [u8; 16]) -> Option<u32> {
+    // SAFETY: an all-zero bpf_fib_lookup is a valid input.
+    let mut p: bpf_fib_lookup = unsafe { core::mem::zeroed() };
+    p.l4_protocol = IPPROTO_TCP;
+    // SAFETY: the context's __sk_buff.
+    p.ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    if ipv6 {
+        p.family = AF_INET6;
+        let mut d = [0u32; 4];
+        let mut i = 0;
+        while i < 4 {
+            d[i] = u32::from_ne_bytes([dst[4 * i], dst[4 * i + 1], dst[4 * i + 2], dst[4 * i + 3]]);
+            i += 1;
+        }
+        p.__bindgen_anon_4.ipv6_dst = d;
+    } else {
+        p.family = AF_INET;
+        p.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes(v4_of(dst));
+    }
+    // SAFETY: p is a bpf_fib_lookup on the stack, its size passed.
+    let rc = unsafe {
+        fib_lookup(
+            ctx.as_ptr(),
+            &raw mut p,
+            size_of::<bpf_fib_lookup>() as i32,
+            BPF_FIB_LOOKUP_SRC | BPF_FIB_LOOKUP_SKIP_NEIGH,
+        )
+    };
+    if rc != BPF_FIB_LKUP_RET_SUCCESS {
+        return None;
+    }
+    if ipv6 {
+        // SAFETY: the kernel filled ipv6_src for an AF_INET6 lookup.
+        let s = unsafe { p.__bindgen_anon_3.ipv6_src };
+        let mut i = 0;
+        while i < 4 {
+            let b = s[i].to_ne_bytes();
+            src[4 * i] = b[0];
+            src[4 * i + 1] = b[1];
+            src[4 * i + 2] = b[2];
+            src[4 * i + 3] = b[3];
+            i += 1;
+        }
+    } else {
+        // SAFETY: the kernel filled ipv4_src for an AF_INET lookup.
+        *src = mapped(unsafe { p.__bindgen_anon_3.ipv4_src }.to_ne_bytes());
+    }
+    Some(p.ifindex)
+}
+
+/// Inserts `sc.reply`, the backend's entry of a connection, under a free NAT port
+/// towards `backend` from `nat`, and returns that port. `None` when no port is free
+/// after [`NAT_TRIES`] tries (`nat_exhausted`) or the table is full (`table_full`).
+#[inline(never)]
+fn insert_reply(backend: &Backend, nat: &[u8; 16], sc: &mut Scratch) -> Option<u16> {
+    // SAFETY: read-only globals set by the loader.
+    let (min, count) = unsafe {
+        (
+            core::ptr::read_volatile(&FWD_PORT_MIN),
+            core::ptr::read_volatile(&FWD_PORT_COUNT).max(1),
+        )
+    };
+    // SAFETY: helper without arguments.
+    let start = unsafe { bpf_get_prandom_u32() };
+    sc.key.src_be = backend.addr_be;
+    sc.key.dst_be = *nat;
+    sc.key.sport = backend.port;
+    sc.key._pad = 0;
+    let listener = sc.reply.listener_port;
+    let mut i = 0;
+    while i < NAT_TRIES {
+        let port = (min + (start.wrapping_add(i) % count)) as u16;
+        sc.key.dport = port;
+        match GW_FWD_FLOWS.insert(&sc.key, &sc.reply, u64::from(BPF_NOEXIST)) {
+            Ok(()) => return Some(port),
+            Err(e) if e == -EEXIST => {}
+            Err(_) => {
+                if let Some(s) = stats(listener) {
+                    s.table_full += 1;
+                }
+                return None;
+            }
+        }
+        i += 1;
+    }
+    if let Some(s) = stats(listener) {
+        s.nat_exhausted += 1;
+    }
+    None
+}
+
+/// A SYN that no entry knows, to a listener: opens a connection, refuses it, or
+/// leaves it to the stack.
+#[inline(never)]
+fn open(ctx: &TcContext, seg: &Segment) -> i32 {
+    let port = seg.key.dport;
+    let Some(listener) = GW_LISTENERS.get_ptr(&ListenerKey::new(port)) else {
+        return TCX_NEXT;
+    };
+    // SAFETY: value from the lookup.
+    if unsafe { (*listener).flags } & LISTENER_F_DRAINING != 0 {
+        return TCX_NEXT;
+    }
+    if GW_FWD_ADDRS
+        .get_ptr(&NodeAddr {
+            addr_be: seg.key.dst_be,
+        })
+        .is_none()
+    {
+        return TCX_NEXT;
+    }
+    let Some(table) = GW_FWD_SLOTS.get_ptr(&ListenerKey::new(port)) else {
+        return reject(ctx, seg, port, Refusal::NoBackend);
+    };
+    // SAFETY: value from the lookup.
+    if unsafe { (*table).filled } == 0 {
+        return reject(ctx, seg, port, Refusal::NoBackend);
+    }
+    let h = client_hash(&seg.key);
+    // SAFETY: as above; the slot is masked to the table.
+    let idx = unsafe { (*table).slots[h as usize & (FWD_SLOTS - 1)] };
+    let Some(backend) = GW_BACKENDS.get_ptr(&BackendKey::new(port, u32::from(idx))) else {
+        return reject(ctx, seg, port, Refusal::NoBackend);
+    };
+    // SAFETY: value from the lookup (kept alive by RCU while the program runs).
+    let backend = unsafe { &*backend };
+    if backend.flags & BACKEND_F_INVALID != 0 {
+        return reject(ctx, seg, port, Refusal::InvalidBackend);
+    }
+    let Some(sc) = scratch() else {
+        return TCX_NEXT;
+    };
+    let mut nat = [0u8; 16];
+    let Some(out) = route(ctx, seg.ipv6, &backend.addr_be, &mut nat) else {
+        if let Some(s) = stats(port) {
+            s.no_route += 1;
+        }
+        return TCX_NEXT;
+    };
+    fill_reply(ctx, seg, &mut sc.reply, idx);
+    let Some(nat_port) = insert_reply(backend, &nat, sc) else {
+        return TCX_NEXT;
+    };
+    // The client's entry: reuse the scratch entry, turned around.
+    let f = &mut sc.reply;
+    f.new_src_be = nat;
+    f.new_dst_be = backend.addr_be;
+    f.new_sport = nat_port;
+    f.new_dport = backend.port;
+    f.direction = DIR_CLIENT_TO_BACKEND as u8;
+    // SAFETY: helper without arguments.
+    f.out_ifindex = out;
+    f.state = FLOW_S_SYN;
+    f.tried = 1 << (u32::from(idx) % 32);
+    f.attempts = 1;
+    f.packets = 1;
+    f.bytes = seg.ip_len;
+    if GW_FWD_FLOWS
+        .insert(&seg.key, f, u64::from(BPF_NOEXIST))
+        .is_err()
+    {
+        let _ = GW_FWD_FLOWS.remove(&sc.key);
+        if let Some(s) = stats(port) {
+            s.table_full += 1;
+        }
+        return TCX_NEXT;
+    }
+    if let Some(s) = stats(port) {
+        s.connections += 1;
+        s.packets_c2b += 1;
+        s.bytes_c2b += seg.ip_len;
+    }
+    if rewrite(ctx, seg, &sc.reply).is_none() {
+        return TC_ACT_SHOT;
+    }
+    // SAFETY: no parameters: the kernel looks the neighbour of the new destination up.
+    unsafe { bpf_redirect_neigh(out, core::ptr::null_mut(), 0, 0) as i32 }
+}
+
+/// Counts a refusal and answers the SYN with a RST.
+#[inline(always)]
+fn reject(ctx: &TcContext, seg: &Segment, port: u16, why: Refusal) -> i32 {
+    if let Some(s) = stats(port) {
+        match why {
+            Refusal::NoBackend => s.rejected_no_backend += 1,
+            Refusal::InvalidBackend => s.rejected_invalid_backend += 1,
+            Refusal::ConnectFailed => s.rejected_connect_failed += 1,
+        }
+    }
+    match refuse(ctx, seg) {
+        Some(action) => action,
+        None => TC_ACT_SHOT,
+    }
+}
+
+#[inline(always)]
+fn fold(mut sum: u32) -> u16 {
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum = (sum & 0xffff) + (sum >> 16);
+    !(sum as u16)
+}
+
+/// Turns the SYN in `ctx` into a RST|ACK to its sender and sends it back out of the
+/// interface it came in on. `None` when the packet cannot be rewritten.
+#[inline(never)]
+fn refuse(ctx: &TcContext, seg: &Segment) -> Option<i32> {
+    let sc = scratch()?;
+    let tcp: [u8; 14] = ctx.load(seg.l4).ok()?;
+    let seq = u32::from_be_bytes([tcp[4], tcp[5], tcp[6], tcp[7]]);
+    let doff = usize::from(tcp[12] >> 4) * 4;
+    let ip_hlen = seg.l4 - ETH_HLEN;
+    let payload = (seg.ip_len as usize).saturating_sub(ip_hlen + doff) as u32;
+    let ack = seq
+        .wrapping_add(payload)
+        .wrapping_add(u32::from(seg.flags & TCP_SYN != 0))
+        .wrapping_add(u32::from(seg.flags & TCP_FIN != 0));
+    let eth: [u8; 12] = ctx.load(0).ok()?;
+    // The reply, built in the scratch area: Ethernet (addresses swapped), IP, TCP.
+    let p = &mut sc.packet;
+    *p = [0; REFUSE_MAX];
+    p[0..6].copy_from_slice(&eth[6..12]);
+    p[6..12].copy_from_slice(&eth[0..6]);
+    let (src, dst) = (&seg.key.dst_be, &seg.key.src_be);
+    let l4 = if seg.ipv6 {
+        ETH_HLEN + 40
+    } else {
+        ETH_HLEN + 20
+    };
+    if seg.ipv6 {
+        p[12..14].copy_from_slice(&ETH_P_IPV6.to_be_bytes());
+        p[14] = 0x60;
+        p[19] = 20;
+        p[20] = IPPROTO_TCP;
+        p[21] = 64;
+        p[22..38].copy_from_slice(src);
+        p[38..54].copy_from_slice(dst);
+    } else {
+        p[12..14].copy_from_slice(&ETH_P_IP.to_be_bytes());
+        p[14] = 0x45;
+        p[17] = 40;
+        p[20] = 0x40;
+        p[22] = 64;
+        p[23] = IPPROTO_TCP;
+        p[26..30].copy_from_slice(&v4_of(src));
+        p[30..34].copy_from_slice(&v4_of(dst));
+        let mut sum = 0u32;
+        let mut i = 14;
+        while i < 34 {
+            sum += u32::from(u16::from_be_bytes([p[i], p[i + 1]]));
+            i += 2;
+        }
+        let c = fold(sum).to_be_bytes();
+        p[24] = c[0];
+        p[25] = c[1];
+    }
+    if seg.ipv6 {
+        rst_tcp::<{ ETH_HLEN + 40 }, 22, 54>(p, &tcp, ack);
+    } else {
+        rst_tcp::<{ ETH_HLEN + 20 }, 26, 34>(p, &tcp, ack);
+    }
+    let new_len = (l4 + 20) as u32;
+    // SAFETY: the context's skb; shrinking drops options and payload.
+    if unsafe { bpf_skb_change_tail(ctx.skb.skb, new_len, 0) } != 0 {
+        return None;
+    }
+    // The checksums are complete: the skb must not be finished as a partial one.
+    // SAFETY: the context's skb.
+    unsafe { bpf_csum_level(ctx.skb.skb, BPF_CSUM_LEVEL_RESET) };
+    let len = if seg.ipv6 {
+        ETH_HLEN + 60
+    } else {
+        ETH_HLEN + 40
+    };
+    // SAFETY: `len` bytes of the scratch area (at most REFUSE_MAX) into the packet,
+    // which is exactly that long now.
+    let rc = unsafe {
+        aya_ebpf::helpers::bpf_skb_store_bytes(
+            ctx.skb.skb.cast(),
+            0,
+            p.as_ptr().cast(),
+            len as u32,
+            0,
+        )
+    };
+    if rc != 0 {
+        return None;
+    }
+    // SAFETY: the context's __sk_buff.
+    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    // SAFETY: plain helper call.
+    Some(unsafe { bpf_redirect(ifindex, 0) } as i32)
+}
+
+/// The TCP header of a RST at `L4` in `p` (ports of `tcp` swapped, seq 0, `ack`,
+/// data offset 5, RST|ACK, window 0) and its checksum over the pseudo-header, whose
+/// addresses are at `p[A..B]`.
+#[inline(always)]
+fn rst_tcp<const L4: usize, const A: usize, const B: usize>(
+    p: &mut [u8; REFUSE_MAX],
+    tcp: &[u8; 14],
+    ack: u32,
+) {
+    p[L4] = tcp[2];
+    p[L4 + 1] = tcp[3];
+    p[L4 + 2] = tcp[0];
+    p[L4 + 3] = tcp[1];
+    let a = ack.to_be_bytes();
+    p[L4 + 8] = a[0];
+    p[L4 + 9] = a[1];
+    p[L4 + 10] = a[2];
+    p[L4 + 11] = a[3];
+    p[L4 + 12] = 5 << 4;
+    p[L4 + 13] = TCP_RST | TCP_ACK;
+    let mut sum = 20 + u32::from(IPPROTO_TCP);
+    let mut i = A;
+    while i < B {
+        sum += u32::from(u16::from_be_bytes([p[i], p[i + 1]]));
+        i += 2;
+    }
+    let mut i = L4;
+    while i < L4 + 20 {
+        sum += u32::from(u16::from_be_bytes([p[i], p[i + 1]]));
+        i += 2;
+    }
+    let c = fold(sum).to_be_bytes();
+    p[L4 + 16] = c[0];
+    p[L4 + 17] = c[1];
+}
+
+/// Writes the addresses and ports of `f` into the segment, updating the checksums.
+#[inline(never)]
+fn rewrite(ctx: &TcContext, seg: &Segment, f: &Flow) -> Option<()> {
+    if seg.ipv6 {
+        addr6(ctx, seg, ETH_HLEN + 8, &seg.key.src_be, &f.new_src_be)?;
+        addr6(ctx, seg, ETH_HLEN + 24, &seg.key.dst_be, &f.new_dst_be)?;
+    } else {
+        addr4(ctx, seg, ETH_HLEN + 12, &seg.key.src_be, &f.new_src_be)?;
+        addr4(ctx, seg, ETH_HLEN + 16, &seg.key.dst_be, &f.new_dst_be)?;
+    }
+    port(ctx, seg, seg.l4, seg.key.sport, f.new_sport)?;
+    port(ctx, seg, seg.l4 + 2, seg.key.dport, f.new_dport)
+}
+
+#[inline(always)]
+fn addr4(ctx: &TcContext, seg: &Segment, off: usize, old: &[u8; 16], new: &[u8; 16]) -> Option<()> {
+    if old == new {
+        return Some(());
+    }
+    let from = u64::from(u32::from_ne_bytes(v4_of(old)));
+    let to = u64::from(u32::from_ne_bytes(v4_of(new)));
+    ctx.l3_csum_replace(ETH_HLEN + 10, from, to, 4).ok()?;
+    ctx.l4_csum_replace(seg.csum, from, to, BPF_F_PSEUDO_HDR | 4)
+        .ok()?;
+    ctx.store(off, &v4_of(new), 0).ok()
+}
+
+#[inline(always)]
+fn addr6(ctx: &TcContext, seg: &Segment, off: usize, old: &[u8; 16], new: &[u8; 16]) -> Option<()> {
+    if old == new {
+        return Some(());
+    }
+    let mut from = *old;
+    let mut to = *new;
+    // SAFETY: two 16-byte buffers on the stack, their sizes passed.
+    let diff =
+        unsafe { bpf_csum_diff(from.as_mut_ptr().cast(), 16, to.as_mut_ptr().cast(), 16, 0) };
+    if diff < 0 {
+        return None;
+    }
+    ctx.l4_csum_replace(seg.csum, 0, diff as u64, BPF_F_PSEUDO_HDR)
+        .ok()?;
+    ctx.store(off, new, 0).ok()
+}
+
+#[inline(always)]
+fn port(ctx: &TcContext, seg: &Segment, off: usize, old: u16, new: u16) -> Option<()> {
+    if old == new {
+        return Some(());
+    }
+    let from = u64::from(u16::from_ne_bytes(old.to_be_bytes()));
+    let to = u64::from(u16::from_ne_bytes(new.to_be_bytes()));
+    ctx.l4_csum_replace(seg.csum, from, to, 2).ok()?;
+    ctx.store(off, &new.to_be_bytes(), 0).ok()
+}

@@ -1,0 +1,476 @@
+//! The forward data path's agent side: the program `gw_fwd` attached to the tc ingress
+//! of the chosen interfaces, the node addresses it answers on, the NAT port range, the
+//! selection tables ([`slots`]) and the sweeper of the connection table.
+//!
+//! The program does the per-packet work (see `gateway-ebpf/src/forward.rs`); the agent:
+//!
+//! * **attaches** `gw_fwd` to every interface named with `--forward-iface`, as a tcx
+//!   link pinned under `PIN_DIR/links/`, so that the program, its maps and the
+//!   connections it carries outlive the agent (a restart, SIGKILL included, takes the
+//!   pinned links over and replaces their program atomically). Interfaces that come and
+//!   go are followed on rtnetlink events and every [`RESYNC`];
+//! * **publishes the node's addresses** (every address of a non-loopback interface) in
+//!   `GW_FWD_ADDRS`: a SYN to one of them on a listener port is forwarded;
+//! * **reserves the NAT ports** in `net.ipv4.ip_local_reserved_ports`, so no local
+//!   socket takes one, and refuses a range that overlaps the ephemeral range;
+//! * **sweeps** the connection table every [`SWEEP_EVERY`]: a connection is removed
+//!   (both of its entries) when it has been quiet for its state's timeout ([`Timeouts`]),
+//!   and the connections of a removed listener once the drain timeout has passed. An
+//!   entry that still sees segments is never removed.
+pub mod slots;
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fs,
+    net::IpAddr,
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use aya::programs::links::PinnedLink;
+use gateway_common::{
+    DIR_CLIENT_TO_BACKEND, FLOW_S_FIN, FLOW_S_RST, FLOW_S_SYN, Flow, FlowKey, NodeAddr,
+};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use crate::{
+    ebpf::{Datapath, MapOpError},
+    xdp::attach::{Iface, Netlink, list_ifaces},
+};
+
+/// The longest time between two resyncs of the attachments without an event.
+pub const RESYNC: Duration = Duration::from_secs(5);
+/// How often the sweeper runs.
+pub const SWEEP_EVERY: Duration = Duration::from_secs(1);
+/// The subdirectory of the pin directory where the links are pinned.
+pub const LINKS_DIR: &str = "links";
+
+/// Errors of the forward path's set-up.
+#[derive(Debug, thiserror::Error)]
+pub enum ForwardError {
+    #[error(
+        "--forward-ports {min}-{max} overlaps the node's ephemeral port range {eph_min}-{eph_max} (net.ipv4.ip_local_port_range): choose NAT ports outside it"
+    )]
+    PortsOverlap {
+        min: u16,
+        max: u16,
+        eph_min: u16,
+        eph_max: u16,
+    },
+    #[error("--forward-ports {0:?}: expected MIN-MAX with 1024 <= MIN <= MAX <= 65535")]
+    BadPorts(String),
+    #[error("{path}: {source}")]
+    Sysctl {
+        path: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("attaching gw_fwd to {iface}: {source}")]
+    Attach {
+        iface: String,
+        #[source]
+        source: aya::programs::ProgramError,
+    },
+    #[error(transparent)]
+    Map(#[from] MapOpError),
+    #[error("rtnetlink: {0}")]
+    Netlink(#[from] crate::xdp::XdpError),
+}
+
+/// Timeouts of the connection table, by state.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Timeouts {
+    /// A connection whose backend has not answered the SYN.
+    pub syn: Duration,
+    /// An established connection (also half-closed) without any segment.
+    pub idle: Duration,
+    /// A connection after a RST, or after a FIN each way.
+    pub closing: Duration,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Self {
+            syn: Duration::from_mins(1),
+            idle: Duration::from_hours(1),
+            closing: Duration::from_secs(10),
+        }
+    }
+}
+
+/// The forward path's run-time settings.
+#[derive(Clone, Debug)]
+pub struct ForwardOptions {
+    /// Interfaces `gw_fwd` is attached to.
+    pub ifaces: BTreeSet<String>,
+    /// Connection table timeouts.
+    pub timeouts: Timeouts,
+    /// How long the connections of a removed listener may run.
+    pub drain: Duration,
+    /// Leave the links pinned when the agent stops (connections keep flowing).
+    pub keep_pins: bool,
+}
+
+/// Parses `MIN-MAX`.
+pub fn parse_ports(s: &str) -> Result<(u16, u16), ForwardError> {
+    let bad = || ForwardError::BadPorts(s.to_owned());
+    let (a, b) = s.split_once('-').ok_or_else(bad)?;
+    let (min, max): (u16, u16) = (
+        a.trim().parse().map_err(|_| bad())?,
+        b.trim().parse().map_err(|_| bad())?,
+    );
+    if min < 1024 || min > max {
+        return Err(bad());
+    }
+    Ok((min, max))
+}
+
+const PORT_RANGE: &str = "/proc/sys/net/ipv4/ip_local_port_range";
+const RESERVED: &str = "/proc/sys/net/ipv4/ip_local_reserved_ports";
+
+/// The ranges of a `ip_local_reserved_ports` value (`a,b-c,...`).
+fn reserved_ranges(v: &str) -> Vec<(u16, u16)> {
+    v.trim()
+        .split(',')
+        .filter_map(|r| {
+            let r = r.trim();
+            match r.split_once('-') {
+                Some((a, b)) => Some((a.parse().ok()?, b.parse().ok()?)),
+                None => r.parse().ok().map(|p| (p, p)),
+            }
+        })
+        .collect()
+}
+
+/// Checks that `min..=max` is outside the ephemeral range and reserves it (in this
+/// network namespace) so no local socket binds a NAT port. Returns whether it added
+/// the reservation.
+pub fn reserve_ports(min: u16, max: u16) -> Result<bool, ForwardError> {
+    let range = fs::read_to_string(PORT_RANGE).map_err(|source| ForwardError::Sysctl {
+        path: PORT_RANGE,
+        source,
+    })?;
+    let mut it = range
+        .split_whitespace()
+        .filter_map(|p| p.parse::<u16>().ok());
+    if let (Some(eph_min), Some(eph_max)) = (it.next(), it.next())
+        && min <= eph_max
+        && eph_min <= max
+    {
+        return Err(ForwardError::PortsOverlap {
+            min,
+            max,
+            eph_min,
+            eph_max,
+        });
+    }
+    let current = fs::read_to_string(RESERVED).map_err(|source| ForwardError::Sysctl {
+        path: RESERVED,
+        source,
+    })?;
+    let ranges = reserved_ranges(&current);
+    if ranges.iter().any(|&(a, b)| a <= min && max <= b) {
+        return Ok(false);
+    }
+    let value = if current.trim().is_empty() {
+        format!("{min}-{max}")
+    } else {
+        format!("{},{min}-{max}", current.trim())
+    };
+    fs::write(RESERVED, value).map_err(|source| ForwardError::Sysctl {
+        path: RESERVED,
+        source,
+    })?;
+    info!(ports = %format!("{min}-{max}"), "NAT ports reserved (net.ipv4.ip_local_reserved_ports)");
+    Ok(true)
+}
+
+/// The `GW_FWD_ADDRS` key of an address.
+pub fn node_addr(ip: IpAddr) -> NodeAddr {
+    NodeAddr {
+        addr_be: match ip {
+            IpAddr::V4(a) => a.to_ipv6_mapped().octets(),
+            IpAddr::V6(a) => a.octets(),
+        },
+    }
+}
+
+/// The node's addresses clients may connect to: those of every interface but loopback.
+pub fn node_addrs<'a>(ifaces: impl IntoIterator<Item = &'a Iface>) -> BTreeSet<NodeAddr> {
+    ifaces
+        .into_iter()
+        .filter(|i| !i.loopback)
+        .flat_map(|i| i.addrs.iter().copied())
+        .filter(|a| !a.is_loopback())
+        .map(node_addr)
+        .collect()
+}
+
+/// What a sweep found and did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Sweep {
+    /// Connections in the table after the sweep.
+    pub live: usize,
+    /// Connections removed.
+    pub removed: usize,
+}
+
+/// The key of the other direction's entry of `f` (as the program computes it).
+pub fn reverse_key(f: &Flow) -> FlowKey {
+    FlowKey {
+        src_be: f.new_dst_be,
+        dst_be: f.new_src_be,
+        sport: f.new_dport,
+        dport: f.new_sport,
+        _pad: 0,
+    }
+}
+
+/// The timeout that applies to a connection whose client entry is `c` and backend
+/// entry is `b`.
+pub fn timeout_of(c: &Flow, b: Option<&Flow>, t: &Timeouts) -> Duration {
+    let bs = b.map_or(0, |b| b.state);
+    let both = c.state | bs;
+    if both & FLOW_S_RST != 0 || (c.state & FLOW_S_FIN != 0 && bs & FLOW_S_FIN != 0) {
+        t.closing
+    } else if bs & FLOW_S_SYN == 0 {
+        t.syn
+    } else {
+        t.idle
+    }
+}
+
+/// The entries to remove from `flows` at monotonic time `now_ns`: connections past
+/// their timeout, connections of the listeners in `expired` (drained), and backend
+/// entries that no client entry points to (left by a retried connect) once they are
+/// `closing` old.
+pub fn expired(
+    flows: &[(FlowKey, Flow)],
+    now_ns: u64,
+    t: &Timeouts,
+    drained: &BTreeSet<u16>,
+) -> (Vec<FlowKey>, usize, usize) {
+    let by_key: BTreeMap<FlowKey, &Flow> = flows.iter().map(|(k, f)| (*k, f)).collect();
+    let mut remove = Vec::new();
+    let mut owned = BTreeSet::new();
+    let (mut live, mut removed) = (0, 0);
+    for (k, c) in flows {
+        if u32::from(c.direction) != DIR_CLIENT_TO_BACKEND {
+            continue;
+        }
+        let rk = reverse_key(c);
+        let b = by_key.get(&rk).copied();
+        owned.insert(rk);
+        let last = b.map_or(c.last_seen_ns, |b| b.last_seen_ns.max(c.last_seen_ns));
+        let quiet = Duration::from_nanos(now_ns.saturating_sub(last));
+        if quiet > timeout_of(c, b, t) || drained.contains(&c.listener_port) {
+            remove.push(*k);
+            if b.is_some() {
+                remove.push(rk);
+            }
+            removed += 1;
+        } else {
+            live += 1;
+        }
+    }
+    for (k, b) in flows {
+        if u32::from(b.direction) == DIR_CLIENT_TO_BACKEND || owned.contains(k) {
+            continue;
+        }
+        if Duration::from_nanos(now_ns.saturating_sub(b.last_seen_ns)) > t.closing {
+            remove.push(*k);
+        }
+    }
+    (remove, live, removed)
+}
+
+/// `CLOCK_MONOTONIC` in nanoseconds: the clock of `bpf_ktime_get_ns()`.
+pub fn monotonic_ns() -> u64 {
+    let mut t = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes the timespec it is given.
+    if unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &raw mut t) } != 0 {
+        return 0;
+    }
+    u64::try_from(t.tv_sec).unwrap_or(0) * 1_000_000_000 + u64::try_from(t.tv_nsec).unwrap_or(0)
+}
+
+/// The connection table sweeper's memory: since when each removed listener drains.
+#[derive(Debug, Default)]
+pub struct Sweeper {
+    gone_since: BTreeMap<u16, Instant>,
+}
+
+impl Sweeper {
+    /// One sweep of `dp`'s table.
+    pub fn sweep(&mut self, dp: &Datapath, t: &Timeouts, drain: Duration) -> Sweep {
+        let flows = dp.flows();
+        let listeners: BTreeSet<u16> = dp.listener_keys().iter().map(|k| k.port).collect();
+        let ports: BTreeSet<u16> = flows.iter().map(|(_, f)| f.listener_port).collect();
+        let now = Instant::now();
+        self.gone_since
+            .retain(|p, _| !listeners.contains(p) && ports.contains(p));
+        for p in ports.difference(&listeners) {
+            self.gone_since.entry(*p).or_insert_with(|| {
+                info!(
+                    listener = p,
+                    drain_secs = drain.as_secs_f64(),
+                    "forwarded connections of a removed listener drain"
+                );
+                now
+            });
+        }
+        let drained: BTreeSet<u16> = self
+            .gone_since
+            .iter()
+            .filter(|(_, since)| now.duration_since(**since) >= drain)
+            .map(|(p, _)| *p)
+            .collect();
+        let (remove, live, removed) = expired(&flows, monotonic_ns(), t, &drained);
+        if !remove.is_empty() {
+            debug!(
+                entries = remove.len(),
+                connections = removed,
+                "connection table sweep"
+            );
+            dp.remove_flows(&remove);
+        }
+        Sweep { live, removed }
+    }
+}
+
+/// The pin of `iface`'s link.
+pub fn link_pin(pin_dir: &Path, iface: &str) -> PathBuf {
+    pin_dir.join(LINKS_DIR).join(format!("fwd-{iface}"))
+}
+
+/// The links held, by interface name, with the interface index they were made on.
+struct Held {
+    index: u32,
+    _link: PinnedLink,
+}
+
+/// Attaches `gw_fwd` where it is missing and publishes the node's addresses.
+async fn resync(
+    dp: &Datapath,
+    nl: &Netlink,
+    opts: &ForwardOptions,
+    held: &mut BTreeMap<String, Held>,
+    missing: &mut BTreeSet<String>,
+) -> Result<(), ForwardError> {
+    let ifaces = list_ifaces(nl.handle()).await?;
+    dp.set_node_addrs(&node_addrs(ifaces.values()))?;
+    held.retain(|name, h| {
+        let keep = ifaces.get(name).is_some_and(|i| i.index == h.index);
+        if !keep {
+            info!(iface = %name, "forward program attachment gone with its interface");
+        }
+        keep
+    });
+    let dir = dp.pin_dir().join(LINKS_DIR);
+    let _ = fs::create_dir_all(&dir);
+    for name in &opts.ifaces {
+        let Some(iface) = ifaces.get(name) else {
+            if missing.insert(name.clone()) {
+                warn!(iface = %name, "forward path: no such interface (yet); attached when it appears");
+            }
+            continue;
+        };
+        missing.remove(name);
+        if held.contains_key(name) {
+            continue;
+        }
+        let link = dp
+            .attach_fwd(name, &link_pin(dp.pin_dir(), name))
+            .map_err(|source| ForwardError::Attach {
+                iface: name.clone(),
+                source,
+            })?;
+        info!(iface = %name, ifindex = iface.index, "forward program attached (tc ingress, tcx)");
+        held.insert(
+            name.clone(),
+            Held {
+                index: iface.index,
+                _link: link,
+            },
+        );
+    }
+    Ok(())
+}
+
+/// Attaches the forward program to the chosen interfaces before the first client
+/// arrives: errors here are the agent's start-up errors.
+pub async fn start(
+    dp: &Arc<Datapath>,
+    opts: ForwardOptions,
+    shutdown: &CancellationToken,
+) -> Result<tokio::task::JoinHandle<()>, ForwardError> {
+    let nl = Netlink::open()?;
+    let mut held = BTreeMap::new();
+    let mut missing = BTreeSet::new();
+    resync(dp, &nl, &opts, &mut held, &mut missing).await?;
+    info!(
+        ifaces = ?opts.ifaces, idle_secs = opts.timeouts.idle.as_secs(),
+        "forward data path on: connections arriving on these interfaces are forwarded in the kernel"
+    );
+    Ok(tokio::spawn(run(
+        dp.clone(),
+        nl,
+        opts,
+        held,
+        missing,
+        shutdown.clone(),
+    )))
+}
+
+async fn run(
+    dp: Arc<Datapath>,
+    nl: Netlink,
+    opts: ForwardOptions,
+    mut held: BTreeMap<String, Held>,
+    mut missing: BTreeSet<String>,
+    shutdown: CancellationToken,
+) {
+    let mut sweeper = Sweeper::default();
+    let mut last_resync = Instant::now();
+    let mut failing = false;
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => break,
+            () = tokio::time::sleep(SWEEP_EVERY) => {}
+        }
+        sweeper.sweep(&dp, &opts.timeouts, opts.drain);
+        if last_resync.elapsed() >= RESYNC {
+            last_resync = Instant::now();
+            match resync(&dp, &nl, &opts, &mut held, &mut missing).await {
+                Ok(()) => failing = false,
+                Err(e) if !failing => {
+                    warn!(error = %e, "forward path resync failed (retried; said again once it recovers and fails anew)");
+                    failing = true;
+                }
+                Err(e) => debug!(error = %e, "forward path resync still failing"),
+            }
+        }
+    }
+    if opts.keep_pins {
+        info!(
+            interfaces = held.len(),
+            "forward program left attached (--keep-pins): forwarded connections keep flowing"
+        );
+        return;
+    }
+    for name in held.keys() {
+        let _ = fs::remove_file(link_pin(dp.pin_dir(), name));
+    }
+    let n = held.len();
+    held.clear();
+    let _ = fs::remove_dir(dp.pin_dir().join(LINKS_DIR));
+    info!(interfaces = n, "forward program detached");
+}
+
+#[cfg(test)]
+mod tests;
