@@ -5,6 +5,7 @@ use std::{path::PathBuf, process::ExitCode, sync::Arc, time::Duration};
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use sockgate::{
+    backend_filter::BackendFilter,
     check,
     cluster::{self, source::KubeOptions},
     desired::DesiredState,
@@ -16,7 +17,7 @@ use sockgate::{
     source::files::{FileSource, follow},
     status,
     xdp::{
-        AttachMode,
+        AttachMode, Cidr,
         attach::{self, Manager, Netlink, Selection},
     },
 };
@@ -76,6 +77,10 @@ struct CheckArgs {
     /// The `controllerName` of the `GatewayClass` objects sockgate implements.
     #[arg(long, default_value = sockgate::model::conditions::DEFAULT_CONTROLLER_NAME)]
     controller_name: String,
+    /// Allow backend endpoints in this range although it is refused by default
+    /// (loopback, link-local, unspecified, multicast), e.g. 127.0.0.0/8 (repeatable).
+    #[arg(long = "allow-backend-cidr", value_name = "CIDR")]
+    allow_backend_cidrs: Vec<Cidr>,
 }
 
 /// Where the desired state comes from.
@@ -96,6 +101,10 @@ struct RunArgs {
     /// an invalid backendRef (its connections are reset).
     #[arg(long = "route", value_name = "SPEC")]
     routes: Vec<String>,
+    /// Allow backend endpoints in this range although it is refused by default
+    /// (loopback, link-local, unspecified, multicast), e.g. 127.0.0.0/8 (repeatable).
+    #[arg(long = "allow-backend-cidr", value_name = "CIDR")]
+    allow_backend_cidrs: Vec<Cidr>,
     /// Where the desired state comes from; default `files` when `--dir` is given, else
     /// the `--route` table.
     #[arg(long, value_enum)]
@@ -231,7 +240,8 @@ fn show_status(pin_dir: &std::path::Path, json: bool) -> anyhow::Result<()> {
 }
 
 fn check_manifests(args: &CheckArgs) -> anyhow::Result<()> {
-    let params = check::params_now(&args.controller_name);
+    let filter = BackendFilter::allowing(args.allow_backend_cidrs.iter().copied());
+    let params = check::params_now(&args.controller_name, &filter);
     print!("{}", check::render(&args.dir, &params, args.output)?);
     Ok(())
 }
@@ -284,7 +294,7 @@ async fn spawn_source(
     Ok(())
 }
 
-fn kube_options(args: &RunArgs) -> anyhow::Result<KubeOptions> {
+fn kube_options(args: &RunArgs, backend_filter: BackendFilter) -> anyhow::Result<KubeOptions> {
     if args.node_name.is_empty() {
         anyhow::bail!("--source kube needs the node name: --node-name or NODE_NAME");
     }
@@ -310,6 +320,7 @@ fn kube_options(args: &RunArgs) -> anyhow::Result<KubeOptions> {
         // A ListenerPolicy CRD installed after the agents start is watched within a
         // minute.
         policy_rediscovery: Duration::from_mins(1),
+        backend_filter,
     })
 }
 
@@ -399,18 +410,23 @@ fn run(args: &RunArgs) -> anyhow::Result<()> {
         (None, None) if args.routes.is_empty() && in_cluster => SourceKind::Kube,
         (None, None) => SourceKind::Routes,
     };
+    let filter = BackendFilter::allowing(args.allow_backend_cidrs.iter().copied());
     let files = match (source, &args.dir) {
-        (SourceKind::Files, Some(dir)) => Some(FileSource::open(dir, &args.controller_name)?),
+        (SourceKind::Files, Some(dir)) => Some(FileSource::open(
+            dir,
+            &args.controller_name,
+            filter.clone(),
+        )?),
         (SourceKind::Files, None) => anyhow::bail!("--source files needs --dir DIR"),
         (SourceKind::Routes | SourceKind::Kube, _) => None,
     };
     let mut kube = (source == SourceKind::Kube)
-        .then(|| kube_options(args))
+        .then(|| kube_options(args, filter.clone()))
         .transpose()?;
     let selection = xdp_selection(&args.xdp_ifaces, kube.as_mut())?;
     let desired: DesiredState = match &files {
         Some(f) => (**f.current()).clone(),
-        None => routes::parse(&args.routes)?,
+        None => routes::parse(&args.routes, &filter)?,
     };
     let cfg = ProxyConfig {
         mode: args.datapath,
@@ -435,6 +451,9 @@ fn run(args: &RunArgs) -> anyhow::Result<()> {
     raise_fd_limit();
     if desired.listeners.is_empty() && kube.is_none() {
         info!("no listeners configured (give --dir or --route)");
+    }
+    for c in filter.allowed() {
+        info!(cidr = %c, "backend addresses in this range allowed (--allow-backend-cidr)");
     }
     let metrics = Arc::new(Metrics::new(dp.clone()));
     let started = std::time::Instant::now();
