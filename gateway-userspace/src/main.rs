@@ -5,7 +5,7 @@ use std::{path::PathBuf, process::ExitCode, sync::Arc, time::Duration};
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use sockgate::{
-    backend_filter::BackendFilter,
+    backend_filter::{BackendFilter, RefusalLog},
     check,
     cluster::{self, source::KubeOptions},
     desired::DesiredState,
@@ -246,9 +246,21 @@ fn check_manifests(args: &CheckArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Programs a new desired state into the maps, counting it in the metrics.
-fn programmer(dp: Arc<Datapath>, metrics: Arc<Metrics>) -> impl FnMut(&DesiredState) + Send {
+/// Logs the refused endpoints of `d` that are new (or gone) and counts them.
+fn record_refused(log: &mut RefusalLog, metrics: &Metrics, d: &DesiredState) {
+    log.log(&d.refused);
+    metrics.backends_refused.set(&d.refused);
+}
+
+/// Programs a new desired state into the maps, counting it in the metrics; `refusals`
+/// holds the refusals already logged.
+fn programmer(
+    dp: Arc<Datapath>,
+    metrics: Arc<Metrics>,
+    mut refusals: RefusalLog,
+) -> impl FnMut(&DesiredState) + Send {
     move |d| {
+        record_refused(&mut refusals, &metrics, d);
         let started = std::time::Instant::now();
         if let Err(e) = mapsync::apply(&dp, d) {
             metrics.reconcile_errors.inc();
@@ -268,10 +280,11 @@ async fn spawn_source(
     kube: Option<KubeOptions>,
     dp: &Arc<Datapath>,
     metrics: &Arc<Metrics>,
+    refusals: RefusalLog,
     tx: watch::Sender<Arc<DesiredState>>,
     shutdown: &CancellationToken,
 ) -> anyhow::Result<()> {
-    let program = programmer(dp.clone(), metrics.clone());
+    let program = programmer(dp.clone(), metrics.clone(), refusals);
     if let Some(files) = files {
         tokio::spawn(follow(
             files,
@@ -456,6 +469,8 @@ fn run(args: &RunArgs) -> anyhow::Result<()> {
         info!(cidr = %c, "backend addresses in this range allowed (--allow-backend-cidr)");
     }
     let metrics = Arc::new(Metrics::new(dp.clone()));
+    let mut refusals = RefusalLog::default();
+    record_refused(&mut refusals, &metrics, &desired);
     let started = std::time::Instant::now();
     mapsync::apply(&dp, &desired).context("programming the maps")?;
     metrics.reconciles.inc();
@@ -467,7 +482,7 @@ fn run(args: &RunArgs) -> anyhow::Result<()> {
         let (tx, rx) = watch::channel(Arc::new(desired));
         let shutdown = CancellationToken::new();
         let guard = start_guard(&dp, args.xdp_mode, selection, &shutdown).await?;
-        spawn_source(files, kube, &dp, &metrics, tx, &shutdown).await?;
+        spawn_source(files, kube, &dp, &metrics, refusals, tx, &shutdown).await?;
         let counters = Arc::new(Registry::default());
         let _http = metrics::serve(args.metrics_addr, metrics.clone(), shutdown.clone()).await?;
         let kernel_logs = {
