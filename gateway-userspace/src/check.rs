@@ -3,6 +3,7 @@
 use std::path::Path;
 
 use crate::{
+    backend_filter::BackendFilter,
     model::{Params, reconcile, report},
     source::files::{self, SourceError},
 };
@@ -30,12 +31,13 @@ pub enum CheckError {
 
 /// Parameters for a reconcile happening now (the edges read the clock, the model does
 /// not).
-pub fn params_now(controller_name: &str) -> Params {
+pub fn params_now(controller_name: &str, backend_filter: &BackendFilter) -> Params {
     Params {
         controller_name: controller_name.to_owned(),
         now: k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
             k8s_openapi::jiff::Timestamp::now(),
         ),
+        backend_filter: backend_filter.clone(),
     }
 }
 

@@ -17,6 +17,11 @@ pub struct DesiredState {
     /// The XDP listener guard's policy by listener port (from `ListenerPolicy`).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub guards: BTreeMap<u16, crate::xdp::ListenerGuard>,
+    /// Endpoints left out because their address is refused (loopback, link-local, ...;
+    /// see [`crate::backend_filter`]), sorted, each once. Not programmed: for logs,
+    /// metrics and `sockgate check`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub refused: Vec<crate::backend_filter::RefusedBackend>,
 }
 
 /// One TCP listener port and where its connections go.

@@ -167,6 +167,7 @@ mod tests {
             .prop_map(|(generation, ls)| DesiredState {
                 generation,
                 guards: BTreeMap::new(),
+                refused: Vec::new(),
                 listeners: ls
                     .into_iter()
                     .map(|(port, backends)| {

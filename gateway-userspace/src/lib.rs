@@ -2,6 +2,8 @@
 //!
 //! # Layout
 //!
+//! * [`backend_filter`]: the backend addresses refused by default (loopback,
+//!   link-local, unspecified, multicast) and `--allow-backend-cidr`.
 //! * [`btf`]: member offsets from the kernel's BTF, for the verdict program.
 //! * [`check`]: `sockgate check`, the offline report.
 //! * [`cluster`]: the Kubernetes side: API access list, leader election of the status writer.
@@ -21,6 +23,7 @@
 //! * [`status`]: `sockgate status`, read from the pinned maps.
 //! * [`xdp`]: the XDP listener guard: policy, its map entries, and ([`xdp::attach`])
 //!   keeping `gw_xdp` attached to the interfaces it should guard.
+pub mod backend_filter;
 pub mod btf;
 pub mod check;
 pub mod cluster;

@@ -5,6 +5,7 @@ use std::{path::PathBuf, process::ExitCode, sync::Arc, time::Duration};
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use sockgate::{
+    backend_filter::{BackendFilter, RefusalLog},
     check,
     cluster::{self, source::KubeOptions},
     desired::DesiredState,
@@ -17,7 +18,7 @@ use sockgate::{
     source::files::{FileSource, follow},
     status,
     xdp::{
-        AttachMode,
+        AttachMode, Cidr,
         attach::{self, Manager, Netlink, Selection},
     },
 };
@@ -77,6 +78,10 @@ struct CheckArgs {
     /// The `controllerName` of the `GatewayClass` objects sockgate implements.
     #[arg(long, default_value = sockgate::model::conditions::DEFAULT_CONTROLLER_NAME)]
     controller_name: String,
+    /// Allow backend endpoints in this range although it is refused by default
+    /// (loopback, link-local, unspecified, multicast), e.g. 127.0.0.0/8 (repeatable).
+    #[arg(long = "allow-backend-cidr", value_name = "CIDR")]
+    allow_backend_cidrs: Vec<Cidr>,
 }
 
 /// Where the desired state comes from.
@@ -97,6 +102,10 @@ struct RunArgs {
     /// an invalid backendRef (its connections are reset).
     #[arg(long = "route", value_name = "SPEC")]
     routes: Vec<String>,
+    /// Allow backend endpoints in this range although it is refused by default
+    /// (loopback, link-local, unspecified, multicast), e.g. 127.0.0.0/8 (repeatable).
+    #[arg(long = "allow-backend-cidr", value_name = "CIDR")]
+    allow_backend_cidrs: Vec<Cidr>,
     /// Where the desired state comes from; default `files` when `--dir` is given, else
     /// the `--route` table.
     #[arg(long, value_enum)]
@@ -249,14 +258,27 @@ fn show_status(pin_dir: &std::path::Path, json: bool) -> anyhow::Result<()> {
 }
 
 fn check_manifests(args: &CheckArgs) -> anyhow::Result<()> {
-    let params = check::params_now(&args.controller_name);
+    let filter = BackendFilter::allowing(args.allow_backend_cidrs.iter().copied());
+    let params = check::params_now(&args.controller_name, &filter);
     print!("{}", check::render(&args.dir, &params, args.output)?);
     Ok(())
 }
 
-/// Programs a new desired state into the maps, counting it in the metrics.
-fn programmer(dp: Arc<Datapath>, metrics: Arc<Metrics>) -> impl FnMut(&DesiredState) + Send {
+/// Logs the refused endpoints of `d` that are new (or gone) and counts them.
+fn record_refused(log: &mut RefusalLog, metrics: &Metrics, d: &DesiredState) {
+    log.log(&d.refused);
+    metrics.backends_refused.set(&d.refused);
+}
+
+/// Programs a new desired state into the maps, counting it in the metrics; `refusals`
+/// holds the refusals already logged.
+fn programmer(
+    dp: Arc<Datapath>,
+    metrics: Arc<Metrics>,
+    mut refusals: RefusalLog,
+) -> impl FnMut(&DesiredState) + Send {
     move |d| {
+        record_refused(&mut refusals, &metrics, d);
         let started = std::time::Instant::now();
         if let Err(e) = mapsync::apply(&dp, d) {
             metrics.reconcile_errors.inc();
@@ -276,10 +298,11 @@ async fn spawn_source(
     kube: Option<KubeOptions>,
     dp: &Arc<Datapath>,
     metrics: &Arc<Metrics>,
+    refusals: RefusalLog,
     tx: watch::Sender<Arc<DesiredState>>,
     shutdown: &CancellationToken,
 ) -> anyhow::Result<()> {
-    let program = programmer(dp.clone(), metrics.clone());
+    let program = programmer(dp.clone(), metrics.clone(), refusals);
     if let Some(files) = files {
         tokio::spawn(follow(
             files,
@@ -302,7 +325,7 @@ async fn spawn_source(
     Ok(())
 }
 
-fn kube_options(args: &RunArgs) -> anyhow::Result<KubeOptions> {
+fn kube_options(args: &RunArgs, backend_filter: BackendFilter) -> anyhow::Result<KubeOptions> {
     if args.node_name.is_empty() {
         anyhow::bail!("--source kube needs the node name: --node-name or NODE_NAME");
     }
@@ -328,6 +351,7 @@ fn kube_options(args: &RunArgs) -> anyhow::Result<KubeOptions> {
         // A ListenerPolicy CRD installed after the agents start is watched within a
         // minute.
         policy_rediscovery: Duration::from_mins(1),
+        backend_filter,
     })
 }
 
@@ -480,18 +504,23 @@ fn run(args: &RunArgs) -> anyhow::Result<()> {
         (None, None) if args.routes.is_empty() && in_cluster => SourceKind::Kube,
         (None, None) => SourceKind::Routes,
     };
+    let filter = BackendFilter::allowing(args.allow_backend_cidrs.iter().copied());
     let files = match (source, &args.dir) {
-        (SourceKind::Files, Some(dir)) => Some(FileSource::open(dir, &args.controller_name)?),
+        (SourceKind::Files, Some(dir)) => Some(FileSource::open(
+            dir,
+            &args.controller_name,
+            filter.clone(),
+        )?),
         (SourceKind::Files, None) => anyhow::bail!("--source files needs --dir DIR"),
         (SourceKind::Routes | SourceKind::Kube, _) => None,
     };
     let mut kube = (source == SourceKind::Kube)
-        .then(|| kube_options(args))
+        .then(|| kube_options(args, filter.clone()))
         .transpose()?;
     let selection = xdp_selection(&args.xdp_ifaces, kube.as_mut())?;
     let desired: DesiredState = match &files {
         Some(f) => (**f.current()).clone(),
-        None => routes::parse(&args.routes)?,
+        None => routes::parse(&args.routes, &filter)?,
     };
     let cfg = ProxyConfig {
         mode: args.datapath,
@@ -517,7 +546,12 @@ fn run(args: &RunArgs) -> anyhow::Result<()> {
     if desired.listeners.is_empty() && kube.is_none() {
         info!("no listeners configured (give --dir or --route)");
     }
+    for c in filter.allowed() {
+        info!(cidr = %c, "backend addresses in this range allowed (--allow-backend-cidr)");
+    }
     let metrics = Arc::new(Metrics::new(dp.clone()));
+    let mut refusals = RefusalLog::default();
+    record_refused(&mut refusals, &metrics, &desired);
     let started = std::time::Instant::now();
     mapsync::apply(&dp, &desired).context("programming the maps")?;
     metrics.reconciles.inc();
@@ -530,7 +564,7 @@ fn run(args: &RunArgs) -> anyhow::Result<()> {
         let shutdown = CancellationToken::new();
         let guard = start_guard(&dp, args.xdp_mode, selection, &shutdown).await?;
         let forwarding = start_forward(&dp, forward, &shutdown).await?;
-        spawn_source(files, kube, &dp, &metrics, tx, &shutdown).await?;
+        spawn_source(files, kube, &dp, &metrics, refusals, tx, &shutdown).await?;
         let counters = Arc::new(Registry::default());
         let _http = metrics::serve(args.metrics_addr, metrics.clone(), shutdown.clone()).await?;
         let kernel_logs = {

@@ -26,7 +26,7 @@ use prometheus_client::{
     metrics::{
         counter::{ConstCounter, Counter},
         family::Family,
-        gauge::ConstGauge,
+        gauge::{ConstGauge, Gauge},
         histogram::{Histogram, exponential_buckets},
     },
     registry::Registry,
@@ -36,7 +36,10 @@ use tracing::{info, warn};
 
 use gateway_common::ListenerStats;
 
-use crate::ebpf::Datapath;
+use crate::{
+    backend_filter::{RefusalReason, RefusedBackend},
+    ebpf::Datapath,
+};
 
 /// Labels of a per-listener metric.
 pub type ListenerLabels = Vec<(&'static str, String)>;
@@ -55,6 +58,8 @@ pub struct Metrics {
     pub reconcile_seconds: Histogram,
     /// Status writes sent to the API server.
     pub status_writes: Counter,
+    /// Endpoints refused in the current desired state, by reason.
+    pub backends_refused: BackendsRefused,
     /// The programs are loaded and attached.
     pub healthy: AtomicBool,
     /// The desired state is programmed and the listeners are bound.
@@ -62,6 +67,35 @@ pub struct Metrics {
     /// The source has delivered its first desired state (the kube source clears it
     /// until its initial lists are done; the file and `--route` sources start with it).
     pub source_ready: Arc<AtomicBool>,
+}
+
+/// `sockgate_backends_refused`: backend endpoints left out of the current desired state
+/// because their address is refused (loopback, link-local, ...), by reason; every reason
+/// is always present, 0 when nothing is refused for it.
+#[derive(Clone, Debug, Default)]
+pub struct BackendsRefused {
+    gauge: Family<Vec<(&'static str, String)>, Gauge>,
+}
+
+impl BackendsRefused {
+    fn register(&self, registry: &mut Registry) {
+        registry.register(
+            "sockgate_backends_refused",
+            "Backend endpoints not programmed because their address is refused (see --allow-backend-cidr), by reason",
+            self.gauge.clone(),
+        );
+        self.set(&[]);
+    }
+
+    /// Sets the gauge from the refusals of the desired state being programmed.
+    pub fn set(&self, refused: &[RefusedBackend]) {
+        for reason in RefusalReason::ALL {
+            let n = refused.iter().filter(|r| r.reason == reason).count();
+            self.gauge
+                .get_or_create(&vec![("reason", reason.as_str().to_owned())])
+                .set(i64::try_from(n).unwrap_or(i64::MAX));
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -299,6 +333,8 @@ impl Metrics {
             "Status writes sent",
             status_writes.clone(),
         );
+        let backends_refused = BackendsRefused::default();
+        backends_refused.register(&mut registry);
         registry.register_collector(Box::new(MapCollector { dp }));
         Self {
             registry,
@@ -307,6 +343,7 @@ impl Metrics {
             reconcile_errors,
             reconcile_seconds,
             status_writes,
+            backends_refused,
             healthy: AtomicBool::new(true),
             ready: AtomicBool::new(false),
             source_ready: Arc::new(AtomicBool::new(true)),
@@ -395,4 +432,64 @@ pub async fn serve(
             warn!(error = %e, "metrics endpoint stopped");
         }
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn refused(addr: &str, reason: RefusalReason) -> RefusedBackend {
+        RefusedBackend {
+            backend_ref: "default/etcd:2379".into(),
+            address: addr.parse().expect("addr"),
+            reason,
+        }
+    }
+
+    fn exposition(registry: &Registry) -> String {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, registry).expect("encode");
+        out
+    }
+
+    #[test]
+    fn backends_refused_counts_the_current_refusals_by_reason() {
+        let mut registry = Registry::default();
+        let m = BackendsRefused::default();
+        m.register(&mut registry);
+        let text = exposition(&registry);
+        for reason in RefusalReason::ALL {
+            let line = format!("sockgate_backends_refused{{reason=\"{reason}\"}} 0\n");
+            assert!(text.contains(&line), "{line} in\n{text}");
+        }
+        m.set(&[
+            refused("127.0.0.1:2379", RefusalReason::Loopback),
+            refused("[::1]:2379", RefusalReason::Loopback),
+            refused("169.254.169.254:80", RefusalReason::LinkLocal),
+        ]);
+        let text = exposition(&registry);
+        assert!(
+            text.contains("# TYPE sockgate_backends_refused gauge\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("sockgate_backends_refused{reason=\"loopback\"} 2\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("sockgate_backends_refused{reason=\"link_local\"} 1\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("sockgate_backends_refused{reason=\"multicast\"} 0\n"),
+            "{text}"
+        );
+        // A gauge of the current state: refusals gone are no longer counted.
+        m.set(&[]);
+        let text = exposition(&registry);
+        assert!(
+            text.contains("sockgate_backends_refused{reason=\"loopback\"} 0\n"),
+            "{text}"
+        );
+    }
 }

@@ -63,6 +63,12 @@ impl Cidr {
     pub const fn prefix(&self) -> u8 {
         self.prefix
     }
+
+    /// Whether `ip` lies in the range (an IPv4 address is never in an IPv6 range, nor
+    /// the reverse).
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        Self::new(ip, self.prefix).is_some_and(|c| c.addr == self.addr)
+    }
 }
 
 impl FromStr for Cidr {
@@ -534,6 +540,17 @@ mod tests {
         assert!("::/129".parse::<Cidr>().is_err());
         assert!("nonsense/8".parse::<Cidr>().is_err());
         assert!("10.0.0.0/x".parse::<Cidr>().is_err());
+    }
+
+    #[test]
+    fn cidr_contains_its_family_only() {
+        let c: Cidr = "127.0.0.0/8".parse().expect("cidr");
+        assert!(c.contains("127.1.2.3".parse().expect("ip")));
+        assert!(!c.contains("128.0.0.1".parse().expect("ip")));
+        assert!(!c.contains("::ffff:127.0.0.1".parse().expect("ip")));
+        let all: Cidr = "::/0".parse().expect("cidr");
+        assert!(all.contains("fe80::1".parse().expect("ip")));
+        assert!(!all.contains("10.0.0.1".parse().expect("ip")));
     }
 
     #[test]

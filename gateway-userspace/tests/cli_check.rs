@@ -1,6 +1,7 @@
 //! `sockgate check` as a user runs it: each guide example prints the expected status
-//! (the fixture, up to `lastTransitionTime`), JSON output parses, and bad input exits
-//! non-zero with the file and line.
+//! (the fixture, up to `lastTransitionTime`), JSON output parses, bad input exits
+//! non-zero with the file and line, and refused backend addresses are reported (and
+//! allowed with `--allow-backend-cidr`).
 use std::{path::Path, process::Command};
 
 fn root() -> &'static Path {
@@ -86,4 +87,120 @@ fn bad_input_exits_non_zero_with_file_and_line() {
     let out = check(&["-f", "/nonexistent/sockgate"]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/sockgate"));
+}
+
+/// The `ResolvedRefs` condition of the route `name` (its first parent).
+fn resolved_refs<'a>(report: &'a serde_yaml::Value, name: &str) -> &'a serde_yaml::Value {
+    let route = report["objects"]
+        .as_sequence()
+        .expect("objects")
+        .iter()
+        .find(|o| o["kind"] == "TCPRoute" && o["metadata"]["name"] == name)
+        .unwrap_or_else(|| panic!("route {name}"));
+    route["status"]["parents"][0]["conditions"]
+        .as_sequence()
+        .expect("conditions")
+        .iter()
+        .find(|c| c["type"] == "ResolvedRefs")
+        .expect("ResolvedRefs")
+}
+
+/// The addresses programmed on listener `port`.
+fn programmed(report: &serde_yaml::Value, port: u64) -> Vec<String> {
+    report["programmed"]
+        .as_sequence()
+        .expect("programmed")
+        .iter()
+        .filter(|l| l["port"].as_u64() == Some(port))
+        .flat_map(|l| l["backends"].as_sequence().expect("backends").clone())
+        .filter_map(|b| b["address"].as_str().map(ToOwned::to_owned))
+        .collect()
+}
+
+#[test]
+fn refused_backends_are_reported_and_not_programmed() {
+    let input = "tests/fixtures/model/backend-refused-loopback-link-local/input.yaml";
+    let out = check(&["-f", input]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r: serde_yaml::Value = serde_yaml::from_slice(&out.stdout).expect("yaml");
+    let etcd = resolved_refs(&r, "etcd");
+    assert_eq!(etcd["status"], "False");
+    assert_eq!(etcd["reason"], "RefNotPermitted");
+    assert_eq!(
+        etcd["message"],
+        "endpoint 127.0.0.1:2379 of Service default/etcd refused: loopback address (allow it with --allow-backend-cidr)"
+    );
+    let api = resolved_refs(&r, "api");
+    assert_eq!(api["reason"], "RefNotPermitted");
+    assert_eq!(
+        api["message"],
+        "endpoint 169.254.169.254:8080 of Service default/api refused: link-local address (allow it with --allow-backend-cidr)"
+    );
+    // Nothing refused is programmed; the allowed endpoints of the same route serve.
+    assert!(programmed(&r, 7000).is_empty(), "{r:?}");
+    assert_eq!(programmed(&r, 7001), ["10.0.0.5:8080", "10.0.0.6:80"]);
+    let refused: Vec<(&str, &str)> = r["refused"]
+        .as_sequence()
+        .expect("refused")
+        .iter()
+        .map(|x| {
+            (
+                x["address"].as_str().expect("address"),
+                x["reason"].as_str().expect("reason"),
+            )
+        })
+        .collect();
+    assert_eq!(
+        refused,
+        [
+            ("169.254.169.254:8080", "link_local"),
+            ("127.0.0.1:2379", "loopback")
+        ]
+    );
+
+    // Allowed by the flag: programmed, and the routes resolve.
+    let out = check(&[
+        "-f",
+        input,
+        "--allow-backend-cidr",
+        "127.0.0.0/8",
+        "--allow-backend-cidr",
+        "169.254.169.254",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r: serde_yaml::Value = serde_yaml::from_slice(&out.stdout).expect("yaml");
+    assert_eq!(resolved_refs(&r, "etcd")["status"], "True");
+    assert_eq!(resolved_refs(&r, "api")["status"], "True");
+    assert_eq!(programmed(&r, 7000), ["127.0.0.1:2379"]);
+    assert_eq!(
+        programmed(&r, 7001),
+        ["10.0.0.5:8080", "169.254.169.254:8080", "10.0.0.6:80"]
+    );
+    assert!(r.get("refused").is_none(), "{r:?}");
+}
+
+#[test]
+fn a_bad_allow_backend_cidr_is_a_one_line_error() {
+    for bad in ["127.0.0.0/33", "localhost", "10.0.0.0/x"] {
+        let out = check(&[
+            "-f",
+            "deploy/examples/envoy-gateway",
+            "--allow-backend-cidr",
+            bad,
+        ]);
+        assert!(!out.status.success(), "{bad}");
+        assert!(out.stdout.is_empty());
+        let err = String::from_utf8_lossy(&out.stderr);
+        let first = err.lines().next().unwrap_or_default();
+        assert!(first.contains("--allow-backend-cidr"), "{err}");
+        assert!(first.contains(&format!("invalid CIDR \"{bad}\"")), "{err}");
+    }
 }

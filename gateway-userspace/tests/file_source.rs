@@ -8,6 +8,7 @@ use std::{
 };
 
 use sockgate::{
+    backend_filter::BackendFilter,
     model::conditions::DEFAULT_CONTROLLER_NAME,
     source::files::{FileSource, SourceError, Update},
 };
@@ -47,7 +48,8 @@ fn backend(src: &FileSource, port: u16) -> Option<SocketAddr> {
 fn last_good_configuration_keeps_serving() {
     let dir = TempDir::new("files");
     copy_example(&dir.0);
-    let mut src = FileSource::open(&dir.0, DEFAULT_CONTROLLER_NAME).expect("example parses");
+    let mut src = FileSource::open(&dir.0, DEFAULT_CONTROLLER_NAME, BackendFilter::default())
+        .expect("example parses");
     let first = src.current().clone();
     assert_eq!(
         backend(&src, 8088),
@@ -148,7 +150,7 @@ fn last_good_configuration_keeps_serving() {
 fn a_directory_that_does_not_parse_cannot_be_opened() {
     let dir = TempDir::new("files-bad");
     fs::write(dir.0.join("a.yml"), "apiVersion: v1\nkind: Service\n").expect("write");
-    let e = FileSource::open(&dir.0, DEFAULT_CONTROLLER_NAME)
+    let e = FileSource::open(&dir.0, DEFAULT_CONTROLLER_NAME, BackendFilter::default())
         .err()
         .expect("no metadata");
     assert!(
@@ -159,6 +161,7 @@ fn a_directory_that_does_not_parse_cannot_be_opened() {
     // Files other than *.yaml / *.yml are not read.
     fs::remove_file(dir.0.join("a.yml")).expect("rm");
     fs::write(dir.0.join("notes.txt"), "not yaml: [").expect("write");
-    let src = FileSource::open(&dir.0, DEFAULT_CONTROLLER_NAME).expect("empty dir");
+    let src = FileSource::open(&dir.0, DEFAULT_CONTROLLER_NAME, BackendFilter::default())
+        .expect("empty dir");
     assert!(src.current().listeners.is_empty());
 }

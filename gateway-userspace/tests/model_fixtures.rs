@@ -2,7 +2,8 @@
 //! input (`input.yaml`, or `input.dir` naming a directory relative to the repository
 //! root) and `expected.yaml`, the report `sockgate check` prints for it (the status of
 //! every `GatewayClass`, `Gateway` and `TCPRoute`, then the programmed table), computed
-//! at a fixed time.
+//! at a fixed time. A case may have `params.yaml` with `allowBackendCidrs: [CIDR, ...]`,
+//! the `--allow-backend-cidr` values it is computed with.
 //!
 //! `SOCKGATE_BLESS=1 cargo test -p gateway-userspace --test model_fixtures` rewrites the
 //! expected files; read every change before committing it.
@@ -10,18 +11,36 @@ use std::path::{Path, PathBuf};
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use sockgate::{
+    backend_filter::BackendFilter,
     model::{Params, Snapshot, conditions::DEFAULT_CONTROLLER_NAME, reconcile, report},
     source::files,
+    xdp::Cidr,
 };
 
 fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
 }
 
-fn params() -> Params {
+/// A case's `params.yaml`.
+#[derive(Default, serde::Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct CaseParams {
+    #[serde(default)]
+    allow_backend_cidrs: Vec<Cidr>,
+}
+
+fn params(case: &Path) -> Params {
+    let file = case.join("params.yaml");
+    let p: CaseParams = if file.exists() {
+        let text = std::fs::read_to_string(&file).expect("params.yaml");
+        serde_yaml::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", file.display()))
+    } else {
+        CaseParams::default()
+    };
     Params {
         controller_name: DEFAULT_CONTROLLER_NAME.to_owned(),
         now: Time("2025-01-01T00:00:00Z".parse().expect("timestamp")),
+        backend_filter: BackendFilter::allowing(p.allow_backend_cidrs),
     }
 }
 
@@ -51,8 +70,8 @@ fn load(case: &Path) -> Snapshot {
     files::load(&input(case)).unwrap_or_else(|e| panic!("{}: {e}", case.display()))
 }
 
-fn render(snap: &Snapshot) -> String {
-    let (desired, status) = reconcile(snap, &params());
+fn render(case: &Path, snap: &Snapshot) -> String {
+    let (desired, status) = reconcile(snap, &params(case));
     serde_yaml::to_string(&report::build(snap, &desired, &status)).expect("yaml")
 }
 
@@ -61,7 +80,7 @@ fn fixtures_give_the_expected_status() {
     let bless = std::env::var_os("SOCKGATE_BLESS").is_some();
     let mut failures = Vec::new();
     for case in cases() {
-        let actual = render(&load(&case));
+        let actual = render(&case, &load(&case));
         let path = case.join("expected.yaml");
         if bless {
             std::fs::write(&path, &actual).expect("write expected.yaml");
@@ -106,7 +125,8 @@ fn input_order_changes_nothing() {
     let mut rng = XorShift(0x5eed_cafe_f00d_d00d);
     for case in cases() {
         let snap = load(&case);
-        let want = reconcile(&snap, &params());
+        let params = params(&case);
+        let want = reconcile(&snap, &params);
         for round in 0..64 {
             let mut s = snap.clone();
             rng.shuffle(&mut s.gateway_classes);
@@ -119,7 +139,7 @@ fn input_order_changes_nothing() {
             for slice in &mut s.endpoint_slices {
                 rng.shuffle(&mut slice.endpoints);
             }
-            let got = reconcile(&s, &params());
+            let got = reconcile(&s, &params);
             assert!(
                 got == want,
                 "{}: permutation {round} changed the result",

@@ -97,6 +97,8 @@ pub struct KubeOptions {
     /// While `ListenerPolicy` is not served, how often discovery looks for it again, so
     /// that a CRD installed after the agents started is watched without a restart.
     pub policy_rediscovery: Duration,
+    /// The endpoint addresses that may be programmed (`--allow-backend-cidr`).
+    pub backend_filter: crate::backend_filter::BackendFilter,
 }
 
 /// The `ApiResource` of `TCPRoute` in `version`.
@@ -697,7 +699,7 @@ pub async fn run(
     info!("initial lists done: programming from the cluster's objects");
     loop {
         let snap = stores.snapshot();
-        let params = crate::check::params_now(&opts.controller_name);
+        let params = crate::check::params_now(&opts.controller_name, &opts.backend_filter);
         let (mut desired, mut status) = reconcile(&snap, &params);
         {
             let current = tx.borrow();

@@ -6,6 +6,10 @@
 //! Service with one endpoint and weight 1. [`spread`] turns backendRef weights into
 //! endpoint weights so that every backendRef's total is exactly proportional to its
 //! weight (see `docs/gateway-api.md`, "Weights").
+//!
+//! Endpoints whose address the [`BackendFilter`] refuses (loopback, link-local, ...)
+//! are left out here, before any weight is spread: they are never programmed, and the
+//! backendRef says so in `ResolvedRefs`.
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::{IpAddr, SocketAddr},
@@ -24,10 +28,17 @@ use super::{
     conditions::{GATEWAY_GROUP, KIND_SERVICE, KIND_TCP_ROUTE, SERVICE_NAME_LABEL, reasons},
     snapshot::{ObjectKey, namespace_of},
 };
-use crate::desired::Backend;
+use crate::{
+    backend_filter::{ALLOW_FLAG, BackendFilter, RefusalReason, RefusedBackend},
+    desired::Backend,
+};
 
 /// Largest factor endpoint weights are scaled by to keep backendRef shares exact.
 pub const SCALE_CAP: u64 = 1024;
+
+/// Refused endpoints named in one backendRef's `ResolvedRefs` message; the others are
+/// counted (a condition message is limited to 32768 bytes).
+pub const REFUSED_LISTED: usize = 4;
 
 /// Why a backendRef does not resolve.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -45,8 +56,55 @@ pub struct ResolvedRef {
     pub label: String,
     /// The backendRef's weight (default 1).
     pub weight: u32,
-    /// Ready endpoints, or why the backendRef is invalid.
+    /// Ready endpoints whose address is allowed, or why the backendRef is invalid.
     pub target: Result<Vec<SocketAddr>, RefProblem>,
+    /// Ready endpoints left out because their address is refused.
+    pub refused: Vec<RefusedBackend>,
+    /// The `ResolvedRefs` problem the refused endpoints make (`RefNotPermitted`).
+    pub refusal: Option<RefProblem>,
+}
+
+impl ResolvedRef {
+    /// Why the backendRef does not wholly resolve: it is invalid, or some of its
+    /// endpoints are refused.
+    pub fn problem(&self) -> Option<&RefProblem> {
+        self.target.as_ref().err().or(self.refusal.as_ref())
+    }
+}
+
+/// A Service's ready endpoints, split by the [`BackendFilter`].
+#[derive(Debug, Default)]
+struct Endpoints {
+    allowed: BTreeSet<SocketAddr>,
+    refused: BTreeSet<(SocketAddr, RefusalReason)>,
+}
+
+/// The `ResolvedRefs=False` problem of `refused` endpoints of Service `key`, if any.
+fn refusal(key: &ObjectKey, refused: &BTreeSet<(SocketAddr, RefusalReason)>) -> Option<RefProblem> {
+    if refused.is_empty() {
+        return None;
+    }
+    let mut parts: Vec<String> = refused
+        .iter()
+        .take(REFUSED_LISTED)
+        .map(|(addr, why)| {
+            format!(
+                "endpoint {addr} of Service {key} refused: {}",
+                why.describe()
+            )
+        })
+        .collect();
+    if refused.len() > REFUSED_LISTED {
+        parts.push(format!(
+            "{} more endpoint(s) of Service {key} refused",
+            refused.len() - REFUSED_LISTED
+        ));
+    }
+    let them = if refused.len() == 1 { "it" } else { "them" };
+    Some(RefProblem {
+        reason: reasons::REF_NOT_PERMITTED,
+        message: format!("{} (allow {them} with {ALLOW_FLAG})", parts.join("; ")),
+    })
 }
 
 /// The Services, EndpointSlices and ReferenceGrants backendRefs resolve against.
@@ -55,6 +113,7 @@ pub struct Backends<'a> {
     /// EndpointSlices by the Service they belong to.
     slices: BTreeMap<ObjectKey, Vec<&'a EndpointSlice>>,
     grants: &'a [ReferenceGrant],
+    filter: &'a BackendFilter,
 }
 
 impl<'a> Backends<'a> {
@@ -63,6 +122,7 @@ impl<'a> Backends<'a> {
         services: &'a [Service],
         slices: &'a [EndpointSlice],
         grants: &'a [ReferenceGrant],
+        filter: &'a BackendFilter,
     ) -> Self {
         let services = services
             .iter()
@@ -89,6 +149,7 @@ impl<'a> Backends<'a> {
             services,
             slices: by_service,
             grants,
+            filter,
         }
     }
 
@@ -105,11 +166,32 @@ impl<'a> Backends<'a> {
         if !group.is_empty() || kind != KIND_SERVICE {
             label = format!("{group}/{kind} {label}");
         }
-        let target = self.endpoints(route_ns, ns, r);
+        let (target, refused, refusal) = match self.endpoints(route_ns, ns, r) {
+            Err(problem) => (Err(problem), Vec::new(), None),
+            Ok(eps) => {
+                let key = ObjectKey {
+                    namespace: ns.to_owned(),
+                    name: r.name.clone(),
+                };
+                let refused = eps
+                    .refused
+                    .iter()
+                    .map(|&(address, reason)| RefusedBackend {
+                        backend_ref: label.clone(),
+                        address,
+                        reason,
+                    })
+                    .collect();
+                let refusal = refusal(&key, &eps.refused);
+                (Ok(eps.allowed.into_iter().collect()), refused, refusal)
+            }
+        };
         ResolvedRef {
             label,
             weight,
             target,
+            refused,
+            refusal,
         }
     }
 
@@ -118,7 +200,7 @@ impl<'a> Backends<'a> {
         route_ns: &str,
         ns: &str,
         r: &TcpRouteRulesBackendRefs,
-    ) -> Result<Vec<SocketAddr>, RefProblem> {
+    ) -> Result<Endpoints, RefProblem> {
         let group = r.group.as_deref().unwrap_or("");
         let kind = r.kind.as_deref().unwrap_or(KIND_SERVICE);
         if !group.is_empty() || kind != KIND_SERVICE {
@@ -167,7 +249,7 @@ impl<'a> Backends<'a> {
             });
         };
         let sp_name = sp.name.as_deref().unwrap_or("");
-        let mut out = BTreeSet::new();
+        let mut out = Endpoints::default();
         for slice in self.slices.get(&key).into_iter().flatten() {
             let family_ok = |ip: &IpAddr| match slice.address_type.as_str() {
                 "IPv4" => ip.is_ipv4(),
@@ -189,11 +271,15 @@ impl<'a> Backends<'a> {
                     .and_then(|a| a.parse::<IpAddr>().ok())
                     .filter(family_ok)
                 {
-                    out.insert(SocketAddr::new(ip, target));
+                    let addr = SocketAddr::new(ip, target);
+                    match self.filter.check(ip) {
+                        Ok(()) => out.allowed.insert(addr),
+                        Err(why) => out.refused.insert((addr, why)),
+                    };
                 }
             }
         }
-        Ok(out.into_iter().collect())
+        Ok(out)
     }
 
     fn granted(&self, from_ns: &str, to_ns: &str, name: &str) -> bool {
@@ -321,6 +407,8 @@ mod tests {
             label: label.into(),
             weight,
             target,
+            refused: Vec::new(),
+            refusal: None,
         }
     }
 

@@ -57,7 +57,9 @@ pub mod reasons {
     pub const UNSUPPORTED_VALUE: &str = "UnsupportedValue";
     /// Route `ResolvedRefs=False`: a backendRef names a missing Service or port.
     pub const BACKEND_NOT_FOUND: &str = "BackendNotFound";
-    /// Route `ResolvedRefs=False`: a cross-namespace backendRef without a ReferenceGrant.
+    /// Route `ResolvedRefs=False`: a cross-namespace backendRef without a ReferenceGrant,
+    /// or a backendRef with endpoints whose address is refused (loopback, link-local,
+    /// unspecified, multicast; `--allow-backend-cidr`).
     pub const REF_NOT_PERMITTED: &str = "RefNotPermitted";
     /// Route `ResolvedRefs=False`: a backendRef that is not a core Service.
     pub const INVALID_KIND: &str = "InvalidKind";

@@ -167,6 +167,7 @@ pub fn reconcile(snap: &Snapshot, params: &Params) -> (DesiredState, StatusSet) 
         &snap.services,
         &snap.endpoint_slices,
         &snap.reference_grants,
+        &params.backend_filter,
     );
     let mut routes: Vec<&TcpRouteObject> = snap.tcp_routes.iter().collect();
     routes.sort_by_cached_key(|r| age(&r.route.metadata, true));
@@ -203,6 +204,14 @@ pub fn reconcile(snap: &Snapshot, params: &Params) -> (DesiredState, StatusSet) 
             .gateways
             .insert(g.key.clone(), gateway_status(g, &params.now));
     }
+    // Every refusal a route's status reports, each once (routes may share a Service).
+    desired.refused = resolved
+        .values()
+        .flatten()
+        .flat_map(|r| r.refused.iter().cloned())
+        .collect::<BTreeSet<_>>()
+        .into_iter()
+        .collect();
     // The XDP guard's policies attach to the listeners just computed.
     let (guards, policies) = crate::policy::resolve(&snap.listener_policies, &desired, params);
     desired.guards = guards;
@@ -446,10 +455,7 @@ fn route_backends(
                 .collect()
         })
         .unwrap_or_default();
-    let problems: Vec<_> = refs
-        .iter()
-        .filter_map(|r| r.target.as_ref().err())
-        .collect();
+    let problems: Vec<_> = refs.iter().filter_map(ResolvedRef::problem).collect();
     let resolved_refs = match problems.first() {
         None => cond.make(
             types::RESOLVED_REFS,

@@ -1,13 +1,14 @@
 //! What `sockgate check` prints: for every GatewayClass, Gateway, TCPRoute and
 //! ListenerPolicy of the input, its identity and the status sockgate would write, then
-//! the programmed listener/backend table (with each listener's XDP guard).
+//! the programmed listener/backend table (with each listener's XDP guard), then the
+//! endpoints refused because of their address.
 use serde::Serialize;
 
 use super::{
     reconcile::StatusSet,
     snapshot::{ObjectKey, Snapshot},
 };
-use crate::desired::DesiredState;
+use crate::{backend_filter::RefusedBackend, desired::DesiredState};
 
 /// The whole report.
 #[derive(Clone, Debug, Serialize)]
@@ -16,6 +17,10 @@ pub struct Report {
     pub objects: Vec<ObjectReport>,
     /// The listeners sockgate would serve, by port.
     pub programmed: Vec<ProgrammedListener>,
+    /// Endpoints not programmed because their address is refused (loopback,
+    /// link-local, ...; `--allow-backend-cidr`), by backendRef and address.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub refused: Vec<RefusedBackend>,
 }
 
 /// One object and its computed status.
@@ -169,5 +174,6 @@ pub fn build(snap: &Snapshot, desired: &DesiredState, status: &StatusSet) -> Rep
     Report {
         objects,
         programmed,
+        refused: desired.refused.clone(),
     }
 }

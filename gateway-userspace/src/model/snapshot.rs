@@ -1,6 +1,6 @@
 //! The input of [`reconcile`](super::reconcile): every object the model reads, as the
 //! generated Gateway API and Kubernetes types, plus the parameters that are not objects
-//! (controller name, current time).
+//! (controller name, current time, the backend addresses allowed).
 use std::fmt;
 
 use gateway_api::experimental::{
@@ -12,6 +12,8 @@ use k8s_openapi::{
     apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time},
 };
 use serde::Serialize;
+
+use crate::backend_filter::BackendFilter;
 
 /// The served version a TCPRoute was read in.
 ///
@@ -75,6 +77,8 @@ pub struct Params {
     pub controller_name: String,
     /// `lastTransitionTime` of the conditions written.
     pub now: Time,
+    /// The endpoint addresses that may be programmed (`--allow-backend-cidr`).
+    pub backend_filter: BackendFilter,
 }
 
 /// Namespace and name of an object (`namespace` empty for cluster-scoped objects).

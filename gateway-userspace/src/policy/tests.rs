@@ -24,6 +24,7 @@ fn desired() -> DesiredState {
         ]
         .into(),
         guards: BTreeMap::new(),
+        refused: Vec::new(),
     }
 }
 
@@ -72,6 +73,7 @@ fn params(controller_name: &str) -> Params {
     Params {
         controller_name: controller_name.to_owned(),
         now: Time(NOW.parse().expect("time")),
+        backend_filter: crate::backend_filter::BackendFilter::default(),
     }
 }
 

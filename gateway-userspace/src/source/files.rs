@@ -14,6 +14,7 @@ use tracing::{error, info};
 
 use super::manifest::{self, ManifestError};
 use crate::{
+    backend_filter::BackendFilter,
     desired::DesiredState,
     model::{Snapshot, StatusSet, reconcile},
 };
@@ -104,16 +105,23 @@ pub enum Update {
 pub struct FileSource {
     dir: PathBuf,
     controller_name: String,
+    backend_filter: BackendFilter,
     seen: Option<Fingerprint>,
     current: Arc<DesiredState>,
 }
 
 impl FileSource {
     /// Reads `dir` once; fails if it does not parse (there is no last good state yet).
-    pub fn open(dir: &Path, controller_name: &str) -> Result<Self, SourceError> {
+    /// Endpoints are programmed when `backend_filter` allows their address.
+    pub fn open(
+        dir: &Path,
+        controller_name: &str,
+        backend_filter: BackendFilter,
+    ) -> Result<Self, SourceError> {
         let mut s = Self {
             dir: dir.to_owned(),
             controller_name: controller_name.to_owned(),
+            backend_filter,
             seen: None,
             current: Arc::new(DesiredState::default()),
         };
@@ -142,7 +150,7 @@ impl FileSource {
             Ok(s) => s,
             Err(e) => return Update::Failed(e),
         };
-        let params = crate::check::params_now(&self.controller_name);
+        let params = crate::check::params_now(&self.controller_name, &self.backend_filter);
         let (mut desired, status) = reconcile(&snap, &params);
         desired.generation = if desired.listeners == self.current.listeners {
             self.current.generation

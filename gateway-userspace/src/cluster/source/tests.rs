@@ -395,6 +395,7 @@ mod against_a_scripted_api_server {
             debounce: Duration::from_millis(10),
             node_addresses: None,
             policy_rediscovery: Duration::from_mins(1),
+            backend_filter: crate::backend_filter::BackendFilter::default(),
         }
     }
 
@@ -535,6 +536,7 @@ mod against_a_scripted_api_server {
         let (logs, _guard) = capture_logs();
         let opts = KubeOptions {
             policy_rediscovery: Duration::from_millis(100),
+            backend_filter: crate::backend_filter::BackendFilter::default(),
             ..options()
         };
         let mut agent = start_with(false, BTreeMap::new(), opts);
