@@ -28,17 +28,6 @@ pub enum CheckError {
     Render(String),
 }
 
-/// Parameters for a reconcile happening now (the edges read the clock, the model does
-/// not).
-pub fn params_now(controller_name: &str) -> Params {
-    Params {
-        controller_name: controller_name.to_owned(),
-        now: k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
-            k8s_openapi::jiff::Timestamp::now(),
-        ),
-    }
-}
-
 /// Renders the report of the manifests under `path` (a file or a directory).
 pub fn render(path: &Path, params: &Params, format: Format) -> Result<String, CheckError> {
     let snap = files::load(path)?;

@@ -13,7 +13,10 @@ use sockgate::{
     metrics::{self, Metrics},
     proxy::{self, DatapathMode, ProxyConfig, stats::Registry},
     routes,
-    source::files::{FileSource, follow},
+    source::{
+        self,
+        files::{FileSource, follow},
+    },
     status,
     xdp::{
         AttachMode,
@@ -231,7 +234,7 @@ fn show_status(pin_dir: &std::path::Path, json: bool) -> anyhow::Result<()> {
 }
 
 fn check_manifests(args: &CheckArgs) -> anyhow::Result<()> {
-    let params = check::params_now(&args.controller_name);
+    let params = source::params_now(&args.controller_name);
     print!("{}", check::render(&args.dir, &params, args.output)?);
     Ok(())
 }

@@ -697,7 +697,7 @@ pub async fn run(
     info!("initial lists done: programming from the cluster's objects");
     loop {
         let snap = stores.snapshot();
-        let params = crate::check::params_now(&opts.controller_name);
+        let params = crate::source::params_now(&opts.controller_name);
         let (mut desired, mut status) = reconcile(&snap, &params);
         {
             let current = tx.borrow();

@@ -142,7 +142,7 @@ impl FileSource {
             Ok(s) => s,
             Err(e) => return Update::Failed(e),
         };
-        let params = crate::check::params_now(&self.controller_name);
+        let params = super::params_now(&self.controller_name);
         let (mut desired, status) = reconcile(&snap, &params);
         desired.generation = if desired.listeners == self.current.listeners {
             self.current.generation
