@@ -235,7 +235,10 @@ fn show_status(pin_dir: &std::path::Path, json: bool) -> anyhow::Result<()> {
 
 fn check_manifests(args: &CheckArgs) -> anyhow::Result<()> {
     let params = source::params_now(&args.controller_name);
-    print!("{}", check::render(&args.dir, &params, args.output)?);
+    let rendered = check::render(&args.dir, &params, args.output)?;
+    // The skipped kinds on stderr: stdout stays the report alone, parseable.
+    eprint!("{}", rendered.skipped);
+    print!("{}", rendered.report);
     Ok(())
 }
 
