@@ -1,11 +1,14 @@
 //! `sockgate check`: reads manifests, reconciles offline (no privileges, no maps) and
-//! renders the status sockgate would write and the listener/backend table.
+//! renders the status sockgate would write and the listener/backend table, beside the
+//! kinds it skipped (said apart, so the report stays parseable).
 use std::path::Path;
 
 use crate::{
-    backend_filter::BackendFilter,
     model::{Params, reconcile, report},
-    source::files::{self, SourceError},
+    source::{
+        files::{self, SourceError},
+        manifest::Skipped,
+    },
 };
 
 /// Output format of `sockgate check`.
@@ -29,27 +32,30 @@ pub enum CheckError {
     Render(String),
 }
 
-/// Parameters for a reconcile happening now (the edges read the clock, the model does
-/// not).
-pub fn params_now(controller_name: &str, backend_filter: &BackendFilter) -> Params {
-    Params {
-        controller_name: controller_name.to_owned(),
-        now: k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
-            k8s_openapi::jiff::Timestamp::now(),
-        ),
-        backend_filter: backend_filter.clone(),
-    }
+/// What `sockgate check` says about a path.
+#[derive(Debug)]
+pub struct Rendered {
+    /// The report in the asked format (for stdout).
+    pub report: String,
+    /// The documents of kinds sockgate does not read (for stderr); its `Display` is
+    /// one line per file.
+    pub skipped: Skipped,
 }
 
 /// Renders the report of the manifests under `path` (a file or a directory).
-pub fn render(path: &Path, params: &Params, format: Format) -> Result<String, CheckError> {
-    let snap = files::load(path)?;
-    let (desired, status) = reconcile(&snap, params);
-    let r = report::build(&snap, &desired, &status);
-    match format {
+pub fn render(path: &Path, params: &Params, format: Format) -> Result<Rendered, CheckError> {
+    let loaded = files::load(path)?;
+    let snap = &loaded.snapshot;
+    let (desired, status) = reconcile(snap, params);
+    let r = report::build(snap, &desired, &status);
+    let report = match format {
         Format::Yaml => serde_yaml::to_string(&r).map_err(|e| CheckError::Render(e.to_string())),
         Format::Json => serde_json::to_string_pretty(&r)
             .map(|s| s + "\n")
             .map_err(|e| CheckError::Render(e.to_string())),
-    }
+    }?;
+    Ok(Rendered {
+        report,
+        skipped: loaded.skipped,
+    })
 }

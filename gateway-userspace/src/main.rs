@@ -15,7 +15,10 @@ use sockgate::{
     metrics::{self, Metrics},
     proxy::{self, DatapathMode, ProxyConfig, stats::Registry},
     routes,
-    source::files::{FileSource, follow},
+    source::{
+        self,
+        files::{FileSource, follow},
+    },
     status,
     xdp::{
         AttachMode, Cidr,
@@ -259,8 +262,11 @@ fn show_status(pin_dir: &std::path::Path, json: bool) -> anyhow::Result<()> {
 
 fn check_manifests(args: &CheckArgs) -> anyhow::Result<()> {
     let filter = BackendFilter::allowing(args.allow_backend_cidrs.iter().copied());
-    let params = check::params_now(&args.controller_name, &filter);
-    print!("{}", check::render(&args.dir, &params, args.output)?);
+    let params = source::params_now(&args.controller_name, &filter);
+    let rendered = check::render(&args.dir, &params, args.output)?;
+    // The skipped kinds on stderr: stdout stays the report alone, parseable.
+    eprint!("{}", rendered.skipped);
+    print!("{}", rendered.report);
     Ok(())
 }
 
@@ -496,14 +502,20 @@ fn secs(v: f64, what: &str) -> anyhow::Result<Duration> {
         .with_context(|| format!("--{what} must be a non-negative number of seconds"))
 }
 
-fn run(args: &RunArgs) -> anyhow::Result<()> {
+/// Where the desired state comes from: `--source`, else files with `--dir`, else the
+/// cluster when in one and no `--route` is given, else the `--route` table.
+fn source_kind(args: &RunArgs) -> SourceKind {
     let in_cluster = std::env::var_os("KUBERNETES_SERVICE_HOST").is_some();
-    let source = match (args.source, &args.dir) {
+    match (args.source, &args.dir) {
         (Some(kind), _) => kind,
         (None, Some(_)) => SourceKind::Files,
         (None, None) if args.routes.is_empty() && in_cluster => SourceKind::Kube,
         (None, None) => SourceKind::Routes,
-    };
+    }
+}
+
+fn run(args: &RunArgs) -> anyhow::Result<()> {
+    let source = source_kind(args);
     let filter = BackendFilter::allowing(args.allow_backend_cidrs.iter().copied());
     let files = match (source, &args.dir) {
         (SourceKind::Files, Some(dir)) => Some(FileSource::open(

@@ -1,5 +1,6 @@
 //! `sockgate check` as a user runs it: each guide example prints the expected status
-//! (the fixture, up to `lastTransitionTime`), JSON output parses, bad input exits
+//! (the fixture, up to `lastTransitionTime`), JSON output parses, an application's
+//! bundle of other kinds checks with the skipped kinds said on stderr, bad input exits
 //! non-zero with the file and line, and refused backend addresses are reported (and
 //! allowed with `--allow-backend-cidr`).
 use std::{path::Path, process::Command};
@@ -70,6 +71,61 @@ fn json_output_parses_and_agrees() {
     assert_eq!(v["objects"][1]["status"]["conditions"][0]["status"], "True");
 }
 
+const BUNDLE_SKIPPED: &str = "\
+deploy/examples/bundle/app.yaml: skipped 1 ConfigMap, 1 Secret, 2 Deployment, 1 HTTPRoute (kinds sockgate does not read)
+deploy/examples/bundle/endpoints.yaml: skipped 1 Pod (kinds sockgate does not read)
+";
+
+#[test]
+fn an_application_bundle_checks_and_says_what_it_skipped() {
+    let out = check(&["-f", "deploy/examples/bundle"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stderr), BUNDLE_SKIPPED);
+    let mut got: serde_yaml::Value = serde_yaml::from_slice(&out.stdout).expect("yaml");
+    let mut want: serde_yaml::Value = serde_yaml::from_str(
+        &std::fs::read_to_string(root().join("tests/fixtures/model/bundle/expected.yaml"))
+            .expect("fixture"),
+    )
+    .expect("fixture yaml");
+    pin_times(&mut got);
+    pin_times(&mut want);
+    assert_eq!(got, want);
+    let programmed = &got["programmed"];
+    assert_eq!(programmed[0]["port"].as_u64(), Some(7000));
+    assert_eq!(
+        programmed[0]["listener"].as_str(),
+        Some("default/ledger-tcp/wire")
+    );
+    assert_eq!(
+        programmed[0]["backends"].as_sequence().map(Vec::len),
+        Some(2)
+    );
+    assert!(
+        programmed.get(1).is_none(),
+        "only the TCP listener is programmed"
+    );
+
+    // JSON: stdout is the report alone and parses; the summary is on stderr.
+    let out = check(&["-f", "deploy/examples/bundle", "-o", "json"]);
+    assert!(out.status.success());
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(v["programmed"][0]["port"], 7000);
+    assert_eq!(String::from_utf8_lossy(&out.stderr), BUNDLE_SKIPPED);
+
+    // One file of it.
+    let out = check(&["-f", "deploy/examples/bundle/endpoints.yaml", "-o", "json"]);
+    assert!(out.status.success());
+    serde_json::from_slice::<serde_json::Value>(&out.stdout).expect("json");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr),
+        "deploy/examples/bundle/endpoints.yaml: skipped 1 Pod (kinds sockgate does not read)\n"
+    );
+}
+
 #[test]
 fn bad_input_exits_non_zero_with_file_and_line() {
     let dir = std::env::temp_dir().join(format!("sockgate-check-{}", std::process::id()));
@@ -82,6 +138,24 @@ fn bad_input_exits_non_zero_with_file_and_line() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("bad.yaml:7: "), "{err}");
     assert!(err.contains("missing field `name`"), "{err}");
+    assert!(out.stdout.is_empty());
+
+    // A document that is not a Kubernetes object, after kinds that are only skipped.
+    std::fs::create_dir_all(&dir).expect("dir");
+    let file = dir.join("app.yaml");
+    std::fs::write(
+        &file,
+        "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: d}\n---\njust: a mapping\n",
+    )
+    .expect("write");
+    let out = check(&["-f", dir.to_str().expect("utf-8"), "-o", "json"]);
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("app.yaml:5: missing field `apiVersion`"),
+        "{err}"
+    );
     assert!(out.stdout.is_empty());
 
     let out = check(&["-f", "/nonexistent/sockgate"]);

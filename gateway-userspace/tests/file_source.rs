@@ -1,6 +1,6 @@
 //! The file source, scripted: a directory that changes under it. A bad file is reported
 //! with its file and line and the last good desired state keeps serving; fixing it
-//! resumes updates.
+//! resumes updates. Kinds sockgate does not read are skipped, never an error.
 use std::{
     fs,
     net::SocketAddr,
@@ -30,8 +30,12 @@ impl Drop for TempDir {
     }
 }
 
+fn examples() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/examples")
+}
+
 fn example() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/examples/envoy-gateway")
+    examples().join("envoy-gateway")
 }
 
 fn copy_example(to: &Path) {
@@ -61,11 +65,11 @@ fn last_good_configuration_keeps_serving() {
     );
     assert!(matches!(src.poll(), Update::Unchanged));
 
-    // A file with an unknown kind on line 5 (second document).
+    // A file whose second document (line 5) is not a Kubernetes object: no apiVersion.
     let bad = dir.0.join("zz-bad.yaml");
     fs::write(
         &bad,
-        "apiVersion: v1\nkind: Namespace\nmetadata: {name: x}\n---\nkind: Deployment\napiVersion: apps/v1\nmetadata: {name: d}\n",
+        "apiVersion: v1\nkind: Namespace\nmetadata: {name: x}\n---\nkind: Deployment\nmetadata: {name: d}\n",
     )
     .expect("write");
     match src.poll() {
@@ -74,7 +78,7 @@ fn last_good_configuration_keeps_serving() {
             assert_eq!(e.line, 5, "{e}");
             let msg = e.to_string();
             assert!(
-                msg.contains("zz-bad.yaml:5: unknown kind \"Deployment\""),
+                msg.contains("zz-bad.yaml:5: missing field `apiVersion`"),
                 "{msg}"
             );
         }
@@ -164,4 +168,97 @@ fn a_directory_that_does_not_parse_cannot_be_opened() {
     let src = FileSource::open(&dir.0, DEFAULT_CONTROLLER_NAME, BackendFilter::default())
         .expect("empty dir");
     assert!(src.current().listeners.is_empty());
+}
+
+/// What `skipped()` says, one line per file, with the file's name only.
+fn skipped(src: &FileSource) -> Vec<String> {
+    src.skipped()
+        .by_file()
+        .map(|(file, counts)| {
+            let name = file.file_name().expect("file name").to_string_lossy();
+            format!("{name}: {counts}")
+        })
+        .collect()
+}
+
+#[test]
+fn an_application_bundle_is_served_and_a_bad_edit_keeps_it() {
+    let dir = TempDir::new("files-bundle");
+    for f in ["gatewayclass.yaml", "app.yaml", "endpoints.yaml"] {
+        fs::copy(examples().join("bundle").join(f), dir.0.join(f)).expect("copy bundle");
+    }
+    let mut src = FileSource::open(&dir.0, DEFAULT_CONTROLLER_NAME, BackendFilter::default())
+        .expect("bundle parses");
+    let first = src.current().clone();
+    let addrs: Vec<Option<SocketAddr>> = first.listeners[&7000]
+        .backends
+        .iter()
+        .map(|b| b.addr)
+        .collect();
+    assert_eq!(
+        addrs,
+        [
+            Some("10.244.1.12:7000".parse().expect("addr")),
+            Some("10.244.2.17:7000".parse().expect("addr"))
+        ]
+    );
+    assert_eq!(
+        first.listeners.len(),
+        1,
+        "the HTTP Gateway is not sockgate's"
+    );
+    assert_eq!(
+        skipped(&src),
+        [
+            "app.yaml: 1 ConfigMap, 1 Secret, 2 Deployment, 1 HTTPRoute",
+            "endpoints.yaml: 1 Pod"
+        ]
+    );
+
+    // A later bad edit: a document that is not a Kubernetes object, at line 3.
+    let app = dir.0.join("app.yaml");
+    let text = fs::read_to_string(&app).expect("read");
+    fs::write(
+        &app,
+        format!("---\n---\n- a list, not an object\n---\n{text}"),
+    )
+    .expect("write");
+    match src.poll() {
+        Update::Failed(SourceError::Manifest(e)) => {
+            assert_eq!((e.file.as_path(), e.line), (app.as_path(), 3), "{e}");
+            assert!(e.message.contains("must be a mapping"), "{e}");
+        }
+        other => panic!("expected a manifest error, got {other:?}"),
+    }
+    assert_eq!(src.current(), &first, "the last good state is kept");
+
+    // A kind sockgate reads that does not parse, inside the List: the EndpointSlice's
+    // port is not a number (line 19 of endpoints.yaml).
+    fs::write(&app, &text).expect("write");
+    let endpoints = dir.0.join("endpoints.yaml");
+    let list = fs::read_to_string(&endpoints).expect("read");
+    let broken = list.replacen("    port: 7000\n", "    port: seven-thousand\n", 1);
+    assert_ne!(broken, list);
+    fs::write(&endpoints, &broken).expect("write");
+    match src.poll() {
+        Update::Failed(SourceError::Manifest(e)) => {
+            assert_eq!(e.file, endpoints, "{e}");
+            assert_eq!(e.line, 19, "{e}");
+            assert!(e.message.contains("invalid type"), "{e}");
+        }
+        other => panic!("expected a manifest error, got {other:?}"),
+    }
+    assert_eq!(src.current(), &first, "the last good state is kept");
+
+    // Fixed, without the Pod: the same desired state, and the skipped set follows.
+    let without_pod = &list[..list.find("- apiVersion: v1\n  kind: Pod").expect("pod")];
+    fs::write(&endpoints, format!("{without_pod}kind: List\n")).expect("write");
+    match src.poll() {
+        Update::Changed(d, _) => assert_eq!(*d, *first),
+        other => panic!("expected a change, got {other:?}"),
+    }
+    assert_eq!(
+        skipped(&src),
+        ["app.yaml: 1 ConfigMap, 1 Secret, 2 Deployment, 1 HTTPRoute"]
+    );
 }

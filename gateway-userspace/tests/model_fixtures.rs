@@ -67,7 +67,9 @@ fn input(case: &Path) -> PathBuf {
 }
 
 fn load(case: &Path) -> Snapshot {
-    files::load(&input(case)).unwrap_or_else(|e| panic!("{}: {e}", case.display()))
+    files::load(&input(case))
+        .unwrap_or_else(|e| panic!("{}: {e}", case.display()))
+        .snapshot
 }
 
 fn render(case: &Path, snap: &Snapshot) -> String {

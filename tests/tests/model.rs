@@ -120,15 +120,18 @@ fn manifests_drive_the_agent_and_bad_input_keeps_the_last_good_state() {
         .expect("8088 in the maps");
     assert_eq!(l8088["generation"], 2, "{status}");
 
-    // A bad manifest: the error names the file and line; everything keeps serving.
+    // A bad manifest (a Deployment, skipped, then a document that is not a Kubernetes
+    // object): the error names the file and line; everything keeps serving.
     let bad = dir.0.join("zz-bad.yaml");
     std::fs::write(
         &bad,
-        "apiVersion: v1\nkind: Namespace\nmetadata: {name: x}\n---\napiVersion: apps/v1\nkind: Deployment\nmetadata: {name: d}\n",
+        "apiVersion: v1\nkind: Namespace\nmetadata: {name: x}\n---\napiVersion: apps/v1\nkind: Deployment\nmetadata: {name: d}\n---\nkind: Pod\nmetadata: {name: p}\n",
     )
     .expect("write");
-    eventually("the agent reports zz-bad.yaml:6", &agent, || {
-        agent.log_text().contains("zz-bad.yaml:6: unknown kind")
+    eventually("the agent reports zz-bad.yaml:9", &agent, || {
+        agent
+            .log_text()
+            .contains("zz-bad.yaml:9: missing field `apiVersion`")
     });
     for (port, name) in [(8088, "bar"), (8089, "bar"), (8090, "foo")] {
         assert_eq!(ask(&bed, port), Ok(name.into()), "listener {port}");

@@ -699,7 +699,7 @@ pub async fn run(
     info!("initial lists done: programming from the cluster's objects");
     loop {
         let snap = stores.snapshot();
-        let params = crate::check::params_now(&opts.controller_name, &opts.backend_filter);
+        let params = crate::source::params_now(&opts.controller_name, &opts.backend_filter);
         let (mut desired, mut status) = reconcile(&snap, &params);
         {
             let current = tx.borrow();

@@ -1,7 +1,8 @@
 //! The file source: a directory of Kubernetes YAML (`*.yaml`, `*.yml`), re-read when a
 //! file changes, fed to the same [`reconcile`] as the cluster would be. When the
 //! directory stops parsing, the error names the file and line, and the last good
-//! desired state keeps serving.
+//! desired state keeps serving. Documents of kinds sockgate does not read are skipped
+//! and logged once each time what is skipped changes.
 use std::{
     path::{Path, PathBuf},
     sync::Arc,
@@ -12,7 +13,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info};
 
-use super::manifest::{self, ManifestError};
+use super::manifest::{self, ManifestError, Skipped};
 use crate::{
     backend_filter::BackendFilter,
     desired::DesiredState,
@@ -65,14 +66,30 @@ pub fn manifest_files(path: &Path) -> Result<Vec<PathBuf>, SourceError> {
     Ok(files)
 }
 
-/// Reads every manifest of `path` into a snapshot.
-pub fn load(path: &Path) -> Result<Snapshot, SourceError> {
+/// The manifests of a path, read.
+#[derive(Debug)]
+pub struct Loaded {
+    /// The objects of the kinds sockgate reads.
+    pub snapshot: Snapshot,
+    /// The documents of other kinds, by file.
+    pub skipped: Skipped,
+}
+
+/// Reads every manifest of `path` into a snapshot; documents of kinds sockgate does
+/// not read are counted in [`Loaded::skipped`].
+pub fn load(path: &Path) -> Result<Loaded, SourceError> {
     let mut objects = Vec::new();
+    let mut skipped = Skipped::default();
     for f in manifest_files(path)? {
         let text = std::fs::read_to_string(&f).map_err(io(&f))?;
-        objects.extend(manifest::parse(&f, &text)?);
+        let parsed = manifest::parse(&f, &text)?;
+        objects.extend(parsed.objects);
+        skipped.extend(parsed.skipped);
     }
-    Ok(manifest::snapshot(objects)?)
+    Ok(Loaded {
+        snapshot: manifest::snapshot(objects)?,
+        skipped,
+    })
 }
 
 /// Name, modification time and size of every manifest: a change of any is a reason to
@@ -108,6 +125,7 @@ pub struct FileSource {
     backend_filter: BackendFilter,
     seen: Option<Fingerprint>,
     current: Arc<DesiredState>,
+    skipped: Skipped,
 }
 
 impl FileSource {
@@ -124,6 +142,7 @@ impl FileSource {
             backend_filter,
             seen: None,
             current: Arc::new(DesiredState::default()),
+            skipped: Skipped::default(),
         };
         if let Update::Failed(e) = s.poll() {
             return Err(e);
@@ -136,6 +155,11 @@ impl FileSource {
         &self.current
     }
 
+    /// What the last good read skipped: documents of kinds sockgate does not read.
+    pub fn skipped(&self) -> &Skipped {
+        &self.skipped
+    }
+
     /// Re-reads the directory if a manifest was added, removed or modified.
     pub fn poll(&mut self) -> Update {
         let fp = match fingerprint(&self.dir) {
@@ -146,12 +170,16 @@ impl FileSource {
             return Update::Unchanged;
         }
         self.seen = Some(fp);
-        let snap = match load(&self.dir) {
-            Ok(s) => s,
+        let Loaded { snapshot, skipped } = match load(&self.dir) {
+            Ok(l) => l,
             Err(e) => return Update::Failed(e),
         };
-        let params = crate::check::params_now(&self.controller_name, &self.backend_filter);
-        let (mut desired, status) = reconcile(&snap, &params);
+        if skipped != self.skipped {
+            log_skipped(&self.dir, &skipped);
+            self.skipped = skipped;
+        }
+        let params = super::params_now(&self.controller_name, &self.backend_filter);
+        let (mut desired, status) = reconcile(&snapshot, &params);
         desired.generation = if desired.listeners == self.current.listeners {
             self.current.generation
         } else {
@@ -159,6 +187,20 @@ impl FileSource {
         };
         self.current = Arc::new(desired);
         Update::Changed(self.current.clone(), Box::new(status))
+    }
+}
+
+/// Says what is skipped now, one line per file (called when that changed).
+fn log_skipped(dir: &Path, skipped: &Skipped) {
+    if skipped.is_empty() {
+        info!(dir = %dir.display(), "manifests: no kinds skipped any more");
+    }
+    for (file, counts) in skipped.by_file() {
+        info!(
+            file = %file.display(),
+            skipped = %counts,
+            "manifests: skipped kinds sockgate does not read"
+        );
     }
 }
 
