@@ -751,10 +751,13 @@ impl Datapath {
     /// `pin` (so it outlives the agent). A link already pinned there (an earlier
     /// agent's) is taken over: its program is replaced by this one atomically, so no
     /// segment of a forwarded connection meets an interface without the program.
-    pub fn attach_fwd(&self, iface: &str, pin: &Path) -> Result<PinnedLink, ProgramError> {
+    /// Returns the pinned link and whether it took an earlier agent's over.
+    pub fn attach_fwd(&self, iface: &str, pin: &Path) -> Result<(PinnedLink, bool), ProgramError> {
         let mut ebpf = lock(&self.ebpf);
         let prog = Self::fwd_program(&mut ebpf)?;
-        let id = if let Ok(old) = PinnedLink::from_pin(pin) {
+        let earlier = PinnedLink::from_pin(pin).ok();
+        let adopted = earlier.is_some();
+        let id = if let Some(old) = earlier {
             let link =
                 SchedClassifierLink::try_from(FdLink::from(old)).map_err(|e| link_error(&e))?;
             let _ = fs::remove_file(pin);
@@ -769,8 +772,10 @@ impl Datapath {
         };
         let link = prog.take_link(id)?;
         let fd = FdLink::try_from(link).map_err(|e| link_error(&e))?;
-        fd.pin(pin)
-            .map_err(|e| ProgramError::IOError(io::Error::other(e.to_string())))
+        let pinned = fd
+            .pin(pin)
+            .map_err(|e| ProgramError::IOError(io::Error::other(e.to_string())))?;
+        Ok((pinned, adopted))
     }
 
     /// Writes (or, with `None`, removes) the selection table of listener `port`;

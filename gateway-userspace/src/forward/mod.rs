@@ -384,13 +384,20 @@ async fn resync(
         if held.contains_key(name) {
             continue;
         }
-        let link = dp
-            .attach_fwd(name, &link_pin(dp.pin_dir(), name))
-            .map_err(|source| ForwardError::Attach {
-                iface: name.clone(),
-                source,
-            })?;
-        info!(iface = %name, ifindex = iface.index, "forward program attached (tc ingress, tcx)");
+        let (link, adopted) =
+            dp.attach_fwd(name, &link_pin(dp.pin_dir(), name))
+                .map_err(|source| ForwardError::Attach {
+                    iface: name.clone(),
+                    source,
+                })?;
+        if adopted {
+            info!(
+                iface = %name, ifindex = iface.index,
+                "forward program replaced on the link an earlier agent pinned (its connections keep flowing)"
+            );
+        } else {
+            info!(iface = %name, ifindex = iface.index, "forward program attached (tc ingress, tcx)");
+        }
         held.insert(
             name.clone(),
             Held {

@@ -1,0 +1,239 @@
+//! The forward data path across the agent's life: the programs and the connection
+//! table are pinned, so forwarded connections survive the agent being killed
+//! (SIGKILL) and a new agent takes the pinned links over; and switching the forward
+//! path on leaves the connections the socket paths already carry alone.
+mod common;
+
+use std::{
+    io::{Read, Write},
+    net::{Shutdown, SocketAddr, TcpStream},
+    sync::{Arc, mpsc},
+    time::{Duration, Instant},
+};
+
+use common::{Agent, Stream, connect, exchange, pin_dir, require_root};
+use netbed::{Bed, servers};
+
+const MIB: u64 = 1024 * 1024;
+
+fn forward_args(route: &str) -> Vec<String> {
+    [
+        "--route",
+        route,
+        "--datapath",
+        "forward",
+        "--forward-iface",
+        "c0",
+        "--forward-iface",
+        "b0",
+    ]
+    .iter()
+    .map(|s| (*s).to_owned())
+    .collect()
+}
+
+/// Sends `total` bytes of the stream of `seed` in 256 KiB writes, pausing `pause`
+/// after each, then shuts its write side.
+fn paced_send(mut s: TcpStream, seed: u64, total: u64, pause: Duration) -> std::io::Result<()> {
+    let mut stream = Stream::new(seed);
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut left = total;
+    while left > 0 {
+        let n = usize::try_from(left.min(buf.len() as u64)).unwrap_or(buf.len());
+        stream.fill(&mut buf[..n]);
+        s.write_all(&buf[..n])?;
+        left -= n as u64;
+        std::thread::sleep(pause);
+    }
+    s.shutdown(Shutdown::Write)
+}
+
+/// Reads to EOF and checks against the stream of `seed`: (bytes, first bad offset).
+fn checked_recv(mut s: TcpStream, seed: u64) -> std::io::Result<(u64, Option<u64>)> {
+    let mut stream = Stream::new(seed);
+    let (mut buf, mut want) = (vec![0u8; 256 * 1024], vec![0u8; 256 * 1024]);
+    let (mut total, mut bad) = (0u64, None);
+    loop {
+        let n = s.read(&mut buf)?;
+        if n == 0 {
+            return Ok((total, bad));
+        }
+        stream.fill(&mut want[..n]);
+        if bad.is_none()
+            && let Some(i) = (0..n).find(|&i| buf[i] != want[i])
+        {
+            bad = Some(total + i as u64);
+        }
+        total += n as u64;
+    }
+}
+
+/// A transfer in progress when the agent is killed (SIGKILL: nothing of its own
+/// cleanup runs) goes on while no agent runs, and to its end once a new agent has
+/// taken the pinned links and maps over: no byte lost or repeated either way.
+#[test]
+fn forward_connections_survive_agent_sigkill_and_restart() {
+    require_root();
+    let bed = Bed::new(1).expect("bed");
+    let total = 64 * MIB;
+    let pause = Duration::from_millis(15);
+    let (tx, rx) = mpsc::channel();
+    let tx = std::sync::Mutex::new(tx);
+    let handler: servers::Handler = Arc::new(move |s: TcpStream| {
+        let out = s.try_clone().expect("clone");
+        let sender = std::thread::spawn(move || paced_send(out, 2, total, pause));
+        let got = checked_recv(s, 1);
+        let sent = sender.join().expect("sender");
+        let _ = tx.lock().expect("lock").send((got.ok(), sent.is_ok()));
+    });
+    let addr = SocketAddr::new(bed.backend_addr(0).into(), 3001);
+    let _server = servers::Server::start(bed.backend(0), addr, handler).expect("server");
+    let route = format!("8088={addr}");
+    let pins = pin_dir();
+    let args = forward_args(&route);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let first = Agent::start_with_pin_dir(&bed, pins.clone(), &args, &[8088]);
+    let listener = SocketAddr::new(bed.node_addr().into(), 8088);
+    let client = bed
+        .client()
+        .spawn(move || {
+            let s = connect(listener).expect("connect");
+            s.set_read_timeout(Some(Duration::from_mins(2)))
+                .expect("timeout");
+            let out = s.try_clone().expect("clone");
+            let sender = std::thread::spawn(move || paced_send(out, 1, total, pause));
+            let got = checked_recv(s, 2).expect("receive");
+            sender.join().expect("sender").expect("send");
+            got
+        })
+        .expect("client");
+    // Mid-transfer (the paced transfer takes about 4 s): kill the agent.
+    std::thread::sleep(Duration::from_millis(800));
+    let before = first.status();
+    first.kill_keeping_pins();
+    // No agent for a while: the pinned program keeps forwarding.
+    std::thread::sleep(Duration::from_millis(700));
+    let second = Agent::start_with_pin_dir(&bed, pins, &args, &[8088]);
+    let got = client.join().expect("client");
+    assert_eq!(
+        got,
+        (total, None),
+        "backend -> client (bytes, first bad offset)"
+    );
+    let (server_got, sent) = rx
+        .recv_timeout(Duration::from_mins(2))
+        .expect("server result");
+    assert!(sent, "the backend's send failed");
+    assert_eq!(server_got, Some((total, None)), "client -> backend");
+    let log = second.log_text();
+    assert!(
+        log.contains("forward program replaced on the link an earlier agent pinned"),
+        "the new agent takes the pinned links over:\n{log}"
+    );
+    assert!(
+        log.contains("reusing pinned map") && log.contains("GW_FWD_FLOWS"),
+        "{log}"
+    );
+    // The connection was counted once, by the first agent's program, and the table
+    // the second agent reads is the same one.
+    let l = |s: &serde_json::Value| {
+        s["listeners"]
+            .as_array()
+            .and_then(|ls| ls.iter().find(|l| l["port"] == 8088))
+            .map(|l| l["forward"].clone())
+            .expect("listener")
+    };
+    assert_eq!(l(&before)["connections"], 1, "{before}");
+    let after = second.status();
+    assert_eq!(l(&after)["connections"], 1, "{after}");
+    assert!(
+        l(&after)["bytes_client_to_backend"].as_u64()
+            > l(&before)["bytes_client_to_backend"].as_u64(),
+        "{before}\n{after}"
+    );
+    // And the new agent's program forwards new connections.
+    bed.client()
+        .run(move || drop(connect(listener).expect("connect after the restart")))
+        .expect("client");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while l(&second.status())["connections"] != 2 {
+        assert!(Instant::now() < deadline, "{}", second.status());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Switching the forward path on (here: a second agent attaches it, with its own
+/// table) leaves a connection the splice path carries alone: its segments are unknown
+/// to the forward table and reach the listener socket as before, while a new
+/// connection is forwarded.
+#[test]
+fn forward_switched_on_leaves_spliced_connections_alone() {
+    require_root();
+    let bed = Bed::new(1).expect("bed");
+    let addr = SocketAddr::new(bed.backend_addr(0).into(), 3001);
+    let _server =
+        servers::Server::start(bed.backend(0), addr, servers::named_echo("b0")).expect("server");
+    let route = format!("8088={addr}");
+    let splice = Agent::start(&bed, &["--route", &route, "--datapath", "splice"], &[8088]);
+    let listener = SocketAddr::new(bed.node_addr().into(), 8088);
+    let (to_client, from_test) = mpsc::channel::<&'static str>();
+    let (to_test, replies) = mpsc::channel::<String>();
+    let old = bed
+        .client()
+        .spawn(move || {
+            let mut s = connect(listener).expect("connect");
+            for line in from_test {
+                let _ = to_test.send(exchange(&mut s, line));
+            }
+        })
+        .expect("client");
+    to_client.send("before\n").expect("send");
+    assert_eq!(
+        replies
+            .recv_timeout(Duration::from_secs(10))
+            .expect("reply"),
+        "b0: before\n"
+    );
+    // The forward path comes on: the second agent's listener cannot bind the port (the
+    // first holds it), which it logs and goes on.
+    let mut args = forward_args(&route);
+    args.extend(["--metrics-addr".to_owned(), "127.0.0.1:9465".to_owned()]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let forward = Agent::start(&bed, &args, &[8088]);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !forward.log_text().contains("forward program attached") {
+        assert!(Instant::now() < deadline, "{}", forward.log_text());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // The spliced connection still works, through the first agent.
+    to_client.send("after\n").expect("send");
+    assert_eq!(
+        replies
+            .recv_timeout(Duration::from_secs(10))
+            .expect("reply"),
+        "b0: after\n"
+    );
+    // A new connection is forwarded.
+    let reply = bed
+        .client()
+        .run(move || {
+            let mut s = connect(listener).expect("connect");
+            exchange(&mut s, "new\n")
+        })
+        .expect("client");
+    assert_eq!(reply, "b0: new\n");
+    drop(to_client);
+    old.join().expect("old client");
+    let s = splice.stats(8088);
+    assert_eq!(
+        s["userspace_connections"], 1,
+        "only the old connection was spliced: {s}"
+    );
+    let f = forward.status();
+    let fwd = f["listeners"]
+        .as_array()
+        .and_then(|ls| ls.iter().find(|l| l["port"] == 8088))
+        .map(|l| l["forward"].clone())
+        .expect("listener");
+    assert_eq!(fwd["connections"], 1, "{f}");
+}
