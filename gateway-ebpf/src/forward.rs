@@ -37,8 +37,9 @@ use aya_ebpf::{
     bindings::{BPF_NOEXIST, bpf_fib_lookup},
     btf_maps::{HashMap, PerCpuArray, PerCpuHashMap},
     helpers::{
-        bpf_csum_diff, bpf_csum_level, bpf_fib_lookup as fib_lookup, bpf_get_prandom_u32,
-        bpf_ktime_get_ns, bpf_redirect, bpf_redirect_neigh, bpf_skb_change_tail,
+        bpf_check_mtu, bpf_csum_diff, bpf_csum_level, bpf_fib_lookup as fib_lookup,
+        bpf_get_prandom_u32, bpf_ktime_get_ns, bpf_redirect, bpf_redirect_neigh,
+        bpf_skb_change_tail,
     },
     macros::{btf_map, classifier},
     programs::TcContext,
@@ -322,6 +323,9 @@ fn existing(ctx: &TcContext, seg: &Segment, flow: *mut Flow) -> i32 {
     if rewrite(ctx, seg, f).is_none() {
         return TC_ACT_SHOT;
     }
+    if seg.flags & TCP_SYN != 0 {
+        clamp_mss(ctx, seg, out);
+    }
     // SAFETY: no parameters: the kernel looks the neighbour of the new destination up.
     unsafe { bpf_redirect_neigh(out, core::ptr::null_mut(), 0, 0) as i32 }
 }
@@ -354,7 +358,12 @@ pub struct Scratch {
     key: FlowKey,
     /// A RST being built.
     packet: [u8; REFUSE_MAX],
+    /// The TCP options of a SYN whose MSS is being clamped.
+    options: [u8; MAX_TCP_OPTIONS],
 }
+
+/// Bytes of TCP options at most (data offset 15 words, less the 20-byte header).
+const MAX_TCP_OPTIONS: usize = 40;
 
 /// Bytes of the longest RST the program builds: Ethernet, IPv6, TCP.
 const REFUSE_MAX: usize = ETH_HLEN + 40 + 20;
@@ -616,6 +625,7 @@ fn open(ctx: &TcContext, seg: &Segment) -> i32 {
     if rewrite(ctx, seg, &sc.reply).is_none() {
         return TC_ACT_SHOT;
     }
+    clamp_mss(ctx, seg, out);
     // SAFETY: no parameters: the kernel looks the neighbour of the new destination up.
     unsafe { bpf_redirect_neigh(out, core::ptr::null_mut(), 0, 0) as i32 }
 }
@@ -768,6 +778,99 @@ fn rst_tcp<const L4: usize, const A: usize, const B: usize>(
     let c = fold(sum).to_be_bytes();
     p[L4 + 16] = c[0];
     p[L4 + 17] = c[1];
+}
+
+/// Lowers the MSS option of a SYN (or SYN-ACK) to what fits the smaller MTU of the
+/// two links a connection crosses on the node (the one the segment came in on and
+/// `ifindex`, the one it leaves by): the ends only know their own links' MTUs, and a
+/// redirected segment larger than a link's MTU would be dropped there without an ICMP
+/// error (the forwarding path that sends one is skipped). Options other than MSS,
+/// and an MSS already small enough, are left as they are.
+#[inline(never)]
+fn clamp_mss(ctx: &TcContext, seg: &Segment, ifindex: u32) {
+    let (mut out_mtu, mut in_mtu) = (0u32, 0u32);
+    // SAFETY: the context's skb and a u32 on the stack for each result; ifindex 0 is
+    // the skb's own device.
+    let (a, b) = unsafe {
+        (
+            bpf_check_mtu(ctx.as_ptr(), ifindex, &raw mut out_mtu, 0, 0),
+            bpf_check_mtu(ctx.as_ptr(), 0, &raw mut in_mtu, 0, 0),
+        )
+    };
+    let mtu = out_mtu.min(in_mtu);
+    if a < 0 || b < 0 || mtu == 0 {
+        return;
+    }
+    let overhead = if seg.ipv6 { 60 } else { 40 };
+    let Ok(limit) = u16::try_from(mtu.saturating_sub(overhead)) else {
+        return;
+    };
+    let Ok(head) = ctx.load::<[u8; 14]>(seg.l4) else {
+        return;
+    };
+    let doff = usize::from(head[12] >> 4) * 4;
+    if doff <= 20 {
+        return;
+    }
+    let n = (doff - 20).min(MAX_TCP_OPTIONS);
+    let Some(sc) = scratch() else {
+        return;
+    };
+    let opts = &mut sc.options;
+    let len = n as u32;
+    if len == 0 || len > MAX_TCP_OPTIONS as u32 {
+        return;
+    }
+    // SAFETY: `len` (1..=40) bytes into the 40-byte scratch buffer.
+    let rc = unsafe {
+        aya_ebpf::helpers::bpf_skb_load_bytes(
+            ctx.skb.skb.cast(),
+            (seg.l4 + 20) as u32,
+            opts.as_mut_ptr().cast(),
+            len,
+        )
+    };
+    if rc != 0 {
+        return;
+    }
+    let mut i = 0;
+    let mut steps = 0;
+    while i + 1 < n && steps < MAX_TCP_OPTIONS {
+        steps += 1;
+        let Some(&kind) = opts.get(i) else {
+            return;
+        };
+        if kind == 0 {
+            return;
+        }
+        if kind == 1 {
+            i += 1;
+            continue;
+        }
+        let Some(&len) = opts.get(i + 1) else {
+            return;
+        };
+        let len = usize::from(len);
+        if kind == 2 && len == 4 && i + 3 < n {
+            let (Some(&hi), Some(&lo)) = (opts.get(i + 2), opts.get(i + 3)) else {
+                return;
+            };
+            let mss = u16::from_be_bytes([hi, lo]);
+            if mss > limit {
+                let at = seg.l4 + 20 + i + 2;
+                let from = u64::from(u16::from_ne_bytes(mss.to_be_bytes()));
+                let to = u64::from(u16::from_ne_bytes(limit.to_be_bytes()));
+                if ctx.l4_csum_replace(seg.csum, from, to, 2).is_ok() {
+                    let _ = ctx.store(at, &limit.to_be_bytes(), 0);
+                }
+            }
+            return;
+        }
+        if len < 2 {
+            return;
+        }
+        i += len;
+    }
 }
 
 /// Writes the addresses and ports of `f` into the segment, updating the checksums.

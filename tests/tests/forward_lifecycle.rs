@@ -237,3 +237,59 @@ fn forward_switched_on_leaves_spliced_connections_alone() {
         .expect("listener");
     assert_eq!(fwd["connections"], 1, "{f}");
 }
+
+/// A smaller MTU on the node's backend link (1400, the backend's own link stays at
+/// 1500): the program lowers the MSS of the SYN and of the SYN-ACK to what fits both
+/// links, so neither end sends segments that the node's link would drop (a redirected
+/// segment meets no forwarding-path MTU check and no ICMP error goes back). Both ends
+/// must see an MSS that fits 1400 (without the clamp they see 1448); veth passes
+/// oversized GSO packets whole, so the transfer itself would get through here either
+/// way, where a real NIC would drop the segments.
+#[test]
+fn forward_clamps_the_mss_to_the_smaller_link() {
+    require_root();
+    let bed = Bed::new(1).expect("bed");
+    bed.node()
+        .ip(&["link", "set", "b0", "mtu", "1400"])
+        .expect("mtu");
+    let total = 32 * MIB;
+    let (tx, rx) = mpsc::channel();
+    let tx = std::sync::Mutex::new(tx);
+    let handler: servers::Handler = Arc::new(move |s: TcpStream| {
+        let mss =
+            nix::sys::socket::getsockopt(&s, nix::sys::socket::sockopt::TcpMaxSeg).unwrap_or(0);
+        let got = common::duplex(&s, 2, 1, total, common::Writes::Large);
+        let _ = tx.lock().expect("lock").send((got, mss));
+    });
+    let addr = SocketAddr::new(bed.backend_addr(0).into(), 3001);
+    let _server = servers::Server::start(bed.backend(0), addr, handler).expect("server");
+    let args = forward_args(&format!("8088={addr}"));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let agent = Agent::start(&bed, &args, &[8088]);
+    let listener = SocketAddr::new(bed.node_addr().into(), 8088);
+    let (got, client_mss) = bed
+        .client()
+        .run(move || {
+            let s = connect(listener).expect("connect");
+            s.set_read_timeout(Some(Duration::from_mins(1)))
+                .expect("timeout");
+            let mss =
+                nix::sys::socket::getsockopt(&s, nix::sys::socket::sockopt::TcpMaxSeg).unwrap_or(0);
+            (common::duplex(&s, 1, 2, total, common::Writes::Large), mss)
+        })
+        .expect("client");
+    assert_eq!(got, (total, None), "backend -> client");
+    let (server_got, server_mss) = rx.recv_timeout(Duration::from_mins(1)).expect("server");
+    assert_eq!(server_got, (total, None), "client -> backend");
+    // 1400 - 40 bytes of IPv4 and TCP headers, less 12 of timestamps on the wire.
+    assert!(
+        client_mss <= 1360 && client_mss > 1000,
+        "client MSS {client_mss}"
+    );
+    assert!(
+        server_mss <= 1360 && server_mss > 1000,
+        "backend MSS {server_mss}"
+    );
+    let s = agent.status();
+    assert!(s["forward_table_entries"].as_u64() >= Some(2), "{s}");
+}
