@@ -19,6 +19,8 @@
 //!    no other connection to that backend holds (both entries are inserted with
 //!    `BPF_NOEXIST`, so two connections never share a tuple). No backend with a weight,
 //!    or an invalid backendRef picked: the SYN is answered with a RST from here.
+//!    A backend reached by an interface the program is not attached to
+//!    (`GW_FWD_IFACES`) is not forwarded either: its replies would not be translated.
 //! 3. Anything else is not ours and goes on untouched (`TCX_NEXT`): segments of
 //!    connections the socket paths carry, other ports and protocols, and every packet
 //!    the parser does not follow (VLAN tags, IPv4 options, fragments, IPv6 extension
@@ -47,8 +49,8 @@ use aya_ebpf::{
 use gateway_common::{
     BACKEND_F_INVALID, Backend, BackendKey, DIR_BACKEND_TO_CLIENT, DIR_CLIENT_TO_BACKEND,
     FLOW_S_ACK, FLOW_S_FIN, FLOW_S_RST, FLOW_S_SYN, FWD_MAX_ATTEMPTS, FWD_SLOTS, Flow, FlowKey,
-    FwdStats, LISTENER_F_DRAINING, ListenerKey, MAX_FLOWS, MAX_LISTENERS, MAX_NODE_ADDRS, NodeAddr,
-    SlotTable,
+    FwdStats, LISTENER_F_DRAINING, ListenerKey, MAX_FLOWS, MAX_FWD_IFACES, MAX_LISTENERS,
+    MAX_NODE_ADDRS, NodeAddr, SlotTable,
 };
 
 use crate::{GW_BACKENDS, GW_LISTENERS};
@@ -65,6 +67,12 @@ static GW_FWD_SLOTS: HashMap<ListenerKey, SlotTable, { MAX_LISTENERS as usize }>
 /// The node's own addresses: a SYN to one of them on a listener port is forwarded.
 #[btf_map]
 static GW_FWD_ADDRS: HashMap<NodeAddr, u32, { MAX_NODE_ADDRS as usize }> = HashMap::new();
+
+/// The interfaces this program is attached to (by ifindex), kept by the agent: a
+/// connection whose backend is reached by another interface is left to the stack,
+/// since the backend's replies would arrive where nothing translates them back.
+#[btf_map]
+static GW_FWD_IFACES: HashMap<u32, u32, { MAX_FWD_IFACES as usize }> = HashMap::new();
 
 /// Per-CPU counters per listener.
 #[btf_map]
@@ -411,6 +419,7 @@ fn replace_backend(ctx: &TcContext, seg: &Segment, f: &mut Flow) -> Option<()> {
     }
     let sc = scratch()?;
     let out = route(ctx, seg.ipv6, &backend.addr_be, &mut sc.reply.new_src_be)?;
+    GW_FWD_IFACES.get_ptr(&out)?;
     f.new_src_be = sc.reply.new_src_be;
     fill_reply(ctx, seg, &mut sc.reply, idx);
     let nat_port = insert_reply(backend, &f.new_src_be, sc)?;
@@ -589,6 +598,12 @@ fn open(ctx: &TcContext, seg: &Segment) -> i32 {
         }
         return TCX_NEXT;
     };
+    if GW_FWD_IFACES.get_ptr(&out).is_none() {
+        if let Some(s) = stats(port) {
+            s.not_attached += 1;
+        }
+        return TCX_NEXT;
+    }
     fill_reply(ctx, seg, &mut sc.reply, idx);
     let Some(nat_port) = insert_reply(backend, &nat, sc) else {
         return TCX_NEXT;

@@ -31,11 +31,12 @@ use gateway_common::{
     Backend, BackendKey, Bucket, BucketKey, Cidr4, Cidr6, FWD_MAX_ATTEMPTS, Flow, FlowKey,
     FwdStats, GLOBAL_COPIED_SEQ_OFFSET, GLOBAL_FWD_ATTEMPTS, GLOBAL_FWD_PORT_COUNT,
     GLOBAL_FWD_PORT_MIN, GLOBAL_SKB_CB_OFFSET, GLOBAL_WRITE_SEQ_OFFSET, GW_BACKENDS, GW_FWD_ADDRS,
-    GW_FWD_FLOWS, GW_FWD_SLOTS, GW_FWD_STATS, GW_LISTENERS, GW_PEERS, GW_SOCKS, GW_STATS,
-    GW_XDP_BUCKETS, GW_XDP_CIDR4, GW_XDP_CIDR6, GW_XDP_POLICY, GW_XDP_STATS, ListenerInfo,
-    ListenerKey, ListenerStats, MAP_NAMES, MAX_BACKENDS, MAX_FLOWS, MAX_LISTENERS, MAX_NODE_ADDRS,
-    MAX_SOCKETS, MAX_STATS, MAX_XDP_BUCKETS, MAX_XDP_CIDRS, NodeAddr, PROG_FWD, PROG_MSG,
-    PROG_VERDICT, PROG_XDP, Peer, SlotTable, StatsKey, XdpPolicy, XdpStats,
+    GW_FWD_FLOWS, GW_FWD_IFACES, GW_FWD_SLOTS, GW_FWD_STATS, GW_LISTENERS, GW_PEERS, GW_SOCKS,
+    GW_STATS, GW_XDP_BUCKETS, GW_XDP_CIDR4, GW_XDP_CIDR6, GW_XDP_POLICY, GW_XDP_STATS,
+    ListenerInfo, ListenerKey, ListenerStats, MAP_NAMES, MAX_BACKENDS, MAX_FLOWS, MAX_FWD_IFACES,
+    MAX_LISTENERS, MAX_NODE_ADDRS, MAX_SOCKETS, MAX_STATS, MAX_XDP_BUCKETS, MAX_XDP_CIDRS,
+    NodeAddr, PROG_FWD, PROG_MSG, PROG_VERDICT, PROG_XDP, Peer, SlotTable, StatsKey, XdpPolicy,
+    XdpStats,
 };
 
 use crate::xdp::{GuardMaps, ListenerGuard, XdpError, XdpKind};
@@ -209,7 +210,7 @@ const fn size32<T>() -> u32 {
 
 /// The maps of this build, as [`MAP_NAMES`] orders them, with a connection table of
 /// `flows` entries.
-pub const fn map_specs(flows: u32) -> [MapSpec; 14] {
+pub const fn map_specs(flows: u32) -> [MapSpec; 15] {
     let s = MAP_SPECS;
     [
         s[0],
@@ -249,6 +250,13 @@ pub const fn map_specs(flows: u32) -> [MapSpec; 14] {
             key_size: size32::<ListenerKey>(),
             value_size: size32::<FwdStats>(),
             max_entries: MAX_LISTENERS,
+        },
+        MapSpec {
+            name: GW_FWD_IFACES,
+            map_type: MapType::Hash,
+            key_size: size32::<u32>(),
+            value_size: size32::<u32>(),
+            max_entries: MAX_FWD_IFACES,
         },
     ]
 }
@@ -445,6 +453,8 @@ pub struct Maps {
     pub node_addrs: Mutex<HashMap<MapData, NodeAddr, u32>>,
     /// The forward path's counters.
     pub fwd_stats: Mutex<PerCpuHashMap<MapData, ListenerKey, FwdStats>>,
+    /// The interfaces the forward program is attached to.
+    pub fwd_ifaces: Mutex<HashMap<MapData, u32, u32>>,
 }
 
 impl Maps {
@@ -461,6 +471,7 @@ impl Maps {
             slots: Mutex::new(take(ebpf, GW_FWD_SLOTS)?),
             node_addrs: Mutex::new(take(ebpf, GW_FWD_ADDRS)?),
             fwd_stats: Mutex::new(take(ebpf, GW_FWD_STATS)?),
+            fwd_ifaces: Mutex::new(take(ebpf, GW_FWD_IFACES)?),
         })
     }
 }
@@ -829,6 +840,30 @@ impl Datapath {
         for a in addrs {
             if !have.contains(a) {
                 m.insert(*a, 1, 0).map_err(err)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Makes `GW_FWD_IFACES` hold exactly `ifindexes`.
+    pub fn set_fwd_ifaces(
+        &self,
+        ifindexes: &std::collections::BTreeSet<u32>,
+    ) -> Result<(), MapOpError> {
+        let mut m = lock(&self.maps.fwd_ifaces);
+        let err = |source| MapOpError {
+            map: GW_FWD_IFACES,
+            source,
+        };
+        let have: Vec<u32> = m.keys().filter_map(Result::ok).collect();
+        for i in &have {
+            if !ifindexes.contains(i) {
+                m.remove(i).map_err(err)?;
+            }
+        }
+        for i in ifindexes {
+            if !have.contains(i) {
+                m.insert(*i, 1, 0).map_err(err)?;
             }
         }
         Ok(())

@@ -293,3 +293,44 @@ fn forward_clamps_the_mss_to_the_smaller_link() {
     let s = agent.status();
     assert!(s["forward_table_entries"].as_u64() >= Some(2), "{s}");
 }
+
+/// The forward program on the client link only: the backend is reached by a link
+/// without it, where its replies would not be translated back, so the SYN is left to
+/// the stack and the connection is proxied (counted), never broken.
+#[test]
+fn forward_leaves_a_backend_behind_an_unattached_link_to_the_proxy() {
+    require_root();
+    let bed = Bed::new(1).expect("bed");
+    let addr = SocketAddr::new(bed.backend_addr(0).into(), 3001);
+    let _server =
+        servers::Server::start(bed.backend(0), addr, servers::named_echo("b0")).expect("server");
+    let route = format!("8088={addr}");
+    let agent = Agent::start(
+        &bed,
+        &[
+            "--route",
+            &route,
+            "--datapath",
+            "forward",
+            "--forward-iface",
+            "c0",
+        ],
+        &[8088],
+    );
+    let listener = SocketAddr::new(bed.node_addr().into(), 8088);
+    let reply = bed
+        .client()
+        .run(move || {
+            let mut s = connect(listener).expect("connect");
+            exchange(&mut s, "hi\n")
+        })
+        .expect("client");
+    assert_eq!(reply, "b0: hi\n");
+    let stats = agent.stats(8088);
+    assert_eq!(stats["userspace_connections"], 1, "{stats}");
+    let s = agent.status();
+    let fwd = &s["listeners"][0]["forward"];
+    assert_eq!(fwd["connections"], 0, "{s}");
+    assert!(fwd["not_attached"].as_u64() >= Some(1), "{s}");
+    assert_eq!(s["forward_table_entries"], 0, "{s}");
+}

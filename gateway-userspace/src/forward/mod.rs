@@ -406,6 +406,7 @@ async fn resync(
             },
         );
     }
+    dp.set_fwd_ifaces(&held.values().map(|h| h.index).collect())?;
     Ok(())
 }
 
@@ -470,6 +471,7 @@ async fn run(
         );
         return;
     }
+    let _ = dp.set_fwd_ifaces(&BTreeSet::new());
     for name in held.keys() {
         let _ = fs::remove_file(link_pin(dp.pin_dir(), name));
     }
