@@ -34,7 +34,7 @@ use prometheus_client::{
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use gateway_common::ListenerStats;
+use gateway_common::{FwdStats, ListenerStats};
 
 use crate::{
     backend_filter::{RefusalReason, RefusedBackend},
@@ -136,6 +136,34 @@ fn gauge(v: u64) -> ConstGauge<i64> {
 }
 
 impl MapCollector {
+    /// The forward path's counters and live connections; returns the connection table's
+    /// entry count.
+    fn encode_forward(
+        &self,
+        e: &mut DescriptorEncoder,
+        ports: &[u16],
+    ) -> Result<usize, std::fmt::Error> {
+        let flows = self.dp.flows();
+        let mut active: std::collections::BTreeMap<u16, u64> = std::collections::BTreeMap::new();
+        for (_, f) in &flows {
+            if u32::from(f.direction) == gateway_common::DIR_CLIENT_TO_BACKEND {
+                *active.entry(f.listener_port).or_default() += 1;
+            }
+        }
+        let fwd: Vec<_> = ports
+            .iter()
+            .map(|&p| {
+                (
+                    p,
+                    self.dp.fwd_stats(p),
+                    active.get(&p).copied().unwrap_or(0),
+                )
+            })
+            .collect();
+        forward_families(e, &fwd)?;
+        Ok(flows.len())
+    }
+
     /// The XDP listener guard's counters, read from `GW_XDP_STATS`.
     fn encode_xdp(&self, e: &mut DescriptorEncoder, ports: &[u16]) -> Result<(), std::fmt::Error> {
         let xdp: Vec<_> = ports.iter().map(|&p| (p, self.dp.xdp_stats(p))).collect();
@@ -175,6 +203,73 @@ impl MapCollector {
         )?;
         Ok(())
     }
+}
+
+/// The forward path's counters, read from `GW_FWD_STATS`, and its live connections
+/// from `GW_FWD_FLOWS`.
+fn forward_families(
+    e: &mut DescriptorEncoder,
+    fwd: &[(u16, FwdStats, u64)],
+) -> Result<(), std::fmt::Error> {
+    family(
+        e,
+        "sockgate_forward_connections",
+        "Connections the forward program took (translated in the kernel, never terminated on the node)",
+        fwd.iter()
+            .map(|(p, s, _)| (labels(*p), ConstCounter::new(s.connections))),
+    )?;
+    family(
+        e,
+        "sockgate_forward_connections_active",
+        "Forwarded connections in the connection table now",
+        fwd.iter().map(|(p, _, a)| (labels(*p), gauge(*a))),
+    )?;
+    family(
+        e,
+        "sockgate_forward_rejected",
+        "Client SYNs the forward program answered with a RST, by reason",
+        fwd.iter().flat_map(|(p, s, _)| {
+            [
+                ("no_backend", s.rejected_no_backend),
+                ("invalid_backend", s.rejected_invalid_backend),
+                ("connect_failed", s.rejected_connect_failed),
+            ]
+            .map(|(reason, v)| (with(*p, &[("reason", reason)]), ConstCounter::new(v)))
+        }),
+    )?;
+    family(
+        e,
+        "sockgate_forward_connect_failures",
+        "Backend attempts of the forward program that failed (reset or unanswered SYN)",
+        fwd.iter()
+            .map(|(p, s, _)| (labels(*p), ConstCounter::new(s.connect_failures))),
+    )?;
+    family(
+        e,
+        "sockgate_forward_passed",
+        "SYNs the forward program left to the socket paths, by reason",
+        fwd.iter().flat_map(|(p, s, _)| {
+            [
+                ("nat_ports_exhausted", s.nat_exhausted),
+                ("table_full", s.table_full),
+                ("no_route", s.no_route),
+                ("not_attached", s.not_attached),
+            ]
+            .map(|(reason, v)| (with(*p, &[("reason", reason)]), ConstCounter::new(v)))
+        }),
+    )?;
+    family(
+        e,
+        "sockgate_forward_bytes",
+        "Bytes (IP length) the forward program forwarded, by direction",
+        fwd.iter().flat_map(|(p, s, _)| {
+            [
+                ("client_to_backend", s.bytes_c2b),
+                ("backend_to_client", s.bytes_b2c),
+            ]
+            .map(|(dir, v)| (with(*p, &[("direction", dir)]), ConstCounter::new(v)))
+        }),
+    )
 }
 
 /// The kernel path's own events: throttles and repeated bytes cut off.
@@ -283,6 +378,7 @@ impl Collector for MapCollector {
             }),
         )?;
         self.encode_xdp(e, &ports)?;
+        let flows = self.encode_forward(e, &ports)?;
         family(
             e,
             "sockgate_map_entries",
@@ -291,6 +387,7 @@ impl Collector for MapCollector {
                 (gateway_common::GW_LISTENERS, ports.len()),
                 (gateway_common::GW_BACKENDS, self.dp.backend_keys().len()),
                 (gateway_common::GW_PEERS, self.dp.peer_count()),
+                (gateway_common::GW_FWD_FLOWS, flows),
             ]
             .map(|(map, n)| (vec![("map", map.to_owned())], gauge(n as u64))),
         )

@@ -151,6 +151,9 @@ fn forward_connections_survive_agent_sigkill_and_restart() {
             > l(&before)["bytes_client_to_backend"].as_u64(),
         "{before}\n{after}"
     );
+    let metrics = common::metrics(&bed);
+    let line = "sockgate_forward_connections_total{listener=\"8088\"} 1";
+    assert!(metrics.contains(line), "{line} in:\n{metrics}");
     // And the new agent's program forwards new connections.
     bed.client()
         .run(move || drop(connect(listener).expect("connect after the restart")))
@@ -333,4 +336,13 @@ fn forward_leaves_a_backend_behind_an_unattached_link_to_the_proxy() {
     assert_eq!(fwd["connections"], 0, "{s}");
     assert!(fwd["not_attached"].as_u64() >= Some(1), "{s}");
     assert_eq!(s["forward_table_entries"], 0, "{s}");
+    let metrics = common::metrics(&bed);
+    for line in [
+        "sockgate_forward_passed_total{listener=\"8088\",reason=\"not_attached\"} 1",
+        "sockgate_forward_connections_total{listener=\"8088\"} 0",
+        "sockgate_forward_connections_active{listener=\"8088\"} 0",
+        "sockgate_map_entries{map=\"GW_FWD_FLOWS\"} 0",
+    ] {
+        assert!(metrics.contains(line), "{line} in:\n{metrics}");
+    }
 }

@@ -99,22 +99,7 @@ fn denied_client_times_out_allowed_client_connects() {
     assert!(count(&x, "packets") >= 1 + denied_syns + 3, "{x}");
     // The same counters on the metrics endpoint (the agent's default address, in the
     // node namespace).
-    let metrics = bed
-        .node()
-        .run(|| -> io::Result<String> {
-            use std::io::{Read as _, Write as _};
-            let mut s = TcpStream::connect_timeout(
-                &SocketAddr::from(([127, 0, 0, 1], 9464)),
-                Duration::from_secs(5),
-            )?;
-            s.set_read_timeout(Some(Duration::from_secs(10)))?;
-            s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")?;
-            let mut text = String::new();
-            s.read_to_string(&mut text)?;
-            Ok(text)
-        })
-        .expect("node ns")
-        .expect("metrics");
+    let metrics = common::metrics(&bed);
     for line in [
         format!(
             "sockgate_xdp_dropped_total{{listener=\"{PORT}\",reason=\"denied\"}} {denied_syns}"
