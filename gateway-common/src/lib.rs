@@ -671,6 +671,9 @@ pub const GLOBAL_FWD_PORT_COUNT: &str = "FWD_PORT_COUNT";
 /// Name of the read-only global of the forward program: backends tried per client
 /// connection (at most [`FWD_MAX_ATTEMPTS`]).
 pub const GLOBAL_FWD_ATTEMPTS: &str = "FWD_ATTEMPTS";
+/// Name of the read-only global of the forward program: non-zero keeps the client's
+/// address (no SNAT).
+pub const GLOBAL_FWD_PRESERVE_CLIENT: &str = "FWD_PRESERVE_CLIENT";
 
 #[cfg(feature = "user")]
 mod user {

@@ -88,6 +88,17 @@ static FWD_PORT_COUNT: u32 = 4536;
 /// Backends tried per client connection (set by the loader), 1..=`FWD_MAX_ATTEMPTS`.
 #[unsafe(no_mangle)]
 static FWD_ATTEMPTS: u32 = 3;
+/// Non-zero: the client's address and port are kept (no SNAT); the backend's replies
+/// must come back through the node (set by the loader).
+#[unsafe(no_mangle)]
+static FWD_PRESERVE_CLIENT: u32 = 0;
+
+/// Whether the client's address is kept.
+#[inline(always)]
+fn preserve_client() -> bool {
+    // SAFETY: a read-only global set by the loader.
+    unsafe { core::ptr::read_volatile(&FWD_PRESERVE_CLIENT) != 0 }
+}
 
 /// tcx: not ours, the next program (or the stack) decides.
 const TCX_NEXT: i32 = -1;
@@ -420,7 +431,11 @@ fn replace_backend(ctx: &TcContext, seg: &Segment, f: &mut Flow) -> Option<()> {
     let sc = scratch()?;
     let out = route(ctx, seg.ipv6, &backend.addr_be, &mut sc.reply.new_src_be)?;
     GW_FWD_IFACES.get_ptr(&out)?;
-    f.new_src_be = sc.reply.new_src_be;
+    f.new_src_be = if preserve_client() {
+        seg.key.src_be
+    } else {
+        sc.reply.new_src_be
+    };
     fill_reply(ctx, seg, &mut sc.reply, idx);
     let nat_port = insert_reply(backend, &f.new_src_be, sc)?;
     f.new_dst_be = backend.addr_be;
@@ -512,6 +527,9 @@ fn route(ctx: &TcContext, ipv6: bool, dst: &[u8; 16], src: &mut [u8; 16]) -> Opt
 /// Inserts `sc.reply`, the backend's entry of a connection, under a free NAT port
 /// towards `backend` from `nat`, and returns that port. `None` when no port is free
 /// after [`NAT_TRIES`] tries (`nat_exhausted`) or the table is full (`table_full`).
+/// With the client's address kept, `nat` is the client's address and the port is the
+/// client's (the only try: another connection already holding that tuple towards the
+/// backend counts as `nat_exhausted`).
 #[inline(never)]
 fn insert_reply(backend: &Backend, nat: &[u8; 16], sc: &mut Scratch) -> Option<u16> {
     // SAFETY: read-only globals set by the loader.
@@ -528,9 +546,17 @@ fn insert_reply(backend: &Backend, nat: &[u8; 16], sc: &mut Scratch) -> Option<u
     sc.key.sport = backend.port;
     sc.key._pad = 0;
     let listener = sc.reply.listener_port;
+    let (tries, fixed) = if preserve_client() {
+        (1, Some(sc.reply.new_dport))
+    } else {
+        (NAT_TRIES, None)
+    };
     let mut i = 0;
-    while i < NAT_TRIES {
-        let port = (min + (start.wrapping_add(i) % count)) as u16;
+    while i < tries {
+        let port = match fixed {
+            Some(p) => p,
+            None => (min + (start.wrapping_add(i) % count)) as u16,
+        };
         sc.key.dport = port;
         match GW_FWD_FLOWS.insert(&sc.key, &sc.reply, u64::from(BPF_NOEXIST)) {
             Ok(()) => return Some(port),
@@ -603,6 +629,9 @@ fn open(ctx: &TcContext, seg: &Segment) -> i32 {
             s.not_attached += 1;
         }
         return TCX_NEXT;
+    }
+    if preserve_client() {
+        nat = seg.key.src_be;
     }
     fill_reply(ctx, seg, &mut sc.reply, idx);
     let Some(nat_port) = insert_reply(backend, &nat, sc) else {

@@ -30,13 +30,13 @@ use aya::{
 use gateway_common::{
     Backend, BackendKey, Bucket, BucketKey, Cidr4, Cidr6, FWD_MAX_ATTEMPTS, Flow, FlowKey,
     FwdStats, GLOBAL_COPIED_SEQ_OFFSET, GLOBAL_FWD_ATTEMPTS, GLOBAL_FWD_PORT_COUNT,
-    GLOBAL_FWD_PORT_MIN, GLOBAL_SKB_CB_OFFSET, GLOBAL_WRITE_SEQ_OFFSET, GW_BACKENDS, GW_FWD_ADDRS,
-    GW_FWD_FLOWS, GW_FWD_IFACES, GW_FWD_SLOTS, GW_FWD_STATS, GW_LISTENERS, GW_PEERS, GW_SOCKS,
-    GW_STATS, GW_XDP_BUCKETS, GW_XDP_CIDR4, GW_XDP_CIDR6, GW_XDP_POLICY, GW_XDP_STATS,
-    ListenerInfo, ListenerKey, ListenerStats, MAP_NAMES, MAX_BACKENDS, MAX_FLOWS, MAX_FWD_IFACES,
-    MAX_LISTENERS, MAX_NODE_ADDRS, MAX_SOCKETS, MAX_STATS, MAX_XDP_BUCKETS, MAX_XDP_CIDRS,
-    NodeAddr, PROG_FWD, PROG_MSG, PROG_VERDICT, PROG_XDP, Peer, SlotTable, StatsKey, XdpPolicy,
-    XdpStats,
+    GLOBAL_FWD_PORT_MIN, GLOBAL_FWD_PRESERVE_CLIENT, GLOBAL_SKB_CB_OFFSET, GLOBAL_WRITE_SEQ_OFFSET,
+    GW_BACKENDS, GW_FWD_ADDRS, GW_FWD_FLOWS, GW_FWD_IFACES, GW_FWD_SLOTS, GW_FWD_STATS,
+    GW_LISTENERS, GW_PEERS, GW_SOCKS, GW_STATS, GW_XDP_BUCKETS, GW_XDP_CIDR4, GW_XDP_CIDR6,
+    GW_XDP_POLICY, GW_XDP_STATS, ListenerInfo, ListenerKey, ListenerStats, MAP_NAMES, MAX_BACKENDS,
+    MAX_FLOWS, MAX_FWD_IFACES, MAX_LISTENERS, MAX_NODE_ADDRS, MAX_SOCKETS, MAX_STATS,
+    MAX_XDP_BUCKETS, MAX_XDP_CIDRS, NodeAddr, PROG_FWD, PROG_MSG, PROG_VERDICT, PROG_XDP, Peer,
+    SlotTable, StatsKey, XdpPolicy, XdpStats,
 };
 
 use crate::xdp::{GuardMaps, ListenerGuard, XdpError, XdpKind};
@@ -152,11 +152,13 @@ pub struct ForwardLoad {
     pub port_max: u16,
     /// Backends tried per client connection.
     pub attempts: u32,
+    /// Keep the client's address (no SNAT).
+    pub preserve_client: bool,
 }
 
 impl ForwardLoad {
     /// The read-only globals of `gw_fwd` and their values.
-    fn globals(self) -> [(&'static str, u32); 3] {
+    fn globals(self) -> [(&'static str, u32); 4] {
         [
             (GLOBAL_FWD_PORT_MIN, u32::from(self.port_min)),
             (
@@ -167,6 +169,7 @@ impl ForwardLoad {
                 GLOBAL_FWD_ATTEMPTS,
                 self.attempts.clamp(1, FWD_MAX_ATTEMPTS),
             ),
+            (GLOBAL_FWD_PRESERVE_CLIENT, u32::from(self.preserve_client)),
         ]
     }
 }
@@ -178,6 +181,7 @@ impl Default for ForwardLoad {
             port_min: 61000,
             port_max: 65535,
             attempts: 3,
+            preserve_client: false,
         }
     }
 }

@@ -212,6 +212,11 @@ struct RunArgs {
     /// table entries are removed.
     #[arg(long, default_value_t = 3600.0)]
     idle_timeout: f64,
+    /// Forward data path: keep the client's address and port (no SNAT). Only where the
+    /// backends' route back to the clients goes through this node (same node, or the
+    /// node is their gateway): otherwise their replies bypass the translation.
+    #[arg(long)]
+    preserve_client_ip: bool,
 }
 
 fn init_logs(format: LogFormat) {
@@ -446,6 +451,7 @@ fn load_options(args: &RunArgs, port_min: u16, port_max: u16) -> LoadOptions {
             port_min,
             port_max,
             attempts: u32::try_from(args.connect_attempts).unwrap_or(u32::MAX),
+            preserve_client: args.preserve_client_ip,
         },
     }
 }

@@ -346,3 +346,47 @@ fn forward_leaves_a_backend_behind_an_unattached_link_to_the_proxy() {
         assert!(metrics.contains(line), "{line} in:\n{metrics}");
     }
 }
+
+/// `--preserve-client-ip`: no SNAT, the backend sees the client's own address and port
+/// (its route back goes through the node in the bed), and bytes flow both ways intact.
+#[test]
+fn forward_keeps_the_client_address_when_asked() {
+    require_root();
+    let bed = Bed::new(1).expect("bed");
+    let total = 16 * MIB;
+    let (tx, rx) = mpsc::channel();
+    let tx = std::sync::Mutex::new(tx);
+    let handler: servers::Handler = Arc::new(move |mut s: TcpStream| {
+        let peer = s.peer_addr().expect("peer");
+        s.write_all(format!("{peer}\n").as_bytes()).expect("write");
+        let got = common::duplex(&s, 2, 1, total, common::Writes::Large);
+        let _ = tx.lock().expect("lock").send(got);
+    });
+    let addr = SocketAddr::new(bed.backend_addr(0).into(), 3001);
+    let _server = servers::Server::start(bed.backend(0), addr, handler).expect("server");
+    let mut args = forward_args(&format!("8088={addr}"));
+    args.push("--preserve-client-ip".to_owned());
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let agent = Agent::start(&bed, &args, &[8088]);
+    let listener = SocketAddr::new(bed.node_addr().into(), 8088);
+    let (seen_as, local, got) = bed
+        .client()
+        .run(move || {
+            let mut s = connect(listener).expect("connect");
+            let mut line = Vec::new();
+            let mut b = [0u8; 1];
+            while s.read(&mut b).expect("read") == 1 && b[0] != b'\n' {
+                line.push(b[0]);
+            }
+            let local = s.local_addr().expect("local");
+            let got = common::duplex(&s, 1, 2, total, common::Writes::Large);
+            (String::from_utf8_lossy(&line).into_owned(), local, got)
+        })
+        .expect("client");
+    assert_eq!(seen_as, local.to_string(), "the backend sees the client itself");
+    assert_eq!(got, (total, None), "backend -> client");
+    let server_got = rx.recv_timeout(Duration::from_mins(1)).expect("server");
+    assert_eq!(server_got, (total, None), "client -> backend");
+    let s = agent.status();
+    assert_eq!(s["listeners"][0]["forward"]["connections"], 1, "{s}");
+}
