@@ -632,6 +632,9 @@ pub struct FwdStats {
     /// leaves by an interface the forward program is not attached to (its replies
     /// would not be translated back).
     pub not_attached: u64,
+    /// ICMP errors about forwarded segments (unreachable, fragmentation needed, packet
+    /// too big, time exceeded) translated to the end that sent the segment.
+    pub icmp_translated: u64,
     /// Segments client -> backend forwarded.
     pub packets_c2b: u64,
     /// Segments backend -> client forwarded.
@@ -641,7 +644,7 @@ pub struct FwdStats {
     /// Bytes (IP length) backend -> client forwarded.
     pub bytes_b2c: u64,
 }
-const _: () = assert!(size_of::<FwdStats>() == 13 * 8);
+const _: () = assert!(size_of::<FwdStats>() == 14 * 8);
 
 impl FwdStats {
     /// Field-wise sum, for adding up per-CPU values.
@@ -656,6 +659,7 @@ impl FwdStats {
         self.table_full += o.table_full;
         self.no_route += o.no_route;
         self.not_attached += o.not_attached;
+        self.icmp_translated += o.icmp_translated;
         self.packets_c2b += o.packets_c2b;
         self.packets_b2c += o.packets_b2c;
         self.bytes_c2b += o.bytes_c2b;

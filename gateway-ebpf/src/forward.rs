@@ -108,6 +108,8 @@ const ETH_HLEN: usize = 14;
 const ETH_P_IP: u16 = 0x0800;
 const ETH_P_IPV6: u16 = 0x86dd;
 const IPPROTO_TCP: u8 = 6;
+const IPPROTO_ICMP: u8 = 1;
+const IPPROTO_ICMPV6: u8 = 58;
 const TCP_FIN: u8 = 0x01;
 const TCP_SYN: u8 = 0x02;
 const TCP_RST: u8 = 0x04;
@@ -208,7 +210,7 @@ pub fn gw_fwd(ctx: TcContext) -> i32 {
         ip_len: 0,
     };
     if !parse(&ctx, &mut seg) {
-        return TCX_NEXT;
+        return icmp_error(&ctx).unwrap_or(TCX_NEXT);
     }
     if let Some(flow) = GW_FWD_FLOWS.get_ptr_mut(&seg.key) {
         return existing(&ctx, &seg, flow);
@@ -219,6 +221,215 @@ pub fn gw_fwd(ctx: TcContext) -> i32 {
     TCX_NEXT
 }
 
+/// An ICMP error about a segment of a forwarded connection (destination unreachable,
+/// "fragmentation needed" and "packet too big" among them, time exceeded) goes to the
+/// end that sent the segment, translated like the segments themselves: the outer
+/// destination and the quoted header's addresses and ports become what that end sent
+/// and expects, so its stack (PMTU discovery, errors on the socket) recognises its own
+/// connection. The checksums are updated incrementally: the outer IPv4 header, the
+/// quoted IPv4 header, and the ICMP checksum over the quoted bytes (with ICMPv6's
+/// pseudo-header). `None`: not such an error, or not of a forwarded connection.
+#[inline(never)]
+fn icmp_error(ctx: &TcContext) -> Option<i32> {
+    let proto: [u8; 2] = ctx.load(12).ok()?;
+    match u16::from_be_bytes(proto) {
+        ETH_P_IP => icmp4(ctx),
+        ETH_P_IPV6 => icmp6(ctx),
+        _ => None,
+    }
+}
+
+/// Offsets of an ICMPv4 error about a TCP segment: the ICMP header, the quoted IPv4
+/// header, the quoted ports.
+const ICMP4: usize = ETH_HLEN + 20;
+const ICMP4_INNER: usize = ICMP4 + 8;
+const ICMP4_INNER_L4: usize = ICMP4_INNER + 20;
+
+/// [`icmp_error`] for IPv4.
+#[inline(never)]
+fn icmp4(ctx: &TcContext) -> Option<i32> {
+    let ip: [u8; 20] = ctx.load(ETH_HLEN).ok()?;
+    if ip[0] != 0x45 || ip[6] & 0x3f != 0 || ip[7] != 0 || ip[9] != IPPROTO_ICMP {
+        return None;
+    }
+    let t: [u8; 1] = ctx.load(ICMP4).ok()?;
+    // Destination unreachable, time exceeded.
+    if t[0] != 3 && t[0] != 11 {
+        return None;
+    }
+    let inner: [u8; 20] = ctx.load(ICMP4_INNER).ok()?;
+    if inner[0] != 0x45 || inner[9] != IPPROTO_TCP {
+        return None;
+    }
+    let ports: [u8; 4] = ctx.load(ICMP4_INNER_L4).ok()?;
+    let sc = scratch()?;
+    // The quoted segment went out from src to dst; the segments coming the other way
+    // arrive as (dst -> src), the key of the entry that translates them: its new
+    // destination is the end that sent the original segment.
+    sc.key.src_be = mapped([inner[16], inner[17], inner[18], inner[19]]);
+    sc.key.dst_be = mapped([inner[12], inner[13], inner[14], inner[15]]);
+    sc.key.sport = u16::from_be_bytes([ports[2], ports[3]]);
+    sc.key.dport = u16::from_be_bytes([ports[0], ports[1]]);
+    sc.key._pad = 0;
+    let f = GW_FWD_FLOWS.get_ptr(&sc.key)?;
+    // SAFETY: a value from the lookup, copied.
+    sc.reply = unsafe { *f };
+    let f = &sc.reply;
+    let csum = ICMP4 + 2;
+    let inner_csum = ICMP4_INNER + 10;
+    let old_dst = u64::from(u32::from_ne_bytes([ip[16], ip[17], ip[18], ip[19]]));
+    let end = u64::from(u32::from_ne_bytes(v4_of(&f.new_dst_be)));
+    let sent_to = u64::from(u32::from_ne_bytes(v4_of(&f.new_src_be)));
+    let quoted_src = u64::from(u32::from_ne_bytes([
+        inner[12], inner[13], inner[14], inner[15],
+    ]));
+    let quoted_dst = u64::from(u32::from_ne_bytes([
+        inner[16], inner[17], inner[18], inner[19],
+    ]));
+    ctx.l3_csum_replace(ETH_HLEN + 10, old_dst, end, 4).ok()?;
+    ctx.store(ETH_HLEN + 16, &v4_of(&f.new_dst_be), 0).ok()?;
+    ctx.l3_csum_replace(inner_csum, quoted_src, end, 4).ok()?;
+    ctx.l3_csum_replace(inner_csum, quoted_dst, sent_to, 4)
+        .ok()?;
+    ctx.l4_csum_replace(csum, quoted_src, end, 4).ok()?;
+    ctx.l4_csum_replace(csum, quoted_dst, sent_to, 4).ok()?;
+    ctx.store(ICMP4_INNER + 12, &v4_of(&f.new_dst_be), 0).ok()?;
+    ctx.store(ICMP4_INNER + 16, &v4_of(&f.new_src_be), 0).ok()?;
+    let after: [u8; 2] = ctx.load(inner_csum).ok()?;
+    ctx.l4_csum_replace(
+        csum,
+        u64::from(u16::from_ne_bytes([inner[10], inner[11]])),
+        u64::from(u16::from_ne_bytes(after)),
+        2,
+    )
+    .ok()?;
+    icmp_ports(ctx, csum, ICMP4_INNER_L4, &ports, f)?;
+    icmp_done(f)
+}
+
+/// Offsets of an ICMPv6 error about a TCP segment.
+const ICMP6: usize = ETH_HLEN + 40;
+const ICMP6_INNER: usize = ICMP6 + 8;
+const ICMP6_INNER_L4: usize = ICMP6_INNER + 40;
+
+/// [`icmp_error`] for IPv6.
+#[inline(never)]
+fn icmp6(ctx: &TcContext) -> Option<i32> {
+    let head: [u8; 8] = ctx.load(ETH_HLEN).ok()?;
+    if head[6] != IPPROTO_ICMPV6 {
+        return None;
+    }
+    let t: [u8; 1] = ctx.load(ICMP6).ok()?;
+    // Destination unreachable, packet too big, time exceeded.
+    if t[0] < 1 || t[0] > 3 {
+        return None;
+    }
+    let inner: [u8; 8] = ctx.load(ICMP6_INNER).ok()?;
+    if inner[0] >> 4 != 6 || inner[6] != IPPROTO_TCP {
+        return None;
+    }
+    let ports: [u8; 4] = ctx.load(ICMP6_INNER_L4).ok()?;
+    let sc = scratch()?;
+    sc.key.src_be = ctx.load(ICMP6_INNER + 24).ok()?;
+    sc.key.dst_be = ctx.load(ICMP6_INNER + 8).ok()?;
+    sc.key.sport = u16::from_be_bytes([ports[2], ports[3]]);
+    sc.key.dport = u16::from_be_bytes([ports[0], ports[1]]);
+    sc.key._pad = 0;
+    let f = GW_FWD_FLOWS.get_ptr(&sc.key)?;
+    // SAFETY: a value from the lookup, copied.
+    sc.reply = unsafe { *f };
+    let f = &sc.reply;
+    let csum = ICMP6 + 2;
+    let old: [u8; 16] = ctx.load(ETH_HLEN + 24).ok()?;
+    csum_words6(ctx, csum, &old, &f.new_dst_be, BPF_F_PSEUDO_HDR)?;
+    ctx.store(ETH_HLEN + 24, &f.new_dst_be, 0).ok()?;
+    // The quoted source (sc.key.dst_be) becomes the end's own address, the quoted
+    // destination (sc.key.src_be) the address it sent to.
+    csum_words6(ctx, csum, &sc.key.dst_be, &f.new_dst_be, 0)?;
+    ctx.store(ICMP6_INNER + 8, &f.new_dst_be, 0).ok()?;
+    csum_words6(ctx, csum, &sc.key.src_be, &f.new_src_be, 0)?;
+    ctx.store(ICMP6_INNER + 24, &f.new_src_be, 0).ok()?;
+    icmp_ports(ctx, csum, ICMP6_INNER_L4, &ports, f)?;
+    icmp_done(f)
+}
+
+/// The quoted ports of an ICMP error: source = the end's own port, destination = the
+/// port it sent to; the ICMP checksum at `csum` follows.
+#[inline(always)]
+fn icmp_ports(ctx: &TcContext, csum: usize, at: usize, ports: &[u8; 4], f: &Flow) -> Option<()> {
+    let sport = f.new_dport.to_be_bytes();
+    let dport = f.new_sport.to_be_bytes();
+    ctx.l4_csum_replace(
+        csum,
+        u64::from(u16::from_ne_bytes([ports[0], ports[1]])),
+        u64::from(u16::from_ne_bytes(sport)),
+        2,
+    )
+    .ok()?;
+    ctx.l4_csum_replace(
+        csum,
+        u64::from(u16::from_ne_bytes([ports[2], ports[3]])),
+        u64::from(u16::from_ne_bytes(dport)),
+        2,
+    )
+    .ok()?;
+    ctx.store(at, &sport, 0).ok()?;
+    ctx.store(at + 2, &dport, 0).ok()
+}
+
+/// Counts a translated ICMP error and sends it towards the end of `f`.
+#[inline(always)]
+fn icmp_done(f: &Flow) -> Option<i32> {
+    if let Some(s) = stats(f.listener_port) {
+        s.icmp_translated += 1;
+    }
+    // SAFETY: no parameters: the kernel looks the neighbour of the new destination up.
+    Some(unsafe { bpf_redirect_neigh(f.out_ifindex, core::ptr::null_mut(), 0, 0) as i32 })
+}
+
+/// Folds the change of a 16-byte field from `old` to `new` into the checksum at
+/// `csum` (`flags`: `BPF_F_PSEUDO_HDR` when the field is in the pseudo-header).
+#[inline(always)]
+fn csum_words6(
+    ctx: &TcContext,
+    csum: usize,
+    old: &[u8; 16],
+    new: &[u8; 16],
+    flags: u64,
+) -> Option<()> {
+    if old == new {
+        return Some(());
+    }
+    let mut from = *old;
+    let mut to = *new;
+    // SAFETY: two 16-byte buffers on the stack, their sizes passed.
+    let diff =
+        unsafe { bpf_csum_diff(from.as_mut_ptr().cast(), 16, to.as_mut_ptr().cast(), 16, 0) };
+    if diff < 0 {
+        return None;
+    }
+    ctx.l4_csum_replace(csum, 0, diff as u64, flags).ok()
+}
+
+/// All-zero counters, the first value of a listener's entry (a static, so no function
+/// that counts keeps a copy on its stack).
+static ZERO_STATS: FwdStats = FwdStats {
+    connections: 0,
+    rejected_no_backend: 0,
+    rejected_invalid_backend: 0,
+    rejected_connect_failed: 0,
+    connect_failures: 0,
+    nat_exhausted: 0,
+    table_full: 0,
+    no_route: 0,
+    not_attached: 0,
+    icmp_translated: 0,
+    packets_c2b: 0,
+    packets_b2c: 0,
+    bytes_c2b: 0,
+    bytes_b2c: 0,
+};
+
 /// The forward program's counters of `port` on this CPU, created on first use.
 #[inline(always)]
 fn stats(port: u16) -> Option<&'static mut FwdStats> {
@@ -227,7 +438,7 @@ fn stats(port: u16) -> Option<&'static mut FwdStats> {
         // SAFETY: per-CPU value of this CPU; programs do not nest on one CPU.
         return Some(unsafe { &mut *p });
     }
-    let _ = GW_FWD_STATS.insert(&key, &FwdStats::default(), u64::from(BPF_NOEXIST));
+    let _ = GW_FWD_STATS.insert(&key, &ZERO_STATS, u64::from(BPF_NOEXIST));
     // SAFETY: as above.
     GW_FWD_STATS.get_ptr_mut(&key).map(|p| unsafe { &mut *p })
 }

@@ -74,6 +74,8 @@ pub struct ForwardCounts {
     /// SYNs left to the socket paths: the backend is reached by an interface the
     /// forward program is not attached to.
     pub not_attached: u64,
+    /// ICMP errors about forwarded segments translated to the end that sent them.
+    pub icmp_translated: u64,
     pub packets_client_to_backend: u64,
     pub packets_backend_to_client: u64,
     pub bytes_client_to_backend: u64,
@@ -93,6 +95,7 @@ impl ForwardCounts {
             table_full: s.table_full,
             no_route: s.no_route,
             not_attached: s.not_attached,
+            icmp_translated: s.icmp_translated,
             packets_client_to_backend: s.packets_c2b,
             packets_backend_to_client: s.packets_b2c,
             bytes_client_to_backend: s.bytes_c2b,
@@ -336,13 +339,14 @@ fn render_forward(o: &mut String, f: &ForwardCounts) {
     }
     let _ = writeln!(
         o,
-        "  forward:     active {}  connections {}  c->b {} B / {} segments  b->c {} B / {} segments",
+        "  forward:     active {}  connections {}  c->b {} B / {} segments  b->c {} B / {} segments  ICMP errors translated {}",
         f.active,
         f.connections,
         f.bytes_client_to_backend,
         f.packets_client_to_backend,
         f.bytes_backend_to_client,
-        f.packets_backend_to_client
+        f.packets_backend_to_client,
+        f.icmp_translated
     );
     let _ = writeln!(
         o,

@@ -204,7 +204,7 @@ fn forward_switched_on_leaves_spliced_connections_alone() {
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let forward = Agent::start(&bed, &args, &[8088]);
     let deadline = Instant::now() + Duration::from_secs(10);
-    while !forward.log_text().contains("forward program attached") {
+    while !forward.log_text().contains("forward data path on") {
         assert!(Instant::now() < deadline, "{}", forward.log_text());
         std::thread::sleep(Duration::from_millis(100));
     }
@@ -383,10 +383,100 @@ fn forward_keeps_the_client_address_when_asked() {
             (String::from_utf8_lossy(&line).into_owned(), local, got)
         })
         .expect("client");
-    assert_eq!(seen_as, local.to_string(), "the backend sees the client itself");
+    assert_eq!(
+        seen_as,
+        local.to_string(),
+        "the backend sees the client itself"
+    );
     assert_eq!(got, (total, None), "backend -> client");
     let server_got = rx.recv_timeout(Duration::from_mins(1)).expect("server");
     assert_eq!(server_got, (total, None), "client -> backend");
     let s = agent.status();
     assert_eq!(s["listeners"][0]["forward"]["connections"], 1, "{s}");
+}
+
+/// An ICMP "fragmentation needed" about a forwarded segment, sent to the NAT address by
+/// a hop on the backend's side (here: forged from the backend's namespace with the
+/// quoted header of a real forwarded segment), reaches the client translated: its
+/// stack recognises its own connection and lowers the path MTU towards the listener.
+#[test]
+fn forward_translates_icmp_fragmentation_needed_to_the_client() {
+    require_root();
+    let bed = Bed::new(1).expect("bed");
+    let (tx, rx) = mpsc::channel();
+    let tx = std::sync::Mutex::new(tx);
+    let handler: servers::Handler = Arc::new(move |mut s: TcpStream| {
+        let _ = tx.lock().expect("lock").send(s.peer_addr().expect("peer"));
+        let mut b = [0u8; 1];
+        let _ = s.read(&mut b);
+    });
+    let backend = SocketAddr::new(bed.backend_addr(0).into(), 3001);
+    let _server = servers::Server::start(bed.backend(0), backend, handler).expect("server");
+    let args = forward_args(&format!("8088={backend}"));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let agent = Agent::start(&bed, &args, &[8088]);
+    let listener = SocketAddr::new(bed.node_addr().into(), 8088);
+    let (to_client, done) = mpsc::channel::<()>();
+    let (seq_tx, seq_rx) = mpsc::channel();
+    let client = bed
+        .client()
+        .spawn(move || {
+            let s = connect(listener).expect("connect");
+            let (snd_nxt, _) = netbed::raw::tcp_seqs(&s).expect("sequence numbers");
+            seq_tx.send(snd_nxt).expect("seq");
+            let _ = done.recv_timeout(Duration::from_secs(30));
+            drop(s);
+        })
+        .expect("client");
+    let nat = match rx
+        .recv_timeout(Duration::from_secs(10))
+        .expect("NAT address")
+    {
+        SocketAddr::V4(a) => a,
+        SocketAddr::V6(a) => panic!("IPv4 expected, got {a}"),
+    };
+    let seq = seq_rx.recv_timeout(Duration::from_secs(10)).expect("seq");
+    // Before: no PMTU cached towards the listener.
+    let route = |bed: &Bed| {
+        let out = bed
+            .client()
+            .output("ip", &["-4", "route", "get", "10.200.0.1"])
+            .expect("ip route get");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    assert!(!route(&bed).contains("mtu 1200"), "{}", route(&bed));
+    // The quoted segment: NAT address:port -> backend, the client's sequence number.
+    let quoted = netbed::raw::tcp_packet(
+        nat,
+        std::net::SocketAddrV4::new(bed.backend_addr(0), 3001),
+        seq,
+        0,
+        netbed::raw::ACK,
+        &[],
+    );
+    let mut icmp = vec![3u8, 4, 0, 0, 0, 0];
+    icmp.extend_from_slice(&1200u16.to_be_bytes());
+    icmp.extend_from_slice(&quoted[..28]);
+    let c = netbed::raw::checksum(&icmp);
+    icmp[2..4].copy_from_slice(&c.to_be_bytes());
+    let packet = netbed::raw::ip_packet(bed.backend_addr(0), *nat.ip(), 1, &icmp);
+    let sent = bed
+        .backend(0)
+        .run(move || netbed::raw::Sender::new().is_ok_and(|s| s.send(*nat.ip(), &packet)))
+        .expect("backend namespace");
+    assert!(sent, "the forged ICMP error was not sent");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !route(&bed).contains("mtu 1200") {
+        assert!(
+            Instant::now() < deadline,
+            "the client's PMTU towards the listener did not drop: {}\n{}",
+            route(&bed),
+            agent.status()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let s = agent.status();
+    assert_eq!(s["listeners"][0]["forward"]["icmp_translated"], 1, "{s}");
+    drop(to_client);
+    client.join().expect("client");
 }
