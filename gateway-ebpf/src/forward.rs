@@ -40,7 +40,7 @@ use aya_ebpf::{
     btf_maps::{HashMap, PerCpuArray, PerCpuHashMap},
     helpers::{
         bpf_check_mtu, bpf_csum_diff, bpf_csum_level, bpf_fib_lookup as fib_lookup,
-        bpf_get_prandom_u32, bpf_ktime_get_ns, bpf_redirect, bpf_redirect_neigh,
+        bpf_get_smp_processor_id, bpf_ktime_get_ns, bpf_redirect, bpf_redirect_neigh,
         bpf_skb_change_tail,
     },
     macros::{btf_map, classifier},
@@ -590,6 +590,9 @@ pub struct Scratch {
     packet: [u8; REFUSE_MAX],
     /// The TCP options of a SYN whose MSS is being clamped.
     options: [u8; MAX_TCP_OPTIONS],
+    /// This CPU's position in the NAT port range: ports are handed out in turn, so a
+    /// port comes back as late as possible after its last connection.
+    cursor: u32,
 }
 
 /// Bytes of TCP options at most (data offset 15 words, less the 20-byte header).
@@ -736,7 +739,9 @@ fn route(ctx: &TcContext, ipv6: bool, dst: &[u8; 16], src: &mut [u8; 16]) -> Opt
 }
 
 /// Inserts `sc.reply`, the backend's entry of a connection, under a free NAT port
-/// towards `backend` from `nat`, and returns that port. `None` when no port is free
+/// towards `backend` from `nat`, and returns that port. Ports are handed out in turn
+/// from a per-CPU cursor (not at random), so a port is reused as late as possible and
+/// rarely meets the entry of a connection still closing. `None` when no port is free
 /// after [`NAT_TRIES`] tries (`nat_exhausted`) or the table is full (`table_full`).
 /// With the client's address kept, `nat` is the client's address and the port is the
 /// client's (the only try: another connection already holding that tuple towards the
@@ -750,8 +755,10 @@ fn insert_reply(backend: &Backend, nat: &[u8; 16], sc: &mut Scratch) -> Option<u
             core::ptr::read_volatile(&FWD_PORT_COUNT).max(1),
         )
     };
+    // Each CPU walks the range from its own origin.
     // SAFETY: helper without arguments.
-    let start = unsafe { bpf_get_prandom_u32() };
+    let cpu = unsafe { bpf_get_smp_processor_id() };
+    let start = sc.cursor.wrapping_add(cpu.wrapping_mul(count / 8 + 1));
     sc.key.src_be = backend.addr_be;
     sc.key.dst_be = *nat;
     sc.key.sport = backend.port;
@@ -770,7 +777,10 @@ fn insert_reply(backend: &Backend, nat: &[u8; 16], sc: &mut Scratch) -> Option<u
         };
         sc.key.dport = port;
         match GW_FWD_FLOWS.insert(&sc.key, &sc.reply, u64::from(BPF_NOEXIST)) {
-            Ok(()) => return Some(port),
+            Ok(()) => {
+                sc.cursor = sc.cursor.wrapping_add(i + 1);
+                return Some(port);
+            }
             Err(e) if e == -EEXIST => {}
             Err(_) => {
                 if let Some(s) = stats(listener) {

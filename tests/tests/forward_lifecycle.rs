@@ -480,3 +480,57 @@ fn forward_translates_icmp_fragmentation_needed_to_the_client() {
     drop(to_client);
     client.join().expect("client");
 }
+
+/// What the forward path cannot take goes to the socket paths and works there:
+/// `fill` opens connections (kept open) until the limit under test is reached; each
+/// must still be served, the first `forwarded` by the program and the rest spliced.
+fn beyond_a_limit(extra: &[&str], connections: usize, forwarded: u64, counter: &str) {
+    require_root();
+    let bed = Bed::new(1).expect("bed");
+    let addr = SocketAddr::new(bed.backend_addr(0).into(), 3001);
+    let _server =
+        servers::Server::start(bed.backend(0), addr, servers::named_echo("b0")).expect("server");
+    let mut args = forward_args(&format!("8088={addr}"));
+    args.extend(extra.iter().map(|s| (*s).to_owned()));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let agent = Agent::start(&bed, &args, &[8088]);
+    let listener = SocketAddr::new(bed.node_addr().into(), 8088);
+    let replies = bed
+        .client()
+        .run(move || {
+            let mut open = Vec::new();
+            let mut replies = Vec::new();
+            for i in 0..connections {
+                let mut s = connect(listener).expect("connect");
+                replies.push(exchange(&mut s, &format!("{i}\n")));
+                open.push(s);
+            }
+            replies
+        })
+        .expect("client");
+    for (i, r) in replies.iter().enumerate() {
+        assert_eq!(r, &format!("b0: {i}\n"));
+    }
+    let s = agent.status();
+    let fwd = &s["listeners"][0]["forward"];
+    assert_eq!(fwd["connections"], forwarded, "{s}");
+    assert!(fwd[counter].as_u64() >= Some(1), "{counter}: {s}");
+    let stats = agent.stats(8088);
+    assert_eq!(
+        stats["userspace_connections"],
+        connections as u64 - forwarded,
+        "{stats}"
+    );
+}
+
+/// Two NAT ports for one backend: the third connection finds none free and is spliced.
+#[test]
+fn forward_nat_port_exhaustion_leaves_new_connections_to_splice() {
+    beyond_a_limit(&["--forward-ports", "61000-61001"], 3, 2, "nat_exhausted");
+}
+
+/// A table of four entries holds two connections: the third is spliced.
+#[test]
+fn forward_full_table_leaves_new_connections_to_splice() {
+    beyond_a_limit(&["--forward-table-size", "4"], 3, 2, "table_full");
+}

@@ -79,15 +79,19 @@ pub enum ForwardError {
     Netlink(#[from] crate::xdp::XdpError),
 }
 
-/// Timeouts of the connection table, by state.
+/// Timeouts of the connection table, by state. A closed connection's entries are kept
+/// briefly so that its last segments (the final ACK, a retransmitted FIN) are still
+/// translated; its NAT port is free again after that.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Timeouts {
     /// A connection whose backend has not answered the SYN.
     pub syn: Duration,
     /// An established connection (also half-closed) without any segment.
     pub idle: Duration,
-    /// A connection after a RST, or after a FIN each way.
+    /// A connection after a FIN each way.
     pub closing: Duration,
+    /// A connection after a RST.
+    pub reset: Duration,
 }
 
 impl Default for Timeouts {
@@ -95,7 +99,8 @@ impl Default for Timeouts {
         Self {
             syn: Duration::from_mins(1),
             idle: Duration::from_hours(1),
-            closing: Duration::from_secs(10),
+            closing: Duration::from_secs(2),
+            reset: Duration::from_secs(1),
         }
     }
 }
@@ -233,7 +238,9 @@ pub fn reverse_key(f: &Flow) -> FlowKey {
 pub fn timeout_of(c: &Flow, b: Option<&Flow>, t: &Timeouts) -> Duration {
     let bs = b.map_or(0, |b| b.state);
     let both = c.state | bs;
-    if both & FLOW_S_RST != 0 || (c.state & FLOW_S_FIN != 0 && bs & FLOW_S_FIN != 0) {
+    if both & FLOW_S_RST != 0 {
+        t.reset
+    } else if c.state & FLOW_S_FIN != 0 && bs & FLOW_S_FIN != 0 {
         t.closing
     } else if bs & FLOW_S_SYN == 0 {
         t.syn
