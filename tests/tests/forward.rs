@@ -5,13 +5,13 @@
 mod common;
 
 use std::{
-    io::{Read, Write},
-    net::{SocketAddr, TcpStream},
+    io::{self, Read, Write},
+    net::{Shutdown, SocketAddr, TcpStream},
     sync::{Arc, mpsc},
     time::{Duration, Instant},
 };
 
-use common::{Agent, Writes, connect, duplex, require_root};
+use common::{Agent, Writes, connect, duplex, exchange, require_root};
 use netbed::{Bed, servers};
 
 const MIB: u64 = 1024 * 1024;
@@ -24,8 +24,8 @@ fn backend(bed: &Bed, i: usize, port: u16) -> SocketAddr {
     SocketAddr::new(bed.backend_addr(i).into(), port)
 }
 
-/// The forward path on the client link and every backend link, plus `extra` flags.
-fn forward_agent(bed: &Bed, routes: &[String], extra: &[&str]) -> Agent {
+/// `--datapath forward` with the client link and every backend link attached.
+fn forward_flags(bed: &Bed) -> Vec<String> {
     let mut args: Vec<String> = vec![
         "--datapath".into(),
         "forward".into(),
@@ -35,6 +35,12 @@ fn forward_agent(bed: &Bed, routes: &[String], extra: &[&str]) -> Agent {
     for i in 0..bed.backend_count() {
         args.extend(["--forward-iface".into(), format!("b{i}")]);
     }
+    args
+}
+
+/// The forward path on the client link and every backend link, plus `extra` flags.
+fn forward_agent(bed: &Bed, routes: &[String], extra: &[&str]) -> Agent {
+    let mut args = forward_flags(bed);
     for r in routes {
         args.extend(["--route".into(), r.clone()]);
     }
@@ -134,13 +140,23 @@ fn forward_carries_a_connection_without_the_node_terminating_it() {
     }
 }
 
-fn integrity(streams: usize, total: u64) {
+/// `streams` connections at once, `total` bytes each way on each, hashed; with
+/// `loss_per_mille` of the packets dropped on the client's and the backend's links.
+fn integrity(streams: usize, total: u64, writes: Writes, loss_per_mille: u32) {
     require_root();
     let bed = Bed::new(1).expect("bed");
+    if loss_per_mille > 0 {
+        bed.client()
+            .drop_at_random(loss_per_mille)
+            .expect("loss on the client link");
+        bed.backend(0)
+            .drop_at_random(loss_per_mille)
+            .expect("loss on the backend link");
+    }
     let (tx, rx) = mpsc::channel();
     let tx = std::sync::Mutex::new(tx);
     let handler: servers::Handler = Arc::new(move |s: TcpStream| {
-        let got = duplex(&s, 2, 1, total, Writes::Large);
+        let got = duplex(&s, 2, 1, total, writes);
         let _ = tx.lock().expect("lock").send(got);
     });
     let _server =
@@ -154,7 +170,7 @@ fn integrity(streams: usize, total: u64) {
                     let s = connect(addr).expect("connect");
                     s.set_read_timeout(Some(Duration::from_mins(3)))
                         .expect("timeout");
-                    duplex(&s, 1, 2, total, Writes::Large)
+                    duplex(&s, 1, 2, total, writes)
                 })
                 .expect("client")
         })
@@ -181,12 +197,20 @@ fn integrity(streams: usize, total: u64) {
 
 #[test]
 fn forward_integrity_256mib_each_way() {
-    integrity(1, 256 * MIB);
+    integrity(1, 256 * MIB, Writes::Large, 0);
 }
 
 #[test]
 fn forward_integrity_16_streams() {
-    integrity(16, 16 * MIB);
+    integrity(16, 16 * MIB, Writes::Large, 0);
+}
+
+/// Lossy links (2 % of the packets dropped each way on the client's and the backend's
+/// links): both ends retransmit through the translation, segments and
+/// acknowledgements alike; every byte still arrives once, in order.
+#[test]
+fn forward_integrity_lossy_links() {
+    integrity(1, 8 * MIB, Writes::Small, 20);
 }
 
 /// A client on the node itself never crosses an attached interface: the listener
@@ -207,11 +231,444 @@ fn forward_node_local_client_is_proxied() {
         .node()
         .run(move || {
             let mut s = connect(addr).expect("connect");
-            common::exchange(&mut s, "hi\n")
+            exchange(&mut s, "hi\n")
         })
         .expect("node-local client");
     assert_eq!(reply, "b0: hi\n");
     let (fwd, stats) = forward_stats(&agent, 8088);
     assert_eq!(fwd["connections"], 0, "{fwd}");
     assert_eq!(stats["userspace_connections"], 1, "{stats}");
+}
+
+/// The entries of the connection table (two per connection), as status reads them.
+fn table_entries(agent: &Agent) -> u64 {
+    agent.status()["forward_table_entries"]
+        .as_u64()
+        .expect("forward_table_entries")
+}
+
+/// Waits until the connection table is empty; fails after `within`.
+fn wait_table_empty(agent: &Agent, within: Duration, what: &str) {
+    let deadline = Instant::now() + within;
+    loop {
+        let s = agent.status();
+        if s["forward_table_entries"] == 0 {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what}: table entries not removed within {within:?}: {s}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// The closing timeout (10 s after the last segment of a connection that saw a RST or
+/// a FIN each way), plus a sweep period and the time to read the status.
+const CLOSING_SWEPT: Duration = Duration::from_secs(13);
+
+// ---- selection and refusals ----------------------------------------------------------
+
+/// Weights 70 / 30 / 0 over 500 connections: each share within 5 points of its weight,
+/// the weight-0 backend never picked, every connection taken by the program.
+///
+/// The client binds its ports (20000 + i), so the hashes and the picks are the same on
+/// every run.
+#[test]
+fn forward_weights_over_500_connections() {
+    const N: u16 = 500;
+    require_root();
+    let bed = Bed::new(3).expect("bed");
+    let names = ["seventy", "thirty", "zero"];
+    let _servers: Vec<_> = (0..3)
+        .map(|i| {
+            servers::Server::start(
+                bed.backend(i),
+                backend(&bed, i, 3001),
+                servers::name_and_close(names[i]),
+            )
+            .expect("server")
+        })
+        .collect();
+    let route = format!(
+        "8088={}*70,{}*30,{}*0",
+        backend(&bed, 0, 3001),
+        backend(&bed, 1, 3001),
+        backend(&bed, 2, 3001)
+    );
+    let agent = forward_agent(&bed, &[route], &[]);
+    let addr = listener_addr(&bed, 8088);
+    let client = SocketAddr::new(bed.client_addr().into(), 0);
+    let counts = bed
+        .client()
+        .run(move || {
+            let mut counts = std::collections::BTreeMap::<String, u32>::new();
+            for i in 0..N {
+                let sock = socket2::Socket::new(
+                    socket2::Domain::IPV4,
+                    socket2::Type::STREAM,
+                    Some(socket2::Protocol::TCP),
+                )
+                .expect("socket");
+                let mut from = client;
+                from.set_port(20000 + i);
+                sock.bind(&from.into()).expect("bind");
+                sock.connect_timeout(&addr.into(), Duration::from_secs(10))
+                    .expect("connect");
+                let mut s: TcpStream = sock.into();
+                s.set_read_timeout(Some(Duration::from_secs(10)))
+                    .expect("timeout");
+                s.write_all(b"?").expect("request");
+                let mut name = String::new();
+                s.read_to_string(&mut name).expect("read");
+                *counts.entry(name).or_default() += 1;
+            }
+            counts
+        })
+        .expect("client");
+    let get = |n: &str| counts.get(n).copied().unwrap_or(0);
+    assert_eq!(get("zero"), 0, "weight 0 never picked: {counts:?}");
+    assert_eq!(get("seventy") + get("thirty"), u32::from(N), "{counts:?}");
+    let share = f64::from(get("seventy")) / f64::from(N);
+    assert!(
+        (share - 0.7).abs() <= 0.05,
+        "weight 70 of 100 got {share}: {counts:?}"
+    );
+    let (fwd, stats) = forward_stats(&agent, 8088);
+    assert_eq!(fwd["connections"], u64::from(N), "{fwd}");
+    assert_eq!(
+        stats["accepted"], 0,
+        "the listener socket took none: {stats}"
+    );
+}
+
+/// A listener whose only backendRef is invalid, and one whose backends all have
+/// weight 0: the program answers the SYN with a RST (connect fails with
+/// ECONNREFUSED), counts it, and the listener socket never sees the connection.
+#[test]
+fn forward_refusals_are_answered_in_the_kernel() {
+    require_root();
+    let bed = Bed::new(2).expect("bed");
+    let r1 = "8089=invalid".to_owned();
+    let r2 = format!(
+        "8090={}*0,{}*0",
+        backend(&bed, 0, 3001),
+        backend(&bed, 1, 3001)
+    );
+    let agent = forward_agent(&bed, &[r1, r2], &[]);
+    let addrs = [listener_addr(&bed, 8089), listener_addr(&bed, 8090)];
+    let kinds = bed
+        .client()
+        .run(move || {
+            addrs
+                .iter()
+                .map(|&a| connect(a).map(|_| ()).map_err(|e| e.kind()))
+                .collect::<Vec<_>>()
+        })
+        .expect("client");
+    assert_eq!(
+        kinds,
+        vec![Err(io::ErrorKind::ConnectionRefused); 2],
+        "a RST answers the SYN"
+    );
+    let (f1, s1) = forward_stats(&agent, 8089);
+    assert_eq!(f1["rejected_invalid_backend"], 1, "{f1}");
+    assert_eq!(f1["connections"], 0, "{f1}");
+    assert_eq!(s1["accepted"], 0, "{s1}");
+    let (f2, s2) = forward_stats(&agent, 8090);
+    assert_eq!(f2["rejected_no_backend"], 1, "{f2}");
+    assert_eq!(f2["connections"], 0, "{f2}");
+    assert_eq!(s2["accepted"], 0, "{s2}");
+    assert_eq!(table_entries(&agent), 0, "a refusal leaves no entry");
+}
+
+/// One backend with nothing listening (its kernel answers the SYN with a RST): the
+/// program drops that RST and sends the client's retransmitted SYN (about 1 s later)
+/// to the live backend. Every connection succeeds.
+#[test]
+fn forward_refused_backend_is_retried_at_the_syn_retransmission() {
+    const N: usize = 20;
+    require_root();
+    let bed = Bed::new(2).expect("bed");
+    let _live = servers::Server::start(
+        bed.backend(0),
+        backend(&bed, 0, 3001),
+        servers::name_and_close("live"),
+    )
+    .expect("server");
+    let route = format!("8088={},{}", backend(&bed, 0, 3001), backend(&bed, 1, 3999));
+    let agent = forward_agent(&bed, &[route], &[]);
+    let addr = listener_addr(&bed, 8088);
+    // At once, so the wall time is one or two SYN retransmissions, not twenty.
+    let clients: Vec<_> = (0..N)
+        .map(|_| {
+            bed.client()
+                .spawn(move || {
+                    let mut s = connect(addr).map_err(|e| e.kind())?;
+                    s.write_all(b"?").map_err(|e| e.kind())?;
+                    let mut name = String::new();
+                    s.read_to_string(&mut name).map_err(|e| e.kind())?;
+                    Ok::<_, io::ErrorKind>(name)
+                })
+                .expect("client")
+        })
+        .collect();
+    let results: Vec<_> = clients
+        .into_iter()
+        .map(|c| c.join().expect("client"))
+        .collect();
+    assert_eq!(results, vec![Ok("live".to_owned()); N]);
+    let (fwd, stats) = forward_stats(&agent, 8088);
+    assert_eq!(fwd["connections"], N as u64, "{fwd}");
+    assert!(
+        fwd["connect_failures"].as_u64() > Some(0),
+        "some picked the dead backend first: {fwd}"
+    );
+    assert_eq!(fwd["rejected_connect_failed"], 0, "{fwd}");
+    assert_eq!(stats["accepted"], 0, "{stats}");
+}
+
+/// Both backends refuse and `--connect-attempts 2`: the first SYN goes to one, the
+/// first retransmission to the other, the second retransmission is answered with a
+/// RST from the program (connect fails with ECONNREFUSED after about 3 s).
+#[test]
+fn forward_every_backend_refusing_resets_the_client() {
+    require_root();
+    let bed = Bed::new(2).expect("bed");
+    let route = format!("8088={},{}", backend(&bed, 0, 3999), backend(&bed, 1, 3999));
+    let agent = forward_agent(&bed, &[route], &["--connect-attempts", "2"]);
+    let addr = listener_addr(&bed, 8088);
+    let (kind, waited) = bed
+        .client()
+        .run(move || {
+            let t = Instant::now();
+            (connect(addr).map(|_| ()).map_err(|e| e.kind()), t.elapsed())
+        })
+        .expect("client");
+    assert_eq!(
+        kind,
+        Err(io::ErrorKind::ConnectionRefused),
+        "a RST after the attempts (waited {waited:?})"
+    );
+    let (fwd, stats) = forward_stats(&agent, 8088);
+    assert_eq!(fwd["connections"], 1, "{fwd}");
+    assert_eq!(fwd["connect_failures"], 2, "{fwd}");
+    assert_eq!(fwd["rejected_connect_failed"], 1, "{fwd}");
+    assert_eq!(stats["accepted"], 0, "{stats}");
+}
+
+// ---- closing -------------------------------------------------------------------------
+
+/// Client FIN first: the backend still answers after it. Backend FIN first: the client
+/// still sends after it, and the backend receives it all. Then both connections'
+/// entries leave the table within the closing timeout.
+#[test]
+fn forward_half_close_both_ways() {
+    require_root();
+    let bed = Bed::new(1).expect("bed");
+    let (tx, rx) = mpsc::channel::<Vec<u8>>();
+    let tx = std::sync::Mutex::new(tx);
+    let backend_fin_first: servers::Handler = Arc::new(move |mut s: TcpStream| {
+        let mut go = [0u8; 2];
+        let _ = s.read_exact(&mut go);
+        let _ = s.write_all(b"backend says bye first");
+        let _ = s.shutdown(Shutdown::Write);
+        let mut got = Vec::new();
+        let _ = s.read_to_end(&mut got);
+        let _ = tx.lock().expect("lock").send(got);
+    });
+    let _echo = servers::Server::start(bed.backend(0), backend(&bed, 0, 3001), servers::echo())
+        .expect("echo");
+    let _fin = servers::Server::start(bed.backend(0), backend(&bed, 0, 3002), backend_fin_first)
+        .expect("fin");
+    let r1 = format!("8088={}", backend(&bed, 0, 3001));
+    let r2 = format!("8089={}", backend(&bed, 0, 3002));
+    let agent = forward_agent(&bed, &[r1, r2], &[]);
+    let (a1, a2) = (listener_addr(&bed, 8088), listener_addr(&bed, 8089));
+    let (echoed, from_backend) = bed
+        .client()
+        .run(move || {
+            let mut s = connect(a1).expect("connect");
+            assert_eq!(exchange(&mut s, "ping\n"), "ping\n");
+            s.write_all(b"client half-closes").expect("write");
+            s.shutdown(Shutdown::Write).expect("shutdown");
+            let mut echoed = Vec::new();
+            s.read_to_end(&mut echoed).expect("read");
+            let mut s = connect(a2).expect("connect");
+            s.write_all(b"go").expect("write");
+            let mut from_backend = Vec::new();
+            s.read_to_end(&mut from_backend)
+                .expect("read to the backend's FIN");
+            s.write_all(b"client keeps talking after the backend's FIN")
+                .expect("write after FIN");
+            s.shutdown(Shutdown::Write).expect("shutdown");
+            (echoed, from_backend)
+        })
+        .expect("client");
+    assert_eq!(echoed, b"client half-closes");
+    assert_eq!(from_backend, b"backend says bye first");
+    let got = rx
+        .recv_timeout(Duration::from_secs(10))
+        .expect("backend result");
+    assert_eq!(got, b"client keeps talking after the backend's FIN");
+    for port in [8088, 8089] {
+        let (fwd, stats) = forward_stats(&agent, port);
+        assert_eq!(fwd["connections"], 1, "{port}: {fwd}");
+        assert_eq!(stats["accepted"], 0, "{port}: {stats}");
+    }
+    wait_table_empty(&agent, CLOSING_SWEPT, "after a FIN each way");
+}
+
+fn reset_with_linger(s: &TcpStream) {
+    socket2::SockRef::from(s)
+        .set_linger(Some(Duration::ZERO))
+        .expect("linger");
+}
+
+/// The client's RST (`SO_LINGER` 0, then close) reaches the backend as a reset; the
+/// backend's RST reaches the client as a reset. Then both connections' entries leave
+/// the table within the closing timeout.
+#[test]
+fn forward_resets_both_ways() {
+    require_root();
+    let bed = Bed::new(1).expect("bed");
+    let (tx, rx) = mpsc::channel::<io::ErrorKind>();
+    let tx = std::sync::Mutex::new(tx);
+    // 3001: reads until error and reports it (the client resets).
+    let watcher: servers::Handler = Arc::new(move |mut s: TcpStream| {
+        let mut buf = [0u8; 1024];
+        let kind = loop {
+            match s.read(&mut buf) {
+                Ok(0) => break io::ErrorKind::UnexpectedEof,
+                Ok(_) => {}
+                Err(e) => break e.kind(),
+            }
+        };
+        let _ = tx.lock().expect("lock").send(kind);
+    });
+    // 3002: resets the connection after the first 5 bytes.
+    let resetter: servers::Handler = Arc::new(|mut s: TcpStream| {
+        let mut buf = [0u8; 5];
+        let _ = s.read_exact(&mut buf);
+        reset_with_linger(&s);
+    });
+    let _w =
+        servers::Server::start(bed.backend(0), backend(&bed, 0, 3001), watcher).expect("watcher");
+    let _r =
+        servers::Server::start(bed.backend(0), backend(&bed, 0, 3002), resetter).expect("resetter");
+    let r1 = format!("8088={}", backend(&bed, 0, 3001));
+    let r2 = format!("8089={}", backend(&bed, 0, 3002));
+    let agent = forward_agent(&bed, &[r1, r2], &[]);
+    let (a1, a2) = (listener_addr(&bed, 8088), listener_addr(&bed, 8089));
+    let client_saw = bed
+        .client()
+        .run(move || {
+            let mut s = connect(a1).expect("connect");
+            s.write_all(b"hello").expect("write");
+            std::thread::sleep(Duration::from_millis(200));
+            reset_with_linger(&s);
+            drop(s);
+            let mut s = connect(a2).expect("connect");
+            s.write_all(b"hello").expect("write");
+            let mut buf = [0u8; 16];
+            match s.read(&mut buf) {
+                Ok(n) => panic!("expected a reset, read {n} bytes"),
+                Err(e) => e.kind(),
+            }
+        })
+        .expect("client");
+    assert_eq!(
+        client_saw,
+        io::ErrorKind::ConnectionReset,
+        "backend reset reaches the client"
+    );
+    let backend_saw = rx
+        .recv_timeout(Duration::from_secs(10))
+        .expect("watcher result");
+    assert_eq!(
+        backend_saw,
+        io::ErrorKind::ConnectionReset,
+        "client reset reaches the backend"
+    );
+    for port in [8088, 8089] {
+        let (fwd, stats) = forward_stats(&agent, port);
+        assert_eq!(fwd["connections"], 1, "{port}: {fwd}");
+        assert_eq!(stats["accepted"], 0, "{port}: {stats}");
+    }
+    wait_table_empty(&agent, CLOSING_SWEPT, "after a RST");
+}
+
+/// `--idle-timeout 2`: an established connection that stays silent loses its entries
+/// to the sweeper after about 2 s. Its next segment is then not forwarded: it reaches
+/// the node's own stack, where the agent's listener socket on that port answers the
+/// unknown ACK with a RST, so the client's read after its next write fails with
+/// ECONNRESET. The backend hears nothing of it.
+#[test]
+fn forward_idle_connection_is_swept_and_then_reset_by_the_node() {
+    require_root();
+    let bed = Bed::new(1).expect("bed");
+    let (tx, rx) = mpsc::channel::<Vec<u8>>();
+    let tx = std::sync::Mutex::new(tx);
+    let recorder: servers::Handler = Arc::new(move |mut s: TcpStream| {
+        let mut line = [0u8; 6];
+        let _ = s.read_exact(&mut line);
+        let _ = s.write_all(&line);
+        // Whatever arrives after the sweep (nothing, or an error).
+        let _ = s.set_read_timeout(Some(Duration::from_secs(8)));
+        let mut more = Vec::new();
+        let mut buf = [0u8; 64];
+        while let Ok(n) = s.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            more.extend_from_slice(&buf[..n]);
+        }
+        let _ = tx.lock().expect("lock").send(more);
+    });
+    let _server =
+        servers::Server::start(bed.backend(0), backend(&bed, 0, 3001), recorder).expect("server");
+    let agent = forward_agent(
+        &bed,
+        &[format!("8088={}", backend(&bed, 0, 3001))],
+        &["--idle-timeout", "2"],
+    );
+    let addr = listener_addr(&bed, 8088);
+    let s = bed
+        .client()
+        .run(move || {
+            let mut s = connect(addr).expect("connect");
+            assert_eq!(exchange(&mut s, "hello\n"), "hello\n");
+            s
+        })
+        .expect("client");
+    let quiet_since = Instant::now();
+    assert_eq!(table_entries(&agent), 2, "the connection is in the table");
+    wait_table_empty(&agent, Duration::from_secs(6), "idle connection");
+    assert!(
+        quiet_since.elapsed() >= Duration::from_secs(2),
+        "swept before the idle timeout ({:?})",
+        quiet_since.elapsed()
+    );
+    let kind = bed
+        .client()
+        .run(move || {
+            let mut s = s;
+            s.write_all(b"late\n").expect("write (queued)");
+            let mut buf = [0u8; 16];
+            match s.read(&mut buf) {
+                Ok(n) => Ok(n),
+                Err(e) => Err(e.kind()),
+            }
+        })
+        .expect("client");
+    assert_eq!(
+        kind,
+        Err(io::ErrorKind::ConnectionReset),
+        "the node's stack resets a segment of a swept connection"
+    );
+    let more = rx.recv_timeout(Duration::from_secs(10)).expect("backend");
+    assert!(more.is_empty(), "nothing reaches the backend: {more:?}");
+    let (fwd, stats) = forward_stats(&agent, 8088);
+    assert_eq!(fwd["connections"], 1, "{fwd}");
+    assert_eq!(stats["accepted"], 0, "{stats}");
 }
