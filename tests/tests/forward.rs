@@ -672,3 +672,248 @@ fn forward_idle_connection_is_swept_and_then_reset_by_the_node() {
     assert_eq!(fwd["connections"], 1, "{fwd}");
     assert_eq!(stats["accepted"], 0, "{stats}");
 }
+
+// ---- configuration changes -----------------------------------------------------------
+
+/// A temporary directory of manifests, removed on drop.
+struct Manifests(std::path::PathBuf);
+
+impl Drop for Manifests {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+impl Manifests {
+    fn new() -> Self {
+        let dir = std::env::temp_dir().join(format!("sockgate-fwd-e2e-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("dir");
+        Self(dir)
+    }
+
+    /// Gateway `gw` with listener `a` (8088, its route to Service `a_to`) and, when
+    /// `with_b`, listener `b` (8089, its route to Service foo). Service foo is backend
+    /// 0's port 3001, bar backend 1's port 3002.
+    fn write(&self, a_to: &str, with_b: bool) {
+        use std::fmt::Write as _;
+        let port = |svc: &str| if svc == "foo" { 3001 } else { 3002 };
+        let mut y = String::from(
+            "apiVersion: gateway.networking.k8s.io/v1\nkind: GatewayClass\nmetadata:\n  name: sockgate\n\
+             spec:\n  controllerName: sockgate.dev/gateway-controller\n---\n\
+             apiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\nmetadata:\n  name: gw\n\
+             spec:\n  gatewayClassName: sockgate\n  listeners:\n\
+             \x20 - name: a\n    protocol: TCP\n    port: 8088\n",
+        );
+        if with_b {
+            y += "  - name: b\n    protocol: TCP\n    port: 8089\n";
+        }
+        let route = |name: &str, section: &str, svc: &str| {
+            format!(
+                "---\napiVersion: gateway.networking.k8s.io/v1alpha2\nkind: TCPRoute\nmetadata:\n  name: {name}\n\
+                 spec:\n  parentRefs:\n  - name: gw\n    sectionName: {section}\n  rules:\n  - backendRefs:\n\
+                 \x20   - name: {svc}\n      port: {}\n",
+                port(svc)
+            )
+        };
+        y += &route("route-a", "a", a_to);
+        if with_b {
+            y += &route("route-b", "b", "foo");
+        }
+        for (svc, addr) in [("foo", "10.200.1.2"), ("bar", "10.200.2.2")] {
+            let p = port(svc);
+            let _ = write!(
+                y,
+                "---\napiVersion: v1\nkind: Service\nmetadata:\n  name: {svc}\nspec:\n  ports:\n\
+                 \x20 - protocol: TCP\n    port: {p}\n    targetPort: {p}\n---\n\
+                 apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: {svc}-1\n\
+                 \x20 labels:\n    kubernetes.io/service-name: {svc}\naddressType: IPv4\nports:\n\
+                 - port: {p}\n  protocol: TCP\nendpoints:\n- addresses: [\"{addr}\"]\n  conditions:\n    ready: true\n"
+            );
+        }
+        // Written whole, then renamed: the agent never reads half a file.
+        let tmp = self.0.join(".gateway.yaml.tmp");
+        std::fs::write(&tmp, y).expect("write");
+        std::fs::rename(&tmp, self.0.join("gateway.yaml")).expect("rename");
+    }
+}
+
+/// A new connection to listener `port` from the client: the name its backend answers
+/// with (`named_echo`), or the error.
+fn ask(bed: &Bed, port: u16) -> Result<String, io::ErrorKind> {
+    let addr = listener_addr(bed, port);
+    bed.client()
+        .run(move || {
+            let mut s = connect(addr).map_err(|e| e.kind())?;
+            let reply = exchange(&mut s, "who\n");
+            Ok(reply.split(':').next().unwrap_or_default().to_owned())
+        })
+        .expect("client")
+}
+
+/// One exchange on an established connection, from the client namespace (the socket
+/// belongs to it already).
+fn ask_on(s: &TcpStream) -> Result<String, io::ErrorKind> {
+    let mut s = s.try_clone().map_err(|e| e.kind())?;
+    s.write_all(b"again\n").map_err(|e| e.kind())?;
+    let mut line = Vec::new();
+    let mut b = [0u8; 1];
+    while b[0] != b'\n' {
+        match s.read(&mut b) {
+            Ok(0) => return Err(io::ErrorKind::UnexpectedEof),
+            Ok(_) => line.push(b[0]),
+            Err(e) => return Err(e.kind()),
+        }
+    }
+    let line = String::from_utf8_lossy(&line);
+    Ok(line.split(':').next().unwrap_or_default().to_owned())
+}
+
+/// Waits (bounded) until `cond` holds.
+fn eventually(what: &str, agent: &Agent, within: Duration, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + within;
+    while !cond() {
+        assert!(
+            Instant::now() < deadline,
+            "{what} within {within:?}:\n{}",
+            agent.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Servers foo (backend 0, port 3001) and bar (backend 1, port 3002), the manifests
+/// (route a to foo, listener b present) and the agent reading them, with the forward
+/// path on and a 3 s drain timeout.
+fn foo_bar_from_files(bed: &Bed) -> ([servers::Server; 2], Manifests, Agent) {
+    let foo_server = servers::Server::start(
+        bed.backend(0),
+        backend(bed, 0, 3001),
+        servers::named_echo("foo"),
+    )
+    .expect("foo");
+    let bar = servers::Server::start(
+        bed.backend(1),
+        backend(bed, 1, 3002),
+        servers::named_echo("bar"),
+    )
+    .expect("bar");
+    let dir = Manifests::new();
+    dir.write("foo", true);
+    let mut args = forward_flags(bed);
+    args.extend(
+        [
+            "--dir",
+            dir.0.to_str().expect("utf-8"),
+            "--drain-timeout",
+            "3",
+        ]
+        .map(str::to_owned),
+    );
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let agent = Agent::start(bed, &args, &[8088, 8089]);
+    ([foo_server, bar], dir, agent)
+}
+
+/// With the manifests as the source: a route moved to another Service leaves an
+/// established connection on its backend while new connections go to the new one;
+/// a removed listener's established connection keeps flowing for `--drain-timeout`,
+/// then its entries are removed, and a new connection to that port is refused.
+#[test]
+fn forward_config_change_keeps_established_and_drains_removed_listener() {
+    require_root();
+    let bed = Bed::new(2).expect("bed");
+    let (_servers, dir, agent) = foo_bar_from_files(&bed);
+    let (a1, a2) = (listener_addr(&bed, 8088), listener_addr(&bed, 8089));
+    // One established connection per listener, both to foo.
+    let (c1, c2) = bed
+        .client()
+        .run(move || {
+            let c1 = connect(a1).expect("connect 8088");
+            let c2 = connect(a2).expect("connect 8089");
+            (c1, c2)
+        })
+        .expect("client");
+    assert_eq!(ask_on(&c1), Ok("foo".into()));
+    assert_eq!(ask_on(&c2), Ok("foo".into()));
+
+    // Route a moves to bar: new connections go there, the established one stays.
+    dir.write("bar", true);
+    eventually(
+        "new connections to 8088 reach bar",
+        &agent,
+        Duration::from_secs(15),
+        || ask(&bed, 8088) == Ok("bar".into()),
+    );
+    assert_eq!(
+        ask_on(&c1),
+        Ok("foo".into()),
+        "established keeps its backend"
+    );
+
+    // Listener b goes: its connection drains, then is removed.
+    dir.write("bar", false);
+    eventually(
+        "listener 8089 removed from the maps",
+        &agent,
+        Duration::from_secs(15),
+        || {
+            let s = agent.status();
+            s["listeners"]
+                .as_array()
+                .is_some_and(|ls| ls.iter().all(|l| l["port"] != 8089))
+        },
+    );
+    let removed_at = Instant::now();
+    assert_eq!(
+        ask_on(&c2),
+        Ok("foo".into()),
+        "the removed listener's connection flows while it drains"
+    );
+    assert!(
+        removed_at.elapsed() < Duration::from_secs(2),
+        "the exchange was inside the drain timeout"
+    );
+    // Entries of 8089: all but those of 8088's live connections.
+    let entries_8089 = || {
+        let s = agent.status();
+        let total = s["forward_table_entries"].as_u64().unwrap_or(0);
+        let active_8088 = s["listeners"]
+            .as_array()
+            .and_then(|ls| ls.iter().find(|l| l["port"] == 8088))
+            .and_then(|l| l["forward"]["active"].as_u64())
+            .unwrap_or(0);
+        total - 2 * active_8088
+    };
+    assert_eq!(entries_8089(), 2, "c2 is in the table while it drains");
+    eventually(
+        "the drained connection's entries removed",
+        &agent,
+        Duration::from_secs(8),
+        || entries_8089() == 0,
+    );
+    assert!(
+        removed_at.elapsed() >= Duration::from_secs(2),
+        "removed before the drain timeout ({:?})",
+        removed_at.elapsed()
+    );
+    // Its segments now reach the node's stack, where nothing listens on 8089.
+    assert_eq!(
+        ask_on(&c2),
+        Err(io::ErrorKind::ConnectionReset),
+        "the drained connection is over"
+    );
+    assert_eq!(
+        ask(&bed, 8089),
+        Err(io::ErrorKind::ConnectionRefused),
+        "a new connection to the removed port"
+    );
+    assert_eq!(
+        ask_on(&c1),
+        Ok("foo".into()),
+        "8088's connection unaffected"
+    );
+    let (fwd, stats) = forward_stats(&agent, 8088);
+    assert!(fwd["connections"].as_u64() >= Some(2), "{fwd}");
+    assert_eq!(stats["accepted"], 0, "{stats}");
+}
