@@ -917,3 +917,53 @@ fn forward_config_change_keeps_established_and_drains_removed_listener() {
     assert!(fwd["connections"].as_u64() >= Some(2), "{fwd}");
     assert_eq!(stats["accepted"], 0, "{stats}");
 }
+
+// ---- IPv6 ----------------------------------------------------------------------------
+
+/// An IPv6 client to the node's IPv6 address, an IPv6 backend: translated (SNAT to the
+/// node's IPv6 address on the backend link) and 8 MiB each way hashed.
+#[test]
+fn forward_ipv6_carries_a_hashed_transfer() {
+    const TOTAL: u64 = 8 * MIB;
+    require_root();
+    let bed = Bed::new(1).expect("bed");
+    let (tx, rx) = mpsc::channel();
+    let tx = std::sync::Mutex::new(tx);
+    let handler: servers::Handler = Arc::new(move |mut s: TcpStream| {
+        let peer = s.peer_addr().map(|a| a.to_string()).unwrap_or_default();
+        let _ = s.write_all(format!("{peer}\n").as_bytes());
+        let got = duplex(&s, 2, 1, TOTAL, Writes::Large);
+        let _ = tx.lock().expect("lock").send(got);
+    });
+    let server_addr = SocketAddr::new(bed.backend_addr6(0).into(), 3001);
+    let _server = servers::Server::start(bed.backend(0), server_addr, handler).expect("server");
+    let agent = forward_agent(&bed, &[format!("8088={server_addr}")], &[]);
+    let addr = SocketAddr::new(bed.node_addr6().into(), 8088);
+    let (seen_as, got) = bed
+        .client()
+        .run(move || {
+            let mut s = connect(addr).expect("connect");
+            let seen_as = read_line(&mut s);
+            (seen_as, duplex(&s, 1, 2, TOTAL, Writes::Large))
+        })
+        .expect("client");
+    assert_eq!(got, (TOTAL, None), "backend -> client");
+    let server_got = rx
+        .recv_timeout(Duration::from_mins(1))
+        .expect("server result");
+    assert_eq!(server_got, (TOTAL, None), "client -> backend");
+    let (ip, port) = seen_as.rsplit_once(':').expect("addr:port");
+    assert_eq!(ip, "[fd00:200:1::1]", "the backend sees the NAT address");
+    let port: u16 = port.parse().expect("port");
+    assert!((61000..=65535).contains(&port), "NAT port {port}");
+    let (fwd, stats) = forward_stats(&agent, 8088);
+    assert_eq!(fwd["connections"], 1, "{fwd}");
+    assert!(
+        fwd["bytes_client_to_backend"].as_u64() >= Some(TOTAL),
+        "{fwd}"
+    );
+    assert_eq!(
+        stats["accepted"], 0,
+        "the listener socket never saw it: {stats}"
+    );
+}
