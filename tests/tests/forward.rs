@@ -430,7 +430,8 @@ fn forward_refused_backend_is_retried_at_the_syn_retransmission() {
 
 /// Both backends refuse and `--connect-attempts 2`: the first SYN goes to one, the
 /// first retransmission to the other, the second retransmission is answered with a
-/// RST from the program (connect fails with ECONNREFUSED after about 3 s).
+/// RST from the program: connect fails with ECONNREFUSED after about 2 s (the client
+/// retransmits its SYN at 1 s intervals first, `net.ipv4.tcp_syn_linear_timeouts`).
 #[test]
 fn forward_every_backend_refusing_resets_the_client() {
     require_root();
