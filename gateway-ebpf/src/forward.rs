@@ -154,8 +154,8 @@ fn v4_of(a: &[u8; 16]) -> [u8; 4] {
 }
 
 /// Parses Ethernet, then IPv4 without options and not fragmented or IPv6 with TCP
-/// as the next header, then TCP, into `out`. `false` when the packet is not one of
-/// those.
+/// as the next header, then a whole TCP header, into `out`. `false` when the packet is
+/// not one of those.
 #[inline(never)]
 fn parse(ctx: &TcContext, out: &mut Segment) -> bool {
     parse_into(ctx, out).is_some()
@@ -190,7 +190,14 @@ fn parse_into(ctx: &TcContext, out: &mut Segment) -> Option<()> {
         }
         _ => return None,
     }
-    let tcp: [u8; 14] = ctx.load(out.l4).ok()?;
+    let tcp: [u8; 20] = ctx.load(out.l4).ok()?;
+    // A whole TCP header whose data offset is at least 5 words and ends inside the
+    // packet: a shorter one is malformed (the stack drops it), and rewriting it would
+    // store past its end after the connection's entries were made.
+    let doff = usize::from(tcp[12] >> 4) * 4;
+    if doff < 20 || out.l4 + doff > ctx.len() as usize {
+        return None;
+    }
     out.csum = out.l4 + 16;
     out.key.sport = u16::from_be_bytes([tcp[0], tcp[1]]);
     out.key.dport = u16::from_be_bytes([tcp[2], tcp[3]]);
