@@ -40,9 +40,9 @@ use aya::{
 use gateway_common::{
     BACKEND_F_INVALID, Backend, BackendKey, DIR_BACKEND_TO_CLIENT, DIR_CLIENT_TO_BACKEND,
     FLOW_S_ACK, FLOW_S_FIN, FLOW_S_RST, FLOW_S_SYN, Flow, FlowKey, FwdStats, GLOBAL_FWD_ATTEMPTS,
-    GLOBAL_FWD_PORT_COUNT, GLOBAL_FWD_PORT_MIN, GW_BACKENDS, GW_FWD_ADDRS, GW_FWD_FLOWS,
-    GW_FWD_SLOTS, GW_FWD_STATS, GW_LISTENERS, LISTENER_F_DRAINING, ListenerInfo, ListenerKey,
-    NodeAddr, PROG_FWD, SlotTable,
+    GLOBAL_FWD_PORT_COUNT, GLOBAL_FWD_PORT_MIN, GLOBAL_FWD_PRESERVE_CLIENT, GW_BACKENDS,
+    GW_FWD_ADDRS, GW_FWD_FLOWS, GW_FWD_IFACES, GW_FWD_SLOTS, GW_FWD_STATS, GW_LISTENERS,
+    LISTENER_F_DRAINING, ListenerInfo, ListenerKey, NodeAddr, PROG_FWD, SlotTable,
 };
 use netbed::Netns;
 use sockgate::{
@@ -178,7 +178,8 @@ impl Fwd {
         loader
             .override_global(GLOBAL_FWD_PORT_MIN, &port_min, true)
             .override_global(GLOBAL_FWD_PORT_COUNT, &l.ports, true)
-            .override_global(GLOBAL_FWD_ATTEMPTS, &l.attempts, true);
+            .override_global(GLOBAL_FWD_ATTEMPTS, &l.attempts, true)
+            .override_global(GLOBAL_FWD_PRESERVE_CLIENT, &0u32, true);
         if let Some(n) = l.flows {
             loader.map_max_entries(GW_FWD_FLOWS, n);
         }
@@ -200,6 +201,12 @@ impl Fwd {
             for a in [fam.node(), fam.nat()] {
                 addrs.insert(node_addr(a), 1, 0).expect("node address");
             }
+        }
+        // The program is "attached" to both links: it forwards only towards those.
+        let (c, b) = (fwd.client_if, fwd.backend_if);
+        let mut ifaces: HashMap<_, u32, u32> = fwd.map_mut(GW_FWD_IFACES);
+        for i in [c, b] {
+            ifaces.insert(i, 1, 0).expect("attached interface");
         }
         fwd
     }
@@ -668,6 +675,16 @@ fn assert_refused(desc: &str, (action, out): (u32, Vec<u8>), syn: &Tcp) {
 const SYN_OPTIONS: [u8; 20] = [
     2, 4, 0x05, 0xb4, 4, 2, 8, 10, 0x11, 0x22, 0x33, 0x44, 0, 0, 0, 0, 1, 3, 3, 7,
 ];
+/// [`SYN_OPTIONS`] as the program sends them on: the MSS lowered to what a 1500-byte
+/// link carries (1460 for IPv4, 1440 for IPv6).
+fn syn_options_out(fam: Fam) -> [u8; 20] {
+    let mut o = SYN_OPTIONS;
+    let limit: u16 = if matches!(fam, Fam::V6) { 1440 } else { 1460 };
+    let mss = u16::from_be_bytes([o[2], o[3]]).min(limit);
+    o[2..4].copy_from_slice(&mss.to_be_bytes());
+    o
+}
+
 /// NOP, NOP, timestamps: the options of a data segment.
 const TS_OPTIONS: [u8; 12] = [1, 1, 8, 10, 0x11, 0x22, 0x33, 0x55, 0x66, 0x77, 0x88, 0x99];
 
@@ -705,7 +722,7 @@ fn connection(fam: Fam) {
     assert_forwarded(
         "SYN with MSS, SACK-permitted, timestamps and window scale: SNAT to the backend",
         (action, out),
-        &syn.moved(nat, backend),
+        &syn.moved(nat, backend).options(&syn_options_out(fam)),
     );
     count(&mut c2b, &syn);
     let ck = key(client, front);
@@ -730,7 +747,7 @@ fn connection(fam: Fam) {
     assert_forwarded(
         "backend's SYN-ACK: back from the listener to the client",
         fwd.backend(&syn_ack),
-        &syn_ack.moved(front, client),
+        &syn_ack.moved(front, client).options(&syn_options_out(fam)),
     );
     count(&mut b2c, &syn_ack);
     let b = fwd.flow(&bk).expect("the backend's entry");
@@ -823,7 +840,9 @@ fn connection(fam: Fam) {
     assert_forwarded(
         "SYN with a payload",
         (action, out),
-        &syn2.moved(SocketAddr::new(fam.nat(), port2), backend),
+        &syn2
+            .moved(SocketAddr::new(fam.nat(), port2), backend)
+            .options(&syn_options_out(fam)),
     );
     count(&mut c2b, &syn2);
     assert_ne!(port2, port, "two connections to one backend, two NAT ports");
