@@ -17,13 +17,7 @@ use std::{
 use anyhow::{Context as _, bail};
 use netbed::Netns;
 
-/// Fields of /proc/PID/stat after the command name: index 0 is the state, 1 the ppid,
-/// 11 utime, 12 stime, 13 cutime, 14 cstime.
-pub fn stat_fields(pid: u32) -> Option<Vec<String>> {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let rest = &text[text.rfind(')')? + 1..];
-    Some(rest.split_whitespace().map(str::to_owned).collect())
-}
+use super::procfs::{descendants, stat_fields};
 
 fn comm(pid: u32) -> Option<String> {
     std::fs::read_to_string(format!("/proc/{pid}/comm"))
@@ -78,11 +72,7 @@ pub struct CpuSnap {
 /// Takes a CPU snapshot for the proxy processes `pids` (empty for no proxy).
 pub fn cpu_snapshot(pids: &[u32]) -> CpuSnap {
     let mut snap = CpuSnap::default();
-    let tree: Vec<u32> = pids
-        .iter()
-        .copied()
-        .chain(super::peers::descendants(pids))
-        .collect();
+    let tree: Vec<u32> = pids.iter().copied().chain(descendants(pids)).collect();
     for pid in tree {
         if let Some(f) = stat_fields(pid) {
             snap.proxy += field(&f, 11) + field(&f, 12) + field(&f, 13) + field(&f, 14);

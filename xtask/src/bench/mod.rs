@@ -24,6 +24,7 @@
 mod chart;
 pub mod measure;
 pub mod peers;
+mod procfs;
 mod report;
 
 use std::{

@@ -11,6 +11,7 @@ use std::{
 use anyhow::{Context as _, bail};
 use netbed::Bed;
 
+use super::procfs::descendants;
 use crate::{root, run_cmd};
 
 /// Debian packages of the peers and the load tools, installed by the bench only (not by
@@ -396,36 +397,6 @@ impl Running {
         }
         Some(sum)
     }
-}
-
-/// All descendants of `pids` (found through /proc), children first.
-pub fn descendants(pids: &[u32]) -> Vec<u32> {
-    let mut parent = Vec::new();
-    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-        let Some(pid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|n| n.parse::<u32>().ok())
-        else {
-            continue;
-        };
-        if let Some(ppid) = crate::bench::measure::stat_fields(pid)
-            .and_then(|f| f.get(1).and_then(|p| p.parse::<u32>().ok()))
-        {
-            parent.push((pid, ppid));
-        }
-    }
-    let mut found: Vec<u32> = Vec::new();
-    let mut frontier: Vec<u32> = pids.to_vec();
-    while let Some(p) = frontier.pop() {
-        for &(child, ppid) in &parent {
-            if ppid == p && !found.contains(&child) && !pids.contains(&child) {
-                found.push(child);
-                frontier.push(child);
-            }
-        }
-    }
-    found
 }
 
 impl Drop for Running {
