@@ -26,6 +26,7 @@ pub mod measure;
 pub mod peers;
 mod procfs;
 mod report;
+mod stats;
 
 use std::{
     net::SocketAddr,
