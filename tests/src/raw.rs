@@ -15,7 +15,7 @@ use std::{
 
 /// Source ports used in turn (from 20000), so that the SYNs are distinct
 /// connections; their packets are built ahead, so the loop only sends.
-const PORTS: u16 = 4096;
+pub const PORTS: u16 = 4096;
 
 /// What [`syn_flood`] did.
 #[derive(Clone, Copy, Debug)]
