@@ -18,11 +18,11 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, ObjectMeta, Time
 use tracing::instrument;
 
 use super::{
-    backends::{Backends, ResolvedRef, spread},
+    backends::{Backends, ResolvedRef, spread, unready},
     conditions::{FALSE, GATEWAY_GROUP, KIND_GATEWAY, KIND_TCP_ROUTE, TRUE, reasons, types},
     snapshot::{ObjectKey, Params, Snapshot, TcpRouteObject, generation_of, namespace_of},
 };
-use crate::desired::{DesiredState, Listener};
+use crate::desired::{DesiredState, Listener, UnreadyBackendRef, UnreadyShare};
 
 /// The status sockgate writes, by object. Objects absent here are not written.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -209,6 +209,21 @@ pub fn reconcile(snap: &Snapshot, params: &Params) -> (DesiredState, StatusSet) 
         .values()
         .flatten()
         .flat_map(|r| r.refused.iter().cloned())
+        .collect::<BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    // Every backendRef without ready endpoint, by route.
+    desired.unready = resolved
+        .iter()
+        .flat_map(|(route, refs)| {
+            unready(refs).into_iter().flat_map(move |(names, share)| {
+                names.into_iter().map(move |r| UnreadyBackendRef {
+                    route: route.to_string(),
+                    backend_ref: r.label.clone(),
+                    share,
+                })
+            })
+        })
         .collect::<BTreeSet<_>>()
         .into_iter()
         .collect();
@@ -456,12 +471,18 @@ fn route_backends(
         })
         .unwrap_or_default();
     let problems: Vec<_> = refs.iter().filter_map(ResolvedRef::problem).collect();
+    // A backendRef without ready endpoint resolves: it is said in the message, not in
+    // the condition's status.
+    let unready_note = unready(&refs).map(|(names, share)| unready_message(&names, share));
     let resolved_refs = match problems.first() {
         None => cond.make(
             types::RESOLVED_REFS,
             true,
             reasons::RESOLVED_REFS,
-            "all backendRefs resolved",
+            match unready_note {
+                None => "all backendRefs resolved".to_owned(),
+                Some(note) => format!("all backendRefs resolved; {note}"),
+            },
         ),
         Some(first) => cond.make(
             types::RESOLVED_REFS,
@@ -469,7 +490,8 @@ fn route_backends(
             first.reason,
             problems
                 .iter()
-                .map(|p| p.message.as_str())
+                .map(|p| p.message.clone())
+                .chain(unready_note)
                 .collect::<Vec<_>>()
                 .join("; "),
         ),
@@ -486,6 +508,28 @@ fn route_backends(
         )
     });
     (refs, resolved_refs, partially_invalid)
+}
+
+/// What the `ResolvedRefs` message says of the backendRefs without ready endpoint.
+fn unready_message(names: &[&ResolvedRef], share: UnreadyShare) -> String {
+    let list = names
+        .iter()
+        .map(|r| r.label.as_str())
+        .collect::<Vec<_>>()
+        .join(", ");
+    let (noun, has, their) = if names.len() == 1 {
+        ("backendRef", "has", "its")
+    } else {
+        ("backendRefs", "have", "their")
+    };
+    match share {
+        UnreadyShare::Moved => format!(
+            "{noun} {list} {has} no ready endpoint: {their} share went to the backendRefs with ready endpoints"
+        ),
+        UnreadyShare::Refused => format!(
+            "{noun} {list} {has} no ready endpoint, nor has any backendRef of the rule: {their} connections are refused"
+        ),
+    }
 }
 
 /// Attaches the route to the listeners of `g` that parentRef `p` selects and allow it;

@@ -25,6 +25,7 @@ fn desired() -> DesiredState {
         .into(),
         guards: BTreeMap::new(),
         refused: Vec::new(),
+        unready: Vec::new(),
     }
 }
 
