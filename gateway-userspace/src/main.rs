@@ -275,10 +275,12 @@ fn check_manifests(args: &CheckArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Logs the refused endpoints of `d` that are new (or gone) and counts them.
+/// Logs the refused endpoints of `d` that are new (or gone) and counts them, and
+/// counts the backendRefs without ready endpoint.
 fn record_refused(log: &mut RefusalLog, metrics: &Metrics, d: &DesiredState) {
     log.log(&d.refused);
     metrics.backends_refused.set(&d.refused);
+    metrics.backend_refs_unready.set(&d.unready);
 }
 
 /// Programs a new desired state into the maps, counting it in the metrics; `refusals`

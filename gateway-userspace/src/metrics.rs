@@ -38,6 +38,7 @@ use gateway_common::{FwdStats, ListenerStats};
 
 use crate::{
     backend_filter::{RefusalReason, RefusedBackend},
+    desired::{UnreadyBackendRef, UnreadyShare},
     ebpf::Datapath,
 };
 
@@ -60,6 +61,9 @@ pub struct Metrics {
     pub status_writes: Counter,
     /// Endpoints refused in the current desired state, by reason.
     pub backends_refused: BackendsRefused,
+    /// backendRefs without ready endpoint in the current desired state, by what became
+    /// of their share.
+    pub backend_refs_unready: BackendRefsUnready,
     /// The programs are loaded and attached.
     pub healthy: AtomicBool,
     /// The desired state is programmed and the listeners are bound.
@@ -93,6 +97,37 @@ impl BackendsRefused {
             let n = refused.iter().filter(|r| r.reason == reason).count();
             self.gauge
                 .get_or_create(&vec![("reason", reason.as_str().to_owned())])
+                .set(i64::try_from(n).unwrap_or(i64::MAX));
+        }
+    }
+}
+
+/// `sockgate_backendrefs_without_ready_endpoints`: backendRefs (weight > 0) of the
+/// current desired state that resolve but have no ready endpoint, by `share`: `moved`
+/// (their share went to the backendRefs of the rule with ready endpoints) or `refused`
+/// (no backendRef of the rule has one: connections are refused). Both are always
+/// present, 0 when there is none.
+#[derive(Clone, Debug, Default)]
+pub struct BackendRefsUnready {
+    gauge: Family<Vec<(&'static str, String)>, Gauge>,
+}
+
+impl BackendRefsUnready {
+    fn register(&self, registry: &mut Registry) {
+        registry.register(
+            "sockgate_backendrefs_without_ready_endpoints",
+            "backendRefs that resolve but have no ready endpoint, by what became of their share (moved to the backendRefs with ready endpoints, or refused when none has one)",
+            self.gauge.clone(),
+        );
+        self.set(&[]);
+    }
+
+    /// Sets the gauge from the desired state being programmed.
+    pub fn set(&self, unready: &[UnreadyBackendRef]) {
+        for share in UnreadyShare::ALL {
+            let n = unready.iter().filter(|u| u.share == share).count();
+            self.gauge
+                .get_or_create(&vec![("share", share.as_str().to_owned())])
                 .set(i64::try_from(n).unwrap_or(i64::MAX));
         }
     }
@@ -432,6 +467,8 @@ impl Metrics {
         );
         let backends_refused = BackendsRefused::default();
         backends_refused.register(&mut registry);
+        let backend_refs_unready = BackendRefsUnready::default();
+        backend_refs_unready.register(&mut registry);
         registry.register_collector(Box::new(MapCollector { dp }));
         Self {
             registry,
@@ -441,6 +478,7 @@ impl Metrics {
             reconcile_seconds,
             status_writes,
             backends_refused,
+            backend_refs_unready,
             healthy: AtomicBool::new(true),
             ready: AtomicBool::new(false),
             source_ready: Arc::new(AtomicBool::new(true)),
@@ -586,6 +624,48 @@ mod tests {
         let text = exposition(&registry);
         assert!(
             text.contains("sockgate_backends_refused{reason=\"loopback\"} 0\n"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn backend_refs_without_ready_endpoints_are_counted_by_share() {
+        let mut registry = Registry::default();
+        let m = BackendRefsUnready::default();
+        m.register(&mut registry);
+        let text = exposition(&registry);
+        for share in ["moved", "refused"] {
+            let line =
+                format!("sockgate_backendrefs_without_ready_endpoints{{share=\"{share}\"}} 0\n");
+            assert!(text.contains(&line), "{line} in\n{text}");
+        }
+        let u = |route: &str, share| UnreadyBackendRef {
+            route: route.into(),
+            backend_ref: "default/db:5432".into(),
+            share,
+        };
+        m.set(&[
+            u("default/a", UnreadyShare::Moved),
+            u("default/b", UnreadyShare::Moved),
+            u("default/c", UnreadyShare::Refused),
+        ]);
+        let text = exposition(&registry);
+        assert!(
+            text.contains("# TYPE sockgate_backendrefs_without_ready_endpoints gauge\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("sockgate_backendrefs_without_ready_endpoints{share=\"moved\"} 2\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("sockgate_backendrefs_without_ready_endpoints{share=\"refused\"} 1\n"),
+            "{text}"
+        );
+        m.set(&[]);
+        let text = exposition(&registry);
+        assert!(
+            text.contains("sockgate_backendrefs_without_ready_endpoints{share=\"moved\"} 0\n"),
             "{text}"
         );
     }

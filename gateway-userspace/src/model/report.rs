@@ -1,14 +1,18 @@
 //! What `sockgate check` prints: for every GatewayClass, Gateway, TCPRoute and
 //! ListenerPolicy of the input, its identity and the status sockgate would write, then
 //! the programmed listener/backend table (with each listener's XDP guard), then the
-//! endpoints refused because of their address.
+//! endpoints refused because of their address, then the backendRefs without ready
+//! endpoint.
 use serde::Serialize;
 
 use super::{
     reconcile::StatusSet,
     snapshot::{ObjectKey, Snapshot},
 };
-use crate::{backend_filter::RefusedBackend, desired::DesiredState};
+use crate::{
+    backend_filter::RefusedBackend,
+    desired::{DesiredState, UnreadyBackendRef},
+};
 
 /// The whole report.
 #[derive(Clone, Debug, Serialize)]
@@ -21,6 +25,13 @@ pub struct Report {
     /// link-local, ...; `--allow-backend-cidr`), by backendRef and address.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub refused: Vec<RefusedBackend>,
+    /// backendRefs that resolve but have no ready endpoint, by route and backendRef, and
+    /// whether their share went to the others (`moved`) or is refused (`refused`).
+    #[serde(
+        rename = "withoutReadyEndpoints",
+        skip_serializing_if = "Vec::is_empty"
+    )]
+    pub without_ready_endpoints: Vec<UnreadyBackendRef>,
 }
 
 /// One object and its computed status.
@@ -175,5 +186,6 @@ pub fn build(snap: &Snapshot, desired: &DesiredState, status: &StatusSet) -> Rep
         objects,
         programmed,
         refused: desired.refused.clone(),
+        without_ready_endpoints: desired.unready.clone(),
     }
 }

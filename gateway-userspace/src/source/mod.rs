@@ -20,5 +20,6 @@ pub fn params_now(controller_name: &str, backend_filter: &BackendFilter) -> Para
         controller_name: controller_name.to_owned(),
         now: Time(Timestamp::now()),
         backend_filter: backend_filter.clone(),
+        crd_bundle: crate::model::CrdBundle::NotRead,
     }
 }
