@@ -107,14 +107,7 @@ pub enum LoadError {
     Xdp(#[from] XdpError),
 }
 
-/// Errors of writing or reading the maps at run time.
-#[derive(Debug, thiserror::Error)]
-#[error("map {map}: {source}")]
-pub struct MapOpError {
-    pub map: &'static str,
-    #[source]
-    pub source: aya::maps::MapError,
-}
+pub use crate::map_error::MapOpError;
 
 /// What to do with a pinned map whose layout differs from this build's.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
@@ -486,7 +479,7 @@ pub const KERNEL_LOG_TARGET: &str = "gateway";
 /// The loaded and attached programs, and their maps.
 pub struct Datapath {
     // Owns the programs and their attachments: dropping it detaches them. The XDP
-    // guard's links are owned by the attachment manager (`xdp::attach`).
+    // guard's links are owned by the attachment manager (`attach`).
     ebpf: Mutex<Ebpf>,
     pub maps: Maps,
     /// Records of `aya-log` from the programs, until [`Datapath::forward_kernel_logs`]
@@ -526,7 +519,7 @@ fn remove_stale_peers(maps: &Maps) {
 }
 
 /// Empties the XDP guard's policy maps (an earlier run's, in reused pins: the agent
-/// programs them again). The guard is attached by [`crate::xdp::attach`].
+/// programs them again). The guard is attached by `crate::attach`.
 fn start_guard(maps: &Maps) {
     let stale = lock(&maps.guard).0.clear();
     if stale > 0 {

@@ -1,10 +1,11 @@
 //! `sockgate`: the node agent (`run`), the offline checker (`check`) and the state
 //! reader (`status`).
-use std::{path::PathBuf, process::ExitCode, sync::Arc, time::Duration};
+use std::{collections::BTreeSet, path::PathBuf, process::ExitCode, sync::Arc, time::Duration};
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use sockgate::{
+    attach::{self, Manager, Netlink, Selection},
     backend_filter::{BackendFilter, RefusalLog},
     check,
     cluster::{self, source::KubeOptions},
@@ -20,10 +21,7 @@ use sockgate::{
         files::{FileSource, follow},
     },
     status,
-    xdp::{
-        AttachMode, Cidr,
-        attach::{self, Manager, Netlink, Selection},
-    },
+    xdp::{AttachMode, Cidr},
 };
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -196,8 +194,11 @@ struct RunArgs {
     #[arg(long = "xdp-syn-rate", value_name = "PORT=RATE/BURST/P4/P6")]
     xdp_syn_rate: Vec<String>,
     /// Forward data path: attach the tc program to this interface (repeatable), where
-    /// clients arrive and backends answer. Connections arriving on these interfaces
-    /// are forwarded in the kernel under `--datapath auto` or `forward`.
+    /// clients arrive and backends answer; `none`: off. Connections arriving on these
+    /// interfaces are forwarded in the kernel under `--datapath auto` or `forward`.
+    /// Default: under `--source kube` the interfaces holding this node's addresses and
+    /// those the routes towards the current backends leave by, otherwise none (then
+    /// `--datapath forward` needs it). Interfaces that come and go are followed.
     #[arg(long = "forward-iface", value_name = "IFACE")]
     forward_ifaces: Vec<String>,
     /// Forward data path: the NAT source ports, MIN-MAX, outside the node's ephemeral
@@ -368,30 +369,43 @@ fn kube_options(args: &RunArgs, backend_filter: BackendFilter) -> anyhow::Result
     })
 }
 
-/// The interfaces the XDP guard is attached to: `--xdp-iface` (`none`: off); by
-/// default the ones holding the node's addresses under the kube source (which then
-/// publishes them), else none. With the selection, why it is off (when it is).
-fn xdp_selection(
-    ifaces: &[String],
-    kube: Option<&mut KubeOptions>,
-) -> anyhow::Result<(Selection, &'static str)> {
+/// The `Node`'s addresses under the kube source, which then publishes them (for the
+/// default interfaces of the XDP guard and of the forward path); `None` elsewhere.
+fn node_addresses(kube: Option<&mut KubeOptions>) -> Option<NodeAddrs> {
+    kube.map(|opts| {
+        let (tx, rx) = watch::channel(BTreeSet::new());
+        opts.node_addresses = Some(tx);
+        rx
+    })
+}
+
+/// The receiving end of the `Node`'s addresses.
+type NodeAddrs = watch::Receiver<BTreeSet<std::net::IpAddr>>;
+
+/// `none` alone: `Some(true)`; interface names: `Some(false)`; nothing: `None`.
+fn switched_off(ifaces: &[String], flag: &str) -> anyhow::Result<Option<bool>> {
     if ifaces.iter().any(|i| i == "none") {
         anyhow::ensure!(
             ifaces.len() == 1,
-            "--xdp-iface none cannot be combined with interface names"
+            "{flag} none cannot be combined with interface names"
         );
-        return Ok((Selection::Off, "--xdp-iface none"));
+        return Ok(Some(true));
     }
-    if !ifaces.is_empty() {
-        return Ok((Selection::Named(ifaces.iter().cloned().collect()), ""));
-    }
-    Ok(match kube {
-        Some(opts) => {
-            let (tx, rx) = watch::channel(std::collections::BTreeSet::new());
-            opts.node_addresses = Some(tx);
-            (Selection::NodeAddresses(rx), "")
-        }
-        None => (
+    Ok((!ifaces.is_empty()).then_some(false))
+}
+
+/// The interfaces the XDP guard is attached to: `--xdp-iface` (`none`: off); by
+/// default the ones holding the node's addresses under the kube source, else none.
+/// With the selection, why it is off (when it is).
+fn xdp_selection(
+    ifaces: &[String],
+    node: Option<&NodeAddrs>,
+) -> anyhow::Result<(Selection, &'static str)> {
+    Ok(match (switched_off(ifaces, "--xdp-iface")?, node) {
+        (Some(true), _) => (Selection::Off, "--xdp-iface none"),
+        (Some(false), _) => (Selection::Named(ifaces.iter().cloned().collect()), ""),
+        (None, Some(rx)) => (Selection::NodeAddresses(rx.clone()), ""),
+        (None, None) => (
             Selection::Off,
             "no --xdp-iface: outside a cluster the guard is attached only where asked",
         ),
@@ -416,13 +430,13 @@ async fn start_guard(
         let nl = Netlink::open()?;
         let mut manager = Manager::new(dp.clone(), mode)?;
         let errors = manager.sync(nl.handle(), &selection).await?;
-        Ok::<_, sockgate::xdp::XdpError>((nl, manager, errors))
+        Ok::<_, anyhow::Error>((nl, manager, errors))
     };
     let (nl, manager, errors) = match started.await {
         Ok(s) => s,
         // Asked for by name: an error. The cluster default: the data path serves
         // without the guard.
-        Err(e) if named => return Err(e.into()),
+        Err(e) if named => return Err(e),
         Err(e) => {
             tracing::error!(error = %e, "XDP listener guard unavailable: serving without it");
             return Ok(None);
@@ -461,48 +475,78 @@ fn load_options(args: &RunArgs, port_min: u16, port_max: u16) -> LoadOptions {
 /// Starts the forward path when it is on.
 async fn start_forward(
     dp: &Arc<Datapath>,
-    opts: Option<ForwardOptions>,
+    forward: Option<(Selection, ForwardOptions)>,
     shutdown: &CancellationToken,
 ) -> anyhow::Result<Option<tokio::task::JoinHandle<()>>> {
-    Ok(match opts {
-        Some(f) => Some(forward::start(dp, f, shutdown).await?),
+    Ok(match forward {
+        Some((sel, opts)) => Some(attach::forward::start(dp, sel, opts, shutdown).await?),
         None => None,
     })
 }
 
-/// The forward path's settings, `None` when it is off: under `--datapath forward`
-/// (which needs `--forward-iface`) and under `auto` when interfaces are named.
-fn forward_options(args: &RunArgs, drain: Duration) -> anyhow::Result<Option<ForwardOptions>> {
-    let on = match args.datapath {
-        DatapathMode::Forward => {
-            anyhow::ensure!(
-                !args.forward_ifaces.is_empty(),
-                "--datapath forward needs --forward-iface IFACE (the interfaces clients arrive on and backends answer on)"
-            );
-            true
-        }
-        DatapathMode::Auto => !args.forward_ifaces.is_empty(),
-        DatapathMode::Sockmap | DatapathMode::Splice => {
-            if !args.forward_ifaces.is_empty() {
+/// The interfaces the forward program is attached to: `--forward-iface` (`none`:
+/// off); by default under the kube source the ones holding the node's addresses and
+/// those towards the backends of `desired`; else off (an error under `--datapath
+/// forward`). Off under `--datapath sockmap` and `splice`. With the selection, why it
+/// is off (when it is).
+fn forward_selection(
+    args: &RunArgs,
+    node: Option<&NodeAddrs>,
+    desired: &watch::Receiver<Arc<DesiredState>>,
+) -> anyhow::Result<(Selection, &'static str)> {
+    let ifaces = &args.forward_ifaces;
+    let asked = switched_off(ifaces, "--forward-iface")?;
+    Ok(match (args.datapath, asked, node) {
+        (DatapathMode::Sockmap | DatapathMode::Splice, asked, _) => {
+            if asked.is_some() {
                 tracing::warn!(
                     "--forward-iface is ignored: --datapath sockmap or splice carries every connection"
                 );
             }
-            false
+            (Selection::Off, "--datapath sockmap or splice")
         }
-    };
-    if !on {
+        (DatapathMode::Forward, Some(true), _) | (DatapathMode::Forward, None, None) => {
+            anyhow::bail!(
+                "--datapath forward needs --forward-iface IFACE (the interfaces clients arrive on and backends answer on)"
+            )
+        }
+        (DatapathMode::Auto, Some(true), _) => (Selection::Off, "--forward-iface none"),
+        (_, Some(false), _) => (Selection::Named(ifaces.iter().cloned().collect()), ""),
+        (_, None, Some(node)) => (
+            Selection::NodeAndBackends {
+                node: node.clone(),
+                desired: desired.clone(),
+            },
+            "",
+        ),
+        (DatapathMode::Auto, None, None) => (
+            Selection::Off,
+            "no --forward-iface: outside a cluster the forward path is attached only where asked",
+        ),
+    })
+}
+
+/// The forward path's settings and interfaces, `None` when it is off.
+fn forward_setup(
+    args: &RunArgs,
+    drain: Duration,
+    (selection, off_why): (Selection, &'static str),
+) -> anyhow::Result<Option<(Selection, ForwardOptions)>> {
+    if matches!(selection, Selection::Off) {
+        info!(why = off_why, "forward data path off");
         return Ok(None);
     }
-    Ok(Some(ForwardOptions {
-        ifaces: args.forward_ifaces.iter().cloned().collect(),
-        timeouts: Timeouts {
-            idle: secs(args.idle_timeout, "idle-timeout")?,
-            ..Timeouts::default()
+    Ok(Some((
+        selection,
+        ForwardOptions {
+            timeouts: Timeouts {
+                idle: secs(args.idle_timeout, "idle-timeout")?,
+                ..Timeouts::default()
+            },
+            drain,
+            keep_pins: args.keep_pins,
         },
-        drain,
-        keep_pins: args.keep_pins,
-    }))
+    )))
 }
 
 fn secs(v: f64, what: &str) -> anyhow::Result<Duration> {
@@ -537,11 +581,13 @@ fn run(args: &RunArgs) -> anyhow::Result<()> {
     let mut kube = (source == SourceKind::Kube)
         .then(|| kube_options(args, filter.clone()))
         .transpose()?;
-    let selection = xdp_selection(&args.xdp_ifaces, kube.as_mut())?;
+    let node = node_addresses(kube.as_mut());
+    let selection = xdp_selection(&args.xdp_ifaces, node.as_ref())?;
     let desired: DesiredState = match &files {
         Some(f) => (**f.current()).clone(),
         None => routes::parse(&args.routes, &filter)?,
     };
+    let (tx, rx) = watch::channel(Arc::new(desired.clone()));
     let cfg = ProxyConfig {
         mode: args.datapath,
         connect_timeout: secs(args.connect_timeout, "connect-timeout")?,
@@ -550,7 +596,11 @@ fn run(args: &RunArgs) -> anyhow::Result<()> {
         bind: args.bind,
         kernel_queue_limit: args.kernel_queue_limit,
     };
-    let forward = forward_options(args, cfg.drain_timeout)?;
+    let forward = forward_setup(
+        args,
+        cfg.drain_timeout,
+        forward_selection(args, node.as_ref(), &rx)?,
+    )?;
     let (port_min, port_max) = forward::parse_ports(&args.forward_ports)?;
     let opts = load_options(args, port_min, port_max);
     if forward.is_some() {
@@ -580,7 +630,6 @@ fn run(args: &RunArgs) -> anyhow::Result<()> {
         .observe(started.elapsed().as_secs_f64());
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(async {
-        let (tx, rx) = watch::channel(Arc::new(desired));
         let shutdown = CancellationToken::new();
         let guard = start_guard(&dp, args.xdp_mode, selection, &shutdown).await?;
         let forwarding = start_forward(&dp, forward, &shutdown).await?;
