@@ -30,7 +30,7 @@ use std::{
 };
 
 use gateway_common::{
-    DIR_CLIENT_TO_BACKEND, FLOW_S_FIN, FLOW_S_RST, FLOW_S_SYN, Flow, FlowKey, NodeAddr,
+    DIR_CLIENT_TO_BACKEND, FLOW_S_ACK, FLOW_S_FIN, FLOW_S_RST, FLOW_S_SYN, Flow, FlowKey, NodeAddr,
 };
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info};
@@ -79,7 +79,8 @@ pub enum ForwardError {
 /// translated; its NAT port is free again after that.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Timeouts {
-    /// A connection whose backend has not answered the SYN.
+    /// A connection whose handshake is not complete: the backend has not answered the
+    /// SYN, or the client has not acknowledged the answer.
     pub syn: Duration,
     /// An established connection (also half-closed) without any segment.
     pub idle: Duration,
@@ -224,7 +225,9 @@ pub fn timeout_of(c: &Flow, b: Option<&Flow>, t: &Timeouts) -> Duration {
         t.reset
     } else if c.state & FLOW_S_FIN != 0 && bs & FLOW_S_FIN != 0 {
         t.closing
-    } else if bs & FLOW_S_SYN == 0 {
+    } else if bs & FLOW_S_SYN == 0 || c.state & FLOW_S_ACK == 0 {
+        // The handshake is not complete: the backend has not answered, or the client
+        // never acknowledged the answer (a spoofed SYN, a client gone).
         t.syn
     } else {
         t.idle

@@ -83,6 +83,15 @@ fn closing_connections_go_within_seconds() {
 }
 
 #[test]
+fn a_handshake_the_client_never_completes_times_out_like_a_syn() {
+    let t = Timeouts::default();
+    // The backend answered, the client (a spoofed source) never acknowledged.
+    let flows = conn(FLOW_S_SYN, Some(FLOW_S_SYN), 0, 0);
+    assert!(expired(&flows, 59 * S, &t, &BTreeSet::new()).0.is_empty());
+    assert_eq!(expired(&flows, 61 * S, &t, &BTreeSet::new()).0.len(), 2);
+}
+
+#[test]
 fn unanswered_syn_times_out() {
     let t = Timeouts::default();
     let flows = conn(FLOW_S_SYN, Some(0), 0, 0);
