@@ -3,7 +3,8 @@
 //! root) and `expected.yaml`, the report `sockgate check` prints for it (the status of
 //! every `GatewayClass`, `Gateway` and `TCPRoute`, then the programmed table), computed
 //! at a fixed time. A case may have `params.yaml` with `allowBackendCidrs: [CIDR, ...]`,
-//! the `--allow-backend-cidr` values it is computed with.
+//! the `--allow-backend-cidr` values it is computed with, and `limits: {listeners: N,
+//! backends: N, backendsPerListener: N}`, the capacities (`--max-listeners`, ...).
 //!
 //! `SOCKGATE_BLESS=1 cargo test -p gateway-userspace --test model_fixtures` rewrites the
 //! expected files; read every change before committing it.
@@ -12,7 +13,9 @@ use std::path::{Path, PathBuf};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use sockgate::{
     backend_filter::BackendFilter,
-    model::{Params, Snapshot, conditions::DEFAULT_CONTROLLER_NAME, reconcile, report},
+    model::{
+        Params, Snapshot, conditions::DEFAULT_CONTROLLER_NAME, limits::Limits, reconcile, report,
+    },
     source::files,
     xdp::Cidr,
 };
@@ -27,6 +30,9 @@ fn root() -> PathBuf {
 struct CaseParams {
     #[serde(default)]
     allow_backend_cidrs: Vec<Cidr>,
+    /// The data path's capacities (`--max-listeners`, ...), default the built-in ones.
+    #[serde(default)]
+    limits: Option<Limits>,
 }
 
 fn params(case: &Path) -> Params {
@@ -41,6 +47,7 @@ fn params(case: &Path) -> Params {
         controller_name: DEFAULT_CONTROLLER_NAME.to_owned(),
         now: Time("2025-01-01T00:00:00Z".parse().expect("timestamp")),
         backend_filter: BackendFilter::allowing(p.allow_backend_cidrs),
+        limits: p.limits.unwrap_or_default(),
     }
 }
 

@@ -97,6 +97,8 @@ pub struct KubeOptions {
     /// While `ListenerPolicy` is not served, how often discovery looks for it again, so
     /// that a CRD installed after the agents started is watched without a restart.
     pub policy_rediscovery: Duration,
+    /// The data path's capacities (`--max-listeners`, ...).
+    pub limits: crate::model::limits::Limits,
     /// The endpoint addresses that may be programmed (`--allow-backend-cidr`).
     pub backend_filter: crate::backend_filter::BackendFilter,
 }
@@ -699,7 +701,8 @@ pub async fn run(
     info!("initial lists done: programming from the cluster's objects");
     loop {
         let snap = stores.snapshot();
-        let params = crate::source::params_now(&opts.controller_name, &opts.backend_filter);
+        let params =
+            crate::source::params_now(&opts.controller_name, &opts.backend_filter, opts.limits);
         let (mut desired, mut status) = reconcile(&snap, &params);
         {
             let current = tx.borrow();

@@ -1,10 +1,12 @@
 //! What `sockgate check` prints: for every GatewayClass, Gateway, TCPRoute and
 //! ListenerPolicy of the input, its identity and the status sockgate would write, then
 //! the programmed listener/backend table (with each listener's XDP guard), then the
-//! endpoints refused because of their address.
+//! endpoints refused because of their address, then what the data path's capacities
+//! left out.
 use serde::Serialize;
 
 use super::{
+    limits::LeftOut,
     reconcile::StatusSet,
     snapshot::{ObjectKey, Snapshot},
 };
@@ -21,6 +23,10 @@ pub struct Report {
     /// link-local, ...; `--allow-backend-cidr`), by backendRef and address.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub refused: Vec<RefusedBackend>,
+    /// What a capacity of the data path left out: listeners not programmed, endpoints
+    /// beyond a listener's limit (`--max-listeners`, ...).
+    #[serde(rename = "notProgrammed", skip_serializing_if = "Vec::is_empty")]
+    pub not_programmed: Vec<LeftOut>,
 }
 
 /// One object and its computed status.
@@ -175,5 +181,6 @@ pub fn build(snap: &Snapshot, desired: &DesiredState, status: &StatusSet) -> Rep
         objects,
         programmed,
         refused: desired.refused.clone(),
+        not_programmed: desired.left_out.clone(),
     }
 }
