@@ -26,6 +26,8 @@
 //! * [`GW_FWD_ADDRS`]: [`NodeAddr`] -> `u32`, the node's own addresses (a SYN to one of
 //!   them on a listener port is forwarded)
 //! * [`GW_FWD_STATS`]: per-CPU, listener port ([`ListenerKey`]) -> [`FwdStats`]
+//! * [`GW_FWD_IFACES`]: ifindex (`u32`) -> `u32`, the interfaces the forward program is
+//!   attached to: a connection is forwarded only when its backend is reached by one
 #![no_std]
 #![expect(
     clippy::pub_underscore_fields,
@@ -64,9 +66,12 @@ pub const GW_FWD_SLOTS: &str = "GW_FWD_SLOTS";
 pub const GW_FWD_ADDRS: &str = "GW_FWD_ADDRS";
 /// Name of the forward path's per-CPU counters ([`ListenerKey`] -> [`FwdStats`]).
 pub const GW_FWD_STATS: &str = "GW_FWD_STATS";
+/// Name of the set of interfaces the forward program is attached to (ifindex `u32` ->
+/// `u32`).
+pub const GW_FWD_IFACES: &str = "GW_FWD_IFACES";
 
 /// Every map the programs declare, in the order the loader pins them.
-pub const MAP_NAMES: [&str; 14] = [
+pub const MAP_NAMES: [&str; 15] = [
     GW_LISTENERS,
     GW_BACKENDS,
     GW_SOCKS,
@@ -81,6 +86,7 @@ pub const MAP_NAMES: [&str; 14] = [
     GW_FWD_SLOTS,
     GW_FWD_ADDRS,
     GW_FWD_STATS,
+    GW_FWD_IFACES,
 ];
 
 /// Capacity of [`GW_LISTENERS`].
@@ -477,6 +483,8 @@ pub const MAX_FLOWS: u32 = 262_144;
 pub const FWD_SLOTS: usize = 1024;
 /// Capacity of [`GW_FWD_ADDRS`].
 pub const MAX_NODE_ADDRS: u32 = 256;
+/// Capacity of [`GW_FWD_IFACES`].
+pub const MAX_FWD_IFACES: u32 = 4096;
 /// Backends the forward program tries for one client connection at most (a refused or
 /// silent backend is retried on another at the client's SYN retransmission).
 pub const FWD_MAX_ATTEMPTS: u32 = 4;
@@ -620,6 +628,13 @@ pub struct FwdStats {
     pub table_full: u64,
     /// Segments passed to the stack because no route led to the backend or client.
     pub no_route: u64,
+    /// SYNs passed to the stack (the socket paths) because the route to the backend
+    /// leaves by an interface the forward program is not attached to (its replies
+    /// would not be translated back).
+    pub not_attached: u64,
+    /// ICMP errors about forwarded segments (unreachable, fragmentation needed, packet
+    /// too big, time exceeded) translated to the end that sent the segment.
+    pub icmp_translated: u64,
     /// Segments client -> backend forwarded.
     pub packets_c2b: u64,
     /// Segments backend -> client forwarded.
@@ -629,7 +644,7 @@ pub struct FwdStats {
     /// Bytes (IP length) backend -> client forwarded.
     pub bytes_b2c: u64,
 }
-const _: () = assert!(size_of::<FwdStats>() == 12 * 8);
+const _: () = assert!(size_of::<FwdStats>() == 14 * 8);
 
 impl FwdStats {
     /// Field-wise sum, for adding up per-CPU values.
@@ -643,6 +658,8 @@ impl FwdStats {
         self.nat_exhausted += o.nat_exhausted;
         self.table_full += o.table_full;
         self.no_route += o.no_route;
+        self.not_attached += o.not_attached;
+        self.icmp_translated += o.icmp_translated;
         self.packets_c2b += o.packets_c2b;
         self.packets_b2c += o.packets_b2c;
         self.bytes_c2b += o.bytes_c2b;
@@ -658,6 +675,9 @@ pub const GLOBAL_FWD_PORT_COUNT: &str = "FWD_PORT_COUNT";
 /// Name of the read-only global of the forward program: backends tried per client
 /// connection (at most [`FWD_MAX_ATTEMPTS`]).
 pub const GLOBAL_FWD_ATTEMPTS: &str = "FWD_ATTEMPTS";
+/// Name of the read-only global of the forward program: non-zero keeps the client's
+/// address (no SNAT).
+pub const GLOBAL_FWD_PRESERVE_CLIENT: &str = "FWD_PRESERVE_CLIENT";
 
 #[cfg(feature = "user")]
 mod user {

@@ -19,6 +19,8 @@
 //!    no other connection to that backend holds (both entries are inserted with
 //!    `BPF_NOEXIST`, so two connections never share a tuple). No backend with a weight,
 //!    or an invalid backendRef picked: the SYN is answered with a RST from here.
+//!    A backend reached by an interface the program is not attached to
+//!    (`GW_FWD_IFACES`) is not forwarded either: its replies would not be translated.
 //! 3. Anything else is not ours and goes on untouched (`TCX_NEXT`): segments of
 //!    connections the socket paths carry, other ports and protocols, and every packet
 //!    the parser does not follow (VLAN tags, IPv4 options, fragments, IPv6 extension
@@ -37,8 +39,9 @@ use aya_ebpf::{
     bindings::{BPF_NOEXIST, bpf_fib_lookup},
     btf_maps::{HashMap, PerCpuArray, PerCpuHashMap},
     helpers::{
-        bpf_csum_diff, bpf_csum_level, bpf_fib_lookup as fib_lookup, bpf_get_prandom_u32,
-        bpf_ktime_get_ns, bpf_redirect, bpf_redirect_neigh, bpf_skb_change_tail,
+        bpf_check_mtu, bpf_csum_diff, bpf_csum_level, bpf_fib_lookup as fib_lookup,
+        bpf_get_smp_processor_id, bpf_ktime_get_ns, bpf_redirect, bpf_redirect_neigh,
+        bpf_skb_change_tail,
     },
     macros::{btf_map, classifier},
     programs::TcContext,
@@ -46,8 +49,8 @@ use aya_ebpf::{
 use gateway_common::{
     BACKEND_F_INVALID, Backend, BackendKey, DIR_BACKEND_TO_CLIENT, DIR_CLIENT_TO_BACKEND,
     FLOW_S_ACK, FLOW_S_FIN, FLOW_S_RST, FLOW_S_SYN, FWD_MAX_ATTEMPTS, FWD_SLOTS, Flow, FlowKey,
-    FwdStats, LISTENER_F_DRAINING, ListenerKey, MAX_FLOWS, MAX_LISTENERS, MAX_NODE_ADDRS, NodeAddr,
-    SlotTable,
+    FwdStats, LISTENER_F_DRAINING, ListenerKey, MAX_FLOWS, MAX_FWD_IFACES, MAX_LISTENERS,
+    MAX_NODE_ADDRS, NodeAddr, SlotTable,
 };
 
 use crate::{GW_BACKENDS, GW_LISTENERS};
@@ -65,6 +68,12 @@ static GW_FWD_SLOTS: HashMap<ListenerKey, SlotTable, { MAX_LISTENERS as usize }>
 #[btf_map]
 static GW_FWD_ADDRS: HashMap<NodeAddr, u32, { MAX_NODE_ADDRS as usize }> = HashMap::new();
 
+/// The interfaces this program is attached to (by ifindex), kept by the agent: a
+/// connection whose backend is reached by another interface is left to the stack,
+/// since the backend's replies would arrive where nothing translates them back.
+#[btf_map]
+static GW_FWD_IFACES: HashMap<u32, u32, { MAX_FWD_IFACES as usize }> = HashMap::new();
+
 /// Per-CPU counters per listener.
 #[btf_map]
 static GW_FWD_STATS: PerCpuHashMap<ListenerKey, FwdStats, { MAX_LISTENERS as usize }> =
@@ -79,6 +88,17 @@ static FWD_PORT_COUNT: u32 = 4536;
 /// Backends tried per client connection (set by the loader), 1..=`FWD_MAX_ATTEMPTS`.
 #[unsafe(no_mangle)]
 static FWD_ATTEMPTS: u32 = 3;
+/// Non-zero: the client's address and port are kept (no SNAT); the backend's replies
+/// must come back through the node (set by the loader).
+#[unsafe(no_mangle)]
+static FWD_PRESERVE_CLIENT: u32 = 0;
+
+/// Whether the client's address is kept.
+#[inline(always)]
+fn preserve_client() -> bool {
+    // SAFETY: a read-only global set by the loader.
+    unsafe { core::ptr::read_volatile(&FWD_PRESERVE_CLIENT) != 0 }
+}
 
 /// tcx: not ours, the next program (or the stack) decides.
 const TCX_NEXT: i32 = -1;
@@ -88,6 +108,8 @@ const ETH_HLEN: usize = 14;
 const ETH_P_IP: u16 = 0x0800;
 const ETH_P_IPV6: u16 = 0x86dd;
 const IPPROTO_TCP: u8 = 6;
+const IPPROTO_ICMP: u8 = 1;
+const IPPROTO_ICMPV6: u8 = 58;
 const TCP_FIN: u8 = 0x01;
 const TCP_SYN: u8 = 0x02;
 const TCP_RST: u8 = 0x04;
@@ -132,8 +154,8 @@ fn v4_of(a: &[u8; 16]) -> [u8; 4] {
 }
 
 /// Parses Ethernet, then IPv4 without options and not fragmented or IPv6 with TCP
-/// as the next header, then TCP, into `out`. `false` when the packet is not one of
-/// those.
+/// as the next header, then a whole TCP header, into `out`. `false` when the packet is
+/// not one of those.
 #[inline(never)]
 fn parse(ctx: &TcContext, out: &mut Segment) -> bool {
     parse_into(ctx, out).is_some()
@@ -168,7 +190,14 @@ fn parse_into(ctx: &TcContext, out: &mut Segment) -> Option<()> {
         }
         _ => return None,
     }
-    let tcp: [u8; 14] = ctx.load(out.l4).ok()?;
+    let tcp: [u8; 20] = ctx.load(out.l4).ok()?;
+    // A whole TCP header whose data offset is at least 5 words and ends inside the
+    // packet: a shorter one is malformed (the stack drops it), and rewriting it would
+    // store past its end after the connection's entries were made.
+    let doff = usize::from(tcp[12] >> 4) * 4;
+    if doff < 20 || out.l4 + doff > ctx.len() as usize {
+        return None;
+    }
     out.csum = out.l4 + 16;
     out.key.sport = u16::from_be_bytes([tcp[0], tcp[1]]);
     out.key.dport = u16::from_be_bytes([tcp[2], tcp[3]]);
@@ -188,7 +217,7 @@ pub fn gw_fwd(ctx: TcContext) -> i32 {
         ip_len: 0,
     };
     if !parse(&ctx, &mut seg) {
-        return TCX_NEXT;
+        return icmp_error(&ctx).unwrap_or(TCX_NEXT);
     }
     if let Some(flow) = GW_FWD_FLOWS.get_ptr_mut(&seg.key) {
         return existing(&ctx, &seg, flow);
@@ -199,6 +228,215 @@ pub fn gw_fwd(ctx: TcContext) -> i32 {
     TCX_NEXT
 }
 
+/// An ICMP error about a segment of a forwarded connection (destination unreachable,
+/// "fragmentation needed" and "packet too big" among them, time exceeded) goes to the
+/// end that sent the segment, translated like the segments themselves: the outer
+/// destination and the quoted header's addresses and ports become what that end sent
+/// and expects, so its stack (PMTU discovery, errors on the socket) recognises its own
+/// connection. The checksums are updated incrementally: the outer IPv4 header, the
+/// quoted IPv4 header, and the ICMP checksum over the quoted bytes (with ICMPv6's
+/// pseudo-header). `None`: not such an error, or not of a forwarded connection.
+#[inline(never)]
+fn icmp_error(ctx: &TcContext) -> Option<i32> {
+    let proto: [u8; 2] = ctx.load(12).ok()?;
+    match u16::from_be_bytes(proto) {
+        ETH_P_IP => icmp4(ctx),
+        ETH_P_IPV6 => icmp6(ctx),
+        _ => None,
+    }
+}
+
+/// Offsets of an ICMPv4 error about a TCP segment: the ICMP header, the quoted IPv4
+/// header, the quoted ports.
+const ICMP4: usize = ETH_HLEN + 20;
+const ICMP4_INNER: usize = ICMP4 + 8;
+const ICMP4_INNER_L4: usize = ICMP4_INNER + 20;
+
+/// [`icmp_error`] for IPv4.
+#[inline(never)]
+fn icmp4(ctx: &TcContext) -> Option<i32> {
+    let ip: [u8; 20] = ctx.load(ETH_HLEN).ok()?;
+    if ip[0] != 0x45 || ip[6] & 0x3f != 0 || ip[7] != 0 || ip[9] != IPPROTO_ICMP {
+        return None;
+    }
+    let t: [u8; 1] = ctx.load(ICMP4).ok()?;
+    // Destination unreachable, time exceeded.
+    if t[0] != 3 && t[0] != 11 {
+        return None;
+    }
+    let inner: [u8; 20] = ctx.load(ICMP4_INNER).ok()?;
+    if inner[0] != 0x45 || inner[9] != IPPROTO_TCP {
+        return None;
+    }
+    let ports: [u8; 4] = ctx.load(ICMP4_INNER_L4).ok()?;
+    let sc = scratch()?;
+    // The quoted segment went out from src to dst; the segments coming the other way
+    // arrive as (dst -> src), the key of the entry that translates them: its new
+    // destination is the end that sent the original segment.
+    sc.key.src_be = mapped([inner[16], inner[17], inner[18], inner[19]]);
+    sc.key.dst_be = mapped([inner[12], inner[13], inner[14], inner[15]]);
+    sc.key.sport = u16::from_be_bytes([ports[2], ports[3]]);
+    sc.key.dport = u16::from_be_bytes([ports[0], ports[1]]);
+    sc.key._pad = 0;
+    let f = GW_FWD_FLOWS.get_ptr(&sc.key)?;
+    // SAFETY: a value from the lookup, copied.
+    sc.reply = unsafe { *f };
+    let f = &sc.reply;
+    let csum = ICMP4 + 2;
+    let inner_csum = ICMP4_INNER + 10;
+    let old_dst = u64::from(u32::from_ne_bytes([ip[16], ip[17], ip[18], ip[19]]));
+    let end = u64::from(u32::from_ne_bytes(v4_of(&f.new_dst_be)));
+    let sent_to = u64::from(u32::from_ne_bytes(v4_of(&f.new_src_be)));
+    let quoted_src = u64::from(u32::from_ne_bytes([
+        inner[12], inner[13], inner[14], inner[15],
+    ]));
+    let quoted_dst = u64::from(u32::from_ne_bytes([
+        inner[16], inner[17], inner[18], inner[19],
+    ]));
+    ctx.l3_csum_replace(ETH_HLEN + 10, old_dst, end, 4).ok()?;
+    ctx.store(ETH_HLEN + 16, &v4_of(&f.new_dst_be), 0).ok()?;
+    ctx.l3_csum_replace(inner_csum, quoted_src, end, 4).ok()?;
+    ctx.l3_csum_replace(inner_csum, quoted_dst, sent_to, 4)
+        .ok()?;
+    ctx.l4_csum_replace(csum, quoted_src, end, 4).ok()?;
+    ctx.l4_csum_replace(csum, quoted_dst, sent_to, 4).ok()?;
+    ctx.store(ICMP4_INNER + 12, &v4_of(&f.new_dst_be), 0).ok()?;
+    ctx.store(ICMP4_INNER + 16, &v4_of(&f.new_src_be), 0).ok()?;
+    let after: [u8; 2] = ctx.load(inner_csum).ok()?;
+    ctx.l4_csum_replace(
+        csum,
+        u64::from(u16::from_ne_bytes([inner[10], inner[11]])),
+        u64::from(u16::from_ne_bytes(after)),
+        2,
+    )
+    .ok()?;
+    icmp_ports(ctx, csum, ICMP4_INNER_L4, &ports, f)?;
+    icmp_done(f)
+}
+
+/// Offsets of an ICMPv6 error about a TCP segment.
+const ICMP6: usize = ETH_HLEN + 40;
+const ICMP6_INNER: usize = ICMP6 + 8;
+const ICMP6_INNER_L4: usize = ICMP6_INNER + 40;
+
+/// [`icmp_error`] for IPv6.
+#[inline(never)]
+fn icmp6(ctx: &TcContext) -> Option<i32> {
+    let head: [u8; 8] = ctx.load(ETH_HLEN).ok()?;
+    if head[6] != IPPROTO_ICMPV6 {
+        return None;
+    }
+    let t: [u8; 1] = ctx.load(ICMP6).ok()?;
+    // Destination unreachable, packet too big, time exceeded.
+    if t[0] < 1 || t[0] > 3 {
+        return None;
+    }
+    let inner: [u8; 8] = ctx.load(ICMP6_INNER).ok()?;
+    if inner[0] >> 4 != 6 || inner[6] != IPPROTO_TCP {
+        return None;
+    }
+    let ports: [u8; 4] = ctx.load(ICMP6_INNER_L4).ok()?;
+    let sc = scratch()?;
+    sc.key.src_be = ctx.load(ICMP6_INNER + 24).ok()?;
+    sc.key.dst_be = ctx.load(ICMP6_INNER + 8).ok()?;
+    sc.key.sport = u16::from_be_bytes([ports[2], ports[3]]);
+    sc.key.dport = u16::from_be_bytes([ports[0], ports[1]]);
+    sc.key._pad = 0;
+    let f = GW_FWD_FLOWS.get_ptr(&sc.key)?;
+    // SAFETY: a value from the lookup, copied.
+    sc.reply = unsafe { *f };
+    let f = &sc.reply;
+    let csum = ICMP6 + 2;
+    let old: [u8; 16] = ctx.load(ETH_HLEN + 24).ok()?;
+    csum_words6(ctx, csum, &old, &f.new_dst_be, BPF_F_PSEUDO_HDR)?;
+    ctx.store(ETH_HLEN + 24, &f.new_dst_be, 0).ok()?;
+    // The quoted source (sc.key.dst_be) becomes the end's own address, the quoted
+    // destination (sc.key.src_be) the address it sent to.
+    csum_words6(ctx, csum, &sc.key.dst_be, &f.new_dst_be, 0)?;
+    ctx.store(ICMP6_INNER + 8, &f.new_dst_be, 0).ok()?;
+    csum_words6(ctx, csum, &sc.key.src_be, &f.new_src_be, 0)?;
+    ctx.store(ICMP6_INNER + 24, &f.new_src_be, 0).ok()?;
+    icmp_ports(ctx, csum, ICMP6_INNER_L4, &ports, f)?;
+    icmp_done(f)
+}
+
+/// The quoted ports of an ICMP error: source = the end's own port, destination = the
+/// port it sent to; the ICMP checksum at `csum` follows.
+#[inline(always)]
+fn icmp_ports(ctx: &TcContext, csum: usize, at: usize, ports: &[u8; 4], f: &Flow) -> Option<()> {
+    let sport = f.new_dport.to_be_bytes();
+    let dport = f.new_sport.to_be_bytes();
+    ctx.l4_csum_replace(
+        csum,
+        u64::from(u16::from_ne_bytes([ports[0], ports[1]])),
+        u64::from(u16::from_ne_bytes(sport)),
+        2,
+    )
+    .ok()?;
+    ctx.l4_csum_replace(
+        csum,
+        u64::from(u16::from_ne_bytes([ports[2], ports[3]])),
+        u64::from(u16::from_ne_bytes(dport)),
+        2,
+    )
+    .ok()?;
+    ctx.store(at, &sport, 0).ok()?;
+    ctx.store(at + 2, &dport, 0).ok()
+}
+
+/// Counts a translated ICMP error and sends it towards the end of `f`.
+#[inline(always)]
+fn icmp_done(f: &Flow) -> Option<i32> {
+    if let Some(s) = stats(f.listener_port) {
+        s.icmp_translated += 1;
+    }
+    // SAFETY: no parameters: the kernel looks the neighbour of the new destination up.
+    Some(unsafe { bpf_redirect_neigh(f.out_ifindex, core::ptr::null_mut(), 0, 0) as i32 })
+}
+
+/// Folds the change of a 16-byte field from `old` to `new` into the checksum at
+/// `csum` (`flags`: `BPF_F_PSEUDO_HDR` when the field is in the pseudo-header).
+#[inline(always)]
+fn csum_words6(
+    ctx: &TcContext,
+    csum: usize,
+    old: &[u8; 16],
+    new: &[u8; 16],
+    flags: u64,
+) -> Option<()> {
+    if old == new {
+        return Some(());
+    }
+    let mut from = *old;
+    let mut to = *new;
+    // SAFETY: two 16-byte buffers on the stack, their sizes passed.
+    let diff =
+        unsafe { bpf_csum_diff(from.as_mut_ptr().cast(), 16, to.as_mut_ptr().cast(), 16, 0) };
+    if diff < 0 {
+        return None;
+    }
+    ctx.l4_csum_replace(csum, 0, diff as u64, flags).ok()
+}
+
+/// All-zero counters, the first value of a listener's entry (a static, so no function
+/// that counts keeps a copy on its stack).
+static ZERO_STATS: FwdStats = FwdStats {
+    connections: 0,
+    rejected_no_backend: 0,
+    rejected_invalid_backend: 0,
+    rejected_connect_failed: 0,
+    connect_failures: 0,
+    nat_exhausted: 0,
+    table_full: 0,
+    no_route: 0,
+    not_attached: 0,
+    icmp_translated: 0,
+    packets_c2b: 0,
+    packets_b2c: 0,
+    bytes_c2b: 0,
+    bytes_b2c: 0,
+};
+
 /// The forward program's counters of `port` on this CPU, created on first use.
 #[inline(always)]
 fn stats(port: u16) -> Option<&'static mut FwdStats> {
@@ -207,7 +445,7 @@ fn stats(port: u16) -> Option<&'static mut FwdStats> {
         // SAFETY: per-CPU value of this CPU; programs do not nest on one CPU.
         return Some(unsafe { &mut *p });
     }
-    let _ = GW_FWD_STATS.insert(&key, &FwdStats::default(), u64::from(BPF_NOEXIST));
+    let _ = GW_FWD_STATS.insert(&key, &ZERO_STATS, u64::from(BPF_NOEXIST));
     // SAFETY: as above.
     GW_FWD_STATS.get_ptr_mut(&key).map(|p| unsafe { &mut *p })
 }
@@ -322,6 +560,9 @@ fn existing(ctx: &TcContext, seg: &Segment, flow: *mut Flow) -> i32 {
     if rewrite(ctx, seg, f).is_none() {
         return TC_ACT_SHOT;
     }
+    if seg.flags & TCP_SYN != 0 {
+        clamp_mss(ctx, seg, out);
+    }
     // SAFETY: no parameters: the kernel looks the neighbour of the new destination up.
     unsafe { bpf_redirect_neigh(out, core::ptr::null_mut(), 0, 0) as i32 }
 }
@@ -354,7 +595,15 @@ pub struct Scratch {
     key: FlowKey,
     /// A RST being built.
     packet: [u8; REFUSE_MAX],
+    /// The TCP options of a SYN whose MSS is being clamped.
+    options: [u8; MAX_TCP_OPTIONS],
+    /// This CPU's position in the NAT port range: ports are handed out in turn, so a
+    /// port comes back as late as possible after its last connection.
+    cursor: u32,
 }
+
+/// Bytes of TCP options at most (data offset 15 words, less the 20-byte header).
+const MAX_TCP_OPTIONS: usize = 40;
 
 /// Bytes of the longest RST the program builds: Ethernet, IPv6, TCP.
 const REFUSE_MAX: usize = ETH_HLEN + 40 + 20;
@@ -402,7 +651,12 @@ fn replace_backend(ctx: &TcContext, seg: &Segment, f: &mut Flow) -> Option<()> {
     }
     let sc = scratch()?;
     let out = route(ctx, seg.ipv6, &backend.addr_be, &mut sc.reply.new_src_be)?;
-    f.new_src_be = sc.reply.new_src_be;
+    GW_FWD_IFACES.get_ptr(&out)?;
+    f.new_src_be = if preserve_client() {
+        seg.key.src_be
+    } else {
+        sc.reply.new_src_be
+    };
     fill_reply(ctx, seg, &mut sc.reply, idx);
     let nat_port = insert_reply(backend, &f.new_src_be, sc)?;
     f.new_dst_be = backend.addr_be;
@@ -492,8 +746,13 @@ fn route(ctx: &TcContext, ipv6: bool, dst: &[u8; 16], src: &mut [u8; 16]) -> Opt
 }
 
 /// Inserts `sc.reply`, the backend's entry of a connection, under a free NAT port
-/// towards `backend` from `nat`, and returns that port. `None` when no port is free
+/// towards `backend` from `nat`, and returns that port. Ports are handed out in turn
+/// from a per-CPU cursor (not at random), so a port is reused as late as possible and
+/// rarely meets the entry of a connection still closing. `None` when no port is free
 /// after [`NAT_TRIES`] tries (`nat_exhausted`) or the table is full (`table_full`).
+/// With the client's address kept, `nat` is the client's address and the port is the
+/// client's (the only try: another connection already holding that tuple towards the
+/// backend counts as `nat_exhausted`).
 #[inline(never)]
 fn insert_reply(backend: &Backend, nat: &[u8; 16], sc: &mut Scratch) -> Option<u16> {
     // SAFETY: read-only globals set by the loader.
@@ -503,19 +762,32 @@ fn insert_reply(backend: &Backend, nat: &[u8; 16], sc: &mut Scratch) -> Option<u
             core::ptr::read_volatile(&FWD_PORT_COUNT).max(1),
         )
     };
+    // Each CPU walks the range from its own origin.
     // SAFETY: helper without arguments.
-    let start = unsafe { bpf_get_prandom_u32() };
+    let cpu = unsafe { bpf_get_smp_processor_id() };
+    let start = sc.cursor.wrapping_add(cpu.wrapping_mul(count / 8 + 1));
     sc.key.src_be = backend.addr_be;
     sc.key.dst_be = *nat;
     sc.key.sport = backend.port;
     sc.key._pad = 0;
     let listener = sc.reply.listener_port;
+    let (tries, fixed) = if preserve_client() {
+        (1, Some(sc.reply.new_dport))
+    } else {
+        (NAT_TRIES, None)
+    };
     let mut i = 0;
-    while i < NAT_TRIES {
-        let port = (min + (start.wrapping_add(i) % count)) as u16;
+    while i < tries {
+        let port = match fixed {
+            Some(p) => p,
+            None => (min + (start.wrapping_add(i) % count)) as u16,
+        };
         sc.key.dport = port;
         match GW_FWD_FLOWS.insert(&sc.key, &sc.reply, u64::from(BPF_NOEXIST)) {
-            Ok(()) => return Some(port),
+            Ok(()) => {
+                sc.cursor = sc.cursor.wrapping_add(i + 1);
+                return Some(port);
+            }
             Err(e) if e == -EEXIST => {}
             Err(_) => {
                 if let Some(s) = stats(listener) {
@@ -580,6 +852,15 @@ fn open(ctx: &TcContext, seg: &Segment) -> i32 {
         }
         return TCX_NEXT;
     };
+    if GW_FWD_IFACES.get_ptr(&out).is_none() {
+        if let Some(s) = stats(port) {
+            s.not_attached += 1;
+        }
+        return TCX_NEXT;
+    }
+    if preserve_client() {
+        nat = seg.key.src_be;
+    }
     fill_reply(ctx, seg, &mut sc.reply, idx);
     let Some(nat_port) = insert_reply(backend, &nat, sc) else {
         return TCX_NEXT;
@@ -616,6 +897,7 @@ fn open(ctx: &TcContext, seg: &Segment) -> i32 {
     if rewrite(ctx, seg, &sc.reply).is_none() {
         return TC_ACT_SHOT;
     }
+    clamp_mss(ctx, seg, out);
     // SAFETY: no parameters: the kernel looks the neighbour of the new destination up.
     unsafe { bpf_redirect_neigh(out, core::ptr::null_mut(), 0, 0) as i32 }
 }
@@ -768,6 +1050,99 @@ fn rst_tcp<const L4: usize, const A: usize, const B: usize>(
     let c = fold(sum).to_be_bytes();
     p[L4 + 16] = c[0];
     p[L4 + 17] = c[1];
+}
+
+/// Lowers the MSS option of a SYN (or SYN-ACK) to what fits the smaller MTU of the
+/// two links a connection crosses on the node (the one the segment came in on and
+/// `ifindex`, the one it leaves by): the ends only know their own links' MTUs, and a
+/// redirected segment larger than a link's MTU would be dropped there without an ICMP
+/// error (the forwarding path that sends one is skipped). Options other than MSS,
+/// and an MSS already small enough, are left as they are.
+#[inline(never)]
+fn clamp_mss(ctx: &TcContext, seg: &Segment, ifindex: u32) {
+    let (mut out_mtu, mut in_mtu) = (0u32, 0u32);
+    // SAFETY: the context's skb and a u32 on the stack for each result; ifindex 0 is
+    // the skb's own device.
+    let (a, b) = unsafe {
+        (
+            bpf_check_mtu(ctx.as_ptr(), ifindex, &raw mut out_mtu, 0, 0),
+            bpf_check_mtu(ctx.as_ptr(), 0, &raw mut in_mtu, 0, 0),
+        )
+    };
+    let mtu = out_mtu.min(in_mtu);
+    if a < 0 || b < 0 || mtu == 0 {
+        return;
+    }
+    let overhead = if seg.ipv6 { 60 } else { 40 };
+    let Ok(limit) = u16::try_from(mtu.saturating_sub(overhead)) else {
+        return;
+    };
+    let Ok(head) = ctx.load::<[u8; 14]>(seg.l4) else {
+        return;
+    };
+    let doff = usize::from(head[12] >> 4) * 4;
+    if doff <= 20 {
+        return;
+    }
+    let n = (doff - 20).min(MAX_TCP_OPTIONS);
+    let Some(sc) = scratch() else {
+        return;
+    };
+    let opts = &mut sc.options;
+    let len = n as u32;
+    if len == 0 || len > MAX_TCP_OPTIONS as u32 {
+        return;
+    }
+    // SAFETY: `len` (1..=40) bytes into the 40-byte scratch buffer.
+    let rc = unsafe {
+        aya_ebpf::helpers::bpf_skb_load_bytes(
+            ctx.skb.skb.cast(),
+            (seg.l4 + 20) as u32,
+            opts.as_mut_ptr().cast(),
+            len,
+        )
+    };
+    if rc != 0 {
+        return;
+    }
+    let mut i = 0;
+    let mut steps = 0;
+    while i + 1 < n && steps < MAX_TCP_OPTIONS {
+        steps += 1;
+        let Some(&kind) = opts.get(i) else {
+            return;
+        };
+        if kind == 0 {
+            return;
+        }
+        if kind == 1 {
+            i += 1;
+            continue;
+        }
+        let Some(&len) = opts.get(i + 1) else {
+            return;
+        };
+        let len = usize::from(len);
+        if kind == 2 && len == 4 && i + 3 < n {
+            let (Some(&hi), Some(&lo)) = (opts.get(i + 2), opts.get(i + 3)) else {
+                return;
+            };
+            let mss = u16::from_be_bytes([hi, lo]);
+            if mss > limit {
+                let at = seg.l4 + 20 + i + 2;
+                let from = u64::from(u16::from_ne_bytes(mss.to_be_bytes()));
+                let to = u64::from(u16::from_ne_bytes(limit.to_be_bytes()));
+                if ctx.l4_csum_replace(seg.csum, from, to, 2).is_ok() {
+                    let _ = ctx.store(at, &limit.to_be_bytes(), 0);
+                }
+            }
+            return;
+        }
+        if len < 2 {
+            return;
+        }
+        i += len;
+    }
 }
 
 /// Writes the addresses and ports of `f` into the segment, updating the checksums.

@@ -27,6 +27,49 @@ pub struct DesiredState {
     /// metrics and `sockgate check`; status says it too.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub left_out: Vec<crate::model::limits::LeftOut>,
+    /// backendRefs (weight > 0) that resolve but have no ready endpoint, by route and
+    /// backendRef, each once. Not programmed: for metrics and `sockgate check`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub unready: Vec<UnreadyBackendRef>,
+}
+
+/// A backendRef that resolves but has no ready endpoint.
+#[derive(
+    Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
+)]
+#[serde(rename_all = "camelCase")]
+pub struct UnreadyBackendRef {
+    /// The route (`namespace/name`).
+    pub route: String,
+    /// The backendRef (`namespace/service:port`).
+    pub backend_ref: String,
+    /// What became of its share.
+    pub share: UnreadyShare,
+}
+
+/// What becomes of the share of a backendRef without ready endpoint.
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum UnreadyShare {
+    /// It went to the backendRefs of the rule that have ready endpoints.
+    Moved,
+    /// No backendRef of the rule has a ready endpoint: its connections are refused.
+    Refused,
+}
+
+impl UnreadyShare {
+    /// Both, in the order the metric lists them.
+    pub const ALL: [Self; 2] = [Self::Moved, Self::Refused];
+
+    /// The metric label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Moved => "moved",
+            Self::Refused => "refused",
+        }
+    }
 }
 
 /// One TCP listener port and where its connections go.
@@ -45,8 +88,9 @@ pub struct Listener {
 /// One endpoint of a backendRef, or a placeholder for an invalid backendRef.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Backend {
-    /// Endpoint address and port; `None` for an invalid backendRef, whose weight share
-    /// is kept so that its connections are rejected.
+    /// Endpoint address and port; `None` for an invalid backendRef (or one without
+    /// ready endpoint when no backendRef of its rule has one), whose weight share is
+    /// kept so that its connections are rejected.
     pub addr: Option<SocketAddr>,
     /// Share of new connections; 0 is never picked.
     pub weight: u32,

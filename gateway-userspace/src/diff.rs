@@ -169,6 +169,7 @@ mod tests {
                 guards: BTreeMap::new(),
                 refused: Vec::new(),
                 left_out: Vec::new(),
+                unready: Vec::new(),
                 listeners: ls
                     .into_iter()
                     .map(|(port, backends)| {

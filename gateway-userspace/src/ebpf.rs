@@ -30,12 +30,13 @@ use aya::{
 use gateway_common::{
     Backend, BackendKey, Bucket, BucketKey, Cidr4, Cidr6, FWD_MAX_ATTEMPTS, Flow, FlowKey,
     FwdStats, GLOBAL_COPIED_SEQ_OFFSET, GLOBAL_FWD_ATTEMPTS, GLOBAL_FWD_PORT_COUNT,
-    GLOBAL_FWD_PORT_MIN, GLOBAL_SKB_CB_OFFSET, GLOBAL_WRITE_SEQ_OFFSET, GW_BACKENDS, GW_FWD_ADDRS,
-    GW_FWD_FLOWS, GW_FWD_SLOTS, GW_FWD_STATS, GW_LISTENERS, GW_PEERS, GW_SOCKS, GW_STATS,
-    GW_XDP_BUCKETS, GW_XDP_CIDR4, GW_XDP_CIDR6, GW_XDP_POLICY, GW_XDP_STATS, ListenerInfo,
-    ListenerKey, ListenerStats, MAP_NAMES, MAX_BACKENDS, MAX_FLOWS, MAX_LISTENERS, MAX_NODE_ADDRS,
-    MAX_SOCKETS, MAX_STATS, MAX_XDP_BUCKETS, MAX_XDP_CIDRS, NodeAddr, PROG_FWD, PROG_MSG,
-    PROG_VERDICT, PROG_XDP, Peer, SlotTable, StatsKey, XdpPolicy, XdpStats,
+    GLOBAL_FWD_PORT_MIN, GLOBAL_FWD_PRESERVE_CLIENT, GLOBAL_SKB_CB_OFFSET, GLOBAL_WRITE_SEQ_OFFSET,
+    GW_BACKENDS, GW_FWD_ADDRS, GW_FWD_FLOWS, GW_FWD_IFACES, GW_FWD_SLOTS, GW_FWD_STATS,
+    GW_LISTENERS, GW_PEERS, GW_SOCKS, GW_STATS, GW_XDP_BUCKETS, GW_XDP_CIDR4, GW_XDP_CIDR6,
+    GW_XDP_POLICY, GW_XDP_STATS, ListenerInfo, ListenerKey, ListenerStats, MAP_NAMES, MAX_BACKENDS,
+    MAX_FLOWS, MAX_FWD_IFACES, MAX_LISTENERS, MAX_NODE_ADDRS, MAX_SOCKETS, MAX_STATS,
+    MAX_XDP_BUCKETS, MAX_XDP_CIDRS, NodeAddr, PROG_FWD, PROG_MSG, PROG_VERDICT, PROG_XDP, Peer,
+    SlotTable, StatsKey, XdpPolicy, XdpStats,
 };
 
 use crate::xdp::{GuardMaps, ListenerGuard, XdpError, XdpKind};
@@ -106,14 +107,7 @@ pub enum LoadError {
     Xdp(#[from] XdpError),
 }
 
-/// Errors of writing or reading the maps at run time.
-#[derive(Debug, thiserror::Error)]
-#[error("map {map}: {source}")]
-pub struct MapOpError {
-    pub map: &'static str,
-    #[source]
-    pub source: aya::maps::MapError,
-}
+pub use crate::map_error::MapOpError;
 
 /// What to do with a pinned map whose layout differs from this build's.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
@@ -192,11 +186,13 @@ pub struct ForwardLoad {
     pub port_max: u16,
     /// Backends tried per client connection.
     pub attempts: u32,
+    /// Keep the client's address (no SNAT).
+    pub preserve_client: bool,
 }
 
 impl ForwardLoad {
     /// The read-only globals of `gw_fwd` and their values.
-    fn globals(self) -> [(&'static str, u32); 3] {
+    fn globals(self) -> [(&'static str, u32); 4] {
         [
             (GLOBAL_FWD_PORT_MIN, u32::from(self.port_min)),
             (
@@ -207,6 +203,7 @@ impl ForwardLoad {
                 GLOBAL_FWD_ATTEMPTS,
                 self.attempts.clamp(1, FWD_MAX_ATTEMPTS),
             ),
+            (GLOBAL_FWD_PRESERVE_CLIENT, u32::from(self.preserve_client)),
         ]
     }
 }
@@ -218,6 +215,7 @@ impl Default for ForwardLoad {
             port_min: 61000,
             port_max: 65535,
             attempts: 3,
+            preserve_client: false,
         }
     }
 }
@@ -251,7 +249,7 @@ const fn size32<T>() -> u32 {
 
 /// The maps of this build, as [`MAP_NAMES`] orders them, sized for `capacity` with a
 /// connection table of `flows` entries.
-pub fn map_specs(capacity: Capacity, flows: u32) -> [MapSpec; 14] {
+pub fn map_specs(capacity: Capacity, flows: u32) -> [MapSpec; 15] {
     let mut specs = declared_specs();
     for s in &mut specs {
         if let Some(n) = capacity.max_entries(s.name, flows) {
@@ -262,7 +260,7 @@ pub fn map_specs(capacity: Capacity, flows: u32) -> [MapSpec; 14] {
 }
 
 /// The maps as the object declares them (the default sizes).
-const fn declared_specs() -> [MapSpec; 14] {
+const fn declared_specs() -> [MapSpec; 15] {
     let s = MAP_SPECS;
     [
         s[0],
@@ -302,6 +300,13 @@ const fn declared_specs() -> [MapSpec; 14] {
             key_size: size32::<ListenerKey>(),
             value_size: size32::<FwdStats>(),
             max_entries: MAX_LISTENERS,
+        },
+        MapSpec {
+            name: GW_FWD_IFACES,
+            map_type: MapType::Hash,
+            key_size: size32::<u32>(),
+            value_size: size32::<u32>(),
+            max_entries: MAX_FWD_IFACES,
         },
     ]
 }
@@ -514,6 +519,8 @@ pub struct Maps {
     pub node_addrs: Mutex<HashMap<MapData, NodeAddr, u32>>,
     /// The forward path's counters.
     pub fwd_stats: Mutex<PerCpuHashMap<MapData, ListenerKey, FwdStats>>,
+    /// The interfaces the forward program is attached to.
+    pub fwd_ifaces: Mutex<HashMap<MapData, u32, u32>>,
 }
 
 impl Maps {
@@ -530,6 +537,7 @@ impl Maps {
             slots: Mutex::new(take(ebpf, GW_FWD_SLOTS)?),
             node_addrs: Mutex::new(take(ebpf, GW_FWD_ADDRS)?),
             fwd_stats: Mutex::new(take(ebpf, GW_FWD_STATS)?),
+            fwd_ifaces: Mutex::new(take(ebpf, GW_FWD_IFACES)?),
         })
     }
 }
@@ -540,7 +548,7 @@ pub const KERNEL_LOG_TARGET: &str = "gateway";
 /// The loaded and attached programs, and their maps.
 pub struct Datapath {
     // Owns the programs and their attachments: dropping it detaches them. The XDP
-    // guard's links are owned by the attachment manager (`xdp::attach`).
+    // guard's links are owned by the attachment manager (`attach`).
     ebpf: Mutex<Ebpf>,
     pub maps: Maps,
     /// Records of `aya-log` from the programs, until [`Datapath::forward_kernel_logs`]
@@ -580,7 +588,7 @@ fn remove_stale_peers(maps: &Maps) {
 }
 
 /// Empties the XDP guard's policy maps (an earlier run's, in reused pins: the agent
-/// programs them again). The guard is attached by [`crate::xdp::attach`].
+/// programs them again). The guard is attached by `crate::attach`.
 fn start_guard(maps: &Maps) {
     let stale = lock(&maps.guard).0.clear();
     if stale > 0 {
@@ -824,10 +832,13 @@ impl Datapath {
     /// `pin` (so it outlives the agent). A link already pinned there (an earlier
     /// agent's) is taken over: its program is replaced by this one atomically, so no
     /// segment of a forwarded connection meets an interface without the program.
-    pub fn attach_fwd(&self, iface: &str, pin: &Path) -> Result<PinnedLink, ProgramError> {
+    /// Returns the pinned link and whether it took an earlier agent's over.
+    pub fn attach_fwd(&self, iface: &str, pin: &Path) -> Result<(PinnedLink, bool), ProgramError> {
         let mut ebpf = lock(&self.ebpf);
         let prog = Self::fwd_program(&mut ebpf)?;
-        let id = if let Ok(old) = PinnedLink::from_pin(pin) {
+        let earlier = PinnedLink::from_pin(pin).ok();
+        let adopted = earlier.is_some();
+        let id = if let Some(old) = earlier {
             let link =
                 SchedClassifierLink::try_from(FdLink::from(old)).map_err(|e| link_error(&e))?;
             let _ = fs::remove_file(pin);
@@ -842,8 +853,10 @@ impl Datapath {
         };
         let link = prog.take_link(id)?;
         let fd = FdLink::try_from(link).map_err(|e| link_error(&e))?;
-        fd.pin(pin)
-            .map_err(|e| ProgramError::IOError(io::Error::other(e.to_string())))
+        let pinned = fd
+            .pin(pin)
+            .map_err(|e| ProgramError::IOError(io::Error::other(e.to_string())))?;
+        Ok((pinned, adopted))
     }
 
     /// Writes (or, with `None`, removes) the selection table of listener `port`;
@@ -897,6 +910,30 @@ impl Datapath {
         for a in addrs {
             if !have.contains(a) {
                 m.insert(*a, 1, 0).map_err(err)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Makes `GW_FWD_IFACES` hold exactly `ifindexes`.
+    pub fn set_fwd_ifaces(
+        &self,
+        ifindexes: &std::collections::BTreeSet<u32>,
+    ) -> Result<(), MapOpError> {
+        let mut m = lock(&self.maps.fwd_ifaces);
+        let err = |source| MapOpError {
+            map: GW_FWD_IFACES,
+            source,
+        };
+        let have: Vec<u32> = m.keys().filter_map(Result::ok).collect();
+        for i in &have {
+            if !ifindexes.contains(i) {
+                m.remove(i).map_err(err)?;
+            }
+        }
+        for i in ifindexes {
+            if !have.contains(i) {
+                m.insert(*i, 1, 0).map_err(err)?;
             }
         }
         Ok(())

@@ -2,6 +2,9 @@
 //!
 //! # Layout
 //!
+//! * [`attach`]: one attachment manager for every program that goes on an interface
+//!   (the XDP guard, the forward program): which interfaces, kept in step with
+//!   rtnetlink events.
 //! * [`backend_filter`]: the backend addresses refused by default (loopback,
 //!   link-local, unspecified, multicast) and `--allow-backend-cidr`.
 //! * [`btf`]: member offsets from the kernel's BTF, for the verdict program.
@@ -10,8 +13,9 @@
 //! * [`desired`]: the desired state the data path serves.
 //! * [`diff`]: the map delta between what is programmed and what is desired.
 //! * [`ebpf`]: the embedded eBPF object, loading, pinning and the pin compatibility check.
-//! * [`forward`]: the forward data path's agent side: tc attachment, node addresses,
-//!   NAT port range, selection tables, the connection table sweeper.
+//! * [`forward`]: the forward data path's agent side: NAT port range, selection
+//!   tables, the connection table sweeper (attached by [`attach::forward`]).
+//! * [`map_error`]: the error of a map operation.
 //! * [`mapsync`]: writes the desired state to `GW_LISTENERS` / `GW_BACKENDS`.
 //! * [`model`]: the Gateway API model: snapshot, reconcile, status.
 //! * [`metrics`]: Prometheus metrics, `/healthz` and `/readyz`.
@@ -21,8 +25,9 @@
 //! * [`routes`]: the `--route` fixed table.
 //! * [`source`]: where Gateway API objects come from (manifest files).
 //! * [`status`]: `sockgate status`, read from the pinned maps.
-//! * [`xdp`]: the XDP listener guard: policy, its map entries, and ([`xdp::attach`])
-//!   keeping `gw_xdp` attached to the interfaces it should guard.
+//! * [`xdp`]: the XDP listener guard: policy, its map entries and attach modes
+//!   (attached by [`attach::xdp`]).
+pub mod attach;
 pub mod backend_filter;
 pub mod btf;
 pub mod check;
@@ -31,6 +36,7 @@ pub mod desired;
 pub mod diff;
 pub mod ebpf;
 pub mod forward;
+pub mod map_error;
 pub mod mapsync;
 pub mod metrics;
 #[expect(

@@ -5,6 +5,7 @@ use std::{collections::BTreeSet, path::PathBuf, process::ExitCode, sync::Arc, ti
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use sockgate::{
+    attach::{self, Manager, Netlink, Selection},
     backend_filter::{BackendFilter, RefusalLog},
     check,
     cluster::{self, source::KubeOptions},
@@ -21,10 +22,7 @@ use sockgate::{
         files::{FileSource, follow},
     },
     status,
-    xdp::{
-        AttachMode, Cidr,
-        attach::{self, Manager, Netlink, Selection},
-    },
+    xdp::{AttachMode, Cidr},
 };
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -238,8 +236,11 @@ struct RunArgs {
     #[arg(long = "xdp-syn-rate", value_name = "PORT=RATE/BURST/P4/P6")]
     xdp_syn_rate: Vec<String>,
     /// Forward data path: attach the tc program to this interface (repeatable), where
-    /// clients arrive and backends answer. Connections arriving on these interfaces
-    /// are forwarded in the kernel under `--datapath auto` or `forward`.
+    /// clients arrive and backends answer; `none`: off. Connections arriving on these
+    /// interfaces are forwarded in the kernel under `--datapath auto` or `forward`.
+    /// Default: under `--source kube` the interfaces holding this node's addresses and
+    /// those the routes towards the current backends leave by, otherwise none (then
+    /// `--datapath forward` needs it). Interfaces that come and go are followed.
     #[arg(long = "forward-iface", value_name = "IFACE")]
     forward_ifaces: Vec<String>,
     /// Forward data path: the NAT source ports, MIN-MAX, outside the node's ephemeral
@@ -254,6 +255,11 @@ struct RunArgs {
     /// table entries are removed.
     #[arg(long, default_value_t = 3600.0)]
     idle_timeout: f64,
+    /// Forward data path: keep the client's address and port (no SNAT). Only where the
+    /// backends' route back to the clients goes through this node (same node, or the
+    /// node is their gateway): otherwise their replies bypass the translation.
+    #[arg(long)]
+    preserve_client_ip: bool,
 }
 
 fn init_logs(format: LogFormat) {
@@ -322,10 +328,11 @@ struct Said {
 
 impl Said {
     /// Logs the refused endpoints and left-out entries of `d` that are new (or gone)
-    /// and counts them.
+    /// and counts them, and counts the backendRefs without ready endpoint.
     fn record(&mut self, metrics: &Metrics, d: &DesiredState) {
         self.refusals.log(&d.refused);
         metrics.backends_refused.set(&d.refused);
+        metrics.backend_refs_unready.set(&d.unready);
         let now: BTreeSet<LeftOut> = d.left_out.iter().cloned().collect();
         for l in now.difference(&self.left_out) {
             tracing::warn!(
@@ -456,30 +463,43 @@ fn kube_options(args: &RunArgs, backend_filter: BackendFilter) -> anyhow::Result
     })
 }
 
-/// The interfaces the XDP guard is attached to: `--xdp-iface` (`none`: off); by
-/// default the ones holding the node's addresses under the kube source (which then
-/// publishes them), else none. With the selection, why it is off (when it is).
-fn xdp_selection(
-    ifaces: &[String],
-    kube: Option<&mut KubeOptions>,
-) -> anyhow::Result<(Selection, &'static str)> {
+/// The `Node`'s addresses under the kube source, which then publishes them (for the
+/// default interfaces of the XDP guard and of the forward path); `None` elsewhere.
+fn node_addresses(kube: Option<&mut KubeOptions>) -> Option<NodeAddrs> {
+    kube.map(|opts| {
+        let (tx, rx) = watch::channel(BTreeSet::new());
+        opts.node_addresses = Some(tx);
+        rx
+    })
+}
+
+/// The receiving end of the `Node`'s addresses.
+type NodeAddrs = watch::Receiver<BTreeSet<std::net::IpAddr>>;
+
+/// `none` alone: `Some(true)`; interface names: `Some(false)`; nothing: `None`.
+fn switched_off(ifaces: &[String], flag: &str) -> anyhow::Result<Option<bool>> {
     if ifaces.iter().any(|i| i == "none") {
         anyhow::ensure!(
             ifaces.len() == 1,
-            "--xdp-iface none cannot be combined with interface names"
+            "{flag} none cannot be combined with interface names"
         );
-        return Ok((Selection::Off, "--xdp-iface none"));
+        return Ok(Some(true));
     }
-    if !ifaces.is_empty() {
-        return Ok((Selection::Named(ifaces.iter().cloned().collect()), ""));
-    }
-    Ok(match kube {
-        Some(opts) => {
-            let (tx, rx) = watch::channel(BTreeSet::new());
-            opts.node_addresses = Some(tx);
-            (Selection::NodeAddresses(rx), "")
-        }
-        None => (
+    Ok((!ifaces.is_empty()).then_some(false))
+}
+
+/// The interfaces the XDP guard is attached to: `--xdp-iface` (`none`: off); by
+/// default the ones holding the node's addresses under the kube source, else none.
+/// With the selection, why it is off (when it is).
+fn xdp_selection(
+    ifaces: &[String],
+    node: Option<&NodeAddrs>,
+) -> anyhow::Result<(Selection, &'static str)> {
+    Ok(match (switched_off(ifaces, "--xdp-iface")?, node) {
+        (Some(true), _) => (Selection::Off, "--xdp-iface none"),
+        (Some(false), _) => (Selection::Named(ifaces.iter().cloned().collect()), ""),
+        (None, Some(rx)) => (Selection::NodeAddresses(rx.clone()), ""),
+        (None, None) => (
             Selection::Off,
             "no --xdp-iface: outside a cluster the guard is attached only where asked",
         ),
@@ -504,13 +524,13 @@ async fn start_guard(
         let nl = Netlink::open()?;
         let mut manager = Manager::new(dp.clone(), mode)?;
         let errors = manager.sync(nl.handle(), &selection).await?;
-        Ok::<_, sockgate::xdp::XdpError>((nl, manager, errors))
+        Ok::<_, anyhow::Error>((nl, manager, errors))
     };
     let (nl, manager, errors) = match started.await {
         Ok(s) => s,
         // Asked for by name: an error. The cluster default: the data path serves
         // without the guard.
-        Err(e) if named => return Err(e.into()),
+        Err(e) if named => return Err(e),
         Err(e) => {
             tracing::error!(error = %e, "XDP listener guard unavailable: serving without it");
             return Ok(None);
@@ -541,6 +561,7 @@ fn load_options(args: &RunArgs, port_min: u16, port_max: u16) -> LoadOptions {
             port_min,
             port_max,
             attempts: u32::try_from(args.connect_attempts).unwrap_or(u32::MAX),
+            preserve_client: args.preserve_client_ip,
         },
         capacity: Capacity {
             listeners: args.limits.max_listeners,
@@ -552,48 +573,78 @@ fn load_options(args: &RunArgs, port_min: u16, port_max: u16) -> LoadOptions {
 /// Starts the forward path when it is on.
 async fn start_forward(
     dp: &Arc<Datapath>,
-    opts: Option<ForwardOptions>,
+    forward: Option<(Selection, ForwardOptions)>,
     shutdown: &CancellationToken,
 ) -> anyhow::Result<Option<tokio::task::JoinHandle<()>>> {
-    Ok(match opts {
-        Some(f) => Some(forward::start(dp, f, shutdown).await?),
+    Ok(match forward {
+        Some((sel, opts)) => Some(attach::forward::start(dp, sel, opts, shutdown).await?),
         None => None,
     })
 }
 
-/// The forward path's settings, `None` when it is off: under `--datapath forward`
-/// (which needs `--forward-iface`) and under `auto` when interfaces are named.
-fn forward_options(args: &RunArgs, drain: Duration) -> anyhow::Result<Option<ForwardOptions>> {
-    let on = match args.datapath {
-        DatapathMode::Forward => {
-            anyhow::ensure!(
-                !args.forward_ifaces.is_empty(),
-                "--datapath forward needs --forward-iface IFACE (the interfaces clients arrive on and backends answer on)"
-            );
-            true
-        }
-        DatapathMode::Auto => !args.forward_ifaces.is_empty(),
-        DatapathMode::Sockmap | DatapathMode::Splice => {
-            if !args.forward_ifaces.is_empty() {
+/// The interfaces the forward program is attached to: `--forward-iface` (`none`:
+/// off); by default under the kube source the ones holding the node's addresses and
+/// those towards the backends of `desired`; else off (an error under `--datapath
+/// forward`). Off under `--datapath sockmap` and `splice`. With the selection, why it
+/// is off (when it is).
+fn forward_selection(
+    args: &RunArgs,
+    node: Option<&NodeAddrs>,
+    desired: &watch::Receiver<Arc<DesiredState>>,
+) -> anyhow::Result<(Selection, &'static str)> {
+    let ifaces = &args.forward_ifaces;
+    let asked = switched_off(ifaces, "--forward-iface")?;
+    Ok(match (args.datapath, asked, node) {
+        (DatapathMode::Sockmap | DatapathMode::Splice, asked, _) => {
+            if asked.is_some() {
                 tracing::warn!(
                     "--forward-iface is ignored: --datapath sockmap or splice carries every connection"
                 );
             }
-            false
+            (Selection::Off, "--datapath sockmap or splice")
         }
-    };
-    if !on {
+        (DatapathMode::Forward, Some(true), _) | (DatapathMode::Forward, None, None) => {
+            anyhow::bail!(
+                "--datapath forward needs --forward-iface IFACE (the interfaces clients arrive on and backends answer on)"
+            )
+        }
+        (DatapathMode::Auto, Some(true), _) => (Selection::Off, "--forward-iface none"),
+        (_, Some(false), _) => (Selection::Named(ifaces.iter().cloned().collect()), ""),
+        (_, None, Some(node)) => (
+            Selection::NodeAndBackends {
+                node: node.clone(),
+                desired: desired.clone(),
+            },
+            "",
+        ),
+        (DatapathMode::Auto, None, None) => (
+            Selection::Off,
+            "no --forward-iface: outside a cluster the forward path is attached only where asked",
+        ),
+    })
+}
+
+/// The forward path's settings and interfaces, `None` when it is off.
+fn forward_setup(
+    args: &RunArgs,
+    drain: Duration,
+    (selection, off_why): (Selection, &'static str),
+) -> anyhow::Result<Option<(Selection, ForwardOptions)>> {
+    if matches!(selection, Selection::Off) {
+        info!(why = off_why, "forward data path off");
         return Ok(None);
     }
-    Ok(Some(ForwardOptions {
-        ifaces: args.forward_ifaces.iter().cloned().collect(),
-        timeouts: Timeouts {
-            idle: secs(args.idle_timeout, "idle-timeout")?,
-            ..Timeouts::default()
+    Ok(Some((
+        selection,
+        ForwardOptions {
+            timeouts: Timeouts {
+                idle: secs(args.idle_timeout, "idle-timeout")?,
+                ..Timeouts::default()
+            },
+            drain,
+            keep_pins: args.keep_pins,
         },
-        drain,
-        keep_pins: args.keep_pins,
-    }))
+    )))
 }
 
 fn secs(v: f64, what: &str) -> anyhow::Result<Duration> {
@@ -629,7 +680,8 @@ fn run(args: &RunArgs) -> anyhow::Result<()> {
     let mut kube = (source == SourceKind::Kube)
         .then(|| kube_options(args, filter.clone()))
         .transpose()?;
-    let selection = xdp_selection(&args.xdp_ifaces, kube.as_mut())?;
+    let node = node_addresses(kube.as_mut());
+    let selection = xdp_selection(&args.xdp_ifaces, node.as_ref())?;
     let desired: DesiredState = if let Some(f) = &files {
         (**f.current()).clone()
     } else {
@@ -637,6 +689,7 @@ fn run(args: &RunArgs) -> anyhow::Result<()> {
         limits::fit(&mut d, args.limits.limits());
         d
     };
+    let (tx, rx) = watch::channel(Arc::new(desired.clone()));
     let cfg = ProxyConfig {
         mode: args.datapath,
         connect_timeout: secs(args.connect_timeout, "connect-timeout")?,
@@ -645,7 +698,11 @@ fn run(args: &RunArgs) -> anyhow::Result<()> {
         bind: args.bind,
         kernel_queue_limit: args.kernel_queue_limit,
     };
-    let forward = forward_options(args, cfg.drain_timeout)?;
+    let forward = forward_setup(
+        args,
+        cfg.drain_timeout,
+        forward_selection(args, node.as_ref(), &rx)?,
+    )?;
     let (port_min, port_max) = forward::parse_ports(&args.forward_ports)?;
     let opts = load_options(args, port_min, port_max);
     if forward.is_some() {
@@ -670,7 +727,6 @@ fn run(args: &RunArgs) -> anyhow::Result<()> {
     program(&dp, &metrics, &desired);
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(async {
-        let (tx, rx) = watch::channel(Arc::new(desired));
         let shutdown = CancellationToken::new();
         let guard = start_guard(&dp, args.xdp_mode, selection, &shutdown).await?;
         let forwarding = start_forward(&dp, forward, &shutdown).await?;

@@ -216,7 +216,7 @@ fn pass(w: &impl MapWriter, desired: &DesiredState) -> Applied {
 mod tests {
     use std::{cell::RefCell, collections::BTreeMap, net::SocketAddr};
 
-    use gateway_common::{GW_BACKENDS, GW_LISTENERS};
+    use gateway_common::{GW_BACKENDS, GW_FWD_SLOTS, GW_LISTENERS};
 
     use super::*;
     use crate::desired::{self, Listener};
@@ -228,6 +228,7 @@ mod tests {
         slots: RefCell<BTreeMap<u16, SlotTable>>,
         max_listeners: usize,
         max_backends: usize,
+        max_slots: usize,
     }
 
     fn full(map: &'static str) -> MapOpError {
@@ -269,9 +270,13 @@ mod tests {
             Ok(())
         }
         fn set_slots(&self, port: u16, table: Option<&SlotTable>) -> Result<(), MapOpError> {
+            let mut slots = self.slots.borrow_mut();
             match table {
-                Some(t) => self.slots.borrow_mut().insert(port, *t),
-                None => self.slots.borrow_mut().remove(&port),
+                Some(_) if !slots.contains_key(&port) && slots.len() >= self.max_slots => {
+                    return Err(full(GW_FWD_SLOTS));
+                }
+                Some(t) => slots.insert(port, *t),
+                None => slots.remove(&port),
             };
             Ok(())
         }
@@ -286,6 +291,7 @@ mod tests {
             slots: RefCell::default(),
             max_listeners,
             max_backends,
+            max_slots: usize::MAX,
         }
     }
 
@@ -373,5 +379,29 @@ mod tests {
         assert_eq!(m.listeners[&ListenerKey::new(1)].backend_count, 1);
         assert_eq!(m.listeners[&ListenerKey::new(2)].backend_count, 2);
         assert!(consistent(&m));
+    }
+
+    #[test]
+    fn a_full_slot_table_map_skips_that_listener_and_programs_the_rest() {
+        let mut w = fake(10, 100);
+        w.max_slots = 2;
+        let a = write(&w, &desired(&[(1, 1), (2, 2), (3, 1)]));
+        // Listener 3's selection table fails in both passes: reported, its listener
+        // entry not written; 1 and 2 are programmed, slot tables included.
+        assert_eq!(a.failed_listeners(), BTreeSet::from([3]));
+        assert!(a.failures.iter().all(|f| f.error.map == GW_FWD_SLOTS));
+        let m = w.programmed();
+        assert_eq!(
+            m.listeners.keys().map(|k| k.port).collect::<Vec<_>>(),
+            [1, 2]
+        );
+        assert_eq!(w.slot_ports(), [1, 2]);
+        assert!(consistent(&m));
+        // Room made (listener 1 gone): 3 is programmed at the next apply.
+        let target = desired(&[(2, 2), (3, 1)]);
+        let a = write(&w, &target);
+        assert!(a.failures.is_empty(), "{:?}", a.failures);
+        assert_eq!(w.programmed(), Programmed::of(&target));
+        assert_eq!(w.slot_ports(), [2, 3]);
     }
 }

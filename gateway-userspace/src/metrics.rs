@@ -34,10 +34,11 @@ use prometheus_client::{
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use gateway_common::ListenerStats;
+use gateway_common::{FwdStats, ListenerStats};
 
 use crate::{
     backend_filter::{RefusalReason, RefusedBackend},
+    desired::{UnreadyBackendRef, UnreadyShare},
     ebpf::Datapath,
     model::limits::{LeftOut, Limit},
 };
@@ -65,6 +66,9 @@ pub struct Metrics {
     pub not_programmed: NotProgrammed,
     /// Map writes that failed and were skipped, by map.
     pub map_write_failures: Family<Vec<(&'static str, String)>, Counter>,
+    /// backendRefs without ready endpoint in the current desired state, by what became
+    /// of their share.
+    pub backend_refs_unready: BackendRefsUnready,
     /// The programs are loaded and attached.
     pub healthy: AtomicBool,
     /// The desired state is programmed and the listeners are bound.
@@ -146,6 +150,37 @@ impl NotProgrammed {
     }
 }
 
+/// `sockgate_backendrefs_without_ready_endpoints`: backendRefs (weight > 0) of the
+/// current desired state that resolve but have no ready endpoint, by `share`: `moved`
+/// (their share went to the backendRefs of the rule with ready endpoints) or `refused`
+/// (no backendRef of the rule has one: connections are refused). Both are always
+/// present, 0 when there is none.
+#[derive(Clone, Debug, Default)]
+pub struct BackendRefsUnready {
+    gauge: Family<Vec<(&'static str, String)>, Gauge>,
+}
+
+impl BackendRefsUnready {
+    fn register(&self, registry: &mut Registry) {
+        registry.register(
+            "sockgate_backendrefs_without_ready_endpoints",
+            "backendRefs that resolve but have no ready endpoint, by what became of their share (moved to the backendRefs with ready endpoints, or refused when none has one)",
+            self.gauge.clone(),
+        );
+        self.set(&[]);
+    }
+
+    /// Sets the gauge from the desired state being programmed.
+    pub fn set(&self, unready: &[UnreadyBackendRef]) {
+        for share in UnreadyShare::ALL {
+            let n = unready.iter().filter(|u| u.share == share).count();
+            self.gauge
+                .get_or_create(&vec![("share", share.as_str().to_owned())])
+                .set(i64::try_from(n).unwrap_or(i64::MAX));
+        }
+    }
+}
+
 #[derive(Debug)]
 struct MapCollector {
     dp: Arc<Datapath>,
@@ -184,6 +219,34 @@ fn gauge(v: u64) -> ConstGauge<i64> {
 }
 
 impl MapCollector {
+    /// The forward path's counters and live connections; returns the connection table's
+    /// entry count.
+    fn encode_forward(
+        &self,
+        e: &mut DescriptorEncoder,
+        ports: &[u16],
+    ) -> Result<usize, std::fmt::Error> {
+        let flows = self.dp.flows();
+        let mut active: std::collections::BTreeMap<u16, u64> = std::collections::BTreeMap::new();
+        for (_, f) in &flows {
+            if u32::from(f.direction) == gateway_common::DIR_CLIENT_TO_BACKEND {
+                *active.entry(f.listener_port).or_default() += 1;
+            }
+        }
+        let fwd: Vec<_> = ports
+            .iter()
+            .map(|&p| {
+                (
+                    p,
+                    self.dp.fwd_stats(p),
+                    active.get(&p).copied().unwrap_or(0),
+                )
+            })
+            .collect();
+        forward_families(e, &fwd)?;
+        Ok(flows.len())
+    }
+
     /// The XDP listener guard's counters, read from `GW_XDP_STATS`.
     fn encode_xdp(&self, e: &mut DescriptorEncoder, ports: &[u16]) -> Result<(), std::fmt::Error> {
         let xdp: Vec<_> = ports.iter().map(|&p| (p, self.dp.xdp_stats(p))).collect();
@@ -223,6 +286,73 @@ impl MapCollector {
         )?;
         Ok(())
     }
+}
+
+/// The forward path's counters, read from `GW_FWD_STATS`, and its live connections
+/// from `GW_FWD_FLOWS`.
+fn forward_families(
+    e: &mut DescriptorEncoder,
+    fwd: &[(u16, FwdStats, u64)],
+) -> Result<(), std::fmt::Error> {
+    family(
+        e,
+        "sockgate_forward_connections",
+        "Connections the forward program took (translated in the kernel, never terminated on the node)",
+        fwd.iter()
+            .map(|(p, s, _)| (labels(*p), ConstCounter::new(s.connections))),
+    )?;
+    family(
+        e,
+        "sockgate_forward_connections_active",
+        "Forwarded connections in the connection table now",
+        fwd.iter().map(|(p, _, a)| (labels(*p), gauge(*a))),
+    )?;
+    family(
+        e,
+        "sockgate_forward_rejected",
+        "Client SYNs the forward program answered with a RST, by reason",
+        fwd.iter().flat_map(|(p, s, _)| {
+            [
+                ("no_backend", s.rejected_no_backend),
+                ("invalid_backend", s.rejected_invalid_backend),
+                ("connect_failed", s.rejected_connect_failed),
+            ]
+            .map(|(reason, v)| (with(*p, &[("reason", reason)]), ConstCounter::new(v)))
+        }),
+    )?;
+    family(
+        e,
+        "sockgate_forward_connect_failures",
+        "Backend attempts of the forward program that failed (reset or unanswered SYN)",
+        fwd.iter()
+            .map(|(p, s, _)| (labels(*p), ConstCounter::new(s.connect_failures))),
+    )?;
+    family(
+        e,
+        "sockgate_forward_passed",
+        "SYNs the forward program left to the socket paths, by reason",
+        fwd.iter().flat_map(|(p, s, _)| {
+            [
+                ("nat_ports_exhausted", s.nat_exhausted),
+                ("table_full", s.table_full),
+                ("no_route", s.no_route),
+                ("not_attached", s.not_attached),
+            ]
+            .map(|(reason, v)| (with(*p, &[("reason", reason)]), ConstCounter::new(v)))
+        }),
+    )?;
+    family(
+        e,
+        "sockgate_forward_bytes",
+        "Bytes (IP length) the forward program forwarded, by direction",
+        fwd.iter().flat_map(|(p, s, _)| {
+            [
+                ("client_to_backend", s.bytes_c2b),
+                ("backend_to_client", s.bytes_b2c),
+            ]
+            .map(|(dir, v)| (with(*p, &[("direction", dir)]), ConstCounter::new(v)))
+        }),
+    )
 }
 
 /// The kernel path's own events: throttles and repeated bytes cut off.
@@ -331,6 +461,7 @@ impl Collector for MapCollector {
             }),
         )?;
         self.encode_xdp(e, &ports)?;
+        let flows = self.encode_forward(e, &ports)?;
         family(
             e,
             "sockgate_map_entries",
@@ -339,6 +470,7 @@ impl Collector for MapCollector {
                 (gateway_common::GW_LISTENERS, ports.len()),
                 (gateway_common::GW_BACKENDS, self.dp.backend_keys().len()),
                 (gateway_common::GW_PEERS, self.dp.peer_count()),
+                (gateway_common::GW_FWD_FLOWS, flows),
             ]
             .map(|(map, n)| (vec![("map", map.to_owned())], gauge(n as u64))),
         )
@@ -391,6 +523,8 @@ impl Metrics {
             "Map writes that failed and were skipped (the listener kept its previous entry), by map",
             map_write_failures.clone(),
         );
+        let backend_refs_unready = BackendRefsUnready::default();
+        backend_refs_unready.register(&mut registry);
         registry.register_collector(Box::new(MapCollector { dp }));
         Self {
             registry,
@@ -402,6 +536,7 @@ impl Metrics {
             backends_refused,
             not_programmed,
             map_write_failures,
+            backend_refs_unready,
             healthy: AtomicBool::new(true),
             ready: AtomicBool::new(false),
             source_ready: Arc::new(AtomicBool::new(true)),
@@ -547,6 +682,48 @@ mod tests {
         let text = exposition(&registry);
         assert!(
             text.contains("sockgate_backends_refused{reason=\"loopback\"} 0\n"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn backend_refs_without_ready_endpoints_are_counted_by_share() {
+        let mut registry = Registry::default();
+        let m = BackendRefsUnready::default();
+        m.register(&mut registry);
+        let text = exposition(&registry);
+        for share in ["moved", "refused"] {
+            let line =
+                format!("sockgate_backendrefs_without_ready_endpoints{{share=\"{share}\"}} 0\n");
+            assert!(text.contains(&line), "{line} in\n{text}");
+        }
+        let u = |route: &str, share| UnreadyBackendRef {
+            route: route.into(),
+            backend_ref: "default/db:5432".into(),
+            share,
+        };
+        m.set(&[
+            u("default/a", UnreadyShare::Moved),
+            u("default/b", UnreadyShare::Moved),
+            u("default/c", UnreadyShare::Refused),
+        ]);
+        let text = exposition(&registry);
+        assert!(
+            text.contains("# TYPE sockgate_backendrefs_without_ready_endpoints gauge\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("sockgate_backendrefs_without_ready_endpoints{share=\"moved\"} 2\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("sockgate_backendrefs_without_ready_endpoints{share=\"refused\"} 1\n"),
+            "{text}"
+        );
+        m.set(&[]);
+        let text = exposition(&registry);
+        assert!(
+            text.contains("sockgate_backendrefs_without_ready_endpoints{share=\"moved\"} 0\n"),
             "{text}"
         );
     }

@@ -89,6 +89,7 @@ pub fn parse(specs: &[String], filter: &BackendFilter) -> Result<DesiredState, R
         guards: BTreeMap::new(),
         refused: Vec::new(),
         left_out: Vec::new(),
+        unready: Vec::new(),
     })
 }
 

@@ -71,6 +71,11 @@ pub struct ForwardCounts {
     pub table_full: u64,
     /// Segments left to the stack: no route to the backend.
     pub no_route: u64,
+    /// SYNs left to the socket paths: the backend is reached by an interface the
+    /// forward program is not attached to.
+    pub not_attached: u64,
+    /// ICMP errors about forwarded segments translated to the end that sent them.
+    pub icmp_translated: u64,
     pub packets_client_to_backend: u64,
     pub packets_backend_to_client: u64,
     pub bytes_client_to_backend: u64,
@@ -89,6 +94,8 @@ impl ForwardCounts {
             nat_exhausted: s.nat_exhausted,
             table_full: s.table_full,
             no_route: s.no_route,
+            not_attached: s.not_attached,
+            icmp_translated: s.icmp_translated,
             packets_client_to_backend: s.packets_c2b,
             packets_backend_to_client: s.packets_b2c,
             bytes_client_to_backend: s.bytes_c2b,
@@ -332,24 +339,26 @@ fn render_forward(o: &mut String, f: &ForwardCounts) {
     }
     let _ = writeln!(
         o,
-        "  forward:     active {}  connections {}  c->b {} B / {} segments  b->c {} B / {} segments",
+        "  forward:     active {}  connections {}  c->b {} B / {} segments  b->c {} B / {} segments  ICMP errors translated {}",
         f.active,
         f.connections,
         f.bytes_client_to_backend,
         f.packets_client_to_backend,
         f.bytes_backend_to_client,
-        f.packets_backend_to_client
+        f.packets_backend_to_client,
+        f.icmp_translated
     );
     let _ = writeln!(
         o,
-        "  forward rejected: no backend {}  invalid backend {}  connect failed {}  (connect failures {})  to the socket paths: NAT ports exhausted {}  table full {}  no route {}",
+        "  forward rejected: no backend {}  invalid backend {}  connect failed {}  (connect failures {})  to the socket paths: NAT ports exhausted {}  table full {}  no route {}  backend interface not attached {}",
         f.rejected_no_backend,
         f.rejected_invalid_backend,
         f.rejected_connect_failed,
         f.connect_failures,
         f.nat_exhausted,
         f.table_full,
-        f.no_route
+        f.no_route,
+        f.not_attached
     );
 }
 

@@ -1,6 +1,6 @@
 //! The XDP listener guard, agent side: the policy of a listener as plain data, the map
-//! entries it becomes, the maps' handles, and the attach modes. [`attach`] keeps
-//! `gw_xdp` attached to the interfaces it should guard.
+//! entries it becomes, the maps' handles, and the attach modes. `crate::attach::xdp`
+//! keeps `gw_xdp` attached to the interfaces it should guard.
 //!
 //! The kernel side (`gateway-ebpf/src/xdp.rs`) drops SYNs to a listener port from a
 //! denied source, from a source outside a non-empty allow list, or beyond the source
@@ -17,9 +17,7 @@ use gateway_common::{
     GW_XDP_POLICY, GW_XDP_STATS, ListenerKey, PROG_XDP, XDP_F_HAS_ALLOW, XdpPolicy, XdpStats,
 };
 
-use crate::ebpf::MapOpError;
-
-pub mod attach;
+use crate::map_error::MapOpError;
 
 /// A client address range: an address with its host bits cleared and a prefix length.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -314,10 +312,6 @@ pub enum XdpError {
         #[source]
         source: ProgramError,
     },
-    #[error("rtnetlink socket: {0}")]
-    NetlinkSocket(#[source] std::io::Error),
-    #[error("listing interfaces (rtnetlink): {0}")]
-    Netlink(#[source] rtnetlink::Error),
 }
 
 fn map_err(name: &'static str) -> impl Fn(aya::maps::MapError) -> XdpError {

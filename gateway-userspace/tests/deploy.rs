@@ -11,7 +11,7 @@ use k8s_openapi::api::{
 };
 use serde::{Serialize, de::DeserializeOwned};
 use serde_json::Value;
-use sockgate::cluster::access::{API_ACCESS, Scope};
+use sockgate::cluster::access::{API_ACCESS, Access, Scope};
 
 fn deploy_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy")
@@ -96,15 +96,27 @@ fn kustomization_lists_every_manifest() {
     assert_eq!(listed, files);
 }
 
-fn grants(rules: &[PolicyRule], group: &str, resource: &str, verb: &str) -> bool {
+/// Whether `rules` grant `verb` on `resource` of `group`, on every object named in
+/// `names` (on every object when `names` is empty).
+fn grants(rules: &[PolicyRule], a: &Access, verb: &str) -> bool {
     rules.iter().any(|r| {
         let has = |list: &Option<Vec<String>>, want: &str| {
             list.as_ref()
                 .is_some_and(|l| l.iter().any(|x| x == want || x == "*"))
         };
-        has(&r.api_groups, group)
-            && r.resources.iter().flatten().any(|x| x == resource)
+        let named = match r.resource_names.as_deref() {
+            None | Some([]) => true,
+            Some(names) => {
+                !a.resource_names.is_empty()
+                    && a.resource_names
+                        .iter()
+                        .all(|n| names.iter().any(|x| x == n))
+            }
+        };
+        has(&r.api_groups, a.group)
+            && r.resources.iter().flatten().any(|x| x == a.resource)
             && r.verbs.iter().any(|v| v == verb)
+            && named
     })
 }
 
@@ -135,7 +147,7 @@ fn rbac_grants_everything_the_code_uses_and_no_more() {
         };
         for verb in a.verbs {
             assert!(
-                grants(rules, a.group, a.resource, verb),
+                grants(rules, a, verb),
                 "deploy/rbac.yaml does not grant {verb} on {:?}/{} ({})",
                 a.group,
                 a.resource,
@@ -158,6 +170,15 @@ fn rbac_grants_everything_the_code_uses_and_no_more() {
                                 && a.resource == res
                                 && a.verbs.contains(&verb.as_str())),
                             "deploy/rbac.yaml grants {verb} on {g:?}/{res}, which no code uses"
+                        );
+                        // Used on named objects only: granted on those names only.
+                        let named = API_ACCESS
+                            .iter()
+                            .filter(|a| a.scope == scope && a.group == g && a.resource == res)
+                            .all(|a| !a.resource_names.is_empty());
+                        assert!(
+                            !named || r.resource_names.as_ref().is_some_and(|n| !n.is_empty()),
+                            "deploy/rbac.yaml grants {verb} on every {g:?}/{res}; the code uses named ones only"
                         );
                     }
                 }

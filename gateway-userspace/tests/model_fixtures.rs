@@ -3,18 +3,24 @@
 //! root) and `expected.yaml`, the report `sockgate check` prints for it (the status of
 //! every `GatewayClass`, `Gateway` and `TCPRoute`, then the programmed table), computed
 //! at a fixed time. A case may have `params.yaml` with `allowBackendCidrs: [CIDR, ...]`,
-//! the `--allow-backend-cidr` values it is computed with, and `limits: {listeners: N,
-//! backends: N, backendsPerListener: N}`, the capacities (`--max-listeners`, ...).
+//! the `--allow-backend-cidr` values it is computed with, `limits: {listeners: N,
+//! backends: N, backendsPerListener: N}`, the capacities (`--max-listeners`, ...), and
+//! `crdBundleVersions: {CRD name: version or null}`, the bundle-version annotations of
+//! the CRDs as the kube source reads them (without it, no CRD was read, as with files).
 //!
 //! `SOCKGATE_BLESS=1 cargo test -p gateway-userspace --test model_fixtures` rewrites the
 //! expected files; read every change before committing it.
-use std::path::{Path, PathBuf};
+use std::{
+    collections::BTreeMap,
+    path::{Path, PathBuf},
+};
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use sockgate::{
     backend_filter::BackendFilter,
     model::{
-        Params, Snapshot, conditions::DEFAULT_CONTROLLER_NAME, limits::Limits, reconcile, report,
+        CrdBundle, Params, Snapshot, conditions::DEFAULT_CONTROLLER_NAME, limits::Limits,
+        reconcile, report,
     },
     source::files,
     xdp::Cidr,
@@ -33,6 +39,8 @@ struct CaseParams {
     /// The data path's capacities (`--max-listeners`, ...), default the built-in ones.
     #[serde(default)]
     limits: Option<Limits>,
+    #[serde(default)]
+    crd_bundle_versions: Option<BTreeMap<String, Option<String>>>,
 }
 
 fn params(case: &Path) -> Params {
@@ -48,6 +56,9 @@ fn params(case: &Path) -> Params {
         now: Time("2025-01-01T00:00:00Z".parse().expect("timestamp")),
         backend_filter: BackendFilter::allowing(p.allow_backend_cidrs),
         limits: p.limits.unwrap_or_default(),
+        crd_bundle: p
+            .crd_bundle_versions
+            .map_or(CrdBundle::NotRead, CrdBundle::Read),
     }
 }
 

@@ -15,11 +15,9 @@ use std::{
 };
 
 use sockgate::{
+    attach::{self, Manager, Netlink, Selection, list_ifaces},
     ebpf::{Datapath, LoadOptions},
-    xdp::{
-        AttachMode, XdpKind,
-        attach::{self, Manager, Netlink, Selection, list_ifaces},
-    },
+    xdp::{AttachMode, XdpKind},
 };
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;

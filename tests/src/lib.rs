@@ -7,6 +7,7 @@
 //!
 //! ```text
 //!  client 10.200.0.2 ──veth── 10.200.0.1 node 10.200.N.1 ──veth── 10.200.N.2 backend N-1
+//!     fd00:200::2                fd00:200::1  fd00:200:N::1        fd00:200:N::2
 //! ```
 //!
 //! The node forwards between its links, so the client reaches a backend directly (the
@@ -16,11 +17,12 @@
 //! on Ctrl-C (a handler removes every namespace this process made, then exits).
 //! [`sweep_stale`] removes namespaces left by processes that no longer exist.
 //!
-//! Addresses come from 10.200.0.0/16 and exist only inside the bed's namespaces.
+//! Addresses come from 10.200.0.0/16 and `fd00:200::/32` (N in hex) and exist only
+//! inside the bed's namespaces.
 use std::{
     fs::File,
     io,
-    net::Ipv4Addr,
+    net::{Ipv4Addr, Ipv6Addr},
     os::fd::AsFd,
     path::PathBuf,
     process::{Command, Output, Stdio},
@@ -324,6 +326,10 @@ fn link_client(client: &Netns, node: &Netns) -> Result<(), BedError> {
     client.ip(&["addr", "add", "10.200.0.2/24", "dev", "eth0"])?;
     node.ip(&["addr", "add", "10.200.0.1/24", "dev", "c0"])?;
     client.ip(&["route", "add", "default", "via", "10.200.0.1"])?;
+    // `nodad`: usable at once, no duplicate address detection to wait for.
+    client.ip(&["addr", "add", "fd00:200::2/64", "dev", "eth0", "nodad"])?;
+    node.ip(&["addr", "add", "fd00:200::1/64", "dev", "c0", "nodad"])?;
+    client.ip(&["-6", "route", "add", "default", "via", "fd00:200::1"])?;
     Ok(())
 }
 
@@ -344,6 +350,7 @@ impl Bed {
         let client = Netns::new("client")?;
         link_client(&client, &node)?;
         node.output("sysctl", &["-qw", "net.ipv4.ip_forward=1"])?;
+        node.output("sysctl", &["-qw", "net.ipv6.conf.all.forwarding=1"])?;
         let mut list = Vec::with_capacity(backends);
         for i in 0..backends {
             let ns = Netns::new(&format!("b{i}"))?;
@@ -359,6 +366,27 @@ impl Bed {
                 &node_if,
             ])?;
             ns.ip(&["route", "add", "default", "via", &format!("10.200.{net}.1")])?;
+            let (node6, peer6) = (
+                format!("fd00:200:{net:x}::1"),
+                format!("fd00:200:{net:x}::2"),
+            );
+            ns.ip(&[
+                "addr",
+                "add",
+                &format!("{peer6}/64"),
+                "dev",
+                "eth0",
+                "nodad",
+            ])?;
+            node.ip(&[
+                "addr",
+                "add",
+                &format!("{node6}/64"),
+                "dev",
+                &node_if,
+                "nodad",
+            ])?;
+            ns.ip(&["-6", "route", "add", "default", "via", &node6])?;
             list.push(ns);
         }
         Ok(Self {
@@ -408,6 +436,30 @@ impl Bed {
     /// Backend `i`'s address.
     pub fn backend_addr(&self, i: usize) -> Ipv4Addr {
         Ipv4Addr::new(10, 200, u8::try_from(i + 1).unwrap_or(u8::MAX), 2)
+    }
+
+    /// The node's IPv6 address on the client link.
+    pub fn node_addr6(&self) -> Ipv6Addr {
+        Ipv6Addr::new(0xfd00, 0x200, 0, 0, 0, 0, 0, 1)
+    }
+
+    /// The client's IPv6 address.
+    pub fn client_addr6(&self) -> Ipv6Addr {
+        Ipv6Addr::new(0xfd00, 0x200, 0, 0, 0, 0, 0, 2)
+    }
+
+    /// Backend `i`'s IPv6 address.
+    pub fn backend_addr6(&self, i: usize) -> Ipv6Addr {
+        Ipv6Addr::new(
+            0xfd00,
+            0x200,
+            u16::try_from(i + 1).unwrap_or(u16::MAX),
+            0,
+            0,
+            0,
+            0,
+            2,
+        )
     }
 
     /// Names of the bed's namespaces.

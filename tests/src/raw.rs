@@ -15,7 +15,7 @@ use std::{
 
 /// Source ports used in turn (from 20000), so that the SYNs are distinct
 /// connections; their packets are built ahead, so the loop only sends.
-const PORTS: u16 = 4096;
+pub const PORTS: u16 = 4096;
 
 /// What [`syn_flood`] did.
 #[derive(Clone, Copy, Debug)]
@@ -42,6 +42,32 @@ fn fold(mut acc: u32) -> u16 {
     !(acc as u16)
 }
 
+/// The internet checksum of `data` (RFC 1071), ready to store.
+pub fn checksum(data: &[u8]) -> u16 {
+    fold(sum(data, 0))
+}
+
+/// An IPv4 packet (no options, DF set) from `src` to `dst` carrying `payload` of
+/// protocol `proto`, with its header checksum set.
+///
+/// # Panics
+/// When the packet would not fit in 64 KiB.
+pub fn ip_packet(src: Ipv4Addr, dst: Ipv4Addr, proto: u8, payload: &[u8]) -> Vec<u8> {
+    let total = u16::try_from(20 + payload.len()).expect("packet fits in 64 KiB");
+    let mut ip = vec![0u8; 20];
+    ip[0] = 0x45;
+    ip[2..4].copy_from_slice(&total.to_be_bytes());
+    ip[6] = 0x40;
+    ip[8] = 64;
+    ip[9] = proto;
+    ip[12..16].copy_from_slice(&src.octets());
+    ip[16..20].copy_from_slice(&dst.octets());
+    let c = checksum(&ip);
+    ip[10..12].copy_from_slice(&c.to_be_bytes());
+    ip.extend_from_slice(payload);
+    ip
+}
+
 /// TCP flags.
 pub const SYN: u8 = 0x02;
 pub const PSH: u8 = 0x08;
@@ -61,16 +87,6 @@ pub fn tcp_packet(
     payload: &[u8],
 ) -> Vec<u8> {
     let tcp_len = u16::try_from(20 + payload.len()).expect("segment fits in 64 KiB");
-    let total = tcp_len.checked_add(20).expect("packet fits in 64 KiB");
-    let mut ip = vec![0u8; 20];
-    ip[0] = 0x45;
-    ip[2..4].copy_from_slice(&total.to_be_bytes());
-    ip[8] = 64;
-    ip[9] = 6;
-    ip[12..16].copy_from_slice(&src.ip().octets());
-    ip[16..20].copy_from_slice(&dst.ip().octets());
-    let c = fold(sum(&ip, 0));
-    ip[10..12].copy_from_slice(&c.to_be_bytes());
     let mut tcp = vec![0u8; 20];
     tcp[0..2].copy_from_slice(&src.port().to_be_bytes());
     tcp[2..4].copy_from_slice(&dst.port().to_be_bytes());
@@ -87,8 +103,7 @@ pub fn tcp_packet(
     pseudo.extend_from_slice(&tcp_len.to_be_bytes());
     let c = fold(sum(&tcp, sum(&pseudo, 0)));
     tcp[16..18].copy_from_slice(&c.to_be_bytes());
-    ip.extend_from_slice(&tcp);
-    ip
+    ip_packet(*src.ip(), *dst.ip(), 6, &tcp)
 }
 
 /// The IPv4 + TCP SYN from `src:sport` to `dst:dport`, checksums set.

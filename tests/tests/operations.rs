@@ -10,7 +10,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{Agent, bpftool_json, connect, exchange, require_root};
+use common::{Agent, bpftool_json, connect, exchange, http_get, require_root};
 use netbed::{Bed, servers};
 
 fn listener_addr(bed: &Bed, port: u16) -> SocketAddr {
@@ -19,34 +19,6 @@ fn listener_addr(bed: &Bed, port: u16) -> SocketAddr {
 
 fn backend(bed: &Bed, i: usize, port: u16) -> SocketAddr {
     SocketAddr::new(bed.backend_addr(i).into(), port)
-}
-
-/// One plain HTTP/1.1 GET from the node namespace: (status code, body).
-fn http_get(bed: &Bed, addr: SocketAddr, path: &str) -> (u16, String) {
-    let path = path.to_owned();
-    bed.node()
-        .run(move || {
-            let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
-            s.set_read_timeout(Some(Duration::from_secs(10)))?;
-            write!(
-                s,
-                "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-            )?;
-            let mut text = String::new();
-            s.read_to_string(&mut text)?;
-            io::Result::Ok(text)
-        })
-        .expect("node namespace")
-        .map(|text| {
-            let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-            let code = head
-                .split_whitespace()
-                .nth(1)
-                .and_then(|c| c.parse().ok())
-                .unwrap_or(0);
-            (code, body.to_owned())
-        })
-        .expect("HTTP GET")
 }
 
 /// The value of the sample `name{labels}` in a text exposition, if present.

@@ -99,22 +99,7 @@ fn denied_client_times_out_allowed_client_connects() {
     assert!(count(&x, "packets") >= 1 + denied_syns + 3, "{x}");
     // The same counters on the metrics endpoint (the agent's default address, in the
     // node namespace).
-    let metrics = bed
-        .node()
-        .run(|| -> io::Result<String> {
-            use std::io::{Read as _, Write as _};
-            let mut s = TcpStream::connect_timeout(
-                &SocketAddr::from(([127, 0, 0, 1], 9464)),
-                Duration::from_secs(5),
-            )?;
-            s.set_read_timeout(Some(Duration::from_secs(10)))?;
-            s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")?;
-            let mut text = String::new();
-            s.read_to_string(&mut text)?;
-            Ok(text)
-        })
-        .expect("node ns")
-        .expect("metrics");
+    let metrics = common::metrics(&bed);
     for line in [
         format!(
             "sockgate_xdp_dropped_total{{listener=\"{PORT}\",reason=\"denied\"}} {denied_syns}"
@@ -583,26 +568,33 @@ fn auto_is_generic_on_veth_and_follows_the_interface_when_it_is_recreated() {
     assert_guarded_v4(&bed, &agent);
 }
 
-const NODE6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x200, 0, 0, 0, 0, 0, 1);
-const CLIENT6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x200, 0, 0, 0, 0, 0, 2);
+/// A second client address beside the bed's `fd00:200::2`.
 const DENIED6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x200, 0, 0, 0, 0, 0, 3);
 
 #[test]
 fn ipv6_denied_client_times_out_allowed_client_connects() {
     require_root();
     let bed = Bed::new(1).expect("bed");
-    for a in [CLIENT6, DENIED6] {
-        bed.client()
-            .ip(&["addr", "add", &format!("{a}/64"), "dev", "eth0", "nodad"])
-            .expect("client address");
-    }
-    bed.node()
-        .ip(&["addr", "add", &format!("{NODE6}/64"), "dev", "c0", "nodad"])
-        .expect("node address");
+    bed.client()
+        .ip(&[
+            "addr",
+            "add",
+            &format!("{DENIED6}/64"),
+            "dev",
+            "eth0",
+            "nodad",
+        ])
+        .expect("client address");
     // Denied by a /128 among allowed /64 neighbours; an IPv4 range beside it.
     let deny = format!("{PORT}={DENIED6}/128,10.66.0.0/16");
     let (agent, _server) = start(&bed, &["--xdp-deny", &deny]);
-    let x = assert_guarded(&bed, &agent, CLIENT6.into(), DENIED6.into(), NODE6.into());
+    let x = assert_guarded(
+        &bed,
+        &agent,
+        bed.client_addr6().into(),
+        DENIED6.into(),
+        bed.node_addr6().into(),
+    );
     assert!((1..=2).contains(&count(&x, "dropped_denied")), "{x}");
     let s = agent.stats(PORT);
     assert_eq!(

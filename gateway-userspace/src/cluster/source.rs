@@ -16,6 +16,9 @@
 //!   serving the last good state meanwhile, said once in the log, and again when the
 //!   watches are back.
 //! * Every agent programs its own node; only the agent holding the Lease writes status.
+//!   It reads the Gateway API bundle version of the CRDs ([`read_crd_bundle`]) when it
+//!   starts leading and then at most every [`CRD_REREAD`], for the `GatewayClass`
+//!   `SupportedVersion` condition.
 use std::{
     collections::{BTreeMap, BTreeSet},
     fmt::Debug,
@@ -32,9 +35,12 @@ use gateway_api::experimental::{
     referencegrants::ReferenceGrant,
     tcproutes::TcpRoute,
 };
-use k8s_openapi::api::{
-    core::v1::{Namespace, Node, Service},
-    discovery::v1::EndpointSlice,
+use k8s_openapi::{
+    api::{
+        core::v1::{Namespace, Node, Service},
+        discovery::v1::EndpointSlice,
+    },
+    apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition,
 };
 use kube::{
     Api, Client, Resource, ResourceExt as _,
@@ -59,7 +65,12 @@ use super::{
 use crate::{
     desired::DesiredState,
     metrics::Metrics,
-    model::{Snapshot, StatusSet, TcpRouteObject, TcpRouteVersion, reconcile, snapshot::ObjectKey},
+    model::{
+        CrdBundle, Snapshot, StatusSet, TcpRouteObject, TcpRouteVersion,
+        conditions::{BUNDLE_CRDS, BUNDLE_VERSION_ANNOTATION},
+        reconcile,
+        snapshot::ObjectKey,
+    },
     policy::ListenerPolicy,
 };
 
@@ -603,6 +614,103 @@ async fn discover(client: &Client, shutdown: &CancellationToken) -> Option<Disco
     }
 }
 
+/// How long a reading of the CRDs' bundle version is used before it is read again (at
+/// the next status write after that).
+pub const CRD_REREAD: Duration = Duration::from_mins(10);
+
+/// The `gateway.networking.k8s.io/bundle-version` annotation of each CRD of
+/// [`BUNDLE_CRDS`] that exists, by name (`None`: no annotation). Reads metadata only,
+/// one `get` per CRD.
+pub async fn read_crd_bundle(
+    client: &Client,
+) -> Result<BTreeMap<String, Option<String>>, kube::Error> {
+    let api: Api<CustomResourceDefinition> = Api::all(client.clone());
+    let mut out = BTreeMap::new();
+    for name in BUNDLE_CRDS {
+        if let Some(crd) = api.get_metadata_opt(name).await? {
+            let version = crd
+                .metadata
+                .annotations
+                .as_ref()
+                .and_then(|a| a.get(BUNDLE_VERSION_ANNOTATION))
+                .cloned();
+            out.insert(name.to_owned(), version);
+        }
+    }
+    Ok(out)
+}
+
+/// The elected agent's reading of the CRDs' bundle version.
+struct CrdBundleReader {
+    client: Client,
+    bundle: CrdBundle,
+    read_at: Option<tokio::time::Instant>,
+    /// A failure was said (said again only after a success).
+    said: bool,
+}
+
+impl CrdBundleReader {
+    fn new(client: Client) -> Self {
+        Self {
+            client,
+            bundle: CrdBundle::NotRead,
+            read_at: None,
+            said: false,
+        }
+    }
+
+    /// The parameters of a reconcile round; the elected agent's (`leading`) carry the
+    /// CRDs' bundle version, the only status input that is not an object.
+    async fn params(
+        &mut self,
+        opts: &KubeOptions,
+        leading: &watch::Receiver<bool>,
+    ) -> crate::model::Params {
+        let mut params =
+            crate::source::params_now(&opts.controller_name, &opts.backend_filter, opts.limits);
+        let leading = *leading.borrow();
+        if leading {
+            params.crd_bundle = self.get().await;
+        }
+        params
+    }
+
+    /// The reading, read again first when it is older than [`CRD_REREAD`] (or none).
+    async fn get(&mut self) -> CrdBundle {
+        let now = tokio::time::Instant::now();
+        if self
+            .read_at
+            .is_some_and(|t| now.duration_since(t) < CRD_REREAD)
+        {
+            return self.bundle.clone();
+        }
+        self.read_at = Some(now);
+        match read_crd_bundle(&self.client).await {
+            Ok(crds) => {
+                if self.said {
+                    info!("Gateway API CRDs read again");
+                }
+                self.said = false;
+                debug!(crds = ?crds, "Gateway API CRD bundle versions");
+                self.bundle = CrdBundle::Read(crds);
+            }
+            Err(e) => {
+                if !self.said {
+                    warn!(
+                        error = %e,
+                        "reading the Gateway API CRDs' bundle version failed (the agent's RBAC needs get on their customresourcedefinitions: apply deploy/rbac.yaml); keeping the last reading"
+                    );
+                    self.said = true;
+                }
+                if !matches!(self.bundle, CrdBundle::Read(_)) {
+                    self.bundle = CrdBundle::Unreadable(e.to_string());
+                }
+            }
+        }
+        self.bundle.clone()
+    }
+}
+
 /// Keeps the election going until `shutdown`, then releases the lease.
 async fn elect(
     mut elector: Elector,
@@ -693,6 +801,7 @@ pub async fn run(
         found.listener_policies,
         opts.policy_rediscovery,
     );
+    let mut crds = CrdBundleReader::new(client.clone());
     let mut writer = StatusWriter::new(client, &opts.controller_name, route_resource(version));
     tokio::select! {
         () = shutdown.cancelled() => return,
@@ -701,8 +810,7 @@ pub async fn run(
     info!("initial lists done: programming from the cluster's objects");
     loop {
         let snap = stores.snapshot();
-        let params =
-            crate::source::params_now(&opts.controller_name, &opts.backend_filter, opts.limits);
+        let params = crds.params(&opts, &leading).await;
         let (mut desired, mut status) = reconcile(&snap, &params);
         {
             let current = tx.borrow();

@@ -4,13 +4,14 @@
 //!
 //! The program does the per-packet work (see `gateway-ebpf/src/forward.rs`); the agent:
 //!
-//! * **attaches** `gw_fwd` to every interface named with `--forward-iface`, as a tcx
-//!   link pinned under `PIN_DIR/links/`, so that the program, its maps and the
-//!   connections it carries outlive the agent (a restart, SIGKILL included, takes the
-//!   pinned links over and replaces their program atomically). Interfaces that come and
-//!   go are followed on rtnetlink events and every [`RESYNC`];
-//! * **publishes the node's addresses** (every address of a non-loopback interface) in
-//!   `GW_FWD_ADDRS`: a SYN to one of them on a listener port is forwarded;
+//! * **attaches** `gw_fwd` (through the attachment manager, `crate::attach::forward`)
+//!   to the interfaces named with `--forward-iface`, or in the cluster to those holding
+//!   the `Node`'s addresses and those towards the backends, as tcx links pinned under
+//!   `PIN_DIR/links/` ([`link_pin`]), so that the program, its maps and the connections
+//!   it carries outlive the agent (a restart, SIGKILL included, takes the pinned links
+//!   over and replaces their program atomically); the same manager publishes the
+//!   node's addresses in `GW_FWD_ADDRS` (a SYN to one of them on a listener port is
+//!   forwarded) and the attached interfaces in `GW_FWD_IFACES`;
 //! * **reserves the NAT ports** in `net.ipv4.ip_local_reserved_ports`, so no local
 //!   socket takes one, and refuses a range that overlaps the ephemeral range;
 //! * **sweeps** the connection table every [`SWEEP_EVERY`]: a connection is removed
@@ -28,20 +29,14 @@ use std::{
     time::{Duration, Instant},
 };
 
-use aya::programs::links::PinnedLink;
 use gateway_common::{
     DIR_CLIENT_TO_BACKEND, FLOW_S_FIN, FLOW_S_RST, FLOW_S_SYN, Flow, FlowKey, NodeAddr,
 };
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info, warn};
+use tracing::{debug, info};
 
-use crate::{
-    ebpf::{Datapath, MapOpError},
-    xdp::attach::{Iface, Netlink, list_ifaces},
-};
+use crate::ebpf::{Datapath, MapOpError};
 
-/// The longest time between two resyncs of the attachments without an event.
-pub const RESYNC: Duration = Duration::from_secs(5);
 /// How often the sweeper runs.
 pub const SWEEP_EVERY: Duration = Duration::from_secs(1);
 /// The subdirectory of the pin directory where the links are pinned.
@@ -73,21 +68,25 @@ pub enum ForwardError {
         #[source]
         source: aya::programs::ProgramError,
     },
+    #[error("program gw_fwd: {0}")]
+    Program(#[source] aya::programs::ProgramError),
     #[error(transparent)]
     Map(#[from] MapOpError),
-    #[error("rtnetlink: {0}")]
-    Netlink(#[from] crate::xdp::XdpError),
 }
 
-/// Timeouts of the connection table, by state.
+/// Timeouts of the connection table, by state. A closed connection's entries are kept
+/// briefly so that its last segments (the final ACK, a retransmitted FIN) are still
+/// translated; its NAT port is free again after that.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Timeouts {
     /// A connection whose backend has not answered the SYN.
     pub syn: Duration,
     /// An established connection (also half-closed) without any segment.
     pub idle: Duration,
-    /// A connection after a RST, or after a FIN each way.
+    /// A connection after a FIN each way.
     pub closing: Duration,
+    /// A connection after a RST.
+    pub reset: Duration,
 }
 
 impl Default for Timeouts {
@@ -95,7 +94,8 @@ impl Default for Timeouts {
         Self {
             syn: Duration::from_mins(1),
             idle: Duration::from_hours(1),
-            closing: Duration::from_secs(10),
+            closing: Duration::from_secs(2),
+            reset: Duration::from_secs(1),
         }
     }
 }
@@ -103,8 +103,6 @@ impl Default for Timeouts {
 /// The forward path's run-time settings.
 #[derive(Clone, Debug)]
 pub struct ForwardOptions {
-    /// Interfaces `gw_fwd` is attached to.
-    pub ifaces: BTreeSet<String>,
     /// Connection table timeouts.
     pub timeouts: Timeouts,
     /// How long the connections of a removed listener may run.
@@ -197,17 +195,6 @@ pub fn node_addr(ip: IpAddr) -> NodeAddr {
     }
 }
 
-/// The node's addresses clients may connect to: those of every interface but loopback.
-pub fn node_addrs<'a>(ifaces: impl IntoIterator<Item = &'a Iface>) -> BTreeSet<NodeAddr> {
-    ifaces
-        .into_iter()
-        .filter(|i| !i.loopback)
-        .flat_map(|i| i.addrs.iter().copied())
-        .filter(|a| !a.is_loopback())
-        .map(node_addr)
-        .collect()
-}
-
 /// What a sweep found and did.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Sweep {
@@ -233,7 +220,9 @@ pub fn reverse_key(f: &Flow) -> FlowKey {
 pub fn timeout_of(c: &Flow, b: Option<&Flow>, t: &Timeouts) -> Duration {
     let bs = b.map_or(0, |b| b.state);
     let both = c.state | bs;
-    if both & FLOW_S_RST != 0 || (c.state & FLOW_S_FIN != 0 && bs & FLOW_S_FIN != 0) {
+    if both & FLOW_S_RST != 0 {
+        t.reset
+    } else if c.state & FLOW_S_FIN != 0 && bs & FLOW_S_FIN != 0 {
         t.closing
     } else if bs & FLOW_S_SYN == 0 {
         t.syn
@@ -348,128 +337,21 @@ pub fn link_pin(pin_dir: &Path, iface: &str) -> PathBuf {
     pin_dir.join(LINKS_DIR).join(format!("fwd-{iface}"))
 }
 
-/// The links held, by interface name, with the interface index they were made on.
-struct Held {
-    index: u32,
-    _link: PinnedLink,
-}
-
-/// Attaches `gw_fwd` where it is missing and publishes the node's addresses.
-async fn resync(
-    dp: &Datapath,
-    nl: &Netlink,
-    opts: &ForwardOptions,
-    held: &mut BTreeMap<String, Held>,
-    missing: &mut BTreeSet<String>,
-) -> Result<(), ForwardError> {
-    let ifaces = list_ifaces(nl.handle()).await?;
-    dp.set_node_addrs(&node_addrs(ifaces.values()))?;
-    held.retain(|name, h| {
-        let keep = ifaces.get(name).is_some_and(|i| i.index == h.index);
-        if !keep {
-            info!(iface = %name, "forward program attachment gone with its interface");
-        }
-        keep
-    });
-    let dir = dp.pin_dir().join(LINKS_DIR);
-    let _ = fs::create_dir_all(&dir);
-    for name in &opts.ifaces {
-        let Some(iface) = ifaces.get(name) else {
-            if missing.insert(name.clone()) {
-                warn!(iface = %name, "forward path: no such interface (yet); attached when it appears");
-            }
-            continue;
-        };
-        missing.remove(name);
-        if held.contains_key(name) {
-            continue;
-        }
-        let link = dp
-            .attach_fwd(name, &link_pin(dp.pin_dir(), name))
-            .map_err(|source| ForwardError::Attach {
-                iface: name.clone(),
-                source,
-            })?;
-        info!(iface = %name, ifindex = iface.index, "forward program attached (tc ingress, tcx)");
-        held.insert(
-            name.clone(),
-            Held {
-                index: iface.index,
-                _link: link,
-            },
-        );
-    }
-    Ok(())
-}
-
-/// Attaches the forward program to the chosen interfaces before the first client
-/// arrives: errors here are the agent's start-up errors.
-pub async fn start(
-    dp: &Arc<Datapath>,
-    opts: ForwardOptions,
-    shutdown: &CancellationToken,
-) -> Result<tokio::task::JoinHandle<()>, ForwardError> {
-    let nl = Netlink::open()?;
-    let mut held = BTreeMap::new();
-    let mut missing = BTreeSet::new();
-    resync(dp, &nl, &opts, &mut held, &mut missing).await?;
-    info!(
-        ifaces = ?opts.ifaces, idle_secs = opts.timeouts.idle.as_secs(),
-        "forward data path on: connections arriving on these interfaces are forwarded in the kernel"
-    );
-    Ok(tokio::spawn(run(
-        dp.clone(),
-        nl,
-        opts,
-        held,
-        missing,
-        shutdown.clone(),
-    )))
-}
-
-async fn run(
+/// Sweeps `dp`'s connection table every [`SWEEP_EVERY`] until `shutdown`.
+pub async fn sweep_until(
     dp: Arc<Datapath>,
-    nl: Netlink,
-    opts: ForwardOptions,
-    mut held: BTreeMap<String, Held>,
-    mut missing: BTreeSet<String>,
+    timeouts: Timeouts,
+    drain: Duration,
     shutdown: CancellationToken,
 ) {
     let mut sweeper = Sweeper::default();
-    let mut last_resync = Instant::now();
-    let mut failing = false;
     loop {
         tokio::select! {
             () = shutdown.cancelled() => break,
             () = tokio::time::sleep(SWEEP_EVERY) => {}
         }
-        sweeper.sweep(&dp, &opts.timeouts, opts.drain);
-        if last_resync.elapsed() >= RESYNC {
-            last_resync = Instant::now();
-            match resync(&dp, &nl, &opts, &mut held, &mut missing).await {
-                Ok(()) => failing = false,
-                Err(e) if !failing => {
-                    warn!(error = %e, "forward path resync failed (retried; said again once it recovers and fails anew)");
-                    failing = true;
-                }
-                Err(e) => debug!(error = %e, "forward path resync still failing"),
-            }
-        }
+        sweeper.sweep(&dp, &timeouts, drain);
     }
-    if opts.keep_pins {
-        info!(
-            interfaces = held.len(),
-            "forward program left attached (--keep-pins): forwarded connections keep flowing"
-        );
-        return;
-    }
-    for name in held.keys() {
-        let _ = fs::remove_file(link_pin(dp.pin_dir(), name));
-    }
-    let n = held.len();
-    held.clear();
-    let _ = fs::remove_dir(dp.pin_dir().join(LINKS_DIR));
-    info!(interfaces = n, "forward program detached");
 }
 
 #[cfg(test)]

@@ -10,6 +10,11 @@
 //! Endpoints whose address the [`BackendFilter`] refuses (loopback, link-local, ...)
 //! are left out here, before any weight is spread: they are never programmed, and the
 //! backendRef says so in `ResolvedRefs`.
+//!
+//! A backendRef that resolves but has no ready endpoint is decided for availability:
+//! its share goes to the backendRefs of the rule that have ready endpoints, and only
+//! when none has one are its connections refused. An invalid backendRef keeps refusing
+//! its share, as the Gateway API requires.
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::{IpAddr, SocketAddr},
@@ -30,7 +35,7 @@ use super::{
 };
 use crate::{
     backend_filter::{ALLOW_FLAG, BackendFilter, RefusalReason, RefusedBackend},
-    desired::Backend,
+    desired::{Backend, UnreadyShare},
 };
 
 /// Largest factor endpoint weights are scaled by to keep backendRef shares exact.
@@ -70,6 +75,34 @@ impl ResolvedRef {
     pub fn problem(&self) -> Option<&RefProblem> {
         self.target.as_ref().err().or(self.refusal.as_ref())
     }
+
+    /// Whether it has at least one ready endpoint whose address is allowed.
+    pub fn has_ready_endpoint(&self) -> bool {
+        self.target.as_ref().is_ok_and(|eps| !eps.is_empty())
+    }
+
+    /// Whether it is valid, takes a share (weight > 0), and has no ready endpoint: its
+    /// share goes to the backendRefs with ready endpoints. A backendRef whose only ready
+    /// endpoints are refused by address is not one of these: it is `RefNotPermitted`,
+    /// and keeps its share as an invalid backendRef does.
+    pub fn without_ready_endpoint(&self) -> bool {
+        self.weight > 0 && self.refusal.is_none() && self.target.as_ref().is_ok_and(Vec::is_empty)
+    }
+}
+
+/// The backendRefs of one rule that have no ready endpoint, and what becomes of their
+/// share; `None` when every backendRef with a share has a ready endpoint or is invalid.
+pub fn unready(refs: &[ResolvedRef]) -> Option<(Vec<&ResolvedRef>, UnreadyShare)> {
+    let unready: Vec<&ResolvedRef> = refs.iter().filter(|r| r.without_ready_endpoint()).collect();
+    if unready.is_empty() {
+        return None;
+    }
+    let share = if refs.iter().any(|r| r.weight > 0 && r.has_ready_endpoint()) {
+        UnreadyShare::Moved
+    } else {
+        UnreadyShare::Refused
+    };
+    Some((unready, share))
 }
 
 /// A Service's ready endpoints, split by the [`BackendFilter`].
@@ -260,8 +293,13 @@ impl<'a> Backends<'a> {
                 continue;
             };
             for ep in &slice.endpoints {
-                let ready = ep.conditions.as_ref().and_then(|c| c.ready).unwrap_or(true);
-                if !ready {
+                // `ready` unset counts as ready; a terminating endpoint takes no new
+                // connections even while `serving` (its established ones keep their
+                // backend, which the data path does by itself).
+                let conditions = ep.conditions.as_ref();
+                let ready = conditions.and_then(|c| c.ready).unwrap_or(true);
+                let terminating = conditions.and_then(|c| c.terminating).unwrap_or(false);
+                if !ready || terminating {
                     continue;
                 }
                 // Consumers use the first address (EndpointSlice API).
@@ -321,35 +359,72 @@ fn gcd(a: u64, b: u64) -> u64 {
     if b == 0 { a } else { gcd(b, a % b) }
 }
 
+/// The weight each backendRef takes in the data path, before it is spread over its
+/// endpoints: backendRefs with weight 0 are left out, and so are those without ready
+/// endpoint when another backendRef of the rule has one, their share going to the
+/// backendRefs with ready endpoints in proportion of their weights. Invalid backendRefs
+/// keep exactly the share their weight gives them.
+///
+/// With `R` the weights of the backendRefs with ready endpoints, `U` those without and
+/// `I` the invalid ones (`W = R + U + I`), a ready backendRef of weight `w` gets
+/// `w × (R + U) / (W × R)` of the connections and an invalid one `w / W`: scaled by
+/// `W × R`, their integer weights are `w × (R + U)` and `w × R`.
+fn effective_weights(refs: &[ResolvedRef]) -> Vec<(&ResolvedRef, u64)> {
+    let active = || refs.iter().filter(|r| r.weight > 0);
+    let sum = |f: fn(&ResolvedRef) -> bool| -> u64 {
+        active().filter(|r| f(r)).map(|r| u64::from(r.weight)).sum()
+    };
+    let ready = sum(ResolvedRef::has_ready_endpoint);
+    if ready == 0 {
+        // Nothing to move a share to: every share is refused, as it comes.
+        return active().map(|r| (r, u64::from(r.weight))).collect();
+    }
+    let unready = sum(ResolvedRef::without_ready_endpoint);
+    active()
+        .filter(|r| !r.without_ready_endpoint())
+        .map(|r| {
+            let factor = if r.has_ready_endpoint() {
+                ready + unready
+            } else {
+                ready
+            };
+            (r, u64::from(r.weight) * factor)
+        })
+        .collect()
+}
+
 /// Turns resolved backendRefs into weighted data path entries.
 ///
 /// * weight 0: no entry (never picked);
-/// * invalid, or no ready endpoint: one entry without address carrying the backendRef's
-///   whole share (its connections are rejected);
+/// * valid but without ready endpoint: no entry, its share goes to the backendRefs with
+///   ready endpoints; when no backendRef of the rule has one, one entry without address
+///   carrying its share (its connections are rejected);
+/// * invalid: one entry without address carrying the backendRef's whole share (its
+///   connections are rejected);
 /// * otherwise the backendRef's share `w × S` is split over its endpoints, each getting
 ///   `⌊w × S / n⌋` or one more. `S` is the least common multiple of the endpoint counts,
 ///   so every endpoint of a backendRef gets the same weight; when that multiple exceeds
 ///   [`SCALE_CAP`], `S` is the largest endpoint count and endpoints of one backendRef
 ///   differ by at most 1 (the backendRef's total stays exact).
 ///
-/// Each backendRef keeps at most `256 / (backendRefs with weight > 0)` endpoints (the
+/// Each backendRef keeps at most `256 / (backendRefs with an entry)` endpoints (the
 /// first in address order), so a listener never exceeds the data path's per-listener
 /// limit; [`spread_within`] takes another limit.
 pub fn spread(refs: &[ResolvedRef]) -> Vec<Backend> {
     spread_within(refs, MAX_BACKENDS_PER_LISTENER)
 }
 
-/// Endpoints each backendRef with a weight keeps on a listener of at most
-/// `per_listener` entries (at least 1).
+/// Endpoints each backendRef with an entry (see [`spread`]) keeps on a listener of at
+/// most `per_listener` entries (at least 1).
 pub fn per_ref(refs: &[ResolvedRef], per_listener: u32) -> usize {
-    let active = refs.iter().filter(|r| r.weight > 0).count().max(1);
-    (per_listener as usize / active).max(1)
+    let entries = effective_weights(refs).len().max(1);
+    (per_listener as usize / entries).max(1)
 }
 
 /// [`spread`] on a listener of at most `per_listener` entries: each backendRef keeps
 /// [`per_ref`] endpoints, the first in address order.
 pub fn spread_within(refs: &[ResolvedRef], per_listener: u32) -> Vec<Backend> {
-    let active: Vec<&ResolvedRef> = refs.iter().filter(|r| r.weight > 0).collect();
+    let active = effective_weights(refs);
     if active.is_empty() {
         return Vec::new();
     }
@@ -358,30 +433,27 @@ pub fn spread_within(refs: &[ResolvedRef], per_listener: u32) -> Vec<Backend> {
         Ok(eps) if !eps.is_empty() => eps.len().min(per_ref) as u64,
         _ => 1,
     };
-    let g = active
-        .iter()
-        .fold(0, |acc, r| gcd(acc, u64::from(r.weight)))
-        .max(1);
-    let lcm = active.iter().try_fold(1u64, |acc, r| {
+    let g = active.iter().fold(0, |acc, &(_, w)| gcd(acc, w)).max(1);
+    let lcm = active.iter().try_fold(1u64, |acc, (r, _)| {
         let n = count(r);
         let l = acc / gcd(acc, n) * n;
         (l <= SCALE_CAP).then_some(l)
     });
-    let scale = lcm.unwrap_or_else(|| active.iter().map(|r| count(r)).max().unwrap_or(1));
+    let scale = lcm.unwrap_or_else(|| active.iter().map(|(r, _)| count(r)).max().unwrap_or(1));
     let mut shares: Vec<u64> = active
         .iter()
-        .map(|r| u64::from(r.weight) / g * scale)
+        .map(|&(_, w)| (w / g).saturating_mul(scale))
         .collect();
-    let total: u64 = shares.iter().sum();
+    let total: u128 = shares.iter().map(|&s| u128::from(s)).sum();
     let limit = u64::from(u32::MAX);
-    if total > limit {
-        for (s, r) in shares.iter_mut().zip(&active) {
-            *s = (u128::from(*s) * u128::from(limit / 2) / u128::from(total)) as u64;
+    if total > u128::from(limit) {
+        for (s, (r, _)) in shares.iter_mut().zip(&active) {
+            *s = u64::try_from(u128::from(*s) * u128::from(limit / 2) / total).unwrap_or(limit);
             *s = (*s).max(count(r));
         }
     }
     let mut out = Vec::new();
-    for (r, share) in active.iter().zip(shares) {
+    for ((r, _), share) in active.iter().zip(shares) {
         match &r.target {
             Ok(eps) if !eps.is_empty() => {
                 let n = count(r);
@@ -464,11 +536,81 @@ mod tests {
     }
 
     #[test]
-    fn no_ready_endpoint_is_rejected_share() {
-        let b = spread(&[r("empty", 1, Ok(vec![])), r("one", 1, Ok(eps(1)))]);
+    fn no_ready_endpoint_gives_its_share_to_the_ready_ones() {
+        let refs = [
+            r("empty", 3, Ok(vec![])),
+            r("one", 1, Ok(eps(1))),
+            r("two", 1, Ok(eps(2))),
+        ];
+        let b = spread(&refs);
+        assert!(b.iter().all(|x| x.addr.is_some()), "{b:?}");
+        assert_eq!(share(&b, "empty"), 0);
+        assert_eq!(share(&b, "one"), share(&b, "two"));
+        let (names, fate) = unready(&refs).expect("one without ready endpoint");
+        assert_eq!(names.len(), 1);
+        assert_eq!(names[0].label, "empty");
+        assert_eq!(fate, UnreadyShare::Moved);
+    }
+
+    #[test]
+    fn when_no_backend_ref_has_a_ready_endpoint_every_share_is_refused() {
+        let refs = [r("a", 1, Ok(vec![])), r("b", 3, Ok(vec![]))];
+        let b = spread(&refs);
         assert_eq!(b.len(), 2);
-        assert_eq!(b[0].addr, None);
-        assert_eq!(b[0].weight, b[1].weight);
+        assert!(b.iter().all(|x| x.addr.is_none()));
+        assert_eq!(share(&b, "b"), 3 * share(&b, "a"));
+        assert_eq!(unready(&refs).map(|u| u.1), Some(UnreadyShare::Refused));
+    }
+
+    #[test]
+    fn an_invalid_ref_keeps_its_share_when_an_unready_one_gives_its_share_away() {
+        let bad = Err(RefProblem {
+            reason: reasons::BACKEND_NOT_FOUND,
+            message: String::new(),
+        });
+        // 1 : 1 : 2 — the invalid ref keeps 1/4, the ready one gets 3/4.
+        let b = spread(&[
+            r("ready", 1, Ok(eps(1))),
+            r("unready", 1, Ok(vec![])),
+            r("bad", 2, bad),
+        ]);
+        let total: u64 = b.iter().map(|x| u64::from(x.weight)).sum();
+        assert_eq!(share(&b, "unready"), 0);
+        assert_eq!(share(&b, "bad") * 2, total, "{b:?}");
+        assert_eq!(share(&b, "ready") * 2, total, "{b:?}");
+        // Shares exact for other weights too: ready 3, unready 5, invalid 2 of 10.
+        let bad = Err(RefProblem {
+            reason: reasons::BACKEND_NOT_FOUND,
+            message: String::new(),
+        });
+        let b = spread(&[
+            r("ready", 3, Ok(eps(3))),
+            r("unready", 5, Ok(vec![])),
+            r("bad", 2, bad),
+        ]);
+        let total: u64 = b.iter().map(|x| u64::from(x.weight)).sum();
+        assert_eq!(share(&b, "bad") * 10, total * 2, "{b:?}");
+        assert_eq!(share(&b, "ready") * 10, total * 8, "{b:?}");
+    }
+
+    #[test]
+    fn a_ref_whose_endpoints_are_all_refused_keeps_its_share() {
+        let mut refused = r("refused", 1, Ok(vec![]));
+        refused.refusal = Some(RefProblem {
+            reason: reasons::REF_NOT_PERMITTED,
+            message: String::new(),
+        });
+        let refs = [refused, r("one", 1, Ok(eps(1)))];
+        let b = spread(&refs);
+        assert_eq!(share(&b, "refused"), share(&b, "one"));
+        assert!(unready(&refs).is_none());
+    }
+
+    #[test]
+    fn weight_zero_without_endpoints_is_not_counted() {
+        let refs = [r("zero", 0, Ok(vec![])), r("one", 1, Ok(eps(1)))];
+        assert!(unready(&refs).is_none());
+        assert_eq!(spread(&refs).len(), 1);
     }
 
     #[test]
@@ -493,5 +635,21 @@ mod tests {
         assert!(u32::try_from(total).is_ok());
         assert!(b.iter().all(|x| x.weight >= 1));
         assert!(b.len() <= MAX_BACKENDS_PER_LISTENER as usize);
+        // Moved shares multiply weights: still within u32, still one entry per endpoint.
+        let bad = Err(RefProblem {
+            reason: reasons::BACKEND_NOT_FOUND,
+            message: String::new(),
+        });
+        let mut refs = vec![r("bad", 999_983, bad), r("ready", 1_000_000, Ok(eps(200)))];
+        refs.extend((0..14).map(|i| r(&format!("u{i}"), 999_979 - i, Ok(vec![]))));
+        let b = spread(&refs);
+        let total: u64 = b.iter().map(|x| u64::from(x.weight)).sum();
+        assert!(u32::try_from(total).is_ok());
+        assert!(b.iter().all(|x| x.weight >= 1));
+        assert_eq!(
+            b.len(),
+            1 + 128,
+            "two entries take a share: 128 endpoints each at most"
+        );
     }
 }

@@ -22,6 +22,8 @@ pub mod types {
     pub const CONFLICTED: &str = "Conflicted";
     /// Route: some rules are valid, others were dropped.
     pub const PARTIALLY_INVALID: &str = "PartiallyInvalid";
+    /// GatewayClass: the Gateway API version of the installed CRDs is supported.
+    pub const SUPPORTED_VERSION: &str = "SupportedVersion";
 }
 
 /// Condition reasons.
@@ -71,7 +73,32 @@ pub mod reasons {
     /// ready endpoints than a listener holds (`--max-backends-per-listener`); the
     /// first are programmed, the message names the others.
     pub const TOO_MANY_ENDPOINTS: &str = "TooManyEndpoints";
+    /// GatewayClass `SupportedVersion=True`.
+    pub const SUPPORTED_VERSION: &str = "SupportedVersion";
+    /// GatewayClass `SupportedVersion=False`: the CRDs are of another Gateway API
+    /// version than sockgate is built for.
+    pub const UNSUPPORTED_VERSION: &str = "UnsupportedVersion";
 }
+
+/// The Gateway API release sockgate is built for: that of the `gateway-api` crate's
+/// generated types (0.22: v1.5.1, its README). Bundles of the same minor version are
+/// supported.
+pub const BUNDLE_VERSION: &str = "v1.5.1";
+/// The annotation every Gateway API CRD carries with its release.
+pub const BUNDLE_VERSION_ANNOTATION: &str = "gateway.networking.k8s.io/bundle-version";
+/// The CRDs whose bundle version the kube source reads: those of the kinds it watches.
+pub const BUNDLE_CRDS: [&str; 4] = [
+    "gatewayclasses.gateway.networking.k8s.io",
+    "gateways.gateway.networking.k8s.io",
+    "referencegrants.gateway.networking.k8s.io",
+    "tcproutes.gateway.networking.k8s.io",
+];
+
+/// `status.supportedFeatures` of sockgate's GatewayClasses: the Gateway API feature
+/// names (`pkg/features` upstream) whose conformance tests sockgate's support covers,
+/// sorted as the Gateway API requires. `GatewayPort8080` is left out although any port
+/// is served: its conformance tests use HTTPRoute.
+pub const SUPPORTED_FEATURES: [&str; 3] = ["Gateway", "ReferenceGrant", "TCPRoute"];
 
 /// The Gateway API group.
 pub const GATEWAY_GROUP: &str = "gateway.networking.k8s.io";

@@ -389,6 +389,25 @@ mod tests {
     }
 
     #[test]
+    fn a_backend_ref_without_ready_endpoint_takes_no_room_on_the_listener() {
+        // "unready" gives its share to "big": one entry-holding backendRef, so "big"
+        // keeps the whole listener (16), not half of it.
+        let refs = [r("big", 1, 20), r("unready", 1, 0)];
+        let t = truncated(&refs, 16);
+        assert_eq!(t.len(), 1, "{t:?}");
+        assert_eq!((t[0].kept, t[0].left_out.len()), (16, 4));
+        let spread = super::super::backends::spread_within(&refs, 16);
+        assert_eq!(spread.len(), 16);
+        assert!(spread.iter().all(|b| b.backend_ref == "big"), "{spread:?}");
+        // No backendRef with a ready endpoint: each keeps its refusing entry.
+        let refs = [r("a", 1, 0), r("b", 1, 0)];
+        assert!(truncated(&refs, 16).is_empty());
+        let spread = super::super::backends::spread_within(&refs, 16);
+        assert_eq!(spread.len(), 2);
+        assert!(spread.iter().all(|b| b.addr.is_none()));
+    }
+
+    #[test]
     fn fit_keeps_the_route_table_in_port_order() {
         let mut d = DesiredState::default();
         for port in [30, 10, 20] {

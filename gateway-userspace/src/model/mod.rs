@@ -22,4 +22,4 @@ pub mod report;
 pub mod snapshot;
 
 pub use reconcile::{StatusSet, reconcile};
-pub use snapshot::{Params, Snapshot, TcpRouteObject, TcpRouteVersion};
+pub use snapshot::{CrdBundle, Params, Snapshot, TcpRouteObject, TcpRouteVersion};

@@ -4,7 +4,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use gateway_api::experimental::{
-    gatewayclasses::{GatewayClass, GatewayClassStatus},
+    gatewayclasses::{GatewayClass, GatewayClassStatus, GatewayClassStatusSupportedFeatures},
     gateways::{
         Gateway, GatewayListeners, GatewayListenersAllowedRoutesNamespacesFrom,
         GatewayListenersAllowedRoutesNamespacesSelector, GatewayStatus, GatewayStatusListeners,
@@ -18,12 +18,17 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, ObjectMeta, Time
 use tracing::instrument;
 
 use super::{
-    backends::{Backends, RefProblem, ResolvedRef, spread_within},
-    conditions::{FALSE, GATEWAY_GROUP, KIND_GATEWAY, KIND_TCP_ROUTE, TRUE, reasons, types},
+    backends::{Backends, RefProblem, ResolvedRef, spread_within, unready},
+    conditions::{
+        BUNDLE_VERSION, BUNDLE_VERSION_ANNOTATION, FALSE, GATEWAY_GROUP, KIND_GATEWAY,
+        KIND_TCP_ROUTE, SUPPORTED_FEATURES, TRUE, reasons, types,
+    },
     limits::{Budget, LeftOut, Limit, truncated},
-    snapshot::{ObjectKey, Params, Snapshot, TcpRouteObject, generation_of, namespace_of},
+    snapshot::{
+        CrdBundle, ObjectKey, Params, Snapshot, TcpRouteObject, generation_of, namespace_of,
+    },
 };
-use crate::desired::{DesiredState, Listener};
+use crate::desired::{DesiredState, Listener, UnreadyBackendRef, UnreadyShare};
 
 /// The status sockgate writes, by object. Objects absent here are not written.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -234,6 +239,21 @@ pub fn reconcile(snap: &Snapshot, params: &Params) -> (DesiredState, StatusSet) 
         .collect::<BTreeSet<_>>()
         .into_iter()
         .collect();
+    // Every backendRef without ready endpoint, by route.
+    desired.unready = resolved
+        .iter()
+        .flat_map(|(route, refs)| {
+            unready(refs).into_iter().flat_map(move |(names, share)| {
+                names.into_iter().map(move |r| UnreadyBackendRef {
+                    route: route.to_string(),
+                    backend_ref: r.label.clone(),
+                    share,
+                })
+            })
+        })
+        .collect::<BTreeSet<_>>()
+        .into_iter()
+        .collect();
     // The XDP guard's policies attach to the listeners just computed.
     let (guards, policies) = crate::policy::resolve(&snap.listener_policies, &desired, params);
     desired.guards = guards;
@@ -256,21 +276,97 @@ fn our_classes(
             now: &params.now,
             generation: generation_of(&c.metadata),
         };
+        let (supported, message) = supported_version(&params.crd_bundle);
+        let reason = if supported {
+            reasons::SUPPORTED_VERSION
+        } else {
+            reasons::UNSUPPORTED_VERSION
+        };
         status.gateway_classes.insert(
             name.clone(),
             GatewayClassStatus {
-                conditions: Some(vec![cond.make(
-                    types::ACCEPTED,
-                    true,
-                    reasons::ACCEPTED,
-                    format!("handled by {}", params.controller_name),
-                )]),
-                supported_features: None,
+                conditions: Some(vec![
+                    cond.make(
+                        types::ACCEPTED,
+                        true,
+                        reasons::ACCEPTED,
+                        format!("handled by {}", params.controller_name),
+                    ),
+                    cond.make(types::SUPPORTED_VERSION, supported, reason, message),
+                ]),
+                supported_features: Some(
+                    SUPPORTED_FEATURES
+                        .iter()
+                        .map(|f| GatewayClassStatusSupportedFeatures {
+                            name: (*f).to_owned(),
+                        })
+                        .collect(),
+                ),
             },
         );
         ours.insert(name);
     }
     ours
+}
+
+/// `vMAJOR.MINOR` of a bundle version (`v1.5.1`, `v1.6.0-rc.1`).
+fn major_minor(version: &str) -> Option<(u32, u32)> {
+    let mut parts = version.strip_prefix('v')?.split(['.', '-']);
+    Some((parts.next()?.parse().ok()?, parts.next()?.parse().ok()?))
+}
+
+/// The GatewayClass `SupportedVersion` condition's status and message: the CRDs' bundle
+/// versions are supported when they have the major and minor version of
+/// [`BUNDLE_VERSION`]. Without CRDs (files), there is nothing to disagree with.
+fn supported_version(bundle: &CrdBundle) -> (bool, String) {
+    let want = major_minor(BUNDLE_VERSION);
+    let built = format!("sockgate is built for Gateway API {BUNDLE_VERSION}");
+    match bundle {
+        CrdBundle::NotRead => (
+            true,
+            format!("no Gateway API CRDs read (objects from files); {built}"),
+        ),
+        CrdBundle::Unreadable(why) => (
+            false,
+            format!("the Gateway API CRDs' bundle version could not be read ({why}); {built}"),
+        ),
+        CrdBundle::Read(crds) if crds.is_empty() => {
+            (false, format!("no Gateway API CRD found; {built}"))
+        }
+        CrdBundle::Read(crds) => {
+            let wrong: Vec<String> = crds
+                .iter()
+                .filter_map(|(crd, v)| match v {
+                    None => Some(format!(
+                        "CRD {crd} has no {BUNDLE_VERSION_ANNOTATION} annotation"
+                    )),
+                    Some(v) if major_minor(v) != want || want.is_none() => {
+                        Some(format!("CRD {crd} is of bundle version {v}"))
+                    }
+                    Some(_) => None,
+                })
+                .collect();
+            if wrong.is_empty() {
+                let versions: BTreeSet<&str> =
+                    crds.values().flatten().map(String::as_str).collect();
+                let versions = versions.into_iter().collect::<Vec<_>>().join(", ");
+                (
+                    true,
+                    format!("Gateway API CRD bundle version {versions} supported; {built}"),
+                )
+            } else {
+                (
+                    false,
+                    format!(
+                        "{}; {built} and supports v{}.{}.x bundles only: objects are read as best effort",
+                        wrong.join("; "),
+                        want.map_or(0, |w| w.0),
+                        want.map_or(0, |w| w.1),
+                    ),
+                )
+            }
+        }
+    }
 }
 
 fn evaluate_gateway(gw: &Gateway) -> GatewayEval<'_> {
@@ -491,12 +587,18 @@ fn route_backends(
         .filter_map(ResolvedRef::problem)
         .chain(&too_many)
         .collect();
+    // A backendRef without ready endpoint resolves: it is said in the message, not in
+    // the condition's status.
+    let unready_note = unready(&refs).map(|(names, share)| unready_message(&names, share));
     let resolved_refs = match problems.first() {
         None => cond.make(
             types::RESOLVED_REFS,
             true,
             reasons::RESOLVED_REFS,
-            "all backendRefs resolved",
+            match unready_note {
+                None => "all backendRefs resolved".to_owned(),
+                Some(note) => format!("all backendRefs resolved; {note}"),
+            },
         ),
         Some(first) => cond.make(
             types::RESOLVED_REFS,
@@ -504,7 +606,8 @@ fn route_backends(
             first.reason,
             problems
                 .iter()
-                .map(|p| p.message.as_str())
+                .map(|p| p.message.clone())
+                .chain(unready_note)
                 .collect::<Vec<_>>()
                 .join("; "),
         ),
@@ -521,6 +624,28 @@ fn route_backends(
         )
     });
     (refs, resolved_refs, partially_invalid)
+}
+
+/// What the `ResolvedRefs` message says of the backendRefs without ready endpoint.
+fn unready_message(names: &[&ResolvedRef], share: UnreadyShare) -> String {
+    let list = names
+        .iter()
+        .map(|r| r.label.as_str())
+        .collect::<Vec<_>>()
+        .join(", ");
+    let (noun, has, their) = if names.len() == 1 {
+        ("backendRef", "has", "its")
+    } else {
+        ("backendRefs", "have", "their")
+    };
+    match share {
+        UnreadyShare::Moved => format!(
+            "{noun} {list} {has} no ready endpoint: {their} share went to the backendRefs with ready endpoints"
+        ),
+        UnreadyShare::Refused => format!(
+            "{noun} {list} {has} no ready endpoint, nor has any backendRef of the rule: {their} connections are refused"
+        ),
+    }
 }
 
 /// Attaches the route to the listeners of `g` that parentRef `p` selects and allow it;

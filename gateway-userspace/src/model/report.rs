@@ -1,8 +1,8 @@
 //! What `sockgate check` prints: for every GatewayClass, Gateway, TCPRoute and
 //! ListenerPolicy of the input, its identity and the status sockgate would write, then
 //! the programmed listener/backend table (with each listener's XDP guard), then the
-//! endpoints refused because of their address, then what the data path's capacities
-//! left out.
+//! endpoints refused because of their address, then the backendRefs without ready
+//! endpoint, then what the data path's capacities left out.
 use serde::Serialize;
 
 use super::{
@@ -10,7 +10,10 @@ use super::{
     reconcile::StatusSet,
     snapshot::{ObjectKey, Snapshot},
 };
-use crate::{backend_filter::RefusedBackend, desired::DesiredState};
+use crate::{
+    backend_filter::RefusedBackend,
+    desired::{DesiredState, UnreadyBackendRef},
+};
 
 /// The whole report.
 #[derive(Clone, Debug, Serialize)]
@@ -23,6 +26,13 @@ pub struct Report {
     /// link-local, ...; `--allow-backend-cidr`), by backendRef and address.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub refused: Vec<RefusedBackend>,
+    /// backendRefs that resolve but have no ready endpoint, by route and backendRef, and
+    /// whether their share went to the others (`moved`) or is refused (`refused`).
+    #[serde(
+        rename = "withoutReadyEndpoints",
+        skip_serializing_if = "Vec::is_empty"
+    )]
+    pub without_ready_endpoints: Vec<UnreadyBackendRef>,
     /// What a capacity of the data path left out: listeners not programmed, endpoints
     /// beyond a listener's limit (`--max-listeners`, ...).
     #[serde(rename = "notProgrammed", skip_serializing_if = "Vec::is_empty")]
@@ -181,6 +191,7 @@ pub fn build(snap: &Snapshot, desired: &DesiredState, status: &StatusSet) -> Rep
         objects,
         programmed,
         refused: desired.refused.clone(),
+        without_ready_endpoints: desired.unready.clone(),
         not_programmed: desired.left_out.clone(),
     }
 }

@@ -1,8 +1,8 @@
 //! The input of [`reconcile`](super::reconcile): every object the model reads, as the
 //! generated Gateway API and Kubernetes types, plus the parameters that are not objects
 //! (controller name, current time, the backend addresses allowed, the data path's
-//! capacities).
-use std::fmt;
+//! capacities, the CRDs' bundle version).
+use std::{collections::BTreeMap, fmt};
 
 use gateway_api::experimental::{
     gatewayclasses::GatewayClass, gateways::Gateway, referencegrants::ReferenceGrant,
@@ -83,6 +83,22 @@ pub struct Params {
     /// The data path's capacities (`--max-listeners`, ...): what does not fit is left
     /// out and reported.
     pub limits: super::limits::Limits,
+    /// The Gateway API bundle version of the installed CRDs, for the GatewayClass
+    /// `SupportedVersion` condition.
+    pub crd_bundle: CrdBundle,
+}
+
+/// The Gateway API bundle versions of the CRDs, as read from the cluster.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum CrdBundle {
+    /// No CRD was read: the file source and `sockgate check` have none.
+    #[default]
+    NotRead,
+    /// The `gateway.networking.k8s.io/bundle-version` annotation of each CRD read, by
+    /// CRD name; `None` when the CRD has no such annotation.
+    Read(BTreeMap<String, Option<String>>),
+    /// The CRDs could not be read (and never were): why.
+    Unreadable(String),
 }
 
 /// Namespace and name of an object (`namespace` empty for cluster-scoped objects).

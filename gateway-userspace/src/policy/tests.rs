@@ -26,6 +26,7 @@ fn desired() -> DesiredState {
         guards: BTreeMap::new(),
         refused: Vec::new(),
         left_out: Vec::new(),
+        unready: Vec::new(),
     }
 }
 
@@ -76,6 +77,7 @@ fn params(controller_name: &str) -> Params {
         now: Time(NOW.parse().expect("time")),
         backend_filter: crate::backend_filter::BackendFilter::default(),
         limits: crate::model::limits::Limits::default(),
+        crd_bundle: crate::model::CrdBundle::NotRead,
     }
 }
 

@@ -42,10 +42,12 @@ use crate::{
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum DatapathMode {
-    /// The path measured faster for the workloads `cargo xtask bench` covers: today
-    /// that is splice for every connection (bulk throughput, CPU per GB and new
-    /// connections per second all favour it, request/response latency is even; see
-    /// `docs/performance.md`). The choice is logged once.
+    /// The forward path for connections arriving on the interfaces it is attached to
+    /// (`--forward-iface`); for the connections that reach a listener socket, the socket
+    /// path measured faster for the workloads `cargo xtask bench` covers: today that is
+    /// splice (bulk throughput, CPU per GB and new connections per second all favour
+    /// it, request/response latency is even; see `docs/performance.md`). The choice is
+    /// logged once.
     #[default]
     Auto,
     /// The kernel path only; a connection that cannot be paired still falls back to

@@ -24,5 +24,6 @@ pub fn params_now(controller_name: &str, backend_filter: &BackendFilter, limits:
         now: Time(Timestamp::now()),
         backend_filter: backend_filter.clone(),
         limits,
+        crd_bundle: crate::model::CrdBundle::NotRead,
     }
 }

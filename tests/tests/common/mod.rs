@@ -387,6 +387,41 @@ pub fn duplex(
     got
 }
 
+/// One plain HTTP/1.1 GET from the node namespace: (status code, body).
+pub fn http_get(bed: &Bed, addr: SocketAddr, path: &str) -> (u16, String) {
+    let path = path.to_owned();
+    bed.node()
+        .run(move || {
+            let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+            s.set_read_timeout(Some(Duration::from_secs(10)))?;
+            write!(
+                s,
+                "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+            )?;
+            let mut text = String::new();
+            s.read_to_string(&mut text)?;
+            io::Result::Ok(text)
+        })
+        .expect("node namespace")
+        .map(|text| {
+            let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+            let code = head
+                .split_whitespace()
+                .nth(1)
+                .and_then(|c| c.parse().ok())
+                .unwrap_or(0);
+            (code, body.to_owned())
+        })
+        .expect("HTTP GET")
+}
+
+/// The agent's `/metrics` text (the default address, in the node namespace).
+pub fn metrics(bed: &Bed) -> String {
+    let (code, text) = http_get(bed, SocketAddr::from(([127, 0, 0, 1], 9464)), "/metrics");
+    assert_eq!(code, 200, "{text}");
+    text
+}
+
 /// `bpftool -j ARGS`, parsed; fails loudly when bpftool does.
 pub fn bpftool_json(args: &[&str]) -> serde_json::Value {
     let out = Command::new("bpftool")

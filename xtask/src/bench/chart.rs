@@ -9,7 +9,7 @@ use plotters::{
     style::FontStyle,
 };
 
-use super::report::{Stats, num};
+use super::stats::{Stats, num};
 
 /// The TTF the chart's text is drawn with (Debian's fonts-dejavu-core, which the bench
 /// installs).

@@ -17,13 +17,7 @@ use std::{
 use anyhow::{Context as _, bail};
 use netbed::Netns;
 
-/// Fields of /proc/PID/stat after the command name: index 0 is the state, 1 the ppid,
-/// 11 utime, 12 stime, 13 cutime, 14 cstime.
-pub fn stat_fields(pid: u32) -> Option<Vec<String>> {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let rest = &text[text.rfind(')')? + 1..];
-    Some(rest.split_whitespace().map(str::to_owned).collect())
-}
+use super::procfs::{descendants, stat_fields};
 
 fn comm(pid: u32) -> Option<String> {
     std::fs::read_to_string(format!("/proc/{pid}/comm"))
@@ -78,11 +72,7 @@ pub struct CpuSnap {
 /// Takes a CPU snapshot for the proxy processes `pids` (empty for no proxy).
 pub fn cpu_snapshot(pids: &[u32]) -> CpuSnap {
     let mut snap = CpuSnap::default();
-    let tree: Vec<u32> = pids
-        .iter()
-        .copied()
-        .chain(super::peers::descendants(pids))
-        .collect();
+    let tree: Vec<u32> = pids.iter().copied().chain(descendants(pids)).collect();
     for pid in tree {
         if let Some(f) = stat_fields(pid) {
             snap.proxy += field(&f, 11) + field(&f, 12) + field(&f, 13) + field(&f, 14);
@@ -391,6 +381,42 @@ pub fn conn_rate(client: &Netns, addr: SocketAddr, secs: f64) -> anyhow::Result<
     ))
 }
 
+/// One exchange (as in [`conn_rate`]) with `addr` from `client` every `every` until
+/// `stop` is set (at most 100,000), each given a second; the thread returns (answered,
+/// failed).
+pub fn exchanges_until(
+    client: &Netns,
+    addr: SocketAddr,
+    stop: Arc<AtomicBool>,
+    every: Duration,
+) -> anyhow::Result<JoinHandle<(u64, u64)>> {
+    Ok(client.spawn(move || {
+        let (mut ok, mut failed) = (0, 0);
+        let mut reply = Vec::with_capacity(16);
+        for _ in 0..100_000 {
+            if stop.load(Ordering::Relaxed) {
+                break;
+            }
+            let started = Instant::now();
+            reply.clear();
+            let done = (|| -> io::Result<bool> {
+                let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(1))?;
+                s.set_read_timeout(Some(Duration::from_secs(1)))?;
+                s.write_all(b"ping")?;
+                s.read_to_end(&mut reply)?;
+                Ok(reply == b"pong")
+            })();
+            if matches!(done, Ok(true)) {
+                ok += 1;
+            } else {
+                failed += 1;
+            }
+            std::thread::sleep(every.saturating_sub(started.elapsed()));
+        }
+        (ok, failed)
+    })?)
+}
+
 /// Kernel memory in use now, in bytes: (TCP memory from /proc/net/sockstat, memory in
 /// use from /proc/meminfo as `MemTotal - MemAvailable`).
 fn memory() -> (f64, f64) {
@@ -510,13 +536,14 @@ fn libc_linger_zero() -> nix::libc::linger {
     }
 }
 
-/// What one SYN flood against the XDP guard measured.
+/// What one SYN flood measured.
 #[derive(Clone, Copy, Debug)]
 pub struct FloodResult {
     /// SYNs the raw socket sent.
     pub sent: u64,
-    /// SYNs the guard counted as dropped (denied) meanwhile.
-    pub dropped: u64,
+    /// How far the counter given to [`syn_flood`] moved meanwhile: SYNs the guard
+    /// dropped, or connections the forward path opened.
+    pub counted: u64,
     /// Seconds the flood took.
     pub secs: f64,
     /// Softirq CPU time of the whole machine meanwhile, in seconds.
@@ -527,17 +554,18 @@ pub struct FloodResult {
 pub const FLOOD_MAX: u64 = 50_000_000;
 
 /// Sends SYNs from `src` to `dst` for `secs` (at most [`FLOOD_MAX`]) from one thread of
-/// the client namespace pinned to `cpu`, and measures the drops the guard counted
-/// (`dropped` reads its counter) and the machine's softirq time meanwhile.
+/// the client namespace pinned to `cpu`, and measures how far the counter `count` reads
+/// moved (the guard's drops, the forward path's connections) and the machine's softirq
+/// time meanwhile.
 pub fn syn_flood(
     client: &Netns,
     src: std::net::Ipv4Addr,
     dst: std::net::SocketAddrV4,
     cpu: usize,
     secs: f64,
-    dropped: impl Fn() -> anyhow::Result<u64>,
+    count: impl Fn() -> anyhow::Result<u64>,
 ) -> anyhow::Result<FloodResult> {
-    let d0 = dropped()?;
+    let d0 = count()?;
     let (_, _, s0) = proc_stat();
     let flood = client
         .run(move || -> io::Result<netbed::raw::Flood> {
@@ -557,13 +585,13 @@ pub fn syn_flood(
     let (_, _, s1) = proc_stat();
     // Let the last packets queued for another CPU be processed before counting.
     std::thread::sleep(Duration::from_millis(100));
-    let d1 = dropped()?;
+    let d1 = count()?;
     if flood.sent == 0 {
         bail!("the flood sent nothing ({} sends failed)", flood.failed);
     }
     Ok(FloodResult {
         sent: flood.sent,
-        dropped: d1.saturating_sub(d0),
+        counted: d1.saturating_sub(d0),
         secs: flood.elapsed.as_secs_f64(),
         softirq_s: s1.saturating_sub(s0) as f64 / ticks_per_sec(),
     })

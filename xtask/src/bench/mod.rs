@@ -4,15 +4,18 @@
 //! ```text
 //!  client ns ──veth── node ns (the proxy under test) ──veth── backend ns
 //!  iperf3 -c         haproxy / nginx / socat / envoy /      iperf3 -s, sockperf server,
-//!  sockperf, conn    sockgate (kernel, splice, auto)        exchange and slow servers
+//!  sockperf, conn    sockgate (forward, kernel, splice,     exchange and slow servers
+//!                    auto)
 //! ```
 //!
 //! Every row runs the same work: iperf3 with 1 and 4 streams, sockperf ping-pong (64
-//! bytes, full round trip), new connections per second with a small exchange, the
-//! proxy's CPU per GB moved (measured around the 1-stream run), and kernel memory growth
-//! with a slow receiver. Repeats are interleaved (repeat 1 of every row, then repeat
-//! 2, ...) so slow drifts of a shared machine spread over all rows; before each row the
-//! bench waits (bounded) for a quiet machine and records the load it saw.
+//! bytes, full round trip), new connections per second with a small exchange, CPU per
+//! GB moved (measured around the 1-stream run: the proxy's processes, kernel workers
+//! and the whole machine's softirq time, so that work done in the kernel on the
+//! proxy's behalf counts for every row alike), and kernel memory growth with a slow
+//! receiver. Repeats are interleaved (repeat 1 of every row, then repeat 2, ...) so
+//! slow drifts of a shared machine spread over all rows; before each row the bench
+//! waits (bounded) for a quiet machine and records the load it saw.
 //!
 //! Nothing here passes or fails on a number: the results go to `bench/results.csv`,
 //! `BENCHMARKS.md` and `bench/benchmarks.png`.
@@ -24,7 +27,9 @@
 mod chart;
 pub mod measure;
 pub mod peers;
+mod procfs;
 mod report;
+mod stats;
 
 use std::{
     net::SocketAddr,
@@ -40,7 +45,7 @@ use self::{
     measure::{Backend, Daemon, Load},
     peers::{HaSplice, Proxy, Service},
 };
-use crate::{root, run_cmd};
+use crate::root;
 
 /// What `cargo xtask bench` was asked to do.
 #[derive(Clone, Debug, clap::Args)]
@@ -81,11 +86,13 @@ const QUICK_ROWS: &[&str] = &[
     "direct",
     "sockgate kernel",
     "sockgate splice",
+    "sockgate forward",
     "sockgate auto",
     "sockgate auto + guard generic",
     "sockgate auto + guard native",
     "guard SYN drop generic",
     "guard SYN drop native",
+    "forward SYN flood",
     "HAProxy",
 ];
 /// The row the guard rows are compared with: the same sockgate without the guard.
@@ -200,6 +207,36 @@ pub const METRICS: &[(&str, &str, &str, bool)] = &[
         "SYN/s",
         true,
     ),
+    (
+        "fwd_flood_opened",
+        "forward connections the flood opened",
+        "count",
+        false,
+    ),
+    (
+        "fwd_flood_table_peak",
+        "forward table entries, peak during the flood",
+        "entries",
+        false,
+    ),
+    (
+        "fwd_flood_refused",
+        "SYNs refused for want of a NAT port or table room",
+        "count",
+        false,
+    ),
+    (
+        "fwd_flood_served",
+        "another client's exchanges answered during the flood",
+        "%",
+        true,
+    ),
+    (
+        "fwd_flood_tried",
+        "another client's exchanges tried during the flood",
+        "count",
+        true,
+    ),
 ];
 
 /// One measured value.
@@ -219,7 +256,8 @@ pub struct RunInfo {
     pub unavailable: Vec<(String, String)>,
     pub failures: Vec<String>,
     pub versions: Vec<(String, String)>,
-    pub paths: Vec<(String, u64, u64)>,
+    /// sockgate's connections by data path after each run of a sockgate row.
+    pub paths: Vec<(String, peers::Paths)>,
     /// Non-default settings of this run (experiments).
     pub settings: Vec<String>,
     pub quick: bool,
@@ -229,22 +267,34 @@ pub struct RunInfo {
     pub elapsed_s: f64,
 }
 
+/// Builds sockgate as a user does (`cargo build --release -p gateway-userspace --bin
+/// sockgate`, deploy/Dockerfile) and returns the binary cargo reports, wherever the
+/// target directory is (`CARGO_TARGET_DIR`, cargo config).
 fn build_release() -> anyhow::Result<PathBuf> {
     println!("bench: building the release sockgate");
-    run_cmd(
-        Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-            .current_dir(root())
-            .args([
-                "build",
-                "--release",
-                "--quiet",
-                "-p",
-                "gateway-userspace",
-                "--bin",
-                "sockgate",
-            ]),
-    )?;
-    Ok(root().join("target/release/sockgate"))
+    let out = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+        .current_dir(root())
+        .args([
+            "build",
+            "--release",
+            "--quiet",
+            "--message-format=json-render-diagnostics",
+            "-p",
+            "gateway-userspace",
+            "--bin",
+            "sockgate",
+        ])
+        .stdin(std::process::Stdio::null())
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .context("running cargo build")?;
+    anyhow::ensure!(out.status.success(), "cargo build --release failed");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["reason"] == "compiler-artifact" && v["target"]["name"] == "sockgate")
+        .find_map(|v| v["executable"].as_str().map(PathBuf::from))
+        .context("cargo reported no sockgate executable")
 }
 
 fn utc_now() -> String {
@@ -316,11 +366,13 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
         Proxy::Direct,
         Proxy::Sockgate("sockmap"),
         Proxy::Sockgate("splice"),
+        Proxy::Sockgate("forward"),
         Proxy::Sockgate("auto"),
         Proxy::SockgateGuard("generic"),
         Proxy::SockgateGuard("native"),
         Proxy::SynFlood("generic"),
         Proxy::SynFlood("native"),
+        Proxy::ForwardFlood,
         Proxy::Haproxy(HaSplice::Off),
         Proxy::Haproxy(HaSplice::Auto),
         Proxy::Haproxy(HaSplice::Forced),
@@ -367,12 +419,22 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
     for ns in [bed.client(), bed.node(), bed.backend(0)] {
         // Thousands of short connections per second: reuse TIME_WAIT ports.
         ns.output("sysctl", &["-qw", "net.ipv4.tcp_tw_reuse=1"])?;
+        // The node's range stops below the forward path's NAT ports (its default
+        // --forward-ports 61000-65535, which the agent refuses to share).
+        let range = if ns.name() == bed.node().name() {
+            "1024 60999"
+        } else {
+            "1024 65000"
+        };
         ns.output(
             "sysctl",
-            &["-qw", "net.ipv4.ip_local_port_range=1024 65000"],
+            &["-qw", &format!("net.ipv4.ip_local_port_range={range}")],
         )?;
     }
-    if proxies.iter().any(|p| matches!(p, Proxy::SynFlood(_))) {
+    if proxies
+        .iter()
+        .any(|p| matches!(p, Proxy::SynFlood(_) | Proxy::ForwardFlood))
+    {
         bed.client().ip(&[
             "addr",
             "add",
@@ -415,8 +477,8 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
             println!("bench: repeat {repeat}/{repeats}: {}", proxy.name());
             match run_row(&bed, proxy, &sockgate, opts, repeat, timing, &mut samples) {
                 Ok(paths) => {
-                    if let Some((k, u)) = paths {
-                        info.paths.push((proxy.name().to_owned(), k, u));
+                    if let Some(p) = paths {
+                        info.paths.push((proxy.name().to_owned(), p));
                     }
                 }
                 Err(e) => {
@@ -469,17 +531,86 @@ fn flood(
 fn flood_metrics(row: &str, f: &measure::FloodResult) -> Vec<(&'static str, f64)> {
     println!(
         "bench: {row}: {} SYNs sent, {} dropped by the guard in {:.2} s, softirq {:.2} CPU s",
-        f.sent, f.dropped, f.secs, f.softirq_s
+        f.sent, f.counted, f.secs, f.softirq_s
     );
     let mut m = vec![
-        ("syn_drop_rate", f.dropped as f64 / f.secs),
+        ("syn_drop_rate", f.counted as f64 / f.secs),
         ("syn_sent_rate", f.sent as f64 / f.secs),
         ("syn_drop_softirq", f.softirq_s / f.secs),
     ];
     if f.softirq_s > 0.0 {
-        m.push(("syn_drop_per_core", f.dropped as f64 / f.softirq_s));
+        m.push(("syn_drop_per_core", f.counted as f64 / f.softirq_s));
     }
     m
+}
+
+/// Exchanges of the other client: one every 20 ms, each given a second.
+const FLOOD_CLIENT_EVERY: Duration = Duration::from_millis(20);
+
+/// One SYN flood from [`peers::FLOODER`] to the exchange listener of sockgate
+/// `--datapath forward` (no guard), while the bench's client makes one exchange with
+/// the same listener every [`FLOOD_CLIENT_EVERY`] and the connection table's size is
+/// read every 100 ms from `sockgate status`.
+fn forward_flood(
+    bed: &Bed,
+    r: &mut peers::Running,
+    t: Timing,
+) -> anyhow::Result<(Vec<(&'static str, f64)>, Load)> {
+    let load = measure::wait_quiet(t.quiet_max);
+    let status = r.status_reader()?;
+    let (_, nat0, full0) = status.forward_refusals()?;
+    let dst = std::net::SocketAddrV4::new(bed.node_addr(), EXCHANGE.listen_port);
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let other =
+        measure::exchanges_until(bed.client(), dst.into(), stop.clone(), FLOOD_CLIENT_EVERY)?;
+    let sampler = {
+        let (status, stop) = (status.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut peak = 0;
+            // Bounded: at most one read per 100 ms for the flood's time and a margin.
+            for _ in 0..6000 {
+                if stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    break;
+                }
+                peak = peak.max(status.forward_table_entries().unwrap_or(0));
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            peak
+        })
+    };
+    let flood = measure::syn_flood(bed.client(), peers::FLOODER, dst, 0, t.flood_secs, || {
+        status.forward_refusals().map(|(opened, _, _)| opened)
+    });
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let peak = sampler
+        .join()
+        .map_err(|_| anyhow::anyhow!("table sampler panicked"))?;
+    let (ok, failed) = other
+        .join()
+        .map_err(|_| anyhow::anyhow!("the other client panicked"))?;
+    let f = flood?;
+    r.check_alive()?;
+    let (_, nat1, full1) = status.forward_refusals()?;
+    let refused = nat1.saturating_sub(nat0) + full1.saturating_sub(full0);
+    let tried = ok + failed;
+    println!(
+        "bench: forward SYN flood: {} SYNs sent in {:.2} s, {} connections opened, table \
+         peak {peak} entries, {refused} SYNs refused (NAT ports or table), the other \
+         client served {ok} of {tried}",
+        f.sent, f.secs, f.counted
+    );
+    let mut m = vec![
+        ("syn_sent_rate", f.sent as f64 / f.secs),
+        ("syn_drop_softirq", f.softirq_s / f.secs),
+        ("fwd_flood_opened", f.counted as f64),
+        ("fwd_flood_table_peak", peak as f64),
+        ("fwd_flood_refused", refused as f64),
+        ("fwd_flood_tried", tried as f64),
+    ];
+    if tried > 0 {
+        m.push(("fwd_flood_served", 100.0 * ok as f64 / tried as f64));
+    }
+    Ok((m, load))
 }
 
 /// Runs `f` with receive packet steering on the node's client-side interface sending
@@ -508,14 +639,31 @@ fn with_rps<R>(bed: &Bed, f: impl FnOnce() -> anyhow::Result<R>) -> anyhow::Resu
     r
 }
 
+/// The version of sockgate (with the commit it was built from) and of every tool, by
+/// its version number only.
 fn versions(proxies: &[Proxy], sockgate: &std::path::Path) -> Vec<(String, String)> {
     let mut v = Vec::new();
+    if let Some(version) = peers::version(Command::new(sockgate).arg("--version")) {
+        let commit = Command::new("git")
+            .current_dir(root())
+            .args(["describe", "--always", "--dirty"])
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned());
+        v.push((
+            "sockgate".to_owned(),
+            match commit {
+                Some(c) => format!("{version} (commit {c}, release build)"),
+                None => format!("{version} (release build)"),
+            },
+        ));
+    }
     let mut add = |name: &str, cmd: &mut Command| {
-        if let Some(line) = peers::version_line(cmd) {
-            v.push((name.to_owned(), line));
+        if let Some(version) = peers::version(cmd) {
+            v.push((name.to_owned(), version));
         }
     };
-    add("sockgate", Command::new(sockgate).arg("--version"));
     add("iperf3", Command::new("iperf3").arg("--version"));
     add("sockperf", Command::new("sockperf").arg("--version"));
     add("HAProxy", Command::new("haproxy").arg("-v"));
@@ -529,7 +677,7 @@ fn versions(proxies: &[Proxy], sockgate: &std::path::Path) -> Vec<(String, Strin
     v
 }
 
-/// Runs one repeat of one row; returns sockgate's (kernel, userspace) connection counts.
+/// Runs one repeat of one row; returns sockgate's connection counts by data path.
 #[expect(
     clippy::too_many_lines,
     reason = "one row's measurements, in order, with the guard rows' subsets"
@@ -542,7 +690,7 @@ fn run_row(
     repeat: u32,
     t: Timing,
     samples: &mut Vec<Sample>,
-) -> anyhow::Result<Option<(u64, u64)>> {
+) -> anyhow::Result<Option<peers::Paths>> {
     let mut running = peers::start(proxy, bed, &SERVICES, sockgate)?;
     if let Some(r) = running.as_ref()
         && matches!(proxy, Proxy::Sockgate(_))
@@ -574,6 +722,16 @@ fn run_row(
         let r = running.as_mut().context("sockgate runs")?;
         let (f, load) = flood(bed, r, t)?;
         for (metric, value) in flood_metrics(row, &f) {
+            push(metric, value, load);
+        }
+        drop(running);
+        std::thread::sleep(Duration::from_millis(500));
+        return Ok(None);
+    }
+    if let Proxy::ForwardFlood = proxy {
+        let r = running.as_mut().context("sockgate runs")?;
+        let (metrics, load) = forward_flood(bed, r, t)?;
+        for (metric, value) in metrics {
             push(metric, value, load);
         }
         drop(running);

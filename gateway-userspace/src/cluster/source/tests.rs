@@ -161,6 +161,7 @@ mod against_a_scripted_api_server {
     const GW: &str = "gateway.networking.k8s.io";
     const LEASES: &str = "/apis/coordination.k8s.io/v1/namespaces/sockgate-system/leases";
     const POLICIES: &str = "/apis/sockgate.dev/v1alpha1/listenerpolicies";
+    const CRDS: &str = "/apis/apiextensions.k8s.io/v1/customresourcedefinitions/";
 
     /// The collection paths the agent lists and watches, without `ListenerPolicy`.
     const KINDS: [&str; 8] = [
@@ -214,6 +215,9 @@ mod against_a_scripted_api_server {
         policy_crd: bool,
         /// Answer 403 to every `ListenerPolicy` request (RBAC without the rule).
         forbid_policies: bool,
+        /// The CRDs that exist, by name, with their bundle-version annotation (`None`:
+        /// without it); the others answer 404.
+        crds: BTreeMap<&'static str, Option<&'static str>>,
         /// Objects by collection path.
         objects: BTreeMap<&'static str, Vec<Value>>,
         /// Every request: (method, path, query).
@@ -235,6 +239,7 @@ mod against_a_scripted_api_server {
                 handle,
                 policy_crd,
                 forbid_policies: false,
+                crds: BTreeMap::new(),
                 objects,
                 requests: Vec::new(),
                 patches: Vec::new(),
@@ -320,6 +325,18 @@ mod against_a_scripted_api_server {
                 ("GET", p) if p.starts_with("/apis/sockgate.dev") && !self.policy_crd => {
                     respond(StatusCode::NOT_FOUND, &missing)
                 }
+                ("GET", p) if p.starts_with(CRDS) => match self.crds.get(&p[CRDS.len()..]) {
+                    None => respond(StatusCode::NOT_FOUND, &missing),
+                    Some(version) => {
+                        let mut metadata = json!({"name": &p[CRDS.len()..]});
+                        if let Some(v) = version {
+                            metadata["annotations"] =
+                                json!({"gateway.networking.k8s.io/bundle-version": v});
+                        }
+                        ok(&json!({"apiVersion": "meta.k8s.io/v1",
+                                       "kind": "PartialObjectMetadata", "metadata": metadata}))
+                    }
+                },
                 ("GET", p) if p == format!("{LEASES}/sockgate-status-writer") => {
                     respond(StatusCode::NOT_FOUND, &missing)
                 }
@@ -813,5 +830,86 @@ mod against_a_scripted_api_server {
             "{log}"
         );
         assert!(!log.contains("unreachable"), "{log}");
+    }
+
+    #[tokio::test]
+    async fn the_leader_reads_the_crds_bundle_version_into_the_gateway_class_status() {
+        let mut agent = start(true, objects_with_a_policy());
+        agent.cluster.crds = BTreeMap::from([
+            ("gatewayclasses.gateway.networking.k8s.io", Some("v1.5.1")),
+            ("gateways.gateway.networking.k8s.io", Some("v1.5.1")),
+            ("tcproutes.gateway.networking.k8s.io", Some("v1.6.0")),
+        ]);
+        agent
+            .cluster
+            .serve_until(|c| c.patches.iter().any(|(_, b)| b["kind"] == "GatewayClass"))
+            .await;
+        let crd_gets: Vec<&str> = agent
+            .cluster
+            .requests
+            .iter()
+            .filter(|(m, p, _)| *m == Method::GET && p.starts_with(CRDS))
+            .map(|(_, p, _)| &p[CRDS.len()..])
+            .collect();
+        assert_eq!(
+            crd_gets,
+            [
+                "gatewayclasses.gateway.networking.k8s.io",
+                "gateways.gateway.networking.k8s.io",
+                "referencegrants.gateway.networking.k8s.io",
+                "tcproutes.gateway.networking.k8s.io",
+            ],
+            "one get per CRD, before the first status write"
+        );
+        let (uri, body) = agent
+            .cluster
+            .patches
+            .iter()
+            .find(|(_, b)| b["kind"] == "GatewayClass")
+            .expect("class patch");
+        assert_eq!(
+            uri,
+            "/apis/gateway.networking.k8s.io/v1/gatewayclasses/sockgate/status?&force=true&fieldManager=sockgate"
+        );
+        let status = &body["status"];
+        assert_eq!(
+            status["supportedFeatures"],
+            json!([{"name": "Gateway"}, {"name": "ReferenceGrant"}, {"name": "TCPRoute"}])
+        );
+        let conditions = status["conditions"].as_array().expect("conditions");
+        let version = conditions
+            .iter()
+            .find(|c| c["type"] == "SupportedVersion")
+            .expect("SupportedVersion");
+        assert_eq!(version["status"], "False");
+        assert_eq!(version["reason"], "UnsupportedVersion");
+        let message = version["message"].as_str().expect("message");
+        assert!(
+            message.starts_with(
+                "CRD tcproutes.gateway.networking.k8s.io is of bundle version v1.6.0; sockgate is built for Gateway API v1.5.1"
+            ),
+            "{message}"
+        );
+        let accepted = conditions
+            .iter()
+            .find(|c| c["type"] == "Accepted")
+            .expect("Accepted");
+        assert_eq!(accepted["status"], "True", "best effort: still accepted");
+        // Not read again on every round: a change of the CRDs shows after CRD_REREAD.
+        let reads = crd_gets.len();
+        agent.cluster.send_modified(KINDS[0]);
+        let until = tokio::time::Instant::now() + Duration::from_millis(300);
+        agent
+            .cluster
+            .serve_until(|_| tokio::time::Instant::now() >= until)
+            .await;
+        let again = agent
+            .cluster
+            .requests
+            .iter()
+            .filter(|(_, p, _)| p.starts_with(CRDS))
+            .count();
+        assert_eq!(again, reads);
+        agent.stop().await;
     }
 }
