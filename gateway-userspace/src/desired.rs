@@ -22,6 +22,11 @@ pub struct DesiredState {
     /// metrics and `sockgate check`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub refused: Vec<crate::backend_filter::RefusedBackend>,
+    /// What a capacity of the data path left out (listeners not programmed, endpoints
+    /// beyond a listener's limit; see [`crate::model::limits`]), sorted. For logs,
+    /// metrics and `sockgate check`; status says it too.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub left_out: Vec<crate::model::limits::LeftOut>,
     /// backendRefs (weight > 0) that resolve but have no ready endpoint, by route and
     /// backendRef, each once. Not programmed: for metrics and `sockgate check`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]

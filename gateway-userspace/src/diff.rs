@@ -168,6 +168,7 @@ mod tests {
                 generation,
                 guards: BTreeMap::new(),
                 refused: Vec::new(),
+                left_out: Vec::new(),
                 unready: Vec::new(),
                 listeners: ls
                     .into_iter()

@@ -132,6 +132,47 @@ pub struct LoadOptions {
     pub kernel_btf: PathBuf,
     /// The forward path's settings that are fixed at load time.
     pub forward: ForwardLoad,
+    /// Sizes of the listener and backend maps.
+    pub capacity: Capacity,
+}
+
+/// Sizes of the maps that hold listeners and backends, set at load time
+/// (`--max-listeners`, `--max-backends`). A pin of another size is replaced (or
+/// refused), as any incompatible pin.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Capacity {
+    /// Entries of `GW_LISTENERS` and of every map keyed by listener port
+    /// (`GW_FWD_SLOTS`, `GW_FWD_STATS`, `GW_XDP_POLICY`, `GW_XDP_STATS`); `GW_STATS`
+    /// has two per listener.
+    pub listeners: u32,
+    /// Entries of `GW_BACKENDS`.
+    pub backends: u32,
+}
+
+impl Default for Capacity {
+    fn default() -> Self {
+        Self {
+            listeners: MAX_LISTENERS,
+            backends: MAX_BACKENDS,
+        }
+    }
+}
+
+impl Capacity {
+    /// The max entries of map `name` at this capacity with a connection table of
+    /// `flows` entries; `None` for the maps of a fixed size.
+    fn max_entries(self, name: &str, flows: u32) -> Option<u32> {
+        let listeners = self.listeners.max(1);
+        match name {
+            GW_LISTENERS | GW_FWD_SLOTS | GW_FWD_STATS | GW_XDP_POLICY | GW_XDP_STATS => {
+                Some(listeners)
+            }
+            GW_STATS => Some(listeners.saturating_mul(2)),
+            GW_BACKENDS => Some(self.backends.max(1)),
+            GW_FWD_FLOWS => Some(flows),
+            _ => None,
+        }
+    }
 }
 
 /// What the forward program is loaded with.
@@ -187,6 +228,7 @@ impl Default for LoadOptions {
             on_mismatch: PinMismatch::Replace,
             kernel_btf: PathBuf::from(DEFAULT_KERNEL_BTF),
             forward: ForwardLoad::default(),
+            capacity: Capacity::default(),
         }
     }
 }
@@ -205,9 +247,20 @@ const fn size32<T>() -> u32 {
     size_of::<T>() as u32
 }
 
-/// The maps of this build, as [`MAP_NAMES`] orders them, with a connection table of
-/// `flows` entries.
-pub const fn map_specs(flows: u32) -> [MapSpec; 15] {
+/// The maps of this build, as [`MAP_NAMES`] orders them, sized for `capacity` with a
+/// connection table of `flows` entries.
+pub fn map_specs(capacity: Capacity, flows: u32) -> [MapSpec; 15] {
+    let mut specs = declared_specs();
+    for s in &mut specs {
+        if let Some(n) = capacity.max_entries(s.name, flows) {
+            s.max_entries = n;
+        }
+    }
+    specs
+}
+
+/// The maps as the object declares them (the default sizes).
+const fn declared_specs() -> [MapSpec; 15] {
     let s = MAP_SPECS;
     [
         s[0],
@@ -225,7 +278,7 @@ pub const fn map_specs(flows: u32) -> [MapSpec; 15] {
             map_type: MapType::Hash,
             key_size: size32::<FlowKey>(),
             value_size: size32::<Flow>(),
-            max_entries: flows,
+            max_entries: MAX_FLOWS,
         },
         MapSpec {
             name: GW_FWD_SLOTS,
@@ -433,6 +486,22 @@ fn check_pin(dir: &Path, spec: &MapSpec, on_mismatch: PinMismatch) -> Result<boo
     }
 }
 
+/// Checks the pin of every map of `specs` ([`check_pin`]); returns the maps whose pin
+/// is reused.
+fn check_pins(
+    dir: &Path,
+    specs: &[MapSpec],
+    on_mismatch: PinMismatch,
+) -> Result<Vec<&'static str>, LoadError> {
+    let mut reused = Vec::new();
+    for spec in specs {
+        if check_pin(dir, spec, on_mismatch)? {
+            reused.push(spec.name);
+        }
+    }
+    Ok(reused)
+}
+
 /// Typed handles on the maps, each behind its own lock (map syscalls are short).
 pub struct Maps {
     pub listeners: Mutex<HashMap<MapData, ListenerKey, ListenerInfo>>,
@@ -571,12 +640,8 @@ impl Datapath {
             });
         }
         ensure_pin_dir(&opts.pin_dir)?;
-        let mut reused = Vec::new();
-        for spec in &map_specs(opts.forward.table_size) {
-            if check_pin(&opts.pin_dir, spec, opts.on_mismatch)? {
-                reused.push(spec.name);
-            }
-        }
+        let specs = map_specs(opts.capacity, opts.forward.table_size);
+        let reused = check_pins(&opts.pin_dir, &specs, opts.on_mismatch)?;
         let offsets = kernel_offsets(&opts.kernel_btf)?;
         let mut loader = EbpfLoader::new();
         for (global, offset) in &offsets {
@@ -586,7 +651,9 @@ impl Datapath {
             loader.map_pin_path(name, opts.pin_dir.join(name));
         }
         let fwd = opts.forward.globals();
-        loader.map_max_entries(GW_FWD_FLOWS, opts.forward.table_size);
+        for spec in &specs {
+            loader.map_max_entries(spec.name, spec.max_entries);
+        }
         for (name, value) in &fwd {
             loader.override_global(name, value, true);
         }
@@ -652,7 +719,13 @@ impl Datapath {
         if reused.contains(&GW_PEERS) {
             remove_stale_peers(&maps);
         }
-        info!(pin_dir = %opts.pin_dir.display(), reused = ?reused, "eBPF programs loaded and attached");
+        info!(
+            pin_dir = %opts.pin_dir.display(),
+            reused = ?reused,
+            max_listeners = opts.capacity.listeners,
+            max_backends = opts.capacity.backends,
+            "eBPF programs loaded and attached"
+        );
         Ok(Self {
             ebpf: Mutex::new(ebpf),
             maps,

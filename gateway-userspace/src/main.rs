@@ -10,10 +10,11 @@ use sockgate::{
     check,
     cluster::{self, source::KubeOptions},
     desired::DesiredState,
-    ebpf::{Datapath, ForwardLoad, LoadOptions, PinMismatch},
+    ebpf::{Capacity, Datapath, ForwardLoad, LoadOptions, PinMismatch},
     forward::{self, ForwardOptions, Timeouts},
     mapsync,
     metrics::{self, Metrics},
+    model::limits::{self, LeftOut, Limits},
     proxy::{self, DatapathMode, ProxyConfig, stats::Registry},
     routes,
     source::{
@@ -83,6 +84,45 @@ struct CheckArgs {
     /// (loopback, link-local, unspecified, multicast), e.g. 127.0.0.0/8 (repeatable).
     #[arg(long = "allow-backend-cidr", value_name = "CIDR")]
     allow_backend_cidrs: Vec<Cidr>,
+    #[command(flatten)]
+    limits: LimitArgs,
+}
+
+/// The data path's capacities (the maps are sized from them at load time; the model
+/// leaves out what does not fit and says so).
+#[derive(clap::Args)]
+#[expect(
+    clippy::struct_field_names,
+    reason = "the fields are the --max-* flags, named as the user types them"
+)]
+struct LimitArgs {
+    /// Listeners programmed at most: entries of `GW_LISTENERS` and the other maps keyed
+    /// by listener port (`GW_STATS` has two per listener). Listeners beyond it are not
+    /// served and their status says so.
+    #[arg(long, default_value_t = gateway_common::MAX_LISTENERS,
+          value_parser = clap::value_parser!(u32).range(1..=65535))]
+    max_listeners: u32,
+    /// Backend entries of all listeners together at most (`GW_BACKENDS`). A listener
+    /// whose entries do not fit in what is left is not served.
+    #[arg(long, default_value_t = gateway_common::MAX_BACKENDS,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    max_backends: u32,
+    /// Backend entries of one listener at most, 16-256; each backendRef keeps its
+    /// share of them (the first endpoints in address order) and the route's
+    /// `ResolvedRefs` names the endpoints left out.
+    #[arg(long, default_value_t = gateway_common::MAX_BACKENDS_PER_LISTENER,
+          value_parser = clap::value_parser!(u32).range(16..=256))]
+    max_backends_per_listener: u32,
+}
+
+impl LimitArgs {
+    fn limits(&self) -> Limits {
+        Limits {
+            listeners: self.max_listeners,
+            backends: self.max_backends,
+            backends_per_listener: self.max_backends_per_listener,
+        }
+    }
 }
 
 /// Where the desired state comes from.
@@ -107,6 +147,8 @@ struct RunArgs {
     /// (loopback, link-local, unspecified, multicast), e.g. 127.0.0.0/8 (repeatable).
     #[arg(long = "allow-backend-cidr", value_name = "CIDR")]
     allow_backend_cidrs: Vec<Cidr>,
+    #[command(flatten)]
+    limits: LimitArgs,
     /// Where the desired state comes from; default `files` when `--dir` is given, else
     /// the `--route` table.
     #[arg(long, value_enum)]
@@ -268,7 +310,7 @@ fn show_status(pin_dir: &std::path::Path, json: bool) -> anyhow::Result<()> {
 
 fn check_manifests(args: &CheckArgs) -> anyhow::Result<()> {
     let filter = BackendFilter::allowing(args.allow_backend_cidrs.iter().copied());
-    let params = source::params_now(&args.controller_name, &filter);
+    let params = source::params_now(&args.controller_name, &filter, args.limits.limits());
     let rendered = check::render(&args.dir, &params, args.output)?;
     // The skipped kinds on stderr: stdout stays the report alone, parseable.
     eprint!("{}", rendered.skipped);
@@ -276,32 +318,83 @@ fn check_manifests(args: &CheckArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Logs the refused endpoints of `d` that are new (or gone) and counts them, and
-/// counts the backendRefs without ready endpoint.
-fn record_refused(log: &mut RefusalLog, metrics: &Metrics, d: &DesiredState) {
-    log.log(&d.refused);
-    metrics.backends_refused.set(&d.refused);
-    metrics.backend_refs_unready.set(&d.unready);
+/// What the agent said so far about a desired state: its refusals and what its
+/// limits left out, so each is logged once, when it appears (and when it is gone).
+#[derive(Default)]
+struct Said {
+    refusals: RefusalLog,
+    left_out: BTreeSet<LeftOut>,
 }
 
-/// Programs a new desired state into the maps, counting it in the metrics; `refusals`
-/// holds the refusals already logged.
+impl Said {
+    /// Logs the refused endpoints and left-out entries of `d` that are new (or gone)
+    /// and counts them, and counts the backendRefs without ready endpoint.
+    fn record(&mut self, metrics: &Metrics, d: &DesiredState) {
+        self.refusals.log(&d.refused);
+        metrics.backends_refused.set(&d.refused);
+        metrics.backend_refs_unready.set(&d.unready);
+        let now: BTreeSet<LeftOut> = d.left_out.iter().cloned().collect();
+        for l in now.difference(&self.left_out) {
+            tracing::warn!(
+                listener = %l.listener,
+                port = l.port,
+                limit = %l.limit,
+                backend_ref = l.backend_ref.as_deref().unwrap_or(""),
+                count = l.count,
+                flag = l.limit.flag(),
+                "capacity reached: {}", l.message
+            );
+        }
+        for l in self.left_out.difference(&now) {
+            tracing::info!(
+                listener = %l.listener,
+                port = l.port,
+                limit = %l.limit,
+                backend_ref = l.backend_ref.as_deref().unwrap_or(""),
+                "no longer left out by a capacity"
+            );
+        }
+        self.left_out = now;
+        metrics.not_programmed.set(&d.left_out);
+    }
+}
+
+/// Programs `d` into the maps: every entry that can be written is; those that cannot
+/// are logged and counted, and the agent keeps serving.
+fn program(dp: &Datapath, metrics: &Metrics, d: &DesiredState) {
+    let started = std::time::Instant::now();
+    let applied = mapsync::apply(dp, d);
+    for f in &applied.failures {
+        tracing::error!(
+            listener = f.listener,
+            map = f.error.map,
+            error = %f.error,
+            "map write failed: skipped, the listener keeps its previous entry"
+        );
+        metrics
+            .map_write_failures
+            .get_or_create(&vec![("map", f.error.map.to_owned())])
+            .inc();
+    }
+    if !applied.failures.is_empty() {
+        metrics.reconcile_errors.inc();
+    }
+    metrics.reconciles.inc();
+    metrics
+        .reconcile_seconds
+        .observe(started.elapsed().as_secs_f64());
+}
+
+/// Programs a new desired state into the maps, counting it in the metrics; `said`
+/// holds what was logged already.
 fn programmer(
     dp: Arc<Datapath>,
     metrics: Arc<Metrics>,
-    mut refusals: RefusalLog,
+    mut said: Said,
 ) -> impl FnMut(&DesiredState) + Send {
     move |d| {
-        record_refused(&mut refusals, &metrics, d);
-        let started = std::time::Instant::now();
-        if let Err(e) = mapsync::apply(&dp, d) {
-            metrics.reconcile_errors.inc();
-            tracing::error!(error = %e, "programming the maps");
-        }
-        metrics.reconciles.inc();
-        metrics
-            .reconcile_seconds
-            .observe(started.elapsed().as_secs_f64());
+        said.record(&metrics, d);
+        program(&dp, &metrics, d);
     }
 }
 
@@ -312,11 +405,11 @@ async fn spawn_source(
     kube: Option<KubeOptions>,
     dp: &Arc<Datapath>,
     metrics: &Arc<Metrics>,
-    refusals: RefusalLog,
+    said: Said,
     tx: watch::Sender<Arc<DesiredState>>,
     shutdown: &CancellationToken,
 ) -> anyhow::Result<()> {
-    let program = programmer(dp.clone(), metrics.clone(), refusals);
+    let program = programmer(dp.clone(), metrics.clone(), said);
     if let Some(files) = files {
         tokio::spawn(follow(
             files,
@@ -366,6 +459,7 @@ fn kube_options(args: &RunArgs, backend_filter: BackendFilter) -> anyhow::Result
         // minute.
         policy_rediscovery: Duration::from_mins(1),
         backend_filter,
+        limits: args.limits.limits(),
     })
 }
 
@@ -468,6 +562,10 @@ fn load_options(args: &RunArgs, port_min: u16, port_max: u16) -> LoadOptions {
             port_max,
             attempts: u32::try_from(args.connect_attempts).unwrap_or(u32::MAX),
             preserve_client: args.preserve_client_ip,
+        },
+        capacity: Capacity {
+            listeners: args.limits.max_listeners,
+            backends: args.limits.max_backends,
         },
     }
 }
@@ -574,6 +672,7 @@ fn run(args: &RunArgs) -> anyhow::Result<()> {
             dir,
             &args.controller_name,
             filter.clone(),
+            args.limits.limits(),
         )?),
         (SourceKind::Files, None) => anyhow::bail!("--source files needs --dir DIR"),
         (SourceKind::Routes | SourceKind::Kube, _) => None,
@@ -583,9 +682,12 @@ fn run(args: &RunArgs) -> anyhow::Result<()> {
         .transpose()?;
     let node = node_addresses(kube.as_mut());
     let selection = xdp_selection(&args.xdp_ifaces, node.as_ref())?;
-    let desired: DesiredState = match &files {
-        Some(f) => (**f.current()).clone(),
-        None => routes::parse(&args.routes, &filter)?,
+    let desired: DesiredState = if let Some(f) = &files {
+        (**f.current()).clone()
+    } else {
+        let mut d = routes::parse(&args.routes, &filter)?;
+        limits::fit(&mut d, args.limits.limits());
+        d
     };
     let (tx, rx) = watch::channel(Arc::new(desired.clone()));
     let cfg = ProxyConfig {
@@ -620,20 +722,15 @@ fn run(args: &RunArgs) -> anyhow::Result<()> {
         info!(cidr = %c, "backend addresses in this range allowed (--allow-backend-cidr)");
     }
     let metrics = Arc::new(Metrics::new(dp.clone()));
-    let mut refusals = RefusalLog::default();
-    record_refused(&mut refusals, &metrics, &desired);
-    let started = std::time::Instant::now();
-    mapsync::apply(&dp, &desired).context("programming the maps")?;
-    metrics.reconciles.inc();
-    metrics
-        .reconcile_seconds
-        .observe(started.elapsed().as_secs_f64());
+    let mut said = Said::default();
+    said.record(&metrics, &desired);
+    program(&dp, &metrics, &desired);
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(async {
         let shutdown = CancellationToken::new();
         let guard = start_guard(&dp, args.xdp_mode, selection, &shutdown).await?;
         let forwarding = start_forward(&dp, forward, &shutdown).await?;
-        spawn_source(files, kube, &dp, &metrics, refusals, tx, &shutdown).await?;
+        spawn_source(files, kube, &dp, &metrics, said, tx, &shutdown).await?;
         let counters = Arc::new(Registry::default());
         let _http = metrics::serve(args.metrics_addr, metrics.clone(), shutdown.clone()).await?;
         let kernel_logs = {

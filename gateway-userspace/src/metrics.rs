@@ -40,6 +40,7 @@ use crate::{
     backend_filter::{RefusalReason, RefusedBackend},
     desired::{UnreadyBackendRef, UnreadyShare},
     ebpf::Datapath,
+    model::limits::{LeftOut, Limit},
 };
 
 /// Labels of a per-listener metric.
@@ -61,6 +62,10 @@ pub struct Metrics {
     pub status_writes: Counter,
     /// Endpoints refused in the current desired state, by reason.
     pub backends_refused: BackendsRefused,
+    /// What the data path's capacities left out of the current desired state.
+    pub not_programmed: NotProgrammed,
+    /// Map writes that failed and were skipped, by map.
+    pub map_write_failures: Family<Vec<(&'static str, String)>, Counter>,
     /// backendRefs without ready endpoint in the current desired state, by what became
     /// of their share.
     pub backend_refs_unready: BackendRefsUnready,
@@ -99,6 +104,49 @@ impl BackendsRefused {
                 .get_or_create(&vec![("reason", reason.as_str().to_owned())])
                 .set(i64::try_from(n).unwrap_or(i64::MAX));
         }
+    }
+}
+
+/// `sockgate_listeners_not_programmed{limit}` (listeners left out because
+/// `GW_LISTENERS` or `GW_BACKENDS` has no room) and
+/// `sockgate_endpoints_not_programmed` (endpoints beyond a listener's limit), for the
+/// current desired state; always present, 0 when everything fits.
+#[derive(Clone, Debug, Default)]
+pub struct NotProgrammed {
+    listeners: Family<Vec<(&'static str, String)>, Gauge>,
+    endpoints: Gauge,
+}
+
+impl NotProgrammed {
+    fn register(&self, registry: &mut Registry) {
+        registry.register(
+            "sockgate_listeners_not_programmed",
+            "Listeners not programmed because the node's listener or backend table is full (see --max-listeners, --max-backends), by limit",
+            self.listeners.clone(),
+        );
+        registry.register(
+            "sockgate_endpoints_not_programmed",
+            "Ready endpoints left out because a listener holds at most --max-backends-per-listener entries",
+            self.endpoints.clone(),
+        );
+        self.set(&[]);
+    }
+
+    /// Sets the gauges from what the desired state being programmed left out.
+    pub fn set(&self, left_out: &[LeftOut]) {
+        for limit in [Limit::Listeners, Limit::Backends] {
+            let n = left_out.iter().filter(|l| l.limit == limit).count();
+            self.listeners
+                .get_or_create(&vec![("limit", limit.as_str().to_owned())])
+                .set(i64::try_from(n).unwrap_or(i64::MAX));
+        }
+        let endpoints: u64 = left_out
+            .iter()
+            .filter(|l| l.limit == Limit::BackendsPerListener)
+            .map(|l| u64::from(l.count))
+            .sum();
+        self.endpoints
+            .set(i64::try_from(endpoints).unwrap_or(i64::MAX));
     }
 }
 
@@ -467,6 +515,14 @@ impl Metrics {
         );
         let backends_refused = BackendsRefused::default();
         backends_refused.register(&mut registry);
+        let not_programmed = NotProgrammed::default();
+        not_programmed.register(&mut registry);
+        let map_write_failures = Family::<Vec<(&'static str, String)>, Counter>::default();
+        registry.register(
+            "sockgate_map_write_failures",
+            "Map writes that failed and were skipped (the listener kept its previous entry), by map",
+            map_write_failures.clone(),
+        );
         let backend_refs_unready = BackendRefsUnready::default();
         backend_refs_unready.register(&mut registry);
         registry.register_collector(Box::new(MapCollector { dp }));
@@ -478,6 +534,8 @@ impl Metrics {
             reconcile_seconds,
             status_writes,
             backends_refused,
+            not_programmed,
+            map_write_failures,
             backend_refs_unready,
             healthy: AtomicBool::new(true),
             ready: AtomicBool::new(false),

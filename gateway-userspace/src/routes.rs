@@ -88,6 +88,7 @@ pub fn parse(specs: &[String], filter: &BackendFilter) -> Result<DesiredState, R
         listeners,
         guards: BTreeMap::new(),
         refused: Vec::new(),
+        left_out: Vec::new(),
         unready: Vec::new(),
     })
 }

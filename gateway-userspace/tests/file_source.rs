@@ -9,7 +9,7 @@ use std::{
 
 use sockgate::{
     backend_filter::BackendFilter,
-    model::conditions::DEFAULT_CONTROLLER_NAME,
+    model::{conditions::DEFAULT_CONTROLLER_NAME, limits::Limits},
     source::files::{FileSource, SourceError, Update},
 };
 
@@ -52,8 +52,13 @@ fn backend(src: &FileSource, port: u16) -> Option<SocketAddr> {
 fn last_good_configuration_keeps_serving() {
     let dir = TempDir::new("files");
     copy_example(&dir.0);
-    let mut src = FileSource::open(&dir.0, DEFAULT_CONTROLLER_NAME, BackendFilter::default())
-        .expect("example parses");
+    let mut src = FileSource::open(
+        &dir.0,
+        DEFAULT_CONTROLLER_NAME,
+        BackendFilter::default(),
+        Limits::default(),
+    )
+    .expect("example parses");
     let first = src.current().clone();
     assert_eq!(
         backend(&src, 8088),
@@ -154,9 +159,14 @@ fn last_good_configuration_keeps_serving() {
 fn a_directory_that_does_not_parse_cannot_be_opened() {
     let dir = TempDir::new("files-bad");
     fs::write(dir.0.join("a.yml"), "apiVersion: v1\nkind: Service\n").expect("write");
-    let e = FileSource::open(&dir.0, DEFAULT_CONTROLLER_NAME, BackendFilter::default())
-        .err()
-        .expect("no metadata");
+    let e = FileSource::open(
+        &dir.0,
+        DEFAULT_CONTROLLER_NAME,
+        BackendFilter::default(),
+        Limits::default(),
+    )
+    .err()
+    .expect("no metadata");
     assert!(
         e.to_string()
             .contains("a.yml:1: Service has no metadata.name"),
@@ -165,8 +175,13 @@ fn a_directory_that_does_not_parse_cannot_be_opened() {
     // Files other than *.yaml / *.yml are not read.
     fs::remove_file(dir.0.join("a.yml")).expect("rm");
     fs::write(dir.0.join("notes.txt"), "not yaml: [").expect("write");
-    let src = FileSource::open(&dir.0, DEFAULT_CONTROLLER_NAME, BackendFilter::default())
-        .expect("empty dir");
+    let src = FileSource::open(
+        &dir.0,
+        DEFAULT_CONTROLLER_NAME,
+        BackendFilter::default(),
+        Limits::default(),
+    )
+    .expect("empty dir");
     assert!(src.current().listeners.is_empty());
 }
 
@@ -187,8 +202,13 @@ fn an_application_bundle_is_served_and_a_bad_edit_keeps_it() {
     for f in ["gatewayclass.yaml", "app.yaml", "endpoints.yaml"] {
         fs::copy(examples().join("bundle").join(f), dir.0.join(f)).expect("copy bundle");
     }
-    let mut src = FileSource::open(&dir.0, DEFAULT_CONTROLLER_NAME, BackendFilter::default())
-        .expect("bundle parses");
+    let mut src = FileSource::open(
+        &dir.0,
+        DEFAULT_CONTROLLER_NAME,
+        BackendFilter::default(),
+        Limits::default(),
+    )
+    .expect("bundle parses");
     let first = src.current().clone();
     let addrs: Vec<Option<SocketAddr>> = first.listeners[&7000]
         .backends

@@ -3,9 +3,10 @@
 //! root) and `expected.yaml`, the report `sockgate check` prints for it (the status of
 //! every `GatewayClass`, `Gateway` and `TCPRoute`, then the programmed table), computed
 //! at a fixed time. A case may have `params.yaml` with `allowBackendCidrs: [CIDR, ...]`,
-//! the `--allow-backend-cidr` values it is computed with, and `crdBundleVersions: {CRD
-//! name: version or null}`, the bundle-version annotations of the CRDs as the kube
-//! source reads them (without it, no CRD was read, as with files).
+//! the `--allow-backend-cidr` values it is computed with, `limits: {listeners: N,
+//! backends: N, backendsPerListener: N}`, the capacities (`--max-listeners`, ...), and
+//! `crdBundleVersions: {CRD name: version or null}`, the bundle-version annotations of
+//! the CRDs as the kube source reads them (without it, no CRD was read, as with files).
 //!
 //! `SOCKGATE_BLESS=1 cargo test -p gateway-userspace --test model_fixtures` rewrites the
 //! expected files; read every change before committing it.
@@ -17,7 +18,10 @@ use std::{
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use sockgate::{
     backend_filter::BackendFilter,
-    model::{CrdBundle, Params, Snapshot, conditions::DEFAULT_CONTROLLER_NAME, reconcile, report},
+    model::{
+        CrdBundle, Params, Snapshot, conditions::DEFAULT_CONTROLLER_NAME, limits::Limits,
+        reconcile, report,
+    },
     source::files,
     xdp::Cidr,
 };
@@ -32,6 +36,9 @@ fn root() -> PathBuf {
 struct CaseParams {
     #[serde(default)]
     allow_backend_cidrs: Vec<Cidr>,
+    /// The data path's capacities (`--max-listeners`, ...), default the built-in ones.
+    #[serde(default)]
+    limits: Option<Limits>,
     #[serde(default)]
     crd_bundle_versions: Option<BTreeMap<String, Option<String>>>,
 }
@@ -48,6 +55,7 @@ fn params(case: &Path) -> Params {
         controller_name: DEFAULT_CONTROLLER_NAME.to_owned(),
         now: Time("2025-01-01T00:00:00Z".parse().expect("timestamp")),
         backend_filter: BackendFilter::allowing(p.allow_backend_cidrs),
+        limits: p.limits.unwrap_or_default(),
         crd_bundle: p
             .crd_bundle_versions
             .map_or(CrdBundle::NotRead, CrdBundle::Read),

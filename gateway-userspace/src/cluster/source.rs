@@ -108,6 +108,8 @@ pub struct KubeOptions {
     /// While `ListenerPolicy` is not served, how often discovery looks for it again, so
     /// that a CRD installed after the agents started is watched without a restart.
     pub policy_rediscovery: Duration,
+    /// The data path's capacities (`--max-listeners`, ...).
+    pub limits: crate::model::limits::Limits,
     /// The endpoint addresses that may be programmed (`--allow-backend-cidr`).
     pub backend_filter: crate::backend_filter::BackendFilter,
 }
@@ -664,7 +666,8 @@ impl CrdBundleReader {
         opts: &KubeOptions,
         leading: &watch::Receiver<bool>,
     ) -> crate::model::Params {
-        let mut params = crate::source::params_now(&opts.controller_name, &opts.backend_filter);
+        let mut params =
+            crate::source::params_now(&opts.controller_name, &opts.backend_filter, opts.limits);
         let leading = *leading.borrow();
         if leading {
             params.crd_bundle = self.get().await;

@@ -409,13 +409,26 @@ fn effective_weights(refs: &[ResolvedRef]) -> Vec<(&ResolvedRef, u64)> {
 ///
 /// Each backendRef keeps at most `256 / (backendRefs with an entry)` endpoints (the
 /// first in address order), so a listener never exceeds the data path's per-listener
-/// limit.
+/// limit; [`spread_within`] takes another limit.
 pub fn spread(refs: &[ResolvedRef]) -> Vec<Backend> {
+    spread_within(refs, MAX_BACKENDS_PER_LISTENER)
+}
+
+/// Endpoints each backendRef with an entry (see [`spread`]) keeps on a listener of at
+/// most `per_listener` entries (at least 1).
+pub fn per_ref(refs: &[ResolvedRef], per_listener: u32) -> usize {
+    let entries = effective_weights(refs).len().max(1);
+    (per_listener as usize / entries).max(1)
+}
+
+/// [`spread`] on a listener of at most `per_listener` entries: each backendRef keeps
+/// [`per_ref`] endpoints, the first in address order.
+pub fn spread_within(refs: &[ResolvedRef], per_listener: u32) -> Vec<Backend> {
     let active = effective_weights(refs);
     if active.is_empty() {
         return Vec::new();
     }
-    let per_ref = (MAX_BACKENDS_PER_LISTENER as usize / active.len()).max(1);
+    let per_ref = per_ref(refs, per_listener);
     let count = |r: &ResolvedRef| match &r.target {
         Ok(eps) if !eps.is_empty() => eps.len().min(per_ref) as u64,
         _ => 1,

@@ -2,7 +2,8 @@
 //! (`apis/v1/gateway_types.go`, `gatewayclass_types.go`, `shared_types.go`).
 //!
 //! Every condition sockgate writes uses one of these constants; no string literal for a
-//! type or reason appears anywhere else.
+//! type or reason appears anywhere else. One reason is sockgate's own, where the Gateway
+//! API has none that fits: [`reasons::TOO_MANY_ENDPOINTS`].
 
 /// Condition status `"True"`.
 pub const TRUE: &str = "True";
@@ -65,6 +66,13 @@ pub mod reasons {
     pub const REF_NOT_PERMITTED: &str = "RefNotPermitted";
     /// Route `ResolvedRefs=False`: a backendRef that is not a core Service.
     pub const INVALID_KIND: &str = "InvalidKind";
+    /// Gateway `Programmed=False`: listeners are valid but the node has no room left
+    /// for them (`--max-listeners`, `--max-backends`).
+    pub const NO_RESOURCES: &str = "NoResources";
+    /// Route `ResolvedRefs=False`, implementation-specific: a backendRef has more
+    /// ready endpoints than a listener holds (`--max-backends-per-listener`); the
+    /// first are programmed, the message names the others.
+    pub const TOO_MANY_ENDPOINTS: &str = "TooManyEndpoints";
     /// GatewayClass `SupportedVersion=True`.
     pub const SUPPORTED_VERSION: &str = "SupportedVersion";
     /// GatewayClass `SupportedVersion=False`: the CRDs are of another Gateway API

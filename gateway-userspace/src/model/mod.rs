@@ -10,11 +10,13 @@
 //! * [`reconcile`](mod@reconcile): attachment, conflicts, conditions.
 //! * [`backends`]: backendRef resolution and weight spreading.
 //! * [`conditions`]: condition types and reasons.
+//! * [`limits`]: the data path's capacities and what fits them.
 //! * [`report`]: what `sockgate check` prints.
 //!
 //! [`DesiredState`]: crate::desired::DesiredState
 pub mod backends;
 pub mod conditions;
+pub mod limits;
 pub mod reconcile;
 pub mod report;
 pub mod snapshot;

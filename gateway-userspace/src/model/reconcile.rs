@@ -18,11 +18,12 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, ObjectMeta, Time
 use tracing::instrument;
 
 use super::{
-    backends::{Backends, ResolvedRef, spread, unready},
+    backends::{Backends, RefProblem, ResolvedRef, spread_within, unready},
     conditions::{
         BUNDLE_VERSION, BUNDLE_VERSION_ANNOTATION, FALSE, GATEWAY_GROUP, KIND_GATEWAY,
         KIND_TCP_ROUTE, SUPPORTED_FEATURES, TRUE, reasons, types,
     },
+    limits::{Budget, LeftOut, Limit, truncated},
     snapshot::{
         CrdBundle, ObjectKey, Params, Snapshot, TcpRouteObject, generation_of, namespace_of,
     },
@@ -184,22 +185,42 @@ pub fn reconcile(snap: &Snapshot, params: &Params) -> (DesiredState, StatusSet) 
         }
     }
 
+    // Listeners in Gateway age order, then spec order, while the maps have room.
     let mut desired = DesiredState::default();
+    let mut budget = Budget::new(params.limits);
+    let per_listener = budget.limits().backends_per_listener;
     for g in &evals {
+        let mut left_out: BTreeMap<&str, LeftOut> = BTreeMap::new();
         for l in &g.listeners {
             let Some(port) = l.port.filter(|_| g.serves(l)) else {
                 continue;
             };
+            let origin = format!("{}/{}", g.key, l.spec.name);
             let winner = l.attached.iter().next().map(|(_, k)| k);
-            let backends = winner
-                .and_then(|k| resolved.get(k))
-                .map(|refs| spread(refs))
+            let refs = winner.and_then(|k| resolved.get(k));
+            let backends = refs
+                .map(|refs| spread_within(refs, per_listener))
                 .unwrap_or_default();
+            if let Err(out) = budget.take(port, &origin, backends.len()) {
+                desired.left_out.push(out.clone());
+                left_out.insert(l.spec.name.as_str(), out);
+                continue;
+            }
+            for t in refs.map(|r| truncated(r, per_listener)).unwrap_or_default() {
+                desired.left_out.push(LeftOut {
+                    limit: Limit::BackendsPerListener,
+                    port,
+                    listener: origin.clone(),
+                    count: u32::try_from(t.left_out.len()).unwrap_or(u32::MAX),
+                    message: t.describe(per_listener),
+                    backend_ref: Some(t.backend_ref),
+                });
+            }
             desired.listeners.insert(
                 port,
                 Listener {
                     port,
-                    origin: format!("{}/{}", g.key, l.spec.name),
+                    origin,
                     route: winner.map(ToString::to_string),
                     backends,
                 },
@@ -207,8 +228,9 @@ pub fn reconcile(snap: &Snapshot, params: &Params) -> (DesiredState, StatusSet) 
         }
         status
             .gateways
-            .insert(g.key.clone(), gateway_status(g, &params.now));
+            .insert(g.key.clone(), gateway_status(g, &left_out, &params.now));
     }
+    desired.left_out.sort();
     // Every refusal a route's status reports, each once (routes may share a Service).
     desired.refused = resolved
         .values()
@@ -538,6 +560,7 @@ fn normalized_parent_ref(p: &TcpRouteParentRefs, route_ns: &str) -> TcpRouteStat
 fn route_backends(
     r: &TcpRouteObject,
     backends: &Backends<'_>,
+    per_listener: u32,
     cond: &Cond<'_>,
 ) -> (Vec<ResolvedRef>, Condition, Option<Condition>) {
     let route_ns = namespace_of(&r.route.metadata);
@@ -551,7 +574,19 @@ fn route_backends(
                 .collect()
         })
         .unwrap_or_default();
-    let problems: Vec<_> = refs.iter().filter_map(ResolvedRef::problem).collect();
+    // Endpoints beyond what a listener holds are left out (the first are programmed).
+    let too_many: Vec<RefProblem> = truncated(&refs, per_listener)
+        .iter()
+        .map(|t| RefProblem {
+            reason: reasons::TOO_MANY_ENDPOINTS,
+            message: t.describe(per_listener),
+        })
+        .collect();
+    let problems: Vec<_> = refs
+        .iter()
+        .filter_map(ResolvedRef::problem)
+        .chain(&too_many)
+        .collect();
     // A backendRef without ready endpoint resolves: it is said in the message, not in
     // the condition's status.
     let unready_note = unready(&refs).map(|(names, share)| unready_message(&names, share));
@@ -704,7 +739,8 @@ fn attach_route(
         now: &params.now,
         generation: generation_of(meta),
     };
-    let (refs, resolved_refs, partially_invalid) = route_backends(r, backends, &cond);
+    let per_listener = params.limits.clamped().backends_per_listener;
+    let (refs, resolved_refs, partially_invalid) = route_backends(r, backends, per_listener, &cond);
     let mut parents = Vec::new();
     for p in r.route.spec.parent_refs.iter().flatten() {
         let group = p.group.as_deref().unwrap_or(GATEWAY_GROUP);
@@ -732,9 +768,12 @@ fn attach_route(
     (!parents.is_empty()).then_some((route_age.1, TcpRouteStatus { parents }, refs))
 }
 
+/// The status of listener `l`; `left_out` says why it is not programmed although it is
+/// served (a capacity of the node is reached).
 fn listener_status(
     g: &GatewayEval<'_>,
     l: &ListenerEval<'_>,
+    left_out: Option<&LeftOut>,
     cond: &Cond<'_>,
 ) -> GatewayStatusListeners {
     let port = l.spec.port;
@@ -782,7 +821,9 @@ fn listener_status(
             format!("unsupported route kinds: {}", l.invalid_kinds.join(", ")),
         )
     };
-    let programmed = if g.serves(l) {
+    let programmed = if let Some(out) = left_out.filter(|_| g.serves(l)) {
+        cond.make(types::PROGRAMMED, false, reasons::INVALID, &out.message)
+    } else if g.serves(l) {
         cond.make(
             types::PROGRAMMED,
             true,
@@ -805,7 +846,13 @@ fn listener_status(
     }
 }
 
-fn gateway_status(g: &GatewayEval<'_>, now: &Time) -> GatewayStatus {
+/// The status of Gateway `g`; `left_out` holds its listeners that are valid but not
+/// programmed for lack of room, by name.
+fn gateway_status(
+    g: &GatewayEval<'_>,
+    left_out: &BTreeMap<&str, LeftOut>,
+    now: &Time,
+) -> GatewayStatus {
     let cond = Cond {
         now,
         generation: generation_of(&g.gw.metadata),
@@ -813,7 +860,7 @@ fn gateway_status(g: &GatewayEval<'_>, now: &Time) -> GatewayStatus {
     let listeners: Vec<GatewayStatusListeners> = g
         .listeners
         .iter()
-        .map(|l| listener_status(g, l, &cond))
+        .map(|l| listener_status(g, l, left_out.get(l.spec.name.as_str()), &cond))
         .collect();
     let served = g.listeners.iter().filter(|l| g.serves(l)).count();
     let all_valid = g.duplicate_names.is_empty()
@@ -853,7 +900,23 @@ fn gateway_status(g: &GatewayEval<'_>, now: &Time) -> GatewayStatus {
             msg.join("; "),
         )
     };
-    let programmed = if accepted.status == TRUE {
+    let programmed = if accepted.status == TRUE && !left_out.is_empty() {
+        let names: Vec<String> = left_out
+            .iter()
+            .map(|(name, out)| format!("{name} (port {}: {})", out.port, out.limit.describe()))
+            .collect();
+        cond.make(
+            types::PROGRAMMED,
+            false,
+            reasons::NO_RESOURCES,
+            format!(
+                "{} listener(s) programmed; {} not programmed, the node has no room left for them: {} (see each listener's Programmed condition)",
+                served - left_out.len(),
+                left_out.len(),
+                names.join(", ")
+            ),
+        )
+    } else if accepted.status == TRUE {
         cond.make(
             types::PROGRAMMED,
             true,

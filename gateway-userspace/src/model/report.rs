@@ -2,10 +2,11 @@
 //! ListenerPolicy of the input, its identity and the status sockgate would write, then
 //! the programmed listener/backend table (with each listener's XDP guard), then the
 //! endpoints refused because of their address, then the backendRefs without ready
-//! endpoint.
+//! endpoint, then what the data path's capacities left out.
 use serde::Serialize;
 
 use super::{
+    limits::LeftOut,
     reconcile::StatusSet,
     snapshot::{ObjectKey, Snapshot},
 };
@@ -32,6 +33,10 @@ pub struct Report {
         skip_serializing_if = "Vec::is_empty"
     )]
     pub without_ready_endpoints: Vec<UnreadyBackendRef>,
+    /// What a capacity of the data path left out: listeners not programmed, endpoints
+    /// beyond a listener's limit (`--max-listeners`, ...).
+    #[serde(rename = "notProgrammed", skip_serializing_if = "Vec::is_empty")]
+    pub not_programmed: Vec<LeftOut>,
 }
 
 /// One object and its computed status.
@@ -187,5 +192,6 @@ pub fn build(snap: &Snapshot, desired: &DesiredState, status: &StatusSet) -> Rep
         programmed,
         refused: desired.refused.clone(),
         without_ready_endpoints: desired.unready.clone(),
+        not_programmed: desired.left_out.clone(),
     }
 }

@@ -1,6 +1,7 @@
 //! The input of [`reconcile`](super::reconcile): every object the model reads, as the
 //! generated Gateway API and Kubernetes types, plus the parameters that are not objects
-//! (controller name, current time, the backend addresses allowed).
+//! (controller name, current time, the backend addresses allowed, the data path's
+//! capacities, the CRDs' bundle version).
 use std::{collections::BTreeMap, fmt};
 
 use gateway_api::experimental::{
@@ -79,6 +80,9 @@ pub struct Params {
     pub now: Time,
     /// The endpoint addresses that may be programmed (`--allow-backend-cidr`).
     pub backend_filter: BackendFilter,
+    /// The data path's capacities (`--max-listeners`, ...): what does not fit is left
+    /// out and reported.
+    pub limits: super::limits::Limits,
     /// The Gateway API bundle version of the installed CRDs, for the GatewayClass
     /// `SupportedVersion` condition.
     pub crd_bundle: CrdBundle,

@@ -25,6 +25,7 @@ fn desired() -> DesiredState {
         .into(),
         guards: BTreeMap::new(),
         refused: Vec::new(),
+        left_out: Vec::new(),
         unready: Vec::new(),
     }
 }
@@ -75,6 +76,7 @@ fn params(controller_name: &str) -> Params {
         controller_name: controller_name.to_owned(),
         now: Time(NOW.parse().expect("time")),
         backend_filter: crate::backend_filter::BackendFilter::default(),
+        limits: crate::model::limits::Limits::default(),
         crd_bundle: crate::model::CrdBundle::NotRead,
     }
 }

@@ -17,7 +17,7 @@ use super::manifest::{self, ManifestError, Skipped};
 use crate::{
     backend_filter::BackendFilter,
     desired::DesiredState,
-    model::{Snapshot, StatusSet, reconcile},
+    model::{Snapshot, StatusSet, limits::Limits, reconcile},
 };
 
 /// The directory cannot be read or does not parse.
@@ -123,6 +123,7 @@ pub struct FileSource {
     dir: PathBuf,
     controller_name: String,
     backend_filter: BackendFilter,
+    limits: Limits,
     seen: Option<Fingerprint>,
     current: Arc<DesiredState>,
     skipped: Skipped,
@@ -130,16 +131,19 @@ pub struct FileSource {
 
 impl FileSource {
     /// Reads `dir` once; fails if it does not parse (there is no last good state yet).
-    /// Endpoints are programmed when `backend_filter` allows their address.
+    /// Endpoints are programmed when `backend_filter` allows their address; what does
+    /// not fit `limits` is left out.
     pub fn open(
         dir: &Path,
         controller_name: &str,
         backend_filter: BackendFilter,
+        limits: Limits,
     ) -> Result<Self, SourceError> {
         let mut s = Self {
             dir: dir.to_owned(),
             controller_name: controller_name.to_owned(),
             backend_filter,
+            limits,
             seen: None,
             current: Arc::new(DesiredState::default()),
             skipped: Skipped::default(),
@@ -178,7 +182,7 @@ impl FileSource {
             log_skipped(&self.dir, &skipped);
             self.skipped = skipped;
         }
-        let params = super::params_now(&self.controller_name, &self.backend_filter);
+        let params = super::params_now(&self.controller_name, &self.backend_filter, self.limits);
         let (mut desired, status) = reconcile(&snapshot, &params);
         desired.generation = if desired.listeners == self.current.listeners {
             self.current.generation

@@ -8,18 +8,22 @@
 //! the reverse.
 use k8s_openapi::{apimachinery::pkg::apis::meta::v1::Time, jiff::Timestamp};
 
-use crate::{backend_filter::BackendFilter, model::Params};
+use crate::{
+    backend_filter::BackendFilter,
+    model::{Params, limits::Limits},
+};
 
 pub mod files;
 pub mod manifest;
 
 /// Parameters for a reconcile happening now (the edges read the clock, the model does
 /// not).
-pub fn params_now(controller_name: &str, backend_filter: &BackendFilter) -> Params {
+pub fn params_now(controller_name: &str, backend_filter: &BackendFilter, limits: Limits) -> Params {
     Params {
         controller_name: controller_name.to_owned(),
         now: Time(Timestamp::now()),
         backend_filter: backend_filter.clone(),
+        limits,
         crd_bundle: crate::model::CrdBundle::NotRead,
     }
 }

@@ -413,6 +413,7 @@ mod against_a_scripted_api_server {
             node_addresses: None,
             policy_rediscovery: Duration::from_mins(1),
             backend_filter: crate::backend_filter::BackendFilter::default(),
+            limits: crate::model::limits::Limits::default(),
         }
     }
 
@@ -554,6 +555,7 @@ mod against_a_scripted_api_server {
         let opts = KubeOptions {
             policy_rediscovery: Duration::from_millis(100),
             backend_filter: crate::backend_filter::BackendFilter::default(),
+            limits: crate::model::limits::Limits::default(),
             ..options()
         };
         let mut agent = start_with(false, BTreeMap::new(), opts);
