@@ -132,6 +132,9 @@ pub struct LoadOptions {
     pub kernel_btf: PathBuf,
     /// The forward path's settings that are fixed at load time.
     pub forward: ForwardLoad,
+    /// Capacity of `GW_SOCKS` and `GW_PEERS` (two entries per kernel-path
+    /// connection; the connections that find them full take splice).
+    pub max_sockets: u32,
 }
 
 /// What the forward program is loaded with.
@@ -187,6 +190,7 @@ impl Default for LoadOptions {
             on_mismatch: PinMismatch::Replace,
             kernel_btf: PathBuf::from(DEFAULT_KERNEL_BTF),
             forward: ForwardLoad::default(),
+            max_sockets: MAX_SOCKETS,
         }
     }
 }
@@ -206,14 +210,20 @@ const fn size32<T>() -> u32 {
 }
 
 /// The maps of this build, as [`MAP_NAMES`] orders them, with a connection table of
-/// `flows` entries.
-pub const fn map_specs(flows: u32) -> [MapSpec; 15] {
+/// `flows` entries and room for `sockets` sockets in `GW_SOCKS` and `GW_PEERS`.
+pub const fn map_specs(flows: u32, sockets: u32) -> [MapSpec; 15] {
     let s = MAP_SPECS;
     [
         s[0],
         s[1],
-        s[2],
-        s[3],
+        MapSpec {
+            max_entries: sockets,
+            ..s[2]
+        },
+        MapSpec {
+            max_entries: sockets,
+            ..s[3]
+        },
         s[4],
         s[5],
         s[6],
@@ -572,7 +582,7 @@ impl Datapath {
         }
         ensure_pin_dir(&opts.pin_dir)?;
         let mut reused = Vec::new();
-        for spec in &map_specs(opts.forward.table_size) {
+        for spec in &map_specs(opts.forward.table_size, opts.max_sockets) {
             if check_pin(&opts.pin_dir, spec, opts.on_mismatch)? {
                 reused.push(spec.name);
             }
@@ -587,6 +597,8 @@ impl Datapath {
         }
         let fwd = opts.forward.globals();
         loader.map_max_entries(GW_FWD_FLOWS, opts.forward.table_size);
+        loader.map_max_entries(GW_SOCKS, opts.max_sockets);
+        loader.map_max_entries(GW_PEERS, opts.max_sockets);
         for (name, value) in &fwd {
             loader.override_global(name, value, true);
         }

@@ -205,6 +205,13 @@ struct RunArgs {
     /// range; reserved in `net.ipv4.ip_local_reserved_ports`.
     #[arg(long, default_value = "61000-65535")]
     forward_ports: String,
+    /// Kernel path: entries of `GW_SOCKS` and `GW_PEERS`, two per connection; a
+    /// connection that finds them full takes splice (counted in
+    /// `sockgate_sockmap_pair_failures_total{reason="map_full"}`). Fixed at load time;
+    /// a pin of another size is incompatible (`--on-pin-mismatch`).
+    #[arg(long, default_value_t = gateway_common::MAX_SOCKETS,
+          value_parser = clap::value_parser!(u32).range(2..))]
+    max_sockets: u32,
     /// Forward data path: connection table entries (two per connection).
     #[arg(long, default_value_t = gateway_common::MAX_FLOWS,
           value_parser = clap::value_parser!(u32).range(2..))]
@@ -469,6 +476,7 @@ fn load_options(args: &RunArgs, port_min: u16, port_max: u16) -> LoadOptions {
             attempts: u32::try_from(args.connect_attempts).unwrap_or(u32::MAX),
             preserve_client: args.preserve_client_ip,
         },
+        max_sockets: args.max_sockets,
     }
 }
 
