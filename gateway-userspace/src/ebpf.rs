@@ -1156,6 +1156,74 @@ impl std::fmt::Debug for Datapath {
     }
 }
 
+/// Errors of pinning the maps again after their pins were removed.
+#[derive(Debug, thiserror::Error)]
+pub enum RepinError {
+    #[error("pin directory {path}: {source}")]
+    Dir {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("pinning {name}: {source}")]
+    Pin {
+        name: &'static str,
+        #[source]
+        source: aya::pin::PinError,
+    },
+}
+
+impl Datapath {
+    /// The maps whose pin is missing from the pin directory.
+    pub fn missing_pins(&self) -> Vec<&'static str> {
+        MAP_NAMES
+            .into_iter()
+            .filter(|name| !self.pin_dir.join(name).exists())
+            .collect()
+    }
+
+    /// Pins `names` again (the pin directory is created again when it is gone): the
+    /// agent holds every map, so removing the pins by hand loses no state, only the
+    /// way `sockgate status`, `bpftool` and the next agent find them.
+    pub fn repin(&self, names: &[&'static str]) -> Result<(), RepinError> {
+        use aya::maps::IterableMap;
+        fs::create_dir_all(&self.pin_dir).map_err(|source| RepinError::Dir {
+            path: self.pin_dir.clone(),
+            source,
+        })?;
+        for &name in names {
+            let path = self.pin_dir.join(name);
+            let m = &self.maps;
+            let pinned = match name {
+                GW_LISTENERS => lock(&m.listeners).map().pin(&path),
+                GW_BACKENDS => lock(&m.backends).map().pin(&path),
+                GW_SOCKS => lock(&m.socks).map().pin(&path),
+                GW_PEERS => lock(&m.peers).map().pin(&path),
+                GW_STATS => lock(&m.stats).map().pin(&path),
+                GW_FWD_FLOWS => lock(&m.flows).map().pin(&path),
+                GW_FWD_SLOTS => lock(&m.slots).map().pin(&path),
+                GW_FWD_ADDRS => lock(&m.node_addrs).map().pin(&path),
+                GW_FWD_STATS => lock(&m.fwd_stats).map().pin(&path),
+                GW_FWD_IFACES => lock(&m.fwd_ifaces).map().pin(&path),
+                _ => {
+                    let guard = lock(&m.guard);
+                    if let Some(data) = guard.0.map_data(name) {
+                        data.pin(&path)
+                    } else {
+                        drop(guard);
+                        match lock(&self.ebpf).map(name) {
+                            Some(map) => map.pin(&path),
+                            None => continue,
+                        }
+                    }
+                }
+            };
+            pinned.map_err(|source| RepinError::Pin { name, source })?;
+        }
+        Ok(())
+    }
+}
+
 impl Drop for Datapath {
     fn drop(&mut self) {
         if self.keep_pins {

@@ -644,10 +644,7 @@ fn run(args: &RunArgs) -> anyhow::Result<()> {
         spawn_source(files, kube, &dp, &metrics, refusals, tx, &shutdown).await?;
         let counters = Arc::new(Registry::default());
         let _http = metrics::serve(args.metrics_addr, metrics.clone(), shutdown.clone()).await?;
-        let kernel_logs = {
-            let (dp, shutdown) = (dp.clone(), shutdown.clone());
-            tokio::spawn(async move { dp.forward_kernel_logs(shutdown).await })
-        };
+        let kernel_logs = spawn_datapath_tasks(&dp, &shutdown);
         let serving = tokio::spawn(proxy::serve(
             dp.clone(),
             cfg.clone(),
@@ -675,6 +672,21 @@ fn run(args: &RunArgs) -> anyhow::Result<()> {
     drop(rt);
     drop(dp);
     Ok(())
+}
+
+/// Starts the tasks that follow the loaded programs until `shutdown`: their log
+/// records (the handle returned, to wait for the last records) and the pin watch.
+fn spawn_datapath_tasks(
+    dp: &Arc<Datapath>,
+    shutdown: &CancellationToken,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(sockgate::pin_watch::run(
+        dp.clone(),
+        sockgate::pin_watch::CHECK_INTERVAL,
+        shutdown.clone(),
+    ));
+    let (dp, shutdown) = (dp.clone(), shutdown.clone());
+    tokio::spawn(async move { dp.forward_kernel_logs(shutdown).await })
 }
 
 /// Two descriptors per proxied connection, plus pipes on the userspace path: raise the

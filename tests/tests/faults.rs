@@ -1,7 +1,8 @@
 //! Fault end-to-end tests of the socket paths: the agent at its open-file limit (the
 //! accept loop backs off instead of spinning, established connections keep flowing,
-//! accepting resumes when descriptors are free again), and a full socket map (the
-//! connections that find `GW_SOCKS`/`GW_PEERS` full take splice).
+//! accepting resumes when descriptors are free again), a full socket map (the
+//! connections that find `GW_SOCKS`/`GW_PEERS` full take splice), and the pin directory
+//! removed by hand while the agent runs (the maps are pinned again).
 mod common;
 
 use std::{
@@ -304,4 +305,63 @@ fn full_socket_map_falls_back_to_splice() {
     assert_eq!(stats["kernel_connections"], 5, "{stats}");
     assert_eq!(stats["userspace_connections"], 6, "{stats}");
     assert!(agent.stop().success());
+}
+
+#[test]
+fn removed_pin_directory_is_pinned_again() {
+    require_root();
+    let bed = Bed::new(1).expect("bed");
+    let _echo = servers::Server::start(bed.backend(0), backend(&bed), servers::named_echo("foo"))
+        .expect("backend");
+    let route = format!("{PORT}={}", backend(&bed));
+    let mut agent = Agent::start(&bed, &["--route", &route, "--datapath", "sockmap"], &[PORT]);
+    let addr = listener_addr(&bed);
+    let first = bed
+        .client()
+        .run(move || {
+            let mut s = connect(addr).expect("connect");
+            assert_eq!(exchange(&mut s, "one\n"), "foo: one\n");
+            s
+        })
+        .expect("client");
+    let before = agent.stats(PORT);
+    assert_eq!(before["kernel_connections"], 1, "{before}");
+
+    std::fs::remove_dir_all(&agent.pin_dir).expect("rm -r the pin directory");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !agent.pin_dir.join(gateway_common::GW_LISTENERS).exists() {
+        assert!(
+            Instant::now() < deadline,
+            "pins not restored:\n{}",
+            agent.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    for name in gateway_common::MAP_NAMES {
+        assert!(agent.pin_dir.join(name).exists(), "{name} not pinned again");
+    }
+    // The same maps, with their entries: the listener and its counters are still there,
+    // and traffic (old and new connections) still flows.
+    let (first, second) = bed
+        .client()
+        .run(move || {
+            let mut first = first;
+            assert_eq!(exchange(&mut first, "two\n"), "foo: two\n");
+            let mut s = connect(addr).expect("connect");
+            assert_eq!(exchange(&mut s, "three\n"), "foo: three\n");
+            (first, s)
+        })
+        .expect("client");
+    let after = agent.stats(PORT);
+    assert_eq!(after["kernel_connections"], 2, "{after}");
+    let log = agent.log_text();
+    assert_eq!(
+        log.matches("pinned maps were removed from outside the agent")
+            .count(),
+        1,
+        "{log}"
+    );
+    drop((first, second));
+    assert!(agent.stop().success());
+    assert!(!agent.pin_dir.exists(), "pins left after a clean stop");
 }
