@@ -1245,3 +1245,28 @@ impl Drop for Datapath {
         info!(pin_dir = %self.pin_dir.display(), "removed pinned maps");
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn map_specs_take_the_load_time_sizes() {
+        let specs = map_specs(100, 8);
+        for (spec, name) in specs.iter().zip(MAP_NAMES) {
+            assert_eq!(spec.name, name);
+            let expected = match name {
+                GW_SOCKS | GW_PEERS => 8,
+                GW_FWD_FLOWS => 100,
+                _ => map_specs(MAX_FLOWS, MAX_SOCKETS)
+                    .iter()
+                    .find(|s| s.name == name)
+                    .map_or(0, |s| s.max_entries),
+            };
+            assert_eq!(spec.max_entries, expected, "{name}");
+        }
+        let default = map_specs(MAX_FLOWS, MAX_SOCKETS);
+        assert_eq!(default[2].max_entries, MAX_SOCKETS);
+        assert_eq!(default[3].max_entries, MAX_SOCKETS);
+    }
+}
