@@ -147,6 +147,9 @@ pub struct Capacity {
     pub listeners: u32,
     /// Entries of `GW_BACKENDS`.
     pub backends: u32,
+    /// Entries of `GW_SOCKS` and `GW_PEERS` (`--max-sockets`): two per kernel-path
+    /// connection; the connections that find them full take splice.
+    pub sockets: u32,
 }
 
 impl Default for Capacity {
@@ -154,6 +157,7 @@ impl Default for Capacity {
         Self {
             listeners: MAX_LISTENERS,
             backends: MAX_BACKENDS,
+            sockets: MAX_SOCKETS,
         }
     }
 }
@@ -170,6 +174,7 @@ impl Capacity {
             GW_STATS => Some(listeners.saturating_mul(2)),
             GW_BACKENDS => Some(self.backends.max(1)),
             GW_FWD_FLOWS => Some(flows),
+            GW_SOCKS | GW_PEERS => Some(self.sockets.max(2)),
             _ => None,
         }
     }
@@ -1217,6 +1222,74 @@ impl std::fmt::Debug for Datapath {
     }
 }
 
+/// Errors of pinning the maps again after their pins were removed.
+#[derive(Debug, thiserror::Error)]
+pub enum RepinError {
+    #[error("pin directory {path}: {source}")]
+    Dir {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("pinning {name}: {source}")]
+    Pin {
+        name: &'static str,
+        #[source]
+        source: aya::pin::PinError,
+    },
+}
+
+impl Datapath {
+    /// The maps whose pin is missing from the pin directory.
+    pub fn missing_pins(&self) -> Vec<&'static str> {
+        MAP_NAMES
+            .into_iter()
+            .filter(|name| !self.pin_dir.join(name).exists())
+            .collect()
+    }
+
+    /// Pins `names` again (the pin directory is created again when it is gone): the
+    /// agent holds every map, so removing the pins by hand loses no state, only the
+    /// way `sockgate status`, `bpftool` and the next agent find them.
+    pub fn repin(&self, names: &[&'static str]) -> Result<(), RepinError> {
+        use aya::maps::IterableMap;
+        fs::create_dir_all(&self.pin_dir).map_err(|source| RepinError::Dir {
+            path: self.pin_dir.clone(),
+            source,
+        })?;
+        for &name in names {
+            let path = self.pin_dir.join(name);
+            let m = &self.maps;
+            let pinned = match name {
+                GW_LISTENERS => lock(&m.listeners).map().pin(&path),
+                GW_BACKENDS => lock(&m.backends).map().pin(&path),
+                GW_SOCKS => lock(&m.socks).map().pin(&path),
+                GW_PEERS => lock(&m.peers).map().pin(&path),
+                GW_STATS => lock(&m.stats).map().pin(&path),
+                GW_FWD_FLOWS => lock(&m.flows).map().pin(&path),
+                GW_FWD_SLOTS => lock(&m.slots).map().pin(&path),
+                GW_FWD_ADDRS => lock(&m.node_addrs).map().pin(&path),
+                GW_FWD_STATS => lock(&m.fwd_stats).map().pin(&path),
+                GW_FWD_IFACES => lock(&m.fwd_ifaces).map().pin(&path),
+                _ => {
+                    let guard = lock(&m.guard);
+                    if let Some(data) = guard.0.map_data(name) {
+                        data.pin(&path)
+                    } else {
+                        drop(guard);
+                        match lock(&self.ebpf).map(name) {
+                            Some(map) => map.pin(&path),
+                            None => continue,
+                        }
+                    }
+                }
+            };
+            pinned.map_err(|source| RepinError::Pin { name, source })?;
+        }
+        Ok(())
+    }
+}
+
 impl Drop for Datapath {
     fn drop(&mut self) {
         if self.keep_pins {
@@ -1236,5 +1309,34 @@ impl Drop for Datapath {
         let _ = fs::remove_dir(&links);
         let _ = fs::remove_dir(&self.pin_dir);
         info!(pin_dir = %self.pin_dir.display(), "removed pinned maps");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn map_specs_take_the_load_time_sizes() {
+        let capacity = Capacity {
+            sockets: 8,
+            ..Capacity::default()
+        };
+        let specs = map_specs(capacity, 100);
+        for (spec, name) in specs.iter().zip(MAP_NAMES) {
+            assert_eq!(spec.name, name);
+            let expected = match name {
+                GW_SOCKS | GW_PEERS => 8,
+                GW_FWD_FLOWS => 100,
+                _ => map_specs(Capacity::default(), MAX_FLOWS)
+                    .iter()
+                    .find(|s| s.name == name)
+                    .map_or(0, |s| s.max_entries),
+            };
+            assert_eq!(spec.max_entries, expected, "{name}");
+        }
+        let default = map_specs(Capacity::default(), MAX_FLOWS);
+        assert_eq!(default[2].max_entries, MAX_SOCKETS);
+        assert_eq!(default[3].max_entries, MAX_SOCKETS);
     }
 }

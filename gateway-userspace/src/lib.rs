@@ -17,6 +17,7 @@
 //!   tables, the connection table sweeper (attached by [`attach::forward`]).
 //! * [`map_error`]: the error of a map operation.
 //! * [`mapsync`]: writes the desired state to `GW_LISTENERS` / `GW_BACKENDS`.
+//! * [`pin_watch`]: puts the maps' pins back when they are removed while the agent runs.
 //! * [`model`]: the Gateway API model: snapshot, reconcile, status.
 //! * [`metrics`]: Prometheus metrics, `/healthz` and `/readyz`.
 //! * [`policy`]: the `ListenerPolicy` resource (XDP guard policy attachment) and its
@@ -44,6 +45,7 @@ pub mod metrics;
     reason = "Gateway API kind names (GatewayClass, TCPRoute, EndpointSlice) are words in these docs"
 )]
 pub mod model;
+pub mod pin_watch;
 pub mod policy;
 pub mod proxy;
 pub mod routes;

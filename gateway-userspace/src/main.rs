@@ -247,6 +247,13 @@ struct RunArgs {
     /// range; reserved in `net.ipv4.ip_local_reserved_ports`.
     #[arg(long, default_value = "61000-65535")]
     forward_ports: String,
+    /// Kernel path: entries of `GW_SOCKS` and `GW_PEERS`, two per connection; a
+    /// connection that finds them full takes splice (counted in
+    /// `sockgate_sockmap_pair_failures_total{reason="map_full"}`). Fixed at load time;
+    /// a pin of another size is incompatible (`--on-pin-mismatch`).
+    #[arg(long, default_value_t = gateway_common::MAX_SOCKETS,
+          value_parser = clap::value_parser!(u32).range(2..))]
+    max_sockets: u32,
     /// Forward data path: connection table entries (two per connection).
     #[arg(long, default_value_t = gateway_common::MAX_FLOWS,
           value_parser = clap::value_parser!(u32).range(2..))]
@@ -566,6 +573,7 @@ fn load_options(args: &RunArgs, port_min: u16, port_max: u16) -> LoadOptions {
         capacity: Capacity {
             listeners: args.limits.max_listeners,
             backends: args.limits.max_backends,
+            sockets: args.max_sockets,
         },
     }
 }
@@ -733,10 +741,7 @@ fn run(args: &RunArgs) -> anyhow::Result<()> {
         spawn_source(files, kube, &dp, &metrics, said, tx, &shutdown).await?;
         let counters = Arc::new(Registry::default());
         let _http = metrics::serve(args.metrics_addr, metrics.clone(), shutdown.clone()).await?;
-        let kernel_logs = {
-            let (dp, shutdown) = (dp.clone(), shutdown.clone());
-            tokio::spawn(async move { dp.forward_kernel_logs(shutdown).await })
-        };
+        let kernel_logs = spawn_datapath_tasks(&dp, &shutdown);
         let serving = tokio::spawn(proxy::serve(
             dp.clone(),
             cfg.clone(),
@@ -764,6 +769,21 @@ fn run(args: &RunArgs) -> anyhow::Result<()> {
     drop(rt);
     drop(dp);
     Ok(())
+}
+
+/// Starts the tasks that follow the loaded programs until `shutdown`: their log
+/// records (the handle returned, to wait for the last records) and the pin watch.
+fn spawn_datapath_tasks(
+    dp: &Arc<Datapath>,
+    shutdown: &CancellationToken,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(sockgate::pin_watch::run(
+        dp.clone(),
+        sockgate::pin_watch::CHECK_INTERVAL,
+        shutdown.clone(),
+    ));
+    let (dp, shutdown) = (dp.clone(), shutdown.clone());
+    tokio::spawn(async move { dp.forward_kernel_logs(shutdown).await })
 }
 
 /// Two descriptors per proxied connection, plus pipes on the userspace path: raise the

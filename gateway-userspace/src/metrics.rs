@@ -46,6 +46,14 @@ use crate::{
 /// Labels of a per-listener metric.
 pub type ListenerLabels = Vec<(&'static str, String)>;
 
+/// Labels of a metric counted by reason.
+pub type ReasonLabels = Vec<(&'static str, &'static str)>;
+
+/// Reasons of `sockgate_accept_errors_total`, present from the start (0).
+const ACCEPT_ERROR_REASONS: [&str; 4] = ["descriptors", "memory", "connection", "other"];
+/// Reasons of `sockgate_sockmap_pair_failures_total`, present from the start (0).
+pub const PAIR_FAILURE_REASONS: [&str; 2] = ["map_full", "other"];
+
 /// The agent's metrics and health flags.
 #[derive(Debug)]
 pub struct Metrics {
@@ -69,6 +77,12 @@ pub struct Metrics {
     /// backendRefs without ready endpoint in the current desired state, by what became
     /// of their share.
     pub backend_refs_unready: BackendRefsUnready,
+    /// Failed `accept(2)` calls of the listeners, by reason
+    /// (`proxy::accept::AcceptErrorReason`).
+    pub accept_errors: Family<ReasonLabels, Counter>,
+    /// Connections that could not be paired in the sockmap and took splice, by reason
+    /// (`map_full`: `GW_SOCKS` or `GW_PEERS` is full; `other`).
+    pub sockmap_pair_failures: Family<ReasonLabels, Counter>,
     /// The programs are loaded and attached.
     pub healthy: AtomicBool,
     /// The desired state is programmed and the listeners are bound.
@@ -525,6 +539,24 @@ impl Metrics {
         );
         let backend_refs_unready = BackendRefsUnready::default();
         backend_refs_unready.register(&mut registry);
+        let accept_errors = Family::<ReasonLabels, Counter>::default();
+        for reason in ACCEPT_ERROR_REASONS {
+            drop(accept_errors.get_or_create(&vec![("reason", reason)]));
+        }
+        registry.register(
+            "sockgate_accept_errors",
+            "Failed accepts on the listeners, by reason (descriptors: the open-file limit)",
+            accept_errors.clone(),
+        );
+        let sockmap_pair_failures = Family::<ReasonLabels, Counter>::default();
+        for reason in PAIR_FAILURE_REASONS {
+            drop(sockmap_pair_failures.get_or_create(&vec![("reason", reason)]));
+        }
+        registry.register(
+            "sockgate_sockmap_pair_failures",
+            "Connections that could not be paired in the sockmap and took splice, by reason (map_full: GW_SOCKS or GW_PEERS is full, see --max-sockets)",
+            sockmap_pair_failures.clone(),
+        );
         registry.register_collector(Box::new(MapCollector { dp }));
         Self {
             registry,
@@ -537,10 +569,26 @@ impl Metrics {
             not_programmed,
             map_write_failures,
             backend_refs_unready,
+            accept_errors,
+            sockmap_pair_failures,
             healthy: AtomicBool::new(true),
             ready: AtomicBool::new(false),
             source_ready: Arc::new(AtomicBool::new(true)),
         }
+    }
+
+    /// Counts a failed accept.
+    pub fn accept_error(&self, reason: &'static str) {
+        self.accept_errors
+            .get_or_create(&vec![("reason", reason)])
+            .inc();
+    }
+
+    /// Counts a connection that could not be paired in the sockmap.
+    pub fn sockmap_pair_failure(&self, reason: &'static str) {
+        self.sockmap_pair_failures
+            .get_or_create(&vec![("reason", reason)])
+            .inc();
     }
 
     /// Labels for the per-listener families.

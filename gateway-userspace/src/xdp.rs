@@ -355,6 +355,18 @@ impl GuardMaps {
         })
     }
 
+    /// The handle of the guard's map `name`, if it holds it.
+    pub fn map_data(&self, name: &str) -> Option<&MapData> {
+        use aya::maps::IterableMap;
+        match name {
+            GW_XDP_POLICY => Some(self.policy.map()),
+            GW_XDP_CIDR4 => Some(self.cidr4.map()),
+            GW_XDP_CIDR6 => Some(self.cidr6.map()),
+            GW_XDP_STATS => Some(self.stats.map()),
+            _ => None,
+        }
+    }
+
     fn insert_entry(&mut self, e: &CidrEntry, id: u32) -> Result<(), MapOpError> {
         match *e {
             CidrEntry::V4 { prefix_len, data } => self

@@ -54,6 +54,20 @@ pub enum PairError {
     Map(#[from] MapOpError),
 }
 
+impl PairError {
+    /// The label counted in `sockgate_sockmap_pair_failures_total`: `map_full` when
+    /// `GW_SOCKS` or `GW_PEERS` has no room (`E2BIG`), else `other`.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::Map(MapOpError {
+                source: aya::maps::MapError::SyscallError(e),
+                ..
+            }) if e.io_error.raw_os_error() == Some(libc::E2BIG) => "map_full",
+            _ => "other",
+        }
+    }
+}
+
 /// One side of a pair.
 struct Side<'a> {
     stream: &'a TcpStream,

@@ -6,6 +6,7 @@
 //! it once, when it is accepted: established connections keep their backend whatever
 //! changes later. A port that leaves the desired state stops accepting at once; its
 //! established connections may finish for up to the drain timeout, then are reset.
+pub mod accept;
 pub mod kernel;
 pub mod select;
 pub mod sock;
@@ -128,21 +129,32 @@ struct Running {
     drain: CancellationToken,
 }
 
+/// The keys seen so far, for logging something once per distinct key.
+#[derive(Default)]
+struct SeenOnce {
+    seen: Mutex<std::collections::BTreeSet<String>>,
+}
+
+impl SeenOnce {
+    /// Whether `key` is new (it is remembered).
+    fn first(&self, key: &str) -> bool {
+        let mut seen = self
+            .seen
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        !seen.contains(key) && seen.insert(key.to_owned())
+    }
+}
+
 /// Logs a data path choice once per reason.
 #[derive(Default)]
 struct ChoiceLog {
-    seen: Mutex<std::collections::BTreeSet<String>>,
+    seen: SeenOnce,
 }
 
 impl ChoiceLog {
     fn once(&self, path: &str, reason: &str) {
-        let key = format!("{path}:{reason}");
-        let first = self
-            .seen
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .insert(key);
-        if first {
+        if self.seen.first(&format!("{path}:{reason}")) {
             info!(path, reason, "data path chosen (logged once per reason)");
         }
     }
@@ -156,6 +168,8 @@ struct Shared {
     counters: Arc<Registry>,
     selectors: Mutex<BTreeMap<u16, Arc<Selector>>>,
     choices: ChoiceLog,
+    /// Sockmap pairing errors already logged.
+    pair_failures: SeenOnce,
     metrics: Arc<Metrics>,
     /// Every connection task, so shutdown can wait for them.
     tracker: tokio_util::task::TaskTracker,
@@ -191,6 +205,7 @@ pub async fn serve(
         counters: counters.clone(),
         selectors: Mutex::default(),
         choices: ChoiceLog::default(),
+        pair_failures: SeenOnce::default(),
         metrics: metrics.clone(),
         tracker: tracker.clone(),
     });
@@ -343,6 +358,7 @@ async fn accept_loop(
     drain: CancellationToken,
 ) {
     let counters = shared.counters.get(port);
+    let mut backoff = accept::Backoff::default();
     loop {
         let accepted = tokio::select! {
             () = stop.cancelled() => return,
@@ -350,6 +366,9 @@ async fn accept_loop(
         };
         match accepted {
             Ok((client, peer)) => {
+                if let Some(failures) = backoff.succeeded() {
+                    info!(listener = port, failures, "accepting again");
+                }
                 counters.accepted();
                 let _ = client.set_nodelay(true);
                 let task_shared = shared.clone();
@@ -364,8 +383,33 @@ async fn accept_loop(
                 });
             }
             Err(e) => {
-                warn!(listener = port, error = %e, "accept failed");
-                tokio::time::sleep(Duration::from_millis(10)).await;
+                let reason = accept::AcceptErrorReason::of(&e);
+                shared.metrics.accept_error(reason.label());
+                let after = backoff.failed(reason);
+                if after.first && reason == accept::AcceptErrorReason::Descriptors {
+                    warn!(
+                        listener = port,
+                        error = %e,
+                        open_file_limit = accept::open_file_limit(),
+                        max_pause_ms = accept::MAX_PAUSE.as_millis(),
+                        "accept failed: descriptor limit reached; connections wait in the listen queue, accept retried with a growing pause (logged once until it works again)"
+                    );
+                } else if after.first {
+                    warn!(
+                        listener = port,
+                        error = %e,
+                        max_pause_ms = accept::MAX_PAUSE.as_millis(),
+                        "accept failed; retried with a growing pause (logged once until it works again)"
+                    );
+                } else {
+                    debug!(listener = port, error = %e, pause_ms = after.pause.as_millis(), "accept failed");
+                }
+                if !after.pause.is_zero() {
+                    tokio::select! {
+                        () = stop.cancelled() => return,
+                        () = tokio::time::sleep(after.pause) => {}
+                    }
+                }
             }
         }
     }
@@ -465,9 +509,21 @@ async fn handle(
         ) {
             Ok(paired) => Some(paired),
             Err(e) => {
-                let reason = e.to_string();
-                warn!(listener = port, error = %reason, "sockmap pairing failed; this connection uses splice");
-                shared.choices.once("userspace", &reason);
+                let error = e.to_string();
+                shared.metrics.sockmap_pair_failure(e.reason());
+                if shared.pair_failures.first(&error) {
+                    warn!(
+                        listener = port,
+                        error,
+                        reason = e.reason(),
+                        "sockmap pairing failed; the connection uses splice (logged once per distinct error; counted in sockgate_sockmap_pair_failures_total)"
+                    );
+                } else {
+                    debug!(
+                        listener = port,
+                        error, "sockmap pairing failed; the connection uses splice"
+                    );
+                }
                 None
             }
         },
