@@ -578,15 +578,19 @@ fn load_options(args: &RunArgs, port_min: u16, port_max: u16) -> LoadOptions {
     }
 }
 
-/// Starts the forward path when it is on.
+/// Starts the forward path when it is on, or says why it is off (after the programs
+/// loaded, so a start-up failure stays one line).
 async fn start_forward(
     dp: &Arc<Datapath>,
-    forward: Option<(Selection, ForwardOptions)>,
+    forward: Result<(Selection, ForwardOptions), &'static str>,
     shutdown: &CancellationToken,
 ) -> anyhow::Result<Option<tokio::task::JoinHandle<()>>> {
     Ok(match forward {
-        Some((sel, opts)) => Some(attach::forward::start(dp, sel, opts, shutdown).await?),
-        None => None,
+        Ok((sel, opts)) => Some(attach::forward::start(dp, sel, opts, shutdown).await?),
+        Err(why) => {
+            info!(why, "forward data path off");
+            None
+        }
     })
 }
 
@@ -632,17 +636,16 @@ fn forward_selection(
     })
 }
 
-/// The forward path's settings and interfaces, `None` when it is off.
+/// The forward path's settings and interfaces, or why it is off.
 fn forward_setup(
     args: &RunArgs,
     drain: Duration,
     (selection, off_why): (Selection, &'static str),
-) -> anyhow::Result<Option<(Selection, ForwardOptions)>> {
+) -> anyhow::Result<Result<(Selection, ForwardOptions), &'static str>> {
     if matches!(selection, Selection::Off) {
-        info!(why = off_why, "forward data path off");
-        return Ok(None);
+        return Ok(Err(off_why));
     }
-    Ok(Some((
+    Ok(Ok((
         selection,
         ForwardOptions {
             timeouts: Timeouts {
@@ -713,7 +716,7 @@ fn run(args: &RunArgs) -> anyhow::Result<()> {
     )?;
     let (port_min, port_max) = forward::parse_ports(&args.forward_ports)?;
     let opts = load_options(args, port_min, port_max);
-    if forward.is_some() {
+    if forward.is_ok() {
         forward::reserve_ports(port_min, port_max)?;
     }
     let guards = sockgate::xdp::parse_flags(&args.xdp_allow, &args.xdp_deny, &args.xdp_syn_rate)?;

@@ -48,26 +48,6 @@ fn paced_send(mut s: TcpStream, seed: u64, total: u64, pause: Duration) -> std::
     s.shutdown(Shutdown::Write)
 }
 
-/// Reads to EOF and checks against the stream of `seed`: (bytes, first bad offset).
-fn checked_recv(mut s: TcpStream, seed: u64) -> std::io::Result<(u64, Option<u64>)> {
-    let mut stream = Stream::new(seed);
-    let (mut buf, mut want) = (vec![0u8; 256 * 1024], vec![0u8; 256 * 1024]);
-    let (mut total, mut bad) = (0u64, None);
-    loop {
-        let n = s.read(&mut buf)?;
-        if n == 0 {
-            return Ok((total, bad));
-        }
-        stream.fill(&mut want[..n]);
-        if bad.is_none()
-            && let Some(i) = (0..n).find(|&i| buf[i] != want[i])
-        {
-            bad = Some(total + i as u64);
-        }
-        total += n as u64;
-    }
-}
-
 /// A transfer in progress when the agent is killed (SIGKILL: nothing of its own
 /// cleanup runs) goes on while no agent runs, and to its end once a new agent has
 /// taken the pinned links and maps over: no byte lost or repeated either way.
@@ -82,7 +62,7 @@ fn forward_connections_survive_agent_sigkill_and_restart() {
     let handler: servers::Handler = Arc::new(move |s: TcpStream| {
         let out = s.try_clone().expect("clone");
         let sender = std::thread::spawn(move || paced_send(out, 2, total, pause));
-        let got = checked_recv(s, 1);
+        let got = common::recv_stream(s, 1);
         let sent = sender.join().expect("sender");
         let _ = tx.lock().expect("lock").send((got.ok(), sent.is_ok()));
     });
@@ -102,7 +82,7 @@ fn forward_connections_survive_agent_sigkill_and_restart() {
                 .expect("timeout");
             let out = s.try_clone().expect("clone");
             let sender = std::thread::spawn(move || paced_send(out, 1, total, pause));
-            let got = checked_recv(s, 2).expect("receive");
+            let got = common::recv_stream(s, 2).expect("receive");
             sender.join().expect("sender").expect("send");
             got
         })
