@@ -1177,16 +1177,7 @@ fn addr6(ctx: &TcContext, seg: &Segment, off: usize, old: &[u8; 16], new: &[u8; 
     if old == new {
         return Some(());
     }
-    let mut from = *old;
-    let mut to = *new;
-    // SAFETY: two 16-byte buffers on the stack, their sizes passed.
-    let diff =
-        unsafe { bpf_csum_diff(from.as_mut_ptr().cast(), 16, to.as_mut_ptr().cast(), 16, 0) };
-    if diff < 0 {
-        return None;
-    }
-    ctx.l4_csum_replace(seg.csum, 0, diff as u64, BPF_F_PSEUDO_HDR)
-        .ok()?;
+    csum_words6(ctx, seg.csum, old, new, BPF_F_PSEUDO_HDR)?;
     ctx.store(off, new, 0).ok()
 }
 

@@ -13,19 +13,14 @@ use std::{
     time::Duration,
 };
 
-use common::{Agent, Stream, Writes, connect, duplex, exchange, require_root};
+use common::{
+    Agent, Stream, Writes, backend_addr as backend, connect, duplex, exchange, listener_addr,
+    require_root,
+};
 use netbed::{Bed, raw, servers};
 
 const KERNEL: &str = "sockmap";
 const SPLICE: &str = "splice";
-
-fn listener_addr(bed: &Bed, port: u16) -> SocketAddr {
-    SocketAddr::new(bed.node_addr().into(), port)
-}
-
-fn backend(bed: &Bed, i: usize, port: u16) -> SocketAddr {
-    SocketAddr::new(bed.backend_addr(i).into(), port)
-}
 
 /// Starts `handler` as the server of backend 0 (port 3001) and an agent whose listener
 /// 8088 routes to it over `path`; returns both and the listener's address.
@@ -441,57 +436,13 @@ fn server_first_splice() {
 fn half_close(path: &str) {
     require_root();
     let bed = Bed::new(1).expect("bed");
-    let (tx, rx) = mpsc::channel::<Vec<u8>>();
-    let tx = std::sync::Mutex::new(tx);
-    let backend_fin_first: servers::Handler = Arc::new(move |mut s: TcpStream| {
-        let mut go = [0u8; 2];
-        let _ = s.read_exact(&mut go);
-        let _ = s.write_all(b"backend says bye first");
-        let _ = s.shutdown(Shutdown::Write);
-        let mut got = Vec::new();
-        let _ = s.read_to_end(&mut got);
-        let _ = tx.lock().expect("lock").send(got);
+    let agent = common::half_close_both_ways(&bed, |r1, r2| {
+        Agent::start(
+            &bed,
+            &["--route", r1, "--route", r2, "--datapath", path],
+            &[8088, 8089],
+        )
     });
-    let _echo = servers::Server::start(bed.backend(0), backend(&bed, 0, 3001), servers::echo())
-        .expect("echo");
-    let _fin = servers::Server::start(bed.backend(0), backend(&bed, 0, 3002), backend_fin_first)
-        .expect("fin");
-    let r1 = format!("8088={}", backend(&bed, 0, 3001));
-    let r2 = format!("8089={}", backend(&bed, 0, 3002));
-    let agent = Agent::start(
-        &bed,
-        &["--route", &r1, "--route", &r2, "--datapath", path],
-        &[8088, 8089],
-    );
-    let (a1, a2) = (listener_addr(&bed, 8088), listener_addr(&bed, 8089));
-    let (echoed, from_backend) = bed
-        .client()
-        .run(move || {
-            // Client FIN first (after one exchange: the pair is made by then).
-            let mut s = connect(a1).expect("connect");
-            assert_eq!(exchange(&mut s, "ping\n"), "ping\n");
-            s.write_all(b"client half-closes").expect("write");
-            s.shutdown(Shutdown::Write).expect("shutdown");
-            let mut echoed = Vec::new();
-            s.read_to_end(&mut echoed).expect("read");
-            // Backend FIN first.
-            let mut s = connect(a2).expect("connect");
-            s.write_all(b"go").expect("write");
-            let mut from_backend = Vec::new();
-            s.read_to_end(&mut from_backend)
-                .expect("read to the backend's FIN");
-            s.write_all(b"client keeps talking after the backend's FIN")
-                .expect("write after FIN");
-            s.shutdown(Shutdown::Write).expect("shutdown");
-            (echoed, from_backend)
-        })
-        .expect("client");
-    assert_eq!(echoed, b"client half-closes");
-    assert_eq!(from_backend, b"backend says bye first");
-    let got = rx
-        .recv_timeout(Duration::from_secs(10))
-        .expect("backend result");
-    assert_eq!(got, b"client keeps talking after the backend's FIN");
     assert_path(&agent.stats(8088), path, 1);
     assert_path(&agent.stats(8089), path, 1);
     assert_drained(&agent, 8088);
@@ -508,79 +459,17 @@ fn half_close_splice() {
     half_close(SPLICE);
 }
 
-fn reset_with_linger(s: &TcpStream) {
-    socket2::SockRef::from(s)
-        .set_linger(Some(Duration::ZERO))
-        .expect("linger");
-}
-
 /// A reset from either side resets the other, and the pair's entries are freed.
 fn resets(path: &str) {
     require_root();
     let bed = Bed::new(1).expect("bed");
-    let (tx, rx) = mpsc::channel::<io::ErrorKind>();
-    let tx = std::sync::Mutex::new(tx);
-    // 3001: reads until error and reports it (the client resets).
-    let watcher: servers::Handler = Arc::new(move |mut s: TcpStream| {
-        let mut buf = [0u8; 1024];
-        let kind = loop {
-            match s.read(&mut buf) {
-                Ok(0) => break io::ErrorKind::UnexpectedEof,
-                Ok(_) => {}
-                Err(e) => break e.kind(),
-            }
-        };
-        let _ = tx.lock().expect("lock").send(kind);
+    let agent = common::resets_both_ways(&bed, |r1, r2| {
+        Agent::start(
+            &bed,
+            &["--route", r1, "--route", r2, "--datapath", path],
+            &[8088, 8089],
+        )
     });
-    // 3002: resets the connection at once.
-    let resetter: servers::Handler = Arc::new(|s: TcpStream| {
-        let mut s = s;
-        let mut buf = [0u8; 5];
-        let _ = s.read_exact(&mut buf);
-        reset_with_linger(&s);
-    });
-    let _w =
-        servers::Server::start(bed.backend(0), backend(&bed, 0, 3001), watcher).expect("watcher");
-    let _r =
-        servers::Server::start(bed.backend(0), backend(&bed, 0, 3002), resetter).expect("resetter");
-    let r1 = format!("8088={}", backend(&bed, 0, 3001));
-    let r2 = format!("8089={}", backend(&bed, 0, 3002));
-    let agent = Agent::start(
-        &bed,
-        &["--route", &r1, "--route", &r2, "--datapath", path],
-        &[8088, 8089],
-    );
-    let (a1, a2) = (listener_addr(&bed, 8088), listener_addr(&bed, 8089));
-    let client_saw = bed
-        .client()
-        .run(move || {
-            let mut s = connect(a1).expect("connect");
-            s.write_all(b"hello").expect("write");
-            std::thread::sleep(Duration::from_millis(200));
-            reset_with_linger(&s);
-            drop(s);
-            let mut s = connect(a2).expect("connect");
-            s.write_all(b"hello").expect("write");
-            let mut buf = [0u8; 16];
-            match s.read(&mut buf) {
-                Ok(n) => panic!("expected a reset, read {n} bytes"),
-                Err(e) => e.kind(),
-            }
-        })
-        .expect("client");
-    assert_eq!(
-        client_saw,
-        io::ErrorKind::ConnectionReset,
-        "backend reset reaches the client"
-    );
-    let backend_saw = rx
-        .recv_timeout(Duration::from_secs(10))
-        .expect("watcher result");
-    assert_eq!(
-        backend_saw,
-        io::ErrorKind::ConnectionReset,
-        "client reset reaches the backend"
-    );
     assert_drained(&agent, 8088);
     assert_drained(&agent, 8089);
 }

@@ -7,11 +7,15 @@ use std::{
     net::{Shutdown, SocketAddr, TcpStream},
     path::PathBuf,
     process::{Child, Command, Stdio},
-    sync::atomic::{AtomicU32, Ordering},
+    sync::{
+        Arc,
+        atomic::{AtomicU32, Ordering},
+        mpsc,
+    },
     time::{Duration, Instant},
 };
 
-use netbed::Bed;
+use netbed::{Bed, servers};
 use nix::sys::resource::{Resource, getrlimit, setrlimit};
 
 static PINS: AtomicU32 = AtomicU32::new(0);
@@ -420,6 +424,150 @@ pub fn metrics(bed: &Bed) -> String {
     let (code, text) = http_get(bed, SocketAddr::from(([127, 0, 0, 1], 9464)), "/metrics");
     assert_eq!(code, 200, "{text}");
     text
+}
+
+/// Listener `port` on the node's address on the client link.
+pub fn listener_addr(bed: &Bed, port: u16) -> SocketAddr {
+    SocketAddr::new(bed.node_addr().into(), port)
+}
+
+/// Port `port` of backend `i`.
+pub fn backend_addr(bed: &Bed, i: usize, port: u16) -> SocketAddr {
+    SocketAddr::new(bed.backend_addr(i).into(), port)
+}
+
+/// Makes the next close of `s` a reset (`SO_LINGER` 0).
+pub fn reset_with_linger(s: &TcpStream) {
+    socket2::SockRef::from(s)
+        .set_linger(Some(Duration::ZERO))
+        .expect("linger");
+}
+
+/// Half-close each way: through listener 8088 (to an echo server on backend 0:3001)
+/// the client sends its FIN first and still reads the echo; through 8089 (backend
+/// 0:3002) the backend sends its FIN first and still reads what the client sends
+/// after it. `start` starts the agent with the two `--route` specs; it is returned for
+/// the caller's checks of the path taken.
+pub fn half_close_both_ways(bed: &Bed, start: impl FnOnce(&str, &str) -> Agent) -> Agent {
+    let (tx, rx) = mpsc::channel::<Vec<u8>>();
+    let tx = std::sync::Mutex::new(tx);
+    let backend_fin_first: servers::Handler = Arc::new(move |mut s: TcpStream| {
+        let mut go = [0u8; 2];
+        let _ = s.read_exact(&mut go);
+        let _ = s.write_all(b"backend says bye first");
+        let _ = s.shutdown(Shutdown::Write);
+        let mut got = Vec::new();
+        let _ = s.read_to_end(&mut got);
+        let _ = tx.lock().expect("lock").send(got);
+    });
+    let _echo = servers::Server::start(bed.backend(0), backend_addr(bed, 0, 3001), servers::echo())
+        .expect("echo");
+    let _fin = servers::Server::start(
+        bed.backend(0),
+        backend_addr(bed, 0, 3002),
+        backend_fin_first,
+    )
+    .expect("fin");
+    let r1 = format!("8088={}", backend_addr(bed, 0, 3001));
+    let r2 = format!("8089={}", backend_addr(bed, 0, 3002));
+    let agent = start(&r1, &r2);
+    let (a1, a2) = (listener_addr(bed, 8088), listener_addr(bed, 8089));
+    let (echoed, from_backend) = bed
+        .client()
+        .run(move || {
+            // Client FIN first (after one exchange: the pair is made by then).
+            let mut s = connect(a1).expect("connect");
+            assert_eq!(exchange(&mut s, "ping\n"), "ping\n");
+            s.write_all(b"client half-closes").expect("write");
+            s.shutdown(Shutdown::Write).expect("shutdown");
+            let mut echoed = Vec::new();
+            s.read_to_end(&mut echoed).expect("read");
+            // Backend FIN first.
+            let mut s = connect(a2).expect("connect");
+            s.write_all(b"go").expect("write");
+            let mut from_backend = Vec::new();
+            s.read_to_end(&mut from_backend)
+                .expect("read to the backend's FIN");
+            s.write_all(b"client keeps talking after the backend's FIN")
+                .expect("write after FIN");
+            s.shutdown(Shutdown::Write).expect("shutdown");
+            (echoed, from_backend)
+        })
+        .expect("client");
+    assert_eq!(echoed, b"client half-closes");
+    assert_eq!(from_backend, b"backend says bye first");
+    let got = rx
+        .recv_timeout(Duration::from_secs(10))
+        .expect("backend result");
+    assert_eq!(got, b"client keeps talking after the backend's FIN");
+    agent
+}
+
+/// A reset from either side resets the other: the client's RST (`SO_LINGER` 0, then
+/// close) through listener 8088 reaches backend 0:3001 as a reset, and backend
+/// 0:3002's RST reaches the client through 8089. `start` starts the agent with the two
+/// `--route` specs; it is returned for the caller's checks.
+pub fn resets_both_ways(bed: &Bed, start: impl FnOnce(&str, &str) -> Agent) -> Agent {
+    let (tx, rx) = mpsc::channel::<io::ErrorKind>();
+    let tx = std::sync::Mutex::new(tx);
+    // 3001: reads until error and reports it (the client resets).
+    let watcher: servers::Handler = Arc::new(move |mut s: TcpStream| {
+        let mut buf = [0u8; 1024];
+        let kind = loop {
+            match s.read(&mut buf) {
+                Ok(0) => break io::ErrorKind::UnexpectedEof,
+                Ok(_) => {}
+                Err(e) => break e.kind(),
+            }
+        };
+        let _ = tx.lock().expect("lock").send(kind);
+    });
+    // 3002: resets the connection at once.
+    let resetter: servers::Handler = Arc::new(|s: TcpStream| {
+        let mut s = s;
+        let mut buf = [0u8; 5];
+        let _ = s.read_exact(&mut buf);
+        reset_with_linger(&s);
+    });
+    let _w = servers::Server::start(bed.backend(0), backend_addr(bed, 0, 3001), watcher)
+        .expect("watcher");
+    let _r = servers::Server::start(bed.backend(0), backend_addr(bed, 0, 3002), resetter)
+        .expect("resetter");
+    let r1 = format!("8088={}", backend_addr(bed, 0, 3001));
+    let r2 = format!("8089={}", backend_addr(bed, 0, 3002));
+    let agent = start(&r1, &r2);
+    let (a1, a2) = (listener_addr(bed, 8088), listener_addr(bed, 8089));
+    let client_saw = bed
+        .client()
+        .run(move || {
+            let mut s = connect(a1).expect("connect");
+            s.write_all(b"hello").expect("write");
+            std::thread::sleep(Duration::from_millis(200));
+            reset_with_linger(&s);
+            drop(s);
+            let mut s = connect(a2).expect("connect");
+            s.write_all(b"hello").expect("write");
+            let mut buf = [0u8; 16];
+            match s.read(&mut buf) {
+                Ok(n) => panic!("expected a reset, read {n} bytes"),
+                Err(e) => e.kind(),
+            }
+        })
+        .expect("client");
+    assert_eq!(
+        client_saw,
+        io::ErrorKind::ConnectionReset,
+        "backend reset reaches the client"
+    );
+    let backend_saw = rx
+        .recv_timeout(Duration::from_secs(10))
+        .expect("watcher result");
+    assert_eq!(
+        backend_saw,
+        io::ErrorKind::ConnectionReset,
+        "client reset reaches the backend"
+    );
+    agent
 }
 
 /// `bpftool -j ARGS`, parsed; fails loudly when bpftool does.
