@@ -10,12 +10,14 @@
 //! * [`reconcile`](mod@reconcile): attachment, conflicts, conditions.
 //! * [`backends`]: backendRef resolution and weight spreading.
 //! * [`conditions`]: condition types and reasons.
+//! * [`guards`]: `ListenerPolicy` resolution into per-listener guards.
 //! * [`limits`]: the data path's capacities and what fits them.
 //! * [`report`]: what `sockgate check` prints.
 //!
 //! [`DesiredState`]: crate::desired::DesiredState
 pub mod backends;
 pub mod conditions;
+pub mod guards;
 pub mod limits;
 pub mod reconcile;
 pub mod report;

@@ -255,7 +255,7 @@ pub fn reconcile(snap: &Snapshot, params: &Params) -> (DesiredState, StatusSet) 
         .into_iter()
         .collect();
     // The XDP guard's policies attach to the listeners just computed.
-    let (guards, policies) = crate::policy::resolve(&snap.listener_policies, &desired, params);
+    let (guards, policies) = super::guards::resolve(&snap.listener_policies, &desired, params);
     desired.guards = guards;
     status.listener_policies = policies;
     (desired, status)

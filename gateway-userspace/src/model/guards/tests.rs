@@ -1,7 +1,9 @@
 //! Policy model fixtures: targetRefs to a Gateway, a listener and a route; unknown
 //! targets; invalid specs; conflicts resolved oldest-first.
 use super::*;
-use crate::desired::Listener;
+use serde::Deserialize as _;
+
+use crate::{desired::Listener, policy::*};
 
 fn desired() -> DesiredState {
     let l = |port, origin: &str, route: Option<&str>| {
