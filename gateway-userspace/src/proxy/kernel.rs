@@ -32,12 +32,19 @@ use std::{
 
 use tokio::{io::Interest, net::TcpStream};
 
-use super::{sock, stats::Counters};
+use super::{pool::Pool, sock, stats::Counters};
 use crate::ebpf::{Datapath, MapOpError};
 
 /// How long the peer's TCP may take no byte at all while the agent waits for it to
 /// take the redirected bytes (before a FIN, or before forwarding parked bytes).
 const DRAIN_STALL_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Buffers of [`FORWARD_BUF`] bytes for parked data, kept for reuse: a direction
+/// holds one only while it reads, so an idle pair holds none.
+static BUFS: Pool<Vec<u8>> = Pool::new(64);
+
+/// Bytes read from a socket at once when forwarding parked data.
+const FORWARD_BUF: usize = 64 * 1024;
 
 /// Default of the bytes the verdict may queue towards a socket that its TCP has not
 /// taken yet before it throttles the sender ([`gateway_common::Peer::queue_limit`]).
@@ -169,12 +176,20 @@ async fn direction(
     let mut written: u64 = 0;
     // src's window clamp from before the agent narrowed it to forward parked bytes.
     let mut saved_clamp: Option<i32> = None;
-    let mut buf = vec![0u8; 64 * 1024];
+    // Held while reading; given back when src has nothing more to read.
+    let mut held: Option<Vec<u8>> = None;
     let mut eof_since: Option<Instant> = None;
     loop {
         src.stream.readable().await?;
-        match src.stream.try_read(&mut buf) {
+        let buf = match held {
+            Some(ref mut b) => b,
+            None => held.insert(BUFS.take(|| Ok::<_, io::Error>(vec![0u8; FORWARD_BUF]))?),
+        };
+        match src.stream.try_read(buf) {
             Ok(0) => {
+                if let Some(b) = held.take() {
+                    BUFS.give(b);
+                }
                 // A parked segment can still be on its way to src's receive queue (it
                 // waits behind data redirected to src in src's psock queue): EOF
                 // counts only once every parked byte was forwarded.
@@ -208,6 +223,9 @@ async fn direction(
                 counters.moved(client_to_backend, n as u64);
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                if let Some(b) = held.take() {
+                    BUFS.give(b);
+                }
                 // Every parked byte is in dst's TCP: the verdict's next segment
                 // redirects again. Let the window open as before.
                 if let Some(c) = saved_clamp.take() {

@@ -8,6 +8,7 @@
 //! established connections may finish for up to the drain timeout, then are reset.
 pub mod accept;
 pub mod kernel;
+pub mod pool;
 pub mod select;
 pub mod sock;
 pub mod splice;

@@ -7,6 +7,10 @@
 //! is empty, while the other direction keeps flowing. Backpressure is natural: a
 //! direction reads only when its pipe has been emptied into the destination. A reset or
 //! error on either socket resets the other.
+//!
+//! A direction holds a pipe only while bytes are in flight: taken from [`PIPES`] when
+//! its source is readable, given back (empty) when the source has nothing more, so an
+//! idle connection holds its two sockets and no pipe.
 use std::{
     io,
     os::fd::{AsFd, AsRawFd, OwnedFd},
@@ -15,12 +19,15 @@ use std::{
 
 use tokio::{io::Interest, net::TcpStream};
 
-use super::{sock, stats::Counters};
+use super::{pool::Pool, sock, stats::Counters};
 
 /// Bytes moved per `splice` call.
 const CHUNK: usize = 256 * 1024;
 /// Pipe capacity asked for (the kernel caps it at `fs.pipe-max-size`).
 const PIPE_SIZE: libc::c_int = 1024 * 1024;
+
+/// Idle pipes kept for reuse (two descriptors each).
+pub static PIPES: Pool<Pipe> = Pool::new(64);
 
 /// How a direction ended.
 #[derive(Debug, PartialEq, Eq)]
@@ -29,7 +36,8 @@ pub enum End {
     Eof,
 }
 
-struct Pipe {
+/// A pipe of [`PIPE_SIZE`] bytes, both ends non-blocking.
+pub struct Pipe {
     r: OwnedFd,
     w: OwnedFd,
 }
@@ -68,17 +76,31 @@ pub async fn direction(
     counters: &Counters,
     client_to_backend: bool,
 ) -> io::Result<End> {
-    let pipe = Pipe::new()?;
+    // Held while bytes are in flight; given back empty when src has nothing more.
+    let mut held: Option<Pipe> = None;
     loop {
         // socket -> pipe
         src.readable().await?;
+        let pipe = match held {
+            Some(ref p) => p,
+            None => held.insert(PIPES.take(Pipe::new)?),
+        };
         let n = match src.try_io(Interest::READABLE, || splice(src, &pipe.w, CHUNK)) {
             Ok(0) => {
+                if let Some(p) = held.take() {
+                    PIPES.give(p);
+                }
                 sock::shutdown_write(dst)?;
                 return Ok(End::Eof);
             }
             Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                if let Some(p) = held.take() {
+                    PIPES.give(p);
+                }
+                continue;
+            }
+            // The pipe is empty here, but the connection ends: let it go.
             Err(e) => return Err(e),
         };
         // pipe -> socket, all of it before reading more
