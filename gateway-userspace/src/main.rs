@@ -84,6 +84,11 @@ struct CheckArgs {
     /// (loopback, link-local, unspecified, multicast), e.g. 127.0.0.0/8 (repeatable).
     #[arg(long = "allow-backend-cidr", value_name = "CIDR")]
     allow_backend_cidrs: Vec<Cidr>,
+    /// An address of the node the check stands for (repeatable): a Gateway with
+    /// `spec.addresses` is served where one of them is the node's. Without it, the node
+    /// has none, and such Gateways are reported `AddressNotAssigned`.
+    #[arg(long = "node-address", value_name = "IP")]
+    node_addresses: Vec<std::net::IpAddr>,
     #[command(flatten)]
     limits: LimitArgs,
 }
@@ -317,7 +322,12 @@ fn show_status(pin_dir: &std::path::Path, json: bool) -> anyhow::Result<()> {
 
 fn check_manifests(args: &CheckArgs) -> anyhow::Result<()> {
     let filter = BackendFilter::allowing(args.allow_backend_cidrs.iter().copied());
-    let params = source::params_now(&args.controller_name, &filter, args.limits.limits());
+    let mut params = source::params_now(&args.controller_name, &filter, args.limits.limits());
+    params.node_addresses = args
+        .node_addresses
+        .iter()
+        .map(std::net::IpAddr::to_canonical)
+        .collect();
     let rendered = check::render(&args.dir, &params, args.output)?;
     // The skipped kinds on stderr: stdout stays the report alone, parseable.
     eprint!("{}", rendered.skipped);
