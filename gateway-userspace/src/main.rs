@@ -178,7 +178,8 @@ struct RunArgs {
     #[arg(long, default_value_t = 15)]
     lease_duration: u64,
     /// Labels of the nodes that run an agent, `KEY=VALUE[,...]` (`--source kube`): a
-    /// Gateway without `spec.addresses` reports their `InternalIP`s.
+    /// Gateway without `spec.addresses` reports their `InternalIP`s; a Gateway whose
+    /// `spec.addresses` hold one of their `InternalIP` / `ExternalIP` is reported served.
     #[arg(long, default_value = "")]
     node_selector: String,
     /// Which data path carries connections.
@@ -428,14 +429,17 @@ async fn spawn_source(
 ) -> anyhow::Result<()> {
     let program = programmer(dp.clone(), metrics.clone(), said);
     if let Some(files) = files {
+        let node = attach::addresses::follow(shutdown.clone()).await?;
         tokio::spawn(follow(
             files,
             Duration::from_secs(1),
+            Some(node),
             tx,
             program,
             shutdown.clone(),
         ));
-    } else if let Some(opts) = kube {
+    } else if let Some(mut opts) = kube {
+        opts.local_addresses = Some(attach::addresses::follow(shutdown.clone()).await?);
         let client = cluster::source::client().await?;
         tokio::spawn(cluster::source::run(
             client,
@@ -472,6 +476,7 @@ fn kube_options(args: &RunArgs, backend_filter: BackendFilter) -> anyhow::Result
         node_selector,
         debounce: Duration::from_millis(200),
         node_addresses: None,
+        local_addresses: None,
         // A ListenerPolicy CRD installed after the agents start is watched within a
         // minute.
         policy_rediscovery: Duration::from_mins(1),
