@@ -4,7 +4,8 @@
 //! address is added to an interface while the agent runs, and stops being served when
 //! it is removed (an address moving between nodes, seen from one node). With the
 //! forward path on, such a listener's connections take the socket path (bound to the
-//! address), never the forward program.
+//! address), never the forward program. A Gateway that loses its `spec.addresses` is
+//! bound again on every address.
 mod common;
 
 use std::{
@@ -210,6 +211,17 @@ fn served_on_the_gateways_address_only_and_follows_the_address_on_the_node() {
     eventually("moving no longer served", &agent, || !listening(&bed, 7101));
     assert_eq!(ask(&bed, SocketAddr::new(v6, 7100)), Ok("echo".into()));
     assert_eq!(ask(&bed, SocketAddr::new(v4, 7102)), Ok("echo".into()));
+
+    // pinned loses its spec.addresses: its port is bound again, on every address.
+    let file = dir.0.join("gateways.yaml");
+    let text = std::fs::read_to_string(&file).expect("read");
+    let pinned = format!("  addresses:\n  - type: IPAddress\n    value: \"{v6}\"\n");
+    assert!(text.contains(&pinned));
+    std::fs::write(&file, text.replacen(&pinned, "", 1)).expect("write");
+    eventually("pinned served on every address", &agent, || {
+        ask(&bed, SocketAddr::new(v4, 7100)) == Ok("echo".into())
+    });
+    assert_eq!(ask(&bed, SocketAddr::new(v6, 7100)), Ok("echo".into()));
     let log = agent.log_text();
     assert!(!log.contains("panicked"), "{log}");
 }
