@@ -15,6 +15,11 @@
 //! * Watches restart with backoff when the API server goes away; the data path keeps
 //!   serving the last good state meanwhile, said once in the log, and again when the
 //!   watches are back.
+//! * Gateways with `spec.addresses`: every agent serves those of their addresses its
+//!   own interfaces hold ([`KubeOptions::local_addresses`], a change reconciles again);
+//!   the status writer reports an address assigned when its own interfaces hold it or
+//!   it is an `InternalIP` / `ExternalIP` of another agent node's `Node`
+//!   ([`other_agent_nodes_addresses`]).
 //! * Every agent programs its own node; only the agent holding the Lease writes status.
 //!   It reads the Gateway API bundle version of the CRDs ([`read_crd_bundle`]) when it
 //!   starts leading and then at most every [`CRD_REREAD`], for the `GatewayClass`
