@@ -146,6 +146,10 @@ const _: () = assert!(size_of::<ListenerInfo>() == 16);
 
 /// [`ListenerInfo::flags`]: the listener is draining (accepts nothing new).
 pub const LISTENER_F_DRAINING: u32 = 1;
+/// [`ListenerInfo::flags`]: the listener is served on some of the node's addresses only
+/// (its Gateway's `spec.addresses`): the forward program leaves its connections to the
+/// listener sockets, which are bound to those addresses.
+pub const LISTENER_F_ADDRESSED: u32 = 2;
 
 /// Key of [`GW_BACKENDS`].
 #[repr(C)]

@@ -19,6 +19,9 @@
 //!    no other connection to that backend holds (both entries are inserted with
 //!    `BPF_NOEXIST`, so two connections never share a tuple). No backend with a weight,
 //!    or an invalid backendRef picked: the SYN is answered with a RST from here.
+//!    A listener served on some of the node's addresses only (`LISTENER_F_ADDRESSED`:
+//!    its Gateway has `spec.addresses`) is left to the socket paths, whose sockets are
+//!    bound to those addresses.
 //!    A backend reached by an interface the program is not attached to
 //!    (`GW_FWD_IFACES`) is not forwarded either: its replies would not be translated.
 //! 3. Anything else is not ours and goes on untouched (`TCX_NEXT`): segments of
@@ -49,8 +52,8 @@ use aya_ebpf::{
 use gateway_common::{
     BACKEND_F_INVALID, Backend, BackendKey, DIR_BACKEND_TO_CLIENT, DIR_CLIENT_TO_BACKEND,
     FLOW_S_ACK, FLOW_S_FIN, FLOW_S_RST, FLOW_S_SYN, FWD_MAX_ATTEMPTS, FWD_SLOTS, Flow, FlowKey,
-    FwdStats, LISTENER_F_DRAINING, ListenerKey, MAX_FLOWS, MAX_FWD_IFACES, MAX_LISTENERS,
-    MAX_NODE_ADDRS, NodeAddr, SlotTable,
+    FwdStats, LISTENER_F_ADDRESSED, LISTENER_F_DRAINING, ListenerKey, MAX_FLOWS, MAX_FWD_IFACES,
+    MAX_LISTENERS, MAX_NODE_ADDRS, NodeAddr, SlotTable,
 };
 
 use crate::{GW_BACKENDS, GW_LISTENERS};
@@ -812,8 +815,10 @@ fn open(ctx: &TcContext, seg: &Segment) -> i32 {
     let Some(listener) = GW_LISTENERS.get_ptr(&ListenerKey::new(port)) else {
         return TCX_NEXT;
     };
+    // A draining listener accepts nothing new; one served on some addresses only is
+    // the socket paths' (bound to those addresses).
     // SAFETY: value from the lookup.
-    if unsafe { (*listener).flags } & LISTENER_F_DRAINING != 0 {
+    if unsafe { (*listener).flags } & (LISTENER_F_DRAINING | LISTENER_F_ADDRESSED) != 0 {
         return TCX_NEXT;
     }
     if GW_FWD_ADDRS

@@ -23,10 +23,13 @@
 //! * **Errors said once**: an attach that keeps failing is logged at error level when
 //!   it starts failing or its error changes, and at debug level on the retries.
 //!
+//! [`addresses`] follows this node's addresses the same way, for the sources.
+//!
 //! Every attachment is a bpf link held by the agent: never two of ours on one
 //! interface, and none left behind after a stop (the XDP guard's links go with their
 //! last descriptor; the forward program's links are pinned, and unpinned at a stop
 //! unless `--keep-pins`).
+pub mod addresses;
 pub mod forward;
 pub mod xdp;
 

@@ -5,7 +5,10 @@
 //! writer turns it into `GW_LISTENERS` / `GW_BACKENDS` entries, and the proxy reads it
 //! through a `tokio::sync::watch` channel, so established connections keep their
 //! backend while new connections see the new state.
-use std::{collections::BTreeMap, net::SocketAddr};
+use std::{
+    collections::BTreeMap,
+    net::{IpAddr, SocketAddr},
+};
 
 /// Everything the node serves.
 #[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -75,8 +78,12 @@ impl UnreadyShare {
 /// One TCP listener port and where its connections go.
 #[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Listener {
-    /// The TCP port, on every address of the node.
+    /// The TCP port.
     pub port: u16,
+    /// The node's addresses it is served on (its Gateway's `spec.addresses` that are
+    /// this node's), sorted; empty: every address of the node.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub addresses: Vec<IpAddr>,
     /// Where this listener comes from, for logs and status: `namespace/gateway/listener`.
     pub origin: String,
     /// The route carrying traffic (`namespace/name`), if any.

@@ -10,7 +10,9 @@ use std::{
     net::{IpAddr, SocketAddr},
 };
 
-use gateway_common::{BACKEND_F_INVALID, Backend, BackendKey, ListenerInfo, ListenerKey};
+use gateway_common::{
+    BACKEND_F_INVALID, Backend, BackendKey, LISTENER_F_ADDRESSED, ListenerInfo, ListenerKey,
+};
 
 use crate::desired::{self, DesiredState};
 
@@ -85,7 +87,11 @@ impl Programmed {
                 ListenerInfo {
                     backend_count: l.backends.len() as u32,
                     total_weight: u32::try_from(desired.total_weight(port)).unwrap_or(u32::MAX),
-                    flags: 0,
+                    flags: if l.addresses.is_empty() {
+                        0
+                    } else {
+                        LISTENER_F_ADDRESSED
+                    },
                     generation: desired.generation,
                 },
             );
@@ -238,5 +244,47 @@ mod tests {
             backend_ref: String::new(),
         });
         assert_eq!(backend_addr(&v), Some(a));
+    }
+
+    #[test]
+    fn a_listener_on_some_addresses_is_flagged_for_the_forward_program() {
+        let mut d = DesiredState::default();
+        for (port, addresses) in [
+            (8000, vec![]),
+            (8001, vec!["192.0.2.10".parse().expect("ip")]),
+        ] {
+            d.listeners.insert(
+                port,
+                Listener {
+                    port,
+                    addresses,
+                    ..Default::default()
+                },
+            );
+        }
+        let p = Programmed::of(&d);
+        assert_eq!(p.listeners[&ListenerKey::new(8000)].flags, 0);
+        assert_eq!(
+            p.listeners[&ListenerKey::new(8001)].flags,
+            LISTENER_F_ADDRESSED
+        );
+        // Moving to other addresses or to every address rewrites the entry.
+        let mut every = d.clone();
+        every
+            .listeners
+            .get_mut(&8001)
+            .expect("8001")
+            .addresses
+            .clear();
+        assert_eq!(
+            diff(&p, &every),
+            vec![MapOp::SetListener(
+                ListenerKey::new(8001),
+                ListenerInfo {
+                    flags: 0,
+                    ..p.listeners[&ListenerKey::new(8001)]
+                }
+            )]
+        );
     }
 }

@@ -84,6 +84,11 @@ struct CheckArgs {
     /// (loopback, link-local, unspecified, multicast), e.g. 127.0.0.0/8 (repeatable).
     #[arg(long = "allow-backend-cidr", value_name = "CIDR")]
     allow_backend_cidrs: Vec<Cidr>,
+    /// An address of the node the check stands for (repeatable): a Gateway with
+    /// `spec.addresses` is served where one of them is the node's. Without it, the node
+    /// has none, and such Gateways are reported `AddressNotAssigned`.
+    #[arg(long = "node-address", value_name = "IP")]
+    node_addresses: Vec<std::net::IpAddr>,
     #[command(flatten)]
     limits: LimitArgs,
 }
@@ -173,7 +178,8 @@ struct RunArgs {
     #[arg(long, default_value_t = 15)]
     lease_duration: u64,
     /// Labels of the nodes that run an agent, `KEY=VALUE[,...]` (`--source kube`): a
-    /// Gateway without `spec.addresses` reports their `InternalIP`s.
+    /// Gateway without `spec.addresses` reports their `InternalIP`s; a Gateway whose
+    /// `spec.addresses` hold one of their `InternalIP` / `ExternalIP` is reported served.
     #[arg(long, default_value = "")]
     node_selector: String,
     /// Which data path carries connections.
@@ -317,7 +323,12 @@ fn show_status(pin_dir: &std::path::Path, json: bool) -> anyhow::Result<()> {
 
 fn check_manifests(args: &CheckArgs) -> anyhow::Result<()> {
     let filter = BackendFilter::allowing(args.allow_backend_cidrs.iter().copied());
-    let params = source::params_now(&args.controller_name, &filter, args.limits.limits());
+    let mut params = source::params_now(&args.controller_name, &filter, args.limits.limits());
+    params.node_addresses = args
+        .node_addresses
+        .iter()
+        .map(std::net::IpAddr::to_canonical)
+        .collect();
     let rendered = check::render(&args.dir, &params, args.output)?;
     // The skipped kinds on stderr: stdout stays the report alone, parseable.
     eprint!("{}", rendered.skipped);
@@ -418,14 +429,17 @@ async fn spawn_source(
 ) -> anyhow::Result<()> {
     let program = programmer(dp.clone(), metrics.clone(), said);
     if let Some(files) = files {
+        let node = attach::addresses::follow(shutdown.clone()).await?;
         tokio::spawn(follow(
             files,
             Duration::from_secs(1),
+            Some(node),
             tx,
             program,
             shutdown.clone(),
         ));
-    } else if let Some(opts) = kube {
+    } else if let Some(mut opts) = kube {
+        opts.local_addresses = Some(attach::addresses::follow(shutdown.clone()).await?);
         let client = cluster::source::client().await?;
         tokio::spawn(cluster::source::run(
             client,
@@ -462,6 +476,7 @@ fn kube_options(args: &RunArgs, backend_filter: BackendFilter) -> anyhow::Result
         node_selector,
         debounce: Duration::from_millis(200),
         node_addresses: None,
+        local_addresses: None,
         // A ListenerPolicy CRD installed after the agents start is watched within a
         // minute.
         policy_rediscovery: Duration::from_mins(1),

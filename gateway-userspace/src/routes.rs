@@ -77,6 +77,7 @@ pub fn parse(specs: &[String], filter: &BackendFilter) -> Result<DesiredState, R
             port,
             Listener {
                 port,
+                addresses: Vec::new(),
                 origin: format!("--route {port}"),
                 route: None,
                 backends,

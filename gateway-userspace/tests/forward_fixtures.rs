@@ -42,7 +42,8 @@ use gateway_common::{
     FLOW_S_ACK, FLOW_S_FIN, FLOW_S_RST, FLOW_S_SYN, Flow, FlowKey, FwdStats, GLOBAL_FWD_ATTEMPTS,
     GLOBAL_FWD_PORT_COUNT, GLOBAL_FWD_PORT_MIN, GLOBAL_FWD_PRESERVE_CLIENT, GW_BACKENDS,
     GW_FWD_ADDRS, GW_FWD_FLOWS, GW_FWD_IFACES, GW_FWD_SLOTS, GW_FWD_STATS, GW_LISTENERS,
-    LISTENER_F_DRAINING, ListenerInfo, ListenerKey, NodeAddr, PROG_FWD, SlotTable,
+    LISTENER_F_ADDRESSED, LISTENER_F_DRAINING, ListenerInfo, ListenerKey, NodeAddr, PROG_FWD,
+    SlotTable,
 };
 use netbed::Netns;
 use sockgate::{
@@ -302,10 +303,15 @@ impl Fwd {
     }
 
     fn drain(&mut self, port: u16) {
+        self.flag(port, LISTENER_F_DRAINING);
+    }
+
+    /// Sets `flag` in listener `port`'s `flags`, as the agent writes them.
+    fn flag(&mut self, port: u16, flag: u32) {
         let mut l: HashMap<_, ListenerKey, ListenerInfo> = self.map_mut(GW_LISTENERS);
         let mut info = l.get(&ListenerKey::new(port), 0).expect("listener");
-        info.flags |= LISTENER_F_DRAINING;
-        l.insert(ListenerKey::new(port), info, 0).expect("draining");
+        info.flags |= flag;
+        l.insert(ListenerKey::new(port), info, 0).expect("flag");
     }
 
     /// The counters of `port`, summed over CPUs (zero when never written).
@@ -984,6 +990,9 @@ fn passed_untouched() {
         fwd.listener(LISTENER, &[be(backend4, 1)]);
         fwd.listener(LISTENER + 1, &[be(backend4, 1)]);
         fwd.drain(LISTENER + 1);
+        // A listener of a Gateway with spec.addresses: its sockets' (bound to those).
+        fwd.listener(LISTENER + 2, &[be(backend4, 1)]);
+        fwd.flag(LISTENER + 2, LISTENER_F_ADDRESSED);
         let c4 = SocketAddr::new(Fam::V4.client(0), 33000);
         let c6 = SocketAddr::new(Fam::V6.client(0), 33000);
         let l4 = SocketAddr::new(Fam::V4.node(), LISTENER);
@@ -1016,6 +1025,18 @@ fn passed_untouched() {
             untouched(
                 "SYN to a draining listener",
                 Tcp::new(c4, SocketAddr::new(Fam::V4.node(), LISTENER + 1), SYN).frame(),
+            ),
+            untouched(
+                "IPv4 SYN to a listener served on some addresses only (spec.addresses)",
+                Tcp::new(c4, SocketAddr::new(Fam::V4.node(), LISTENER + 2), SYN)
+                    .options(&SYN_OPTIONS)
+                    .frame(),
+            ),
+            untouched(
+                "IPv6 SYN to a listener served on some addresses only (spec.addresses)",
+                Tcp::new(c6, SocketAddr::new(Fam::V6.node(), LISTENER + 2), SYN)
+                    .options(&SYN_OPTIONS)
+                    .frame(),
             ),
             untouched(
                 "ACK of a connection the table does not know",

@@ -6,7 +6,9 @@
 //! the `--allow-backend-cidr` values it is computed with, `limits: {listeners: N,
 //! backends: N, backendsPerListener: N}`, the capacities (`--max-listeners`, ...), and
 //! `crdBundleVersions: {CRD name: version or null}`, the bundle-version annotations of
-//! the CRDs as the kube source reads them (without it, no CRD was read, as with files).
+//! the CRDs as the kube source reads them (without it, no CRD was read, as with files),
+//! `nodeAddresses: [IP, ...]`, this node's addresses (`sockgate check --node-address`),
+//! and `otherNodesAddresses: [IP, ...]`, those of the other nodes running an agent.
 //!
 //! `SOCKGATE_BLESS=1 cargo test -p gateway-userspace --test model_fixtures` rewrites the
 //! expected files; read every change before committing it.
@@ -41,6 +43,12 @@ struct CaseParams {
     limits: Option<Limits>,
     #[serde(default)]
     crd_bundle_versions: Option<BTreeMap<String, Option<String>>>,
+    /// This node's addresses (`sockgate check --node-address`).
+    #[serde(default)]
+    node_addresses: Vec<std::net::IpAddr>,
+    /// The addresses of the other nodes running an agent.
+    #[serde(default)]
+    other_nodes_addresses: Vec<std::net::IpAddr>,
 }
 
 fn params(case: &Path) -> Params {
@@ -59,6 +67,8 @@ fn params(case: &Path) -> Params {
         crd_bundle: p
             .crd_bundle_versions
             .map_or(CrdBundle::NotRead, CrdBundle::Read),
+        node_addresses: p.node_addresses.into_iter().collect(),
+        other_nodes_addresses: p.other_nodes_addresses.into_iter().collect(),
     }
 }
 

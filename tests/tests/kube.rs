@@ -2,7 +2,10 @@
 //! error, retries with backoff, no panic, a clean stop), and against a small fake API
 //! server on the node namespace's loopback serving a Gateway, a `TCPRoute`, a backend
 //! and a `ListenerPolicy` (the guard programmed and enforced at the NIC, its status
-//! applied), or the same without the `ListenerPolicy` CRD.
+//! applied), or the same without the `ListenerPolicy` CRD; and a Gateway with
+//! `spec.addresses` whose address comes to the node and leaves it while the agent runs
+//! (served, status written, each time), beside one whose address is another agent
+//! node's (reported served, not served here).
 mod common;
 
 use std::{
@@ -660,6 +663,220 @@ fn without_the_listener_policy_crd_the_agent_says_so_once_and_serves() {
         );
     }
     assert!(agent.child.try_wait().expect("wait").is_none(), "{log}");
+    assert!(agent.stop().success(), "{}", agent.log_text());
+    drop(api);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// An address of the client link's subnet the node does not hold at first.
+const MOVING: Ipv4Addr = Ipv4Addr::new(10, 200, 0, 77);
+/// The `InternalIP` of the other agent node, `node-2`.
+const OTHER_NODE: Ipv4Addr = Ipv4Addr::new(10, 200, 0, 88);
+const MOVING_PORT: u16 = 8090;
+const OTHER_PORT: u16 = 8091;
+
+/// The cluster of [`cluster`] (without policy) plus Gateway `moving` on [`MOVING`]
+/// ([`MOVING_PORT`]), Gateway `other` on [`OTHER_NODE`] ([`OTHER_PORT`]), routes from
+/// both to Service foo, and the Nodes `node-1` (this one) and `node-2`.
+fn cluster_with_addresses(bed: &Bed) -> Vec<(&'static str, Value)> {
+    let gw = "gateway.networking.k8s.io";
+    let meta = |name: &str| {
+        json!({"name": name, "namespace": "default", "resourceVersion": "1", "generation": 1,
+               "creationTimestamp": "2026-01-02T00:00:00Z"})
+    };
+    let mut objects = cluster(bed, false);
+    for (name, addr, port) in [
+        ("moving", MOVING, MOVING_PORT),
+        ("other", OTHER_NODE, OTHER_PORT),
+    ] {
+        objects.push((
+            "/apis/gateway.networking.k8s.io/v1/gateways",
+            json!({"apiVersion": format!("{gw}/v1"), "kind": "Gateway", "metadata": meta(name),
+                   "spec": {"gatewayClassName": "sockgate",
+                            "addresses": [{"type": "IPAddress", "value": addr.to_string()}],
+                            "listeners": [{"name": "tcp", "protocol": "TCP", "port": port}]}}),
+        ));
+        objects.push((
+            "/apis/gateway.networking.k8s.io/v1alpha2/tcproutes",
+            json!({"apiVersion": format!("{gw}/v1alpha2"), "kind": "TCPRoute",
+                   "metadata": meta(&format!("to-{name}")),
+                   "spec": {"parentRefs": [{"name": name}],
+                            "rules": [{"backendRefs": [{"name": "foo", "port": 3001}]}]}}),
+        ));
+    }
+    for (name, ip) in [("node-1", bed.node_addr()), ("node-2", OTHER_NODE)] {
+        objects.push((
+            "/api/v1/nodes",
+            json!({"apiVersion": "v1", "kind": "Node",
+                   "metadata": {"name": name, "resourceVersion": "1"},
+                   "status": {"addresses": [{"type": "InternalIP", "address": ip.to_string()}]}}),
+        ));
+    }
+    objects
+}
+
+/// The last status applied to Gateway `name`, once `accept` holds for it (bounded).
+fn gateway_status_when(
+    api: &FakeApi,
+    agent: &Agent,
+    name: &str,
+    what: &str,
+    accept: impl Fn(&Value) -> bool,
+) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let last = api
+            .state()
+            .patches
+            .iter()
+            .rev()
+            .find(|(_, b)| b["kind"] == "Gateway" && b["metadata"]["name"] == name)
+            .map(|(_, b)| b["status"].clone());
+        if let Some(st) = last.filter(|st| accept(st)) {
+            return st;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "Gateway {name}: {what} within 20 s: {:?}\n{}",
+            api.state()
+                .patches
+                .iter()
+                .filter(|(_, b)| b["kind"] == "Gateway")
+                .collect::<Vec<_>>(),
+            agent.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// The Gateway condition `type_`'s (status, reason).
+fn gw_condition(status: &Value, type_: &str) -> (String, String) {
+    status["conditions"]
+        .as_array()
+        .and_then(|cs| cs.iter().find(|c| c["type"] == type_))
+        .map(|c| {
+            (
+                c["status"].as_str().unwrap_or_default().to_owned(),
+                c["reason"].as_str().unwrap_or_default().to_owned(),
+            )
+        })
+        .unwrap_or_default()
+}
+
+fn exchange_with(bed: &Bed, dst: SocketAddr) -> Result<String, io::ErrorKind> {
+    bed.client()
+        .run(move || {
+            let mut s = TcpStream::connect_timeout(&dst, Duration::from_millis(1500))
+                .map_err(|e| e.kind())?;
+            s.set_read_timeout(Some(Duration::from_secs(10)))
+                .map_err(|e| e.kind())?;
+            Ok(exchange(&mut s, "hi\n"))
+        })
+        .expect("client ns")
+}
+
+fn node_listens(bed: &Bed, port: u16) -> bool {
+    let out = bed.node().output("ss", &["-Hltn"]).expect("ss runs");
+    String::from_utf8_lossy(&out.stdout).contains(&format!(":{port} "))
+}
+
+#[test]
+fn gateway_address_moving_to_and_from_the_node_is_served_and_reported() {
+    require_root();
+    let bed = Bed::new(1).expect("bed");
+    let _backend = servers::Server::start(
+        bed.backend(0),
+        SocketAddr::new(bed.backend_addr(0).into(), 3001),
+        servers::named_echo("foo"),
+    )
+    .expect("foo");
+    let api = FakeApi::start(
+        &bed,
+        ApiState {
+            objects: cluster_with_addresses(&bed),
+            ..ApiState::default()
+        },
+    );
+    let (dir, kubeconfig) = kubeconfig("addresses", api.port);
+    let mut agent = Agent::start_with_env(
+        &bed,
+        &["--source", "kube", "--node-name", "node-1"],
+        &[PORT],
+        &[("KUBECONFIG", kubeconfig.as_os_str())],
+    );
+    // moving: its address is on no node running the agent.
+    let st = gateway_status_when(&api, &agent, "moving", "AddressNotAssigned", |st| {
+        gw_condition(st, "Programmed").1 == "AddressNotAssigned"
+    });
+    assert_eq!(gw_condition(&st, "Programmed").0, "False", "{st}");
+    assert_eq!(gw_condition(&st, "Accepted").0, "True", "{st}");
+    assert_eq!(st["addresses"], json!([]), "{st}");
+    assert!(!node_listens(&bed, MOVING_PORT));
+    // other: node-2 holds its address: reported served, not served here.
+    let st = gateway_status_when(&api, &agent, "other", "Programmed", |st| {
+        gw_condition(st, "Programmed").0 == "True"
+    });
+    assert_eq!(
+        st["addresses"],
+        json!([{"type": "IPAddress", "value": OTHER_NODE.to_string()}]),
+        "{st}"
+    );
+    assert!(
+        !node_listens(&bed, OTHER_PORT),
+        "node-2's Gateway is not served here"
+    );
+    // gw, without spec.addresses: the agent nodes' InternalIPs, as before.
+    let st = gateway_status_when(&api, &agent, "gw", "Programmed", |st| {
+        gw_condition(st, "Programmed").0 == "True"
+    });
+    assert_eq!(st["addresses"].as_array().map(Vec::len), Some(2), "{st}");
+
+    // The address comes to this node: served on it (and not on the node's other
+    // address), and the status follows.
+    bed.node()
+        .ip(&["addr", "add", &format!("{MOVING}/24"), "dev", "c0"])
+        .expect("add the address");
+    let st = gateway_status_when(&api, &agent, "moving", "Programmed", |st| {
+        gw_condition(st, "Programmed").0 == "True"
+    });
+    assert_eq!(
+        st["addresses"],
+        json!([{"type": "IPAddress", "value": MOVING.to_string()}]),
+        "{st}"
+    );
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !node_listens(&bed, MOVING_PORT) {
+        assert!(Instant::now() < deadline, "{}", agent.log_text());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        exchange_with(&bed, SocketAddr::new(MOVING.into(), MOVING_PORT))
+            .is_ok_and(|r| r.starts_with("foo")),
+        "{}",
+        agent.log_text()
+    );
+    assert_eq!(
+        exchange_with(&bed, SocketAddr::new(bed.node_addr().into(), MOVING_PORT)),
+        Err(io::ErrorKind::ConnectionRefused)
+    );
+
+    // It leaves: no longer served, AddressNotAssigned again.
+    bed.node()
+        .ip(&["addr", "del", &format!("{MOVING}/24"), "dev", "c0"])
+        .expect("remove the address");
+    gateway_status_when(&api, &agent, "moving", "AddressNotAssigned again", |st| {
+        gw_condition(st, "Programmed").1 == "AddressNotAssigned"
+    });
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while node_listens(&bed, MOVING_PORT) {
+        assert!(Instant::now() < deadline, "{}", agent.log_text());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        exchange_with(&bed, SocketAddr::new(bed.node_addr().into(), PORT))
+            .is_ok_and(|r| r.starts_with("foo")),
+        "gw keeps serving"
+    );
     assert!(agent.stop().success(), "{}", agent.log_text());
     drop(api);
     let _ = std::fs::remove_dir_all(&dir);

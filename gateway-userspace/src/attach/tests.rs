@@ -454,6 +454,7 @@ fn backend_addresses_of_every_listener_each_once() {
         9000,
         Listener {
             port: 9000,
+            addresses: Vec::new(),
             backends: vec![
                 Backend {
                     addr: Some("10.1.0.1:80".parse().expect("address")),

@@ -15,6 +15,11 @@
 //! * Watches restart with backoff when the API server goes away; the data path keeps
 //!   serving the last good state meanwhile, said once in the log, and again when the
 //!   watches are back.
+//! * Gateways with `spec.addresses`: every agent serves those of their addresses its
+//!   own interfaces hold ([`KubeOptions::local_addresses`], a change reconciles again);
+//!   the status writer reports an address assigned when its own interfaces hold it or
+//!   it is an `InternalIP` / `ExternalIP` of another agent node's `Node`
+//!   ([`other_agent_nodes_addresses`]).
 //! * Every agent programs its own node; only the agent holding the Lease writes status.
 //!   It reads the Gateway API bundle version of the CRDs ([`read_crd_bundle`]) when it
 //!   starts leading and then at most every [`CRD_REREAD`], for the `GatewayClass`
@@ -67,7 +72,7 @@ use crate::{
     metrics::Metrics,
     model::{
         CrdBundle, Snapshot, StatusSet, TcpRouteObject, TcpRouteVersion,
-        conditions::{BUNDLE_CRDS, BUNDLE_VERSION_ANNOTATION},
+        conditions::{ADDRESS_TYPE_IP, BUNDLE_CRDS, BUNDLE_VERSION_ANNOTATION},
         reconcile,
         snapshot::ObjectKey,
     },
@@ -105,6 +110,9 @@ pub struct KubeOptions {
     /// Where this node's addresses are published ([`node_addresses`] of the `Node`
     /// named `identity`), e.g. for the XDP guard's default interfaces.
     pub node_addresses: Option<watch::Sender<BTreeSet<IpAddr>>>,
+    /// This node's own addresses (its interfaces, followed), for Gateways with
+    /// `spec.addresses`: a change reconciles again. `None`: none (tests).
+    pub local_addresses: Option<watch::Receiver<BTreeSet<IpAddr>>>,
     /// While `ListenerPolicy` is not served, how often discovery looks for it again, so
     /// that a CRD installed after the agents started is watched without a restart.
     pub policy_rediscovery: Duration,
@@ -464,12 +472,12 @@ impl Stores {
     }
 }
 
-/// Fills `status.addresses` of every Gateway: its `spec.addresses` when given, else
-/// the `InternalIP` of every node matching `node_selector` (the nodes that run an
-/// agent, where every listener is served), sorted.
+/// Fills `status.addresses` of every Gateway without `spec.addresses` (the model
+/// filled in those with: the addresses served) with the `InternalIP` of every node
+/// matching `node_selector` (the nodes that run an agent, where every listener is
+/// served), sorted.
 pub fn fill_addresses(
     set: &mut StatusSet,
-    gateways: &[Gateway],
     nodes: &[Node],
     node_selector: &BTreeMap<String, String>,
 ) {
@@ -490,33 +498,18 @@ pub fn fill_addresses(
         .collect();
     node_ips.sort();
     node_ips.dedup();
-    for (key, status) in &mut set.gateways {
-        let gw = gateways.iter().find(|g| {
-            g.metadata.name.as_deref() == Some(key.name.as_str())
-                && crate::model::snapshot::namespace_of(&g.metadata) == key.namespace
-        });
-        let given: Vec<GatewayStatusAddresses> = gw
-            .and_then(|g| g.spec.addresses.as_ref())
-            .into_iter()
-            .flatten()
-            .filter_map(|a| {
-                Some(GatewayStatusAddresses {
-                    r#type: a.r#type.clone().or_else(|| Some("IPAddress".to_owned())),
-                    value: a.value.clone()?,
-                })
-            })
-            .collect();
-        status.addresses = Some(if given.is_empty() {
-            node_ips
-                .iter()
-                .map(|ip| GatewayStatusAddresses {
-                    r#type: Some("IPAddress".to_owned()),
-                    value: ip.clone(),
-                })
-                .collect()
-        } else {
-            given
-        });
+    for status in set.gateways.values_mut() {
+        if status.addresses.is_none() {
+            status.addresses = Some(
+                node_ips
+                    .iter()
+                    .map(|ip| GatewayStatusAddresses {
+                        r#type: Some(ADDRESS_TYPE_IP.to_owned()),
+                        value: ip.clone(),
+                    })
+                    .collect(),
+            );
+        }
     }
 }
 
@@ -665,9 +658,15 @@ impl CrdBundleReader {
         &mut self,
         opts: &KubeOptions,
         leading: &watch::Receiver<bool>,
+        nodes: &[Node],
     ) -> crate::model::Params {
         let mut params =
             crate::source::params_now(&opts.controller_name, &opts.backend_filter, opts.limits);
+        if let Some(local) = &opts.local_addresses {
+            params.node_addresses.clone_from(&local.borrow());
+        }
+        params.other_nodes_addresses =
+            other_agent_nodes_addresses(nodes, &opts.identity, &opts.node_selector);
         let leading = *leading.borrow();
         if leading {
             params.crd_bundle = self.get().await;
@@ -803,6 +802,7 @@ pub async fn run(
     );
     let mut crds = CrdBundleReader::new(client.clone());
     let mut writer = StatusWriter::new(client, &opts.controller_name, route_resource(version));
+    let mut local = opts.local_addresses.clone();
     tokio::select! {
         () = shutdown.cancelled() => return,
         ready = stores.ready() => if !ready { return },
@@ -810,7 +810,7 @@ pub async fn run(
     info!("initial lists done: programming from the cluster's objects");
     loop {
         let snap = stores.snapshot();
-        let params = crds.params(&opts, &leading).await;
+        let params = crds.params(&opts, &leading, &stores.nodes()).await;
         let (mut desired, mut status) = reconcile(&snap, &params);
         {
             let current = tx.borrow();
@@ -834,12 +834,7 @@ pub async fn run(
             .ready
             .store(true, std::sync::atomic::Ordering::Relaxed);
         if *leading.borrow_and_update() {
-            fill_addresses(
-                &mut status,
-                &snap.gateways,
-                &stores.nodes(),
-                &opts.node_selector,
-            );
+            fill_addresses(&mut status, &stores.nodes(), &opts.node_selector);
             match writer.write(&status, &stores.current()).await {
                 Ok(n) => {
                     counters.status_writes.inc_by(n);
@@ -850,12 +845,14 @@ pub async fn run(
                 }
             }
         }
-        // Wait for a change (or a new leadership), then for quiet.
+        // Wait for a change (or a new leadership, or new node addresses), then for
+        // quiet.
         loop {
             tokio::select! {
                 () = shutdown.cancelled() => return,
                 () = dirty.notified() => break,
                 _ = leading.changed() => break,
+                () = local_changed(local.as_mut()) => break,
                 found = rediscover.found() => if found {
                     stores.watch_policies(&rediscover.client, &dirty, &health, &shutdown);
                 },
@@ -869,6 +866,39 @@ pub async fn run(
             }
         }
     }
+}
+
+/// Waits for this node's addresses to change (forever without them, or once their
+/// sender is gone).
+async fn local_changed(local: Option<&mut watch::Receiver<BTreeSet<IpAddr>>>) {
+    if let Some(rx) = local
+        && rx.changed().await.is_ok()
+    {
+        return;
+    }
+    std::future::pending::<()>().await;
+}
+
+/// The `InternalIP` and `ExternalIP` addresses of the nodes running an agent (those
+/// matching `node_selector`) but this one (`identity`): a Gateway whose
+/// `spec.addresses` are there is served there.
+pub fn other_agent_nodes_addresses(
+    nodes: &[Node],
+    identity: &str,
+    node_selector: &BTreeMap<String, String>,
+) -> BTreeSet<IpAddr> {
+    nodes
+        .iter()
+        .filter(|n| n.metadata.name.as_deref() != Some(identity))
+        .filter(|n| {
+            let labels = n.metadata.labels.clone().unwrap_or_default();
+            node_selector.iter().all(|(k, v)| labels.get(k) == Some(v))
+        })
+        .flat_map(|n| n.status.iter().flat_map(|s| s.addresses.iter().flatten()))
+        .filter(|a| a.type_ == "InternalIP" || a.type_ == "ExternalIP")
+        .filter_map(|a| a.address.parse::<IpAddr>().ok())
+        .map(|ip| ip.to_canonical())
+        .collect()
 }
 
 /// Publishes this node's addresses ([`KubeOptions::node_addresses`]) when they changed.

@@ -40,8 +40,15 @@ pub mod reasons {
     pub const INVALID: &str = "Invalid";
     /// Gateway `Accepted`: one or more listeners are invalid.
     pub const LISTENERS_NOT_VALID: &str = "ListenersNotValid";
-    /// Gateway `Accepted=False`: `spec.addresses` cannot be honoured.
+    /// Gateway `Accepted=False`: an entry of `spec.addresses` is of a type sockgate
+    /// does not support (only `IPAddress`), or its value is not an IP address.
     pub const UNSUPPORTED_ADDRESS: &str = "UnsupportedAddress";
+    /// Gateway `Programmed=False`: none of `spec.addresses` is an address of a node
+    /// running sockgate.
+    pub const ADDRESS_NOT_ASSIGNED: &str = "AddressNotAssigned";
+    /// Gateway `Programmed=False`: none of `spec.addresses` can be served (unspecified,
+    /// loopback, multicast, broadcast, IPv6 link-local), none is assigned.
+    pub const ADDRESS_NOT_USABLE: &str = "AddressNotUsable";
     /// Listener `Accepted=False`: the protocol is not supported.
     pub const UNSUPPORTED_PROTOCOL: &str = "UnsupportedProtocol";
     /// Listener `Accepted=False` (and `Conflicted=True` between Gateways): the port is
@@ -102,6 +109,8 @@ pub const SUPPORTED_FEATURES: [&str; 3] = ["Gateway", "ReferenceGrant", "TCPRout
 
 /// The Gateway API group.
 pub const GATEWAY_GROUP: &str = "gateway.networking.k8s.io";
+/// `spec.addresses[].type` `IPAddress` (also what an address without type is).
+pub const ADDRESS_TYPE_IP: &str = "IPAddress";
 /// Kind `Gateway`.
 pub const KIND_GATEWAY: &str = "Gateway";
 /// Kind `TCPRoute`.

@@ -415,6 +415,7 @@ mod tests {
                 port,
                 Listener {
                     port,
+                    addresses: Vec::new(),
                     origin: format!("--route {port}"),
                     backends: vec![
                         Backend {

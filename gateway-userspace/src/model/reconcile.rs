@@ -1,14 +1,22 @@
 //! The Gateway API rules: which listeners are served, which routes attach where, which
 //! backends carry traffic, and the status every object of sockgate's GatewayClasses
 //! gets. Pure: no I/O, no clock; the same snapshot in any order gives the same result.
-use std::collections::{BTreeMap, BTreeSet};
+//!
+//! A Gateway without `spec.addresses` is served on every address of every node. One
+//! with `spec.addresses` (type `IPAddress`) is served on the nodes holding one of them,
+//! on those addresses only ([`GatewayAddresses`]); ports are still allocated once for
+//! the whole cluster, whatever the addresses (the data path keys listeners by port).
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::IpAddr,
+};
 
 use gateway_api::experimental::{
     gatewayclasses::{GatewayClass, GatewayClassStatus, GatewayClassStatusSupportedFeatures},
     gateways::{
         Gateway, GatewayListeners, GatewayListenersAllowedRoutesNamespacesFrom,
-        GatewayListenersAllowedRoutesNamespacesSelector, GatewayStatus, GatewayStatusListeners,
-        GatewayStatusListenersSupportedKinds,
+        GatewayListenersAllowedRoutesNamespacesSelector, GatewayStatus, GatewayStatusAddresses,
+        GatewayStatusListeners, GatewayStatusListenersSupportedKinds,
     },
     tcproutes::{
         TcpRouteParentRefs, TcpRouteStatus, TcpRouteStatusParents, TcpRouteStatusParentsParentRef,
@@ -20,8 +28,8 @@ use tracing::instrument;
 use super::{
     backends::{Backends, RefProblem, ResolvedRef, spread_within, unready},
     conditions::{
-        BUNDLE_VERSION, BUNDLE_VERSION_ANNOTATION, FALSE, GATEWAY_GROUP, KIND_GATEWAY,
-        KIND_TCP_ROUTE, SUPPORTED_FEATURES, TRUE, reasons, types,
+        ADDRESS_TYPE_IP, BUNDLE_VERSION, BUNDLE_VERSION_ANNOTATION, FALSE, GATEWAY_GROUP,
+        KIND_GATEWAY, KIND_TCP_ROUTE, SUPPORTED_FEATURES, TRUE, reasons, types,
     },
     limits::{Budget, LeftOut, Limit, truncated},
     snapshot::{
@@ -77,8 +85,9 @@ impl Cond<'_> {
 enum Conflict {
     /// Another listener of the same Gateway has the same port.
     SameGateway,
-    /// An older Gateway's listener holds the port.
-    OtherGateway(String),
+    /// An older Gateway's listener holds the port; `addressed`: one of the two
+    /// Gateways has `spec.addresses` (the port is taken all the same).
+    OtherGateway { holder: String, addressed: bool },
 }
 
 /// One listener of one of sockgate's Gateways, evaluated.
@@ -124,11 +133,17 @@ impl ListenerEval<'_> {
                     reasons::PORT_UNAVAILABLE,
                     format!("port {port} is used by another listener of this Gateway"),
                 )),
-                Some(Conflict::OtherGateway(holder)) => Some((
+                Some(Conflict::OtherGateway { holder, addressed }) => Some((
                     reasons::PORT_UNAVAILABLE,
-                    format!(
-                        "port {port} is already served by listener {holder} of an older Gateway on this node"
-                    ),
+                    if *addressed {
+                        format!(
+                            "port {port} is already served by listener {holder} of an older Gateway (sockgate keys listeners by port: one Gateway per port, whatever their spec.addresses)"
+                        )
+                    } else {
+                        format!(
+                            "port {port} is already served by listener {holder} of an older Gateway on this node"
+                        )
+                    },
                 )),
                 None => None,
             }
@@ -136,19 +151,140 @@ impl ListenerEval<'_> {
     }
 }
 
+/// What a Gateway's `spec.addresses` come to.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum GatewayAddresses {
+    /// None given: every address of every node running sockgate.
+    AllNodes,
+    /// Every entry an `IPAddress` that parses.
+    Ip {
+        /// Those of this node: the Gateway is served here, on these.
+        here: Vec<IpAddr>,
+        /// Those of another node running sockgate: served there.
+        elsewhere: Vec<IpAddr>,
+        /// Usable, but on no node running sockgate (as far as this agent knows).
+        not_assigned: Vec<IpAddr>,
+        /// Never servable: unspecified, loopback, multicast, broadcast, IPv6 link-local.
+        not_usable: Vec<IpAddr>,
+    },
+    /// An entry of another type than `IPAddress`, or a value that is no IP address:
+    /// the Gateway is not accepted; why.
+    Unsupported(String),
+}
+
+impl GatewayAddresses {
+    /// Evaluates `spec.addresses` against the addresses of this node and of the other
+    /// nodes running sockgate.
+    fn of(gw: &Gateway, params: &Params) -> Self {
+        let Some(given) = gw.spec.addresses.as_ref().filter(|a| !a.is_empty()) else {
+            return Self::AllNodes;
+        };
+        let mut ips = BTreeSet::new();
+        let mut bad = Vec::new();
+        for a in given {
+            let type_ = a.r#type.as_deref().unwrap_or(ADDRESS_TYPE_IP);
+            let value = a.value.as_deref().unwrap_or_default();
+            if type_ != ADDRESS_TYPE_IP {
+                bad.push(format!(
+                    "address type {type_} ({value}) is not supported: sockgate serves IPAddress addresses only"
+                ));
+            } else if let Ok(ip) = value.parse::<IpAddr>() {
+                ips.insert(ip.to_canonical());
+            } else {
+                bad.push(format!("IPAddress {value:?} is not an IP address"));
+            }
+        }
+        if !bad.is_empty() {
+            return Self::Unsupported(bad.join("; "));
+        }
+        let (mut here, mut elsewhere, mut not_assigned, mut not_usable) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        for ip in ips {
+            if !usable(ip) {
+                not_usable.push(ip);
+            } else if params.node_addresses.contains(&ip) {
+                here.push(ip);
+            } else if params.other_nodes_addresses.contains(&ip) {
+                elsewhere.push(ip);
+            } else {
+                not_assigned.push(ip);
+            }
+        }
+        Self::Ip {
+            here,
+            elsewhere,
+            not_assigned,
+            not_usable,
+        }
+    }
+
+    /// Whether the Gateway is accepted as far as its addresses go.
+    fn accepted(&self) -> bool {
+        !matches!(self, Self::Unsupported(_))
+    }
+
+    /// Whether the Gateway is served on this node.
+    fn here(&self) -> bool {
+        match self {
+            Self::AllNodes => true,
+            Self::Ip { here, .. } => !here.is_empty(),
+            Self::Unsupported(_) => false,
+        }
+    }
+
+    /// Whether some node running sockgate serves the Gateway.
+    fn assigned(&self) -> bool {
+        match self {
+            Self::AllNodes => true,
+            Self::Ip {
+                here, elsewhere, ..
+            } => !here.is_empty() || !elsewhere.is_empty(),
+            Self::Unsupported(_) => false,
+        }
+    }
+
+    /// The addresses the listeners bind on this node (empty: every address).
+    fn bound_here(&self) -> Vec<IpAddr> {
+        match self {
+            Self::Ip { here, .. } => here.clone(),
+            Self::AllNodes | Self::Unsupported(_) => Vec::new(),
+        }
+    }
+}
+
+/// Whether an address can be served to clients elsewhere.
+fn usable(ip: IpAddr) -> bool {
+    let link_local_v6 = matches!(ip, IpAddr::V6(v6) if v6.is_unicast_link_local());
+    let broadcast = matches!(ip, IpAddr::V4(v4) if v4.is_broadcast());
+    !(ip.is_unspecified() || ip.is_loopback() || ip.is_multicast() || broadcast || link_local_v6)
+}
+
+fn join_ips(ips: &[IpAddr]) -> String {
+    ips.iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 struct GatewayEval<'a> {
     gw: &'a Gateway,
     key: ObjectKey,
-    /// `spec.addresses` is set: sockgate serves on the node's own addresses only.
-    addresses_unsupported: bool,
+    /// What its `spec.addresses` come to.
+    addresses: GatewayAddresses,
     listeners: Vec<ListenerEval<'a>>,
     /// Names given to more than one listener (only the first is evaluated).
     duplicate_names: Vec<String>,
 }
 
 impl GatewayEval<'_> {
+    /// The listener is valid and served by a node running sockgate (maybe another).
     fn serves(&self, l: &ListenerEval<'_>) -> bool {
-        !self.addresses_unsupported && l.accepted()
+        self.addresses.assigned() && l.accepted()
+    }
+
+    /// The listener is valid and served on this node.
+    fn serves_here(&self, l: &ListenerEval<'_>) -> bool {
+        self.addresses.here() && l.accepted()
     }
 }
 
@@ -165,7 +301,10 @@ pub fn reconcile(snap: &Snapshot, params: &Params) -> (DesiredState, StatusSet) 
         .filter(|g| ours.contains(&g.spec.gateway_class_name))
         .collect();
     gateways.sort_by_cached_key(|g| age(&g.metadata, true));
-    let mut evals: Vec<GatewayEval<'_>> = gateways.iter().map(|g| evaluate_gateway(g)).collect();
+    let mut evals: Vec<GatewayEval<'_>> = gateways
+        .iter()
+        .map(|g| evaluate_gateway(g, params))
+        .collect();
     allocate_ports(&mut evals);
 
     let labels = namespace_labels(snap);
@@ -192,7 +331,7 @@ pub fn reconcile(snap: &Snapshot, params: &Params) -> (DesiredState, StatusSet) 
     for g in &evals {
         let mut left_out: BTreeMap<&str, LeftOut> = BTreeMap::new();
         for l in &g.listeners {
-            let Some(port) = l.port.filter(|_| g.serves(l)) else {
+            let Some(port) = l.port.filter(|_| g.serves_here(l)) else {
                 continue;
             };
             let origin = format!("{}/{}", g.key, l.spec.name);
@@ -220,6 +359,7 @@ pub fn reconcile(snap: &Snapshot, params: &Params) -> (DesiredState, StatusSet) 
                 port,
                 Listener {
                     port,
+                    addresses: g.addresses.bound_here(),
                     origin,
                     route: winner.map(ToString::to_string),
                     backends,
@@ -369,7 +509,7 @@ fn supported_version(bundle: &CrdBundle) -> (bool, String) {
     }
 }
 
-fn evaluate_gateway(gw: &Gateway) -> GatewayEval<'_> {
+fn evaluate_gateway<'a>(gw: &'a Gateway, params: &Params) -> GatewayEval<'a> {
     let key = ObjectKey::of(&gw.metadata, true);
     let mut seen = BTreeSet::new();
     let mut duplicate_names = Vec::new();
@@ -406,7 +546,7 @@ fn evaluate_gateway(gw: &Gateway) -> GatewayEval<'_> {
     GatewayEval {
         gw,
         key,
-        addresses_unsupported: gw.spec.addresses.as_ref().is_some_and(|a| !a.is_empty()),
+        addresses: GatewayAddresses::of(gw, params),
         listeners,
         duplicate_names,
     }
@@ -447,22 +587,30 @@ fn route_kinds(
     (ok, bad)
 }
 
-/// Every Gateway of sockgate's classes is served on this node: a port belongs to the
-/// oldest Gateway that asks for it; the listeners of younger Gateways on that port lose.
+/// A port belongs to the oldest Gateway that asks for it; the listeners of younger
+/// Gateways on that port lose. This holds across the cluster and whatever the
+/// Gateways' `spec.addresses` (the data path keys listeners by port alone), so that
+/// every node computes the same allocation.
 fn allocate_ports(evals: &mut [GatewayEval<'_>]) {
-    let mut holders: BTreeMap<u16, String> = BTreeMap::new();
+    let mut holders: BTreeMap<u16, (String, bool)> = BTreeMap::new();
     for g in evals.iter_mut() {
-        if g.addresses_unsupported {
+        if !g.addresses.accepted() {
             continue;
         }
+        let addressed = matches!(g.addresses, GatewayAddresses::Ip { .. });
         for l in &mut g.listeners {
             let Some(port) = l.port.filter(|_| l.tcp && l.conflict.is_none()) else {
                 continue;
             };
             match holders.get(&port) {
-                Some(holder) => l.conflict = Some(Conflict::OtherGateway(holder.clone())),
+                Some((holder, holder_addressed)) => {
+                    l.conflict = Some(Conflict::OtherGateway {
+                        holder: holder.clone(),
+                        addressed: addressed || *holder_addressed,
+                    });
+                }
                 None => {
-                    holders.insert(port, format!("{}/{}", l.gateway, l.spec.name));
+                    holders.insert(port, (format!("{}/{}", l.gateway, l.spec.name), addressed));
                 }
             }
         }
@@ -687,7 +835,7 @@ fn attach_to_parent(
     let mut allowed = Vec::new();
     for &i in &matched {
         let l = &g.listeners[i];
-        if g.addresses_unsupported {
+        if !g.addresses.accepted() {
             why.push(format!("Gateway {} is not accepted", g.key));
         } else if let Some((_, msg)) = l.rejection() {
             why.push(format!("listener {} is not accepted: {msg}", l.spec.name));
@@ -793,7 +941,7 @@ fn listener_status(
             reasons::PROTOCOL_CONFLICT,
             format!("another listener of this Gateway uses port {port}"),
         ),
-        Some(Conflict::OtherGateway(holder)) => cond.make(
+        Some(Conflict::OtherGateway { holder, .. }) => cond.make(
             types::CONFLICTED,
             true,
             reasons::PORT_UNAVAILABLE,
@@ -821,18 +969,29 @@ fn listener_status(
             format!("unsupported route kinds: {}", l.invalid_kinds.join(", ")),
         )
     };
-    let programmed = if let Some(out) = left_out.filter(|_| g.serves(l)) {
+    let programmed = if let Some(out) = left_out.filter(|_| g.serves_here(l)) {
         cond.make(types::PROGRAMMED, false, reasons::INVALID, &out.message)
     } else if g.serves(l) {
-        cond.make(
-            types::PROGRAMMED,
-            true,
-            reasons::PROGRAMMED,
-            format!("serving TCP port {port}"),
-        )
+        let msg = match &g.addresses {
+            GatewayAddresses::Ip {
+                here, elsewhere, ..
+            } if here.is_empty() => format!(
+                "serving TCP port {port} on the node(s) holding {}",
+                join_ips(elsewhere)
+            ),
+            GatewayAddresses::Ip { here, .. } => {
+                format!("serving TCP port {port} on {}", join_ips(here))
+            }
+            GatewayAddresses::AllNodes | GatewayAddresses::Unsupported(_) => {
+                format!("serving TCP port {port}")
+            }
+        };
+        cond.make(types::PROGRAMMED, true, reasons::PROGRAMMED, msg)
     } else {
-        let why = if g.addresses_unsupported {
+        let why = if !g.addresses.accepted() {
             "the Gateway is not accepted"
+        } else if l.accepted() {
+            "none of the Gateway's addresses is on a node running sockgate"
         } else {
             "the listener is not accepted"
         };
@@ -866,13 +1025,14 @@ fn gateway_status(
     let all_valid = g.duplicate_names.is_empty()
         && g.listeners
             .iter()
-            .all(|l| g.serves(l) && l.invalid_kinds.is_empty());
-    let accepted = if g.addresses_unsupported {
+            .all(|l| l.accepted() && l.invalid_kinds.is_empty());
+    let valid = g.listeners.iter().filter(|l| l.accepted()).count();
+    let accepted = if let GatewayAddresses::Unsupported(why) = &g.addresses {
         cond.make(
             types::ACCEPTED,
             false,
             reasons::UNSUPPORTED_ADDRESS,
-            "spec.addresses is not supported: sockgate listens on the node's addresses",
+            why.clone(),
         )
     } else if all_valid {
         cond.make(types::ACCEPTED, true, reasons::ACCEPTED, "Gateway accepted")
@@ -887,7 +1047,7 @@ fn gateway_status(
         let invalid: Vec<&str> = g
             .listeners
             .iter()
-            .filter(|l| !(g.serves(l) && l.invalid_kinds.is_empty()))
+            .filter(|l| !(l.accepted() && l.invalid_kinds.is_empty()))
             .map(|l| l.spec.name.as_str())
             .collect();
         if !invalid.is_empty() {
@@ -895,12 +1055,40 @@ fn gateway_status(
         }
         cond.make(
             types::ACCEPTED,
-            served > 0,
+            valid > 0,
             reasons::LISTENERS_NOT_VALID,
             msg.join("; "),
         )
     };
-    let programmed = if accepted.status == TRUE && !left_out.is_empty() {
+    let programmed = gateway_programmed(g, &accepted, left_out, served, &cond);
+    GatewayStatus {
+        addresses: status_addresses(&g.addresses, served > 0),
+        attached_listener_sets: None,
+        conditions: Some(vec![accepted, programmed]),
+        listeners: Some(listeners),
+    }
+}
+
+/// The Gateway's `Programmed` condition, given its `Accepted` one; `served`: its
+/// listeners served by some node.
+fn gateway_programmed(
+    g: &GatewayEval<'_>,
+    accepted: &Condition,
+    left_out: &BTreeMap<&str, LeftOut>,
+    served: usize,
+    cond: &Cond<'_>,
+) -> Condition {
+    let ok = accepted.status == TRUE;
+    if let GatewayAddresses::Ip {
+        not_assigned,
+        not_usable,
+        ..
+    } = &g.addresses
+        && ok
+        && !g.addresses.assigned()
+    {
+        address_not_programmed(not_assigned, not_usable, cond)
+    } else if ok && !left_out.is_empty() {
         let names: Vec<String> = left_out
             .iter()
             .map(|(name, out)| format!("{name} (port {}: {})", out.port, out.limit.describe()))
@@ -916,12 +1104,15 @@ fn gateway_status(
                 names.join(", ")
             ),
         )
-    } else if accepted.status == TRUE {
+    } else if ok {
         cond.make(
             types::PROGRAMMED,
             true,
             reasons::PROGRAMMED,
-            format!("{served} listener(s) programmed"),
+            format!(
+                "{served} listener(s) programmed{}",
+                addresses_note(&g.addresses)
+            ),
         )
     } else {
         cond.make(
@@ -930,11 +1121,176 @@ fn gateway_status(
             reasons::INVALID,
             "no listener programmed",
         )
+    }
+}
+
+/// Gateway `Programmed=False` when none of its addresses is served by any node:
+/// `AddressNotUsable` when some can never be, else `AddressNotAssigned`.
+fn address_not_programmed(
+    not_assigned: &[IpAddr],
+    not_usable: &[IpAddr],
+    cond: &Cond<'_>,
+) -> Condition {
+    let mut msg = Vec::new();
+    if !not_usable.is_empty() {
+        msg.push(format!(
+            "{} cannot be served (unspecified, loopback, multicast, broadcast or IPv6 link-local)",
+            join_ips(not_usable)
+        ));
+    }
+    if !not_assigned.is_empty() {
+        msg.push(format!(
+            "{} is on no node running sockgate",
+            join_ips(not_assigned)
+        ));
+    }
+    let reason = if not_usable.is_empty() {
+        reasons::ADDRESS_NOT_ASSIGNED
+    } else {
+        reasons::ADDRESS_NOT_USABLE
     };
-    GatewayStatus {
-        addresses: None,
-        attached_listener_sets: None,
-        conditions: Some(vec![accepted, programmed]),
-        listeners: Some(listeners),
+    cond.make(
+        types::PROGRAMMED,
+        false,
+        reason,
+        format!("no listener programmed: {}", msg.join("; ")),
+    )
+}
+
+/// What the Gateway `Programmed=True` message adds about `spec.addresses`.
+fn addresses_note(addresses: &GatewayAddresses) -> String {
+    let GatewayAddresses::Ip {
+        here,
+        elsewhere,
+        not_assigned,
+        not_usable,
+    } = addresses
+    else {
+        return String::new();
+    };
+    let mut parts = Vec::new();
+    if !here.is_empty() {
+        parts.push(format!("on {} (this node)", join_ips(here)));
+    }
+    if !elsewhere.is_empty() {
+        parts.push(format!("on {} (other nodes)", join_ips(elsewhere)));
+    }
+    if !not_assigned.is_empty() {
+        parts.push(format!(
+            "not on {} (on no node running sockgate)",
+            join_ips(not_assigned)
+        ));
+    }
+    if !not_usable.is_empty() {
+        parts.push(format!(
+            "not on {} (cannot be served)",
+            join_ips(not_usable)
+        ));
+    }
+    format!(" {}", parts.join(", "))
+}
+
+/// `status.addresses`: the addresses served, for a Gateway with `spec.addresses`
+/// (none when not accepted or when `serving` is false: no listener is served); `None`
+/// without `spec.addresses` (the kube source fills in the nodes' addresses).
+fn status_addresses(
+    addresses: &GatewayAddresses,
+    serving: bool,
+) -> Option<Vec<GatewayStatusAddresses>> {
+    match addresses {
+        GatewayAddresses::AllNodes => None,
+        GatewayAddresses::Unsupported(_) => Some(Vec::new()),
+        GatewayAddresses::Ip { .. } if !serving => Some(Vec::new()),
+        GatewayAddresses::Ip {
+            here, elsewhere, ..
+        } => {
+            let served: BTreeSet<&IpAddr> = here.iter().chain(elsewhere).collect();
+            Some(
+                served
+                    .into_iter()
+                    .map(|ip| GatewayStatusAddresses {
+                        r#type: Some(ADDRESS_TYPE_IP.to_owned()),
+                        value: ip.to_string(),
+                    })
+                    .collect(),
+            )
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn gateway(addresses: &serde_json::Value) -> Gateway {
+        serde_json::from_value(serde_json::json!({
+            "apiVersion": "gateway.networking.k8s.io/v1",
+            "kind": "Gateway",
+            "metadata": {"name": "g", "namespace": "default"},
+            "spec": {"gatewayClassName": "sockgate", "listeners": [], "addresses": addresses},
+        }))
+        .expect("gateway")
+    }
+
+    fn params(here: &[&str], elsewhere: &[&str]) -> Params {
+        let mut p = crate::source::params_now(
+            "c",
+            &crate::backend_filter::BackendFilter::default(),
+            crate::model::limits::Limits::default(),
+        );
+        p.node_addresses = here.iter().map(|a| a.parse().expect("ip")).collect();
+        p.other_nodes_addresses = elsewhere.iter().map(|a| a.parse().expect("ip")).collect();
+        p
+    }
+
+    fn ips(v: &[&str]) -> Vec<IpAddr> {
+        v.iter().map(|a| a.parse().expect("ip")).collect()
+    }
+
+    #[test]
+    fn addresses_sorted_into_here_elsewhere_nowhere_and_never() {
+        let g = gateway(&serde_json::json!([
+            {"value": "::ffff:192.0.2.10"},
+            {"type": "IPAddress", "value": "192.0.2.20"},
+            {"type": "IPAddress", "value": "198.51.100.1"},
+            {"type": "IPAddress", "value": "0.0.0.0"},
+            {"type": "IPAddress", "value": "fe80::1"},
+            {"type": "IPAddress", "value": "255.255.255.255"},
+        ]));
+        let got = GatewayAddresses::of(&g, &params(&["192.0.2.10"], &["192.0.2.20"]));
+        assert_eq!(
+            got,
+            GatewayAddresses::Ip {
+                here: ips(&["192.0.2.10"]),
+                elsewhere: ips(&["192.0.2.20"]),
+                not_assigned: ips(&["198.51.100.1"]),
+                not_usable: ips(&["0.0.0.0", "255.255.255.255", "fe80::1"]),
+            },
+            "an IPv4-mapped address is its IPv4 address"
+        );
+        assert!(got.accepted() && got.here() && got.assigned());
+        assert_eq!(got.bound_here(), ips(&["192.0.2.10"]));
+    }
+
+    #[test]
+    fn no_addresses_is_every_node_and_a_bad_entry_is_unsupported() {
+        let p = params(&[], &[]);
+        assert_eq!(
+            GatewayAddresses::of(&gateway(&serde_json::json!([])), &p),
+            GatewayAddresses::AllNodes
+        );
+        for bad in [
+            serde_json::json!([{"type": "Hostname", "value": "gw.example.com"}]),
+            serde_json::json!([{"type": "example.com/vip", "value": "x"}]),
+            serde_json::json!([{"type": "IPAddress", "value": "10.0.0.300"}]),
+            serde_json::json!([{"value": "10.0.0.1"}, {"type": "IPAddress"}]),
+        ] {
+            let got = GatewayAddresses::of(&gateway(&bad), &p);
+            assert!(
+                matches!(got, GatewayAddresses::Unsupported(_)),
+                "{bad}: {got:?}"
+            );
+            assert!(!got.accepted() && !got.here() && !got.assigned());
+        }
     }
 }

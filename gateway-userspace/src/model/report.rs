@@ -69,6 +69,10 @@ pub struct ReportMeta {
 pub struct ProgrammedListener {
     /// TCP port.
     pub port: u16,
+    /// The node's addresses it is served on (its Gateway's `spec.addresses` that are
+    /// the node's); absent: every address of the node.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub addresses: Vec<String>,
     /// `namespace/gateway/listener`.
     pub listener: String,
     /// The route carrying traffic (`namespace/name`); absent: connections are rejected.
@@ -172,6 +176,7 @@ pub fn build(snap: &Snapshot, desired: &DesiredState, status: &StatusSet) -> Rep
         .values()
         .map(|l| ProgrammedListener {
             port: l.port,
+            addresses: l.addresses.iter().map(ToString::to_string).collect(),
             listener: l.origin.clone(),
             route: l.route.clone(),
             backends: l

@@ -1,8 +1,12 @@
 //! The input of [`reconcile`](super::reconcile): every object the model reads, as the
 //! generated Gateway API and Kubernetes types, plus the parameters that are not objects
 //! (controller name, current time, the backend addresses allowed, the data path's
-//! capacities, the CRDs' bundle version).
-use std::{collections::BTreeMap, fmt};
+//! capacities, the CRDs' bundle version, the node's addresses).
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fmt,
+    net::IpAddr,
+};
 
 use gateway_api::experimental::{
     gatewayclasses::GatewayClass, gateways::Gateway, referencegrants::ReferenceGrant,
@@ -86,6 +90,15 @@ pub struct Params {
     /// The Gateway API bundle version of the installed CRDs, for the GatewayClass
     /// `SupportedVersion` condition.
     pub crd_bundle: CrdBundle,
+    /// This node's addresses (those of its interfaces, loopback excluded): a Gateway
+    /// with `spec.addresses` is served on this node when one of them is here, on those
+    /// of its addresses only.
+    pub node_addresses: BTreeSet<IpAddr>,
+    /// The addresses of the other nodes running an agent, as far as this agent knows
+    /// them (the kube source: their `Node`'s `InternalIP` / `ExternalIP`): a Gateway
+    /// whose addresses are there is served there, so reported `Programmed`, but not
+    /// served here.
+    pub other_nodes_addresses: BTreeSet<IpAddr>,
 }
 
 /// The Gateway API bundle versions of the CRDs, as read from the cluster.

@@ -126,6 +126,8 @@ impl Selector {
 }
 
 struct Running {
+    /// The addresses bound (the listener's own; empty: the `--bind` address).
+    addrs: Vec<std::net::IpAddr>,
     stop_accepting: CancellationToken,
     drain: CancellationToken,
 }
@@ -213,16 +215,20 @@ pub async fn serve(
     let flush_stop = CancellationToken::new();
     let flusher = tokio::spawn(flush_counters(dp, counters, flush_stop.clone()));
     let mut running: BTreeMap<u16, Running> = BTreeMap::new();
+    let mut bind_failures = std::collections::BTreeSet::new();
     loop {
         let desired = state.borrow_and_update().clone();
-        reconcile_listeners(&shared, &desired, &mut running);
+        reconcile_listeners(&shared, &desired, &mut running, &mut bind_failures);
         let all_bound = desired.listeners.keys().all(|p| running.contains_key(p));
         metrics
             .ready
             .store(all_bound, std::sync::atomic::Ordering::Relaxed);
+        // A listener that did not bind (its address not yet released by the socket
+        // it replaces, most likely) is tried again shortly.
         tokio::select! {
             () = shutdown.cancelled() => break,
             changed = state.changed() => if changed.is_err() { shutdown.cancelled().await; break },
+            () = tokio::time::sleep(REBIND_PAUSE), if !all_bound => {}
         }
     }
     metrics
@@ -258,6 +264,9 @@ pub async fn serve(
     let _ = flusher.await;
 }
 
+/// How long a listener that did not bind waits before it is tried again.
+const REBIND_PAUSE: Duration = Duration::from_millis(500);
+
 fn stop_listener(port: u16, r: Running, drain: Duration) {
     info!(
         listener = port,
@@ -275,11 +284,19 @@ fn reconcile_listeners(
     shared: &Arc<Shared>,
     desired: &DesiredState,
     running: &mut BTreeMap<u16, Running>,
+    bind_failures: &mut std::collections::BTreeSet<u16>,
 ) {
+    bind_failures.retain(|p| desired.listeners.contains_key(p));
+    // Gone, or now on other addresses (started again below).
     let gone: Vec<u16> = running
-        .keys()
-        .filter(|p| !desired.listeners.contains_key(p))
-        .copied()
+        .iter()
+        .filter(|(p, r)| {
+            desired
+                .listeners
+                .get(p)
+                .is_none_or(|l| l.addresses != r.addrs)
+        })
+        .map(|(p, _)| *p)
         .collect();
     for port in gone {
         if let Some(r) = running.remove(&port) {
@@ -290,23 +307,46 @@ fn reconcile_listeners(
         if running.contains_key(&port) {
             continue;
         }
-        match bind(shared.cfg.bind, port) {
-            Ok(listener) => {
-                info!(listener = port, origin = %l.origin, backends = l.backends.len(), "listening");
+        let addrs = if l.addresses.is_empty() {
+            vec![shared.cfg.bind]
+        } else {
+            l.addresses.clone()
+        };
+        let bound: Result<Vec<TcpListener>, ListenError> =
+            addrs.iter().map(|&a| bind(a, port)).collect();
+        match bound {
+            Ok(sockets) => {
+                if l.addresses.is_empty() {
+                    info!(listener = port, origin = %l.origin, backends = l.backends.len(), "listening");
+                } else {
+                    info!(listener = port, origin = %l.origin, backends = l.backends.len(), addresses = ?l.addresses, "listening on the Gateway's addresses");
+                }
                 let r = Running {
+                    addrs: l.addresses.clone(),
                     stop_accepting: CancellationToken::new(),
                     drain: CancellationToken::new(),
                 };
-                tokio::spawn(accept_loop(
-                    shared.clone(),
-                    port,
-                    listener,
-                    r.stop_accepting.clone(),
-                    r.drain.clone(),
-                ));
+                for listener in sockets {
+                    tokio::spawn(accept_loop(
+                        shared.clone(),
+                        port,
+                        listener,
+                        r.stop_accepting.clone(),
+                        r.drain.clone(),
+                    ));
+                }
                 running.insert(port, r);
+                if bind_failures.remove(&port) {
+                    info!(listener = port, "listener started after all");
+                }
             }
-            Err(e) => warn!(listener = port, error = %e, "listener not started"),
+            Err(e) => {
+                if bind_failures.insert(port) {
+                    warn!(listener = port, error = %e, "listener not started (tried again shortly; said once)");
+                } else {
+                    debug!(listener = port, error = %e, "listener still not started");
+                }
+            }
         }
     }
 }

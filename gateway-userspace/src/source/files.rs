@@ -2,8 +2,11 @@
 //! file changes, fed to the same [`reconcile`] as the cluster would be. When the
 //! directory stops parsing, the error names the file and line, and the last good
 //! desired state keeps serving. Documents of kinds sockgate does not read are skipped
-//! and logged once each time what is skipped changes.
+//! and logged once each time what is skipped changes. When the node's addresses change
+//! (Gateways with `spec.addresses`), the last good objects are reconciled again.
 use std::{
+    collections::BTreeSet,
+    net::IpAddr,
     path::{Path, PathBuf},
     sync::Arc,
     time::{Duration, SystemTime},
@@ -125,6 +128,9 @@ pub struct FileSource {
     backend_filter: BackendFilter,
     limits: Limits,
     seen: Option<Fingerprint>,
+    /// The objects of the last good read.
+    snapshot: Option<Snapshot>,
+    node_addresses: BTreeSet<IpAddr>,
     current: Arc<DesiredState>,
     skipped: Skipped,
 }
@@ -145,6 +151,8 @@ impl FileSource {
             backend_filter,
             limits,
             seen: None,
+            snapshot: None,
+            node_addresses: BTreeSet::new(),
             current: Arc::new(DesiredState::default()),
             skipped: Skipped::default(),
         };
@@ -182,8 +190,28 @@ impl FileSource {
             log_skipped(&self.dir, &skipped);
             self.skipped = skipped;
         }
-        let params = super::params_now(&self.controller_name, &self.backend_filter, self.limits);
-        let (mut desired, status) = reconcile(&snapshot, &params);
+        self.snapshot = Some(snapshot);
+        self.reconcile()
+    }
+
+    /// The node's addresses changed: the last good objects are reconciled again
+    /// (`Unchanged` before a good read).
+    pub fn set_node_addresses(&mut self, addresses: BTreeSet<IpAddr>) -> Update {
+        self.node_addresses = addresses;
+        if self.snapshot.is_none() {
+            return Update::Unchanged;
+        }
+        self.reconcile()
+    }
+
+    fn reconcile(&mut self) -> Update {
+        let Some(snapshot) = &self.snapshot else {
+            return Update::Unchanged;
+        };
+        let mut params =
+            super::params_now(&self.controller_name, &self.backend_filter, self.limits);
+        params.node_addresses.clone_from(&self.node_addresses);
+        let (mut desired, status) = reconcile(snapshot, &params);
         desired.generation = if desired.listeners == self.current.listeners {
             self.current.generation
         } else {
@@ -208,29 +236,41 @@ fn log_skipped(dir: &Path, skipped: &Skipped) {
     }
 }
 
-/// Polls `source` every `interval` until `shutdown`, sending each new desired state to
-/// `tx` and calling `program` with it first (the map writer). Errors are logged; the
-/// last good state keeps serving.
+/// Polls `source` every `interval` until `shutdown`, and reconciles again when the
+/// node's addresses (`node`) change, sending each new desired state to `tx` and
+/// calling `program` with it first (the map writer). Errors are logged; the last good
+/// state keeps serving.
 pub async fn follow(
     mut source: FileSource,
     interval: Duration,
+    mut node: Option<watch::Receiver<BTreeSet<IpAddr>>>,
     tx: watch::Sender<Arc<DesiredState>>,
     mut program: impl FnMut(&DesiredState) + Send,
     shutdown: CancellationToken,
 ) {
     let mut tick = tokio::time::interval(interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // The node's addresses as they are now count as a change.
+    let mut first = node
+        .as_mut()
+        .map(|rx| source.set_node_addresses(rx.borrow_and_update().clone()));
     loop {
-        tokio::select! {
-            () = shutdown.cancelled() => return,
-            _ = tick.tick() => {}
-        }
-        match source.poll() {
+        let update = if let Some(u) = first.take() {
+            u
+        } else {
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                _ = tick.tick() => source.poll(),
+                Some(addrs) = node_changed(node.as_mut()) => source.set_node_addresses(addrs),
+            }
+        };
+        match update {
             Update::Unchanged => {}
             Update::Changed(desired, _) => {
                 if **tx.borrow() != *desired {
                     info!(
                         dir = %source.dir.display(),
+                        node_addresses = ?source.node_addresses,
                         generation = desired.generation,
                         listeners = desired.listeners.len(),
                         "manifests changed: new desired state"
@@ -244,4 +284,18 @@ pub async fn follow(
             }
         }
     }
+}
+
+/// The node's addresses when they change; `None` once the sender is gone, pending
+/// without a receiver.
+async fn node_changed(
+    node: Option<&mut watch::Receiver<BTreeSet<IpAddr>>>,
+) -> Option<BTreeSet<IpAddr>> {
+    let Some(rx) = node else {
+        return std::future::pending().await;
+    };
+    if rx.changed().await.is_err() {
+        return std::future::pending().await;
+    }
+    Some(rx.borrow_and_update().clone())
 }

@@ -25,5 +25,7 @@ pub fn params_now(controller_name: &str, backend_filter: &BackendFilter, limits:
         backend_filter: backend_filter.clone(),
         limits,
         crd_bundle: crate::model::CrdBundle::NotRead,
+        node_addresses: std::collections::BTreeSet::new(),
+        other_nodes_addresses: std::collections::BTreeSet::new(),
     }
 }

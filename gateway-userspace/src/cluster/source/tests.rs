@@ -55,18 +55,8 @@ fn node(name: &str, labels: &[(&str, &str)], addrs: &[(&str, &str)]) -> Node {
     }
 }
 
-fn gateway(name: &str, addresses: &serde_json::Value) -> Gateway {
-    serde_json::from_value(serde_json::json!({
-        "apiVersion": "gateway.networking.k8s.io/v1",
-        "kind": "Gateway",
-        "metadata": {"name": name, "namespace": "default"},
-        "spec": {"gatewayClassName": "sockgate", "listeners": [], "addresses": addresses},
-    }))
-    .expect("gateway")
-}
-
 #[test]
-fn addresses_are_spec_addresses_or_the_agent_nodes_internal_ips() {
+fn addresses_are_the_models_or_the_agent_nodes_internal_ips() {
     let nodes = vec![
         node(
             "b",
@@ -80,45 +70,80 @@ fn addresses_are_spec_addresses_or_the_agent_nodes_internal_ips() {
         ),
         node("c", &[], &[("InternalIP", "10.0.0.3")]),
     ];
-    let gws = vec![
-        gateway("plain", &serde_json::json!([])),
-        gateway(
-            "fixed",
-            &serde_json::json!([{"type": "IPAddress", "value": "192.0.2.7"}]),
-        ),
-    ];
-    let mut set = StatusSet::default();
-    for g in &gws {
+    let key = |name: &str| ObjectKey {
+        namespace: "default".into(),
+        name: name.into(),
+    };
+    let fresh = || {
+        let mut set = StatusSet::default();
         set.gateways.insert(
-            ObjectKey::of(&g.metadata, true),
+            key("plain"),
             gateway_api::experimental::gateways::GatewayStatus::default(),
         );
-    }
-    let selector: BTreeMap<String, String> = [("sockgate".to_owned(), "yes".to_owned())].into();
-    fill_addresses(&mut set, &gws, &nodes, &selector);
+        // spec.addresses given: the model filled in the addresses served.
+        set.gateways.insert(
+            key("fixed"),
+            gateway_api::experimental::gateways::GatewayStatus {
+                addresses: Some(vec![GatewayStatusAddresses {
+                    r#type: Some("IPAddress".into()),
+                    value: "192.0.2.7".into(),
+                }]),
+                ..Default::default()
+            },
+        );
+        set
+    };
     let values = |set: &StatusSet, name: &str| -> Vec<String> {
-        set.gateways[&ObjectKey {
-            namespace: "default".into(),
-            name: name.into(),
-        }]
+        set.gateways[&key(name)]
             .addresses
             .iter()
             .flatten()
             .map(|a| a.value.clone())
             .collect()
     };
+    let selector: BTreeMap<String, String> = [("sockgate".to_owned(), "yes".to_owned())].into();
+    let mut set = fresh();
+    fill_addresses(&mut set, &nodes, &selector);
     assert_eq!(
         values(&set, "plain"),
         vec!["10.0.0.1", "10.0.0.2"],
         "selected nodes' InternalIPs"
     );
-    assert_eq!(values(&set, "fixed"), vec!["192.0.2.7"]);
+    assert_eq!(
+        values(&set, "fixed"),
+        vec!["192.0.2.7"],
+        "left as the model said"
+    );
     // No selector: every node.
-    fill_addresses(&mut set, &gws, &nodes, &BTreeMap::new());
+    let mut set = fresh();
+    fill_addresses(&mut set, &nodes, &BTreeMap::new());
     assert_eq!(
         values(&set, "plain"),
         vec!["10.0.0.1", "10.0.0.2", "10.0.0.3"]
     );
+}
+
+#[test]
+fn other_agent_nodes_addresses_skip_this_node_and_nodes_without_agent() {
+    let nodes = vec![
+        node("a", &[("sockgate", "yes")], &[("InternalIP", "10.0.0.1")]),
+        node(
+            "b",
+            &[("sockgate", "yes")],
+            &[
+                ("InternalIP", "10.0.0.2"),
+                ("ExternalIP", "1.2.3.4"),
+                ("Hostname", "b"),
+            ],
+        ),
+        node("c", &[], &[("InternalIP", "10.0.0.3")]),
+    ];
+    let selector: BTreeMap<String, String> = [("sockgate".to_owned(), "yes".to_owned())].into();
+    let got: Vec<String> = other_agent_nodes_addresses(&nodes, "a", &selector)
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    assert_eq!(got, vec!["1.2.3.4", "10.0.0.2"]);
 }
 
 #[test]
@@ -411,6 +436,7 @@ mod against_a_scripted_api_server {
             node_selector: BTreeMap::new(),
             debounce: Duration::from_millis(10),
             node_addresses: None,
+            local_addresses: None,
             policy_rediscovery: Duration::from_mins(1),
             backend_filter: crate::backend_filter::BackendFilter::default(),
             limits: crate::model::limits::Limits::default(),

@@ -11,6 +11,7 @@ fn desired() -> DesiredState {
             port,
             Listener {
                 port,
+                addresses: Vec::new(),
                 origin: origin.to_owned(),
                 route: route.map(ToOwned::to_owned),
                 backends: Vec::new(),
@@ -80,6 +81,8 @@ fn params(controller_name: &str) -> Params {
         backend_filter: crate::backend_filter::BackendFilter::default(),
         limits: crate::model::limits::Limits::default(),
         crd_bundle: crate::model::CrdBundle::NotRead,
+        node_addresses: std::collections::BTreeSet::new(),
+        other_nodes_addresses: std::collections::BTreeSet::new(),
     }
 }
 
