@@ -141,14 +141,26 @@ pub struct ListenerInfo {
     pub flags: u32,
     /// Generation of the desired state that last wrote this entry.
     pub generation: u32,
+    /// With [`LISTENER_F_ADDRESSED`]: how many of `addrs` the listener is served on.
+    pub addr_count: u32,
+    /// With [`LISTENER_F_ADDRESSED`]: the node addresses (IPv6 or IPv4-mapped, network
+    /// order) the forward program takes the listener's connections on; a SYN to another
+    /// address is left to the listener sockets, which are bound to the listener's
+    /// addresses only. A listener on more than [`MAX_LISTENER_ADDRS`] addresses has
+    /// `addr_count` 0: all of its connections take the socket paths.
+    pub addrs: [[u8; 16]; MAX_LISTENER_ADDRS],
 }
-const _: () = assert!(size_of::<ListenerInfo>() == 16);
+const _: () = assert!(size_of::<ListenerInfo>() == 20 + 16 * MAX_LISTENER_ADDRS);
+
+/// Addresses one listener's entry holds for the forward program ([`ListenerInfo::addrs`]).
+pub const MAX_LISTENER_ADDRS: usize = 4;
 
 /// [`ListenerInfo::flags`]: the listener is draining (accepts nothing new).
 pub const LISTENER_F_DRAINING: u32 = 1;
 /// [`ListenerInfo::flags`]: the listener is served on some of the node's addresses only
-/// (its Gateway's `spec.addresses`): the forward program leaves its connections to the
-/// listener sockets, which are bound to those addresses.
+/// (its Gateway's `spec.addresses`): the forward program takes the connections to the
+/// addresses in [`ListenerInfo::addrs`] and leaves any other to the listener sockets,
+/// which are bound to the listener's addresses.
 pub const LISTENER_F_ADDRESSED: u32 = 2;
 
 /// Key of [`GW_BACKENDS`].

@@ -20,8 +20,9 @@
 //!    `BPF_NOEXIST`, so two connections never share a tuple). No backend with a weight,
 //!    or an invalid backendRef picked: the SYN is answered with a RST from here.
 //!    A listener served on some of the node's addresses only (`LISTENER_F_ADDRESSED`:
-//!    its Gateway has `spec.addresses`) is left to the socket paths, whose sockets are
-//!    bound to those addresses.
+//!    its Gateway has `spec.addresses`) opens connections to the addresses its entry
+//!    lists and leaves any other SYN to the stack, where its sockets are bound to those
+//!    addresses only.
 //!    A backend reached by an interface the program is not attached to
 //!    (`GW_FWD_IFACES`) is not forwarded either: its replies would not be translated.
 //! 3. Anything else is not ours and goes on untouched (`TCX_NEXT`): segments of
@@ -52,8 +53,8 @@ use aya_ebpf::{
 use gateway_common::{
     BACKEND_F_INVALID, Backend, BackendKey, DIR_BACKEND_TO_CLIENT, DIR_CLIENT_TO_BACKEND,
     FLOW_S_ACK, FLOW_S_FIN, FLOW_S_RST, FLOW_S_SYN, FWD_MAX_ATTEMPTS, FWD_SLOTS, Flow, FlowKey,
-    FwdStats, LISTENER_F_ADDRESSED, LISTENER_F_DRAINING, ListenerKey, MAX_FLOWS, MAX_FWD_IFACES,
-    MAX_LISTENERS, MAX_NODE_ADDRS, NodeAddr, SlotTable,
+    FwdStats, LISTENER_F_ADDRESSED, LISTENER_F_DRAINING, ListenerInfo, ListenerKey, MAX_FLOWS,
+    MAX_FWD_IFACES, MAX_LISTENER_ADDRS, MAX_LISTENERS, MAX_NODE_ADDRS, NodeAddr, SlotTable,
 };
 
 use crate::{GW_BACKENDS, GW_LISTENERS};
@@ -807,6 +808,21 @@ fn insert_reply(backend: &Backend, nat: &[u8; 16], sc: &mut Scratch) -> Option<u
     None
 }
 
+/// Whether `dst_be` is one of the addresses an addressed listener is forwarded on.
+#[inline(always)]
+fn served_on(listener: &ListenerInfo, dst_be: &[u8; 16]) -> bool {
+    let d = u128::from_ne_bytes(*dst_be);
+    let n = listener.addr_count as usize;
+    let mut i = 0;
+    while i < MAX_LISTENER_ADDRS {
+        if i < n && u128::from_ne_bytes(listener.addrs[i]) == d {
+            return true;
+        }
+        i += 1;
+    }
+    false
+}
+
 /// A SYN that no entry knows, to a listener: opens a connection, refuses it, or
 /// leaves it to the stack.
 #[inline(never)]
@@ -815,10 +831,16 @@ fn open(ctx: &TcContext, seg: &Segment) -> i32 {
     let Some(listener) = GW_LISTENERS.get_ptr(&ListenerKey::new(port)) else {
         return TCX_NEXT;
     };
-    // A draining listener accepts nothing new; one served on some addresses only is
-    // the socket paths' (bound to those addresses).
+    // A draining listener accepts nothing new.
     // SAFETY: value from the lookup.
-    if unsafe { (*listener).flags } & (LISTENER_F_DRAINING | LISTENER_F_ADDRESSED) != 0 {
+    let flags = unsafe { (*listener).flags };
+    if flags & LISTENER_F_DRAINING != 0 {
+        return TCX_NEXT;
+    }
+    // One served on some addresses only is forwarded on those; a SYN to another
+    // address is the stack's (no socket is bound there: it answers with a RST).
+    // SAFETY: value from the lookup.
+    if flags & LISTENER_F_ADDRESSED != 0 && !served_on(unsafe { &*listener }, &seg.key.dst_be) {
         return TCX_NEXT;
     }
     if GW_FWD_ADDRS

@@ -12,6 +12,7 @@ use std::{
 
 use gateway_common::{
     BACKEND_F_INVALID, Backend, BackendKey, LISTENER_F_ADDRESSED, ListenerInfo, ListenerKey,
+    MAX_LISTENER_ADDRS,
 };
 
 use crate::desired::{self, DesiredState};
@@ -73,6 +74,22 @@ pub fn backend_addr(v: &Backend) -> Option<SocketAddr> {
     Some(SocketAddr::new(ip, v.port))
 }
 
+/// The address fields of a listener's entry: its addresses when they fit, else none
+/// (the forward program then leaves all its connections to the sockets).
+fn listener_addrs(addresses: &[IpAddr]) -> ListenerInfo {
+    let mut info = ListenerInfo::default();
+    if addresses.len() <= MAX_LISTENER_ADDRS {
+        for (slot, a) in info.addrs.iter_mut().zip(addresses) {
+            *slot = match a {
+                IpAddr::V4(v4) => v4.to_ipv6_mapped().octets(),
+                IpAddr::V6(v6) => v6.octets(),
+            };
+        }
+        info.addr_count = addresses.len() as u32;
+    }
+    info
+}
+
 impl Programmed {
     /// What the maps hold once `desired` is programmed.
     pub fn of(desired: &DesiredState) -> Self {
@@ -93,6 +110,7 @@ impl Programmed {
                         LISTENER_F_ADDRESSED
                     },
                     generation: desired.generation,
+                    ..listener_addrs(&l.addresses)
                 },
             );
         }
@@ -264,10 +282,21 @@ mod tests {
         }
         let p = Programmed::of(&d);
         assert_eq!(p.listeners[&ListenerKey::new(8000)].flags, 0);
+        let addressed = p.listeners[&ListenerKey::new(8001)];
+        assert_eq!(addressed.flags, LISTENER_F_ADDRESSED);
+        assert_eq!(addressed.addr_count, 1);
         assert_eq!(
-            p.listeners[&ListenerKey::new(8001)].flags,
-            LISTENER_F_ADDRESSED
+            addressed.addrs[0],
+            "192.0.2.10"
+                .parse::<std::net::Ipv4Addr>()
+                .expect("ip")
+                .to_ipv6_mapped()
+                .octets()
         );
+        // More addresses than an entry holds: none, all connections to the sockets.
+        let many: Vec<IpAddr> = (1..=5u8).map(|i| IpAddr::from([192, 0, 2, i])).collect();
+        let info = listener_addrs(&many);
+        assert_eq!((info.addr_count, info.addrs), (0, Default::default()));
         // Moving to other addresses or to every address rewrites the entry.
         let mut every = d.clone();
         every
@@ -282,6 +311,8 @@ mod tests {
                 ListenerKey::new(8001),
                 ListenerInfo {
                     flags: 0,
+                    addr_count: 0,
+                    addrs: Default::default(),
                     ..p.listeners[&ListenerKey::new(8001)]
                 }
             )]

@@ -273,6 +273,7 @@ impl Fwd {
                 total_weight: backends.iter().map(|b| b.weight).sum(),
                 flags: 0,
                 generation: 1,
+                ..ListenerInfo::default()
             },
             0,
         )
@@ -307,6 +308,19 @@ impl Fwd {
     }
 
     /// Sets `flag` in listener `port`'s `flags`, as the agent writes them.
+    /// Marks `port` as served on `addrs` only (`LISTENER_F_ADDRESSED`).
+    fn addressed(&mut self, port: u16, addrs: &[IpAddr]) {
+        let mut l: HashMap<_, ListenerKey, ListenerInfo> = self.map_mut(GW_LISTENERS);
+        let mut info = l.get(&ListenerKey::new(port), 0).expect("listener");
+        info.flags |= LISTENER_F_ADDRESSED;
+        info.addr_count = addrs.len() as u32;
+        for (slot, a) in info.addrs.iter_mut().zip(addrs) {
+            *slot = node_addr(*a).addr_be;
+        }
+        l.insert(ListenerKey::new(port), info, 0)
+            .expect("addressed");
+    }
+
     fn flag(&mut self, port: u16, flag: u32) {
         let mut l: HashMap<_, ListenerKey, ListenerInfo> = self.map_mut(GW_LISTENERS);
         let mut info = l.get(&ListenerKey::new(port), 0).expect("listener");
@@ -1157,6 +1171,51 @@ fn passed_untouched() {
 }
 
 // ---- refusals ----
+
+/// A listener of a Gateway with `spec.addresses`: forwarded on the addresses its entry
+/// lists, a SYN to another node address left to the stack (whose sockets are bound
+/// to the listed ones only).
+fn addressed(fam: Fam) {
+    let load = Load::default();
+    let mut fwd = Fwd::load(load);
+    let backend = SocketAddr::new(fam.backend(0), BACKEND_PORT);
+    fwd.listener(LISTENER, &[be(backend, 1)]);
+    fwd.addressed(LISTENER, &[fam.nat(), fam.node()]);
+    fwd.listener(LISTENER + 1, &[be(backend, 1)]);
+    fwd.addressed(LISTENER + 1, &[fam.nat()]);
+    let client = SocketAddr::new(fam.client(0), 33000);
+    let syn = Tcp::new(client, SocketAddr::new(fam.node(), LISTENER), SYN)
+        .seq(1000)
+        .options(&SYN_OPTIONS);
+    let (action, out) = fwd.client(&syn);
+    let nat = SocketAddr::new(fam.nat(), nat_port("SYN", &out, load));
+    assert_forwarded(
+        "SYN to the second address the listener is served on",
+        (action, out),
+        &syn.moved(nat, backend).options(&syn_options_out(fam)),
+    );
+    let other = Tcp::new(client, SocketAddr::new(fam.node(), LISTENER + 1), SYN)
+        .seq(1000)
+        .options(&SYN_OPTIONS);
+    let (action, out) = fwd.client(&other);
+    assert_eq!(
+        (action, out),
+        (NEXT, other.frame()),
+        "SYN to a node address the listener is not served on: untouched"
+    );
+    assert_eq!(fwd.stats(LISTENER + 1).connections, 0);
+    assert_eq!(fwd.stats(LISTENER).connections, 1);
+}
+
+#[test]
+fn ipv4_addressed_listener() {
+    in_bed(|| addressed(Fam::V4));
+}
+
+#[test]
+fn ipv6_addressed_listener() {
+    in_bed(|| addressed(Fam::V6));
+}
 
 fn refusals(fam: Fam) {
     let mut fwd = Fwd::load(Load::default());

@@ -227,7 +227,7 @@ fn served_on_the_gateways_address_only_and_follows_the_address_on_the_node() {
 }
 
 #[test]
-fn forward_path_leaves_an_addressed_listener_to_its_sockets() {
+fn forward_path_takes_an_addressed_listener_on_its_addresses_only() {
     require_root();
     let bed = Bed::new(1).expect("bed");
     let _echo = servers::Server::start(
@@ -261,20 +261,46 @@ fn forward_path_leaves_an_addressed_listener_to_its_sockets() {
         Err(io::ErrorKind::ConnectionRefused)
     );
     assert_eq!(ask(&bed, SocketAddr::new(v4, 7102)), Ok("echo".into()));
+    // 7101 is served on MOVING only: once the node holds it, the SYN to it is
+    // forwarded, and the one to the node's other IPv4 address goes to the stack, where
+    // no socket is bound for it.
+    bed.node()
+        .ip(&["addr", "add", &format!("{MOVING}/24"), "dev", "c0"])
+        .expect("address added");
+    let moving = IpAddr::from(MOVING);
+    eventually("7101 served on the moving address", &agent, || {
+        ask(&bed, SocketAddr::new(moving, 7101)) == Ok("echo".into())
+    });
+    assert_eq!(
+        ask(&bed, SocketAddr::new(v4, 7101)),
+        Err(io::ErrorKind::ConnectionRefused)
+    );
     let status = agent.status();
-    let fwd = |port: u16| {
+    let fwd = |port: u16, what: &str| {
         status["listeners"]
             .as_array()
             .and_then(|ls| ls.iter().find(|l| l["port"] == port))
             .map_or_else(
                 || panic!("listener {port} in {status}"),
-                |l| l["forward"]["connections"].clone(),
+                |l| l["forward"][what].clone(),
             )
     };
     assert_eq!(
-        fwd(7100),
-        0,
-        "the addressed listener is the sockets': {status}"
+        fwd(7101, "connections"),
+        1,
+        "the addressed listener is forwarded on its address: {status}"
     );
-    assert_eq!(fwd(7102), 1, "the other one is forwarded: {status}");
+    assert_eq!(
+        fwd(7102, "connections"),
+        1,
+        "the other one is forwarded: {status}"
+    );
+    // 7100's address is IPv6 and its backend IPv4: the program took the SYN as the
+    // listener's (it is on the listener's address) but has no route across families,
+    // so the listener socket carried it.
+    assert_eq!(
+        (fwd(7100, "connections"), fwd(7100, "no_route")),
+        (0.into(), 1.into()),
+        "{status}"
+    );
 }
