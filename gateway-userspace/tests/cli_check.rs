@@ -2,7 +2,8 @@
 //! (the fixture, up to `lastTransitionTime`), JSON output parses, an application's
 //! bundle of other kinds checks with the skipped kinds said on stderr, bad input exits
 //! non-zero with the file and line, and refused backend addresses are reported (and
-//! allowed with `--allow-backend-cidr`).
+//! allowed with `--allow-backend-cidr`), and every object is reported in the apiVersion
+//! it was given.
 use std::{path::Path, process::Command};
 
 fn root() -> &'static Path {
@@ -277,4 +278,47 @@ fn a_bad_allow_backend_cidr_is_a_one_line_error() {
         assert!(first.contains("--allow-backend-cidr"), "{err}");
         assert!(first.contains(&format!("invalid CIDR \"{bad}\"")), "{err}");
     }
+}
+
+#[test]
+fn each_object_is_reported_in_the_api_version_it_was_given() {
+    let out = check(&[
+        "-f",
+        "tests/fixtures/model/api-versions-as-given/input.yaml",
+        "-o",
+        "json",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    let versions: Vec<(String, String, String)> = report["objects"]
+        .as_array()
+        .expect("objects")
+        .iter()
+        .map(|o| {
+            (
+                o["kind"].as_str().unwrap_or_default().to_owned(),
+                o["metadata"]["name"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_owned(),
+                o["apiVersion"].as_str().unwrap_or_default().to_owned(),
+            )
+        })
+        .collect();
+    let gw = |v: &str| format!("gateway.networking.k8s.io/{v}");
+    let want = [
+        ("GatewayClass", "sockgate", gw("v1beta1")),
+        ("Gateway", "new", gw("v1")),
+        ("Gateway", "old", gw("v1beta1")),
+        ("TCPRoute", "alpha", gw("v1alpha2")),
+        ("TCPRoute", "ga", gw("v1")),
+        ("ReferenceGrant", "to-one", gw("v1beta1")),
+        ("ReferenceGrant", "to-two", gw("v1")),
+    ]
+    .map(|(k, n, v)| (k.to_owned(), n.to_owned(), v));
+    assert_eq!(versions, want);
 }

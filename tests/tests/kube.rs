@@ -5,7 +5,8 @@
 //! applied), or the same without the `ListenerPolicy` CRD; and a Gateway with
 //! `spec.addresses` whose address comes to the node and leaves it while the agent runs
 //! (served, status written, each time), beside one whose address is another agent
-//! node's (reported served, not served here).
+//! node's (reported served, not served here); and with `ReferenceGrant` served only in
+//! `v1beta1` (a cross-namespace backendRef permitted through it).
 mod common;
 
 use std::{
@@ -200,6 +201,9 @@ struct ApiState {
     policy_crd: bool,
     /// Objects by collection path.
     objects: Vec<(&'static str, Value)>,
+    /// `ReferenceGrant` served in `v1beta1` only (a Gateway API bundle before 1.5),
+    /// else in `v1`.
+    v1beta1_grants: bool,
     /// Every request line: `METHOD path?query`.
     requests: Vec<String>,
     /// Status applies: (path and query, body).
@@ -298,6 +302,12 @@ fn answer(state: &mut ApiState, req: &HttpRequest) -> (u16, Value) {
                 .as_array_mut()
                 .expect("versions")
                 .push(json!({"groupVersion": format!("{gw}/v1alpha2"), "version": "v1alpha2"}));
+            if state.v1beta1_grants {
+                groups[0]["versions"]
+                    .as_array_mut()
+                    .expect("versions")
+                    .push(json!({"groupVersion": format!("{gw}/v1beta1"), "version": "v1beta1"}));
+            }
             if state.policy_crd {
                 groups.push(api_group("sockgate.dev", "v1alpha1"));
             }
@@ -306,15 +316,18 @@ fn answer(state: &mut ApiState, req: &HttpRequest) -> (u16, Value) {
                 json!({"kind": "APIGroupList", "apiVersion": "v1", "groups": groups}),
             )
         }
-        ("GET", "/apis/gateway.networking.k8s.io/v1") => (
+        ("GET", "/apis/gateway.networking.k8s.io/v1") => {
+            let mut kinds = vec![("gatewayclasses", "GatewayClass"), ("gateways", "Gateway")];
+            if !state.v1beta1_grants {
+                kinds.push(("referencegrants", "ReferenceGrant"));
+            }
+            (200, resource_list(&format!("{gw}/v1"), &kinds))
+        }
+        ("GET", "/apis/gateway.networking.k8s.io/v1beta1") if state.v1beta1_grants => (
             200,
             resource_list(
-                &format!("{gw}/v1"),
-                &[
-                    ("gatewayclasses", "GatewayClass"),
-                    ("gateways", "Gateway"),
-                    ("referencegrants", "ReferenceGrant"),
-                ],
+                &format!("{gw}/v1beta1"),
+                &[("referencegrants", "ReferenceGrant")],
             ),
         ),
         ("GET", "/apis/gateway.networking.k8s.io/v1alpha2") => (
@@ -876,6 +889,125 @@ fn gateway_address_moving_to_and_from_the_node_is_served_and_reported() {
         exchange_with(&bed, SocketAddr::new(bed.node_addr().into(), PORT))
             .is_ok_and(|r| r.starts_with("foo")),
         "gw keeps serving"
+    );
+    assert!(agent.stop().success(), "{}", agent.log_text());
+    drop(api);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The status the agent applied to the first object of `kind` (waits, bounded).
+fn applied_status(api: &FakeApi, agent: &Agent, kind: &str) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let found = api
+            .state()
+            .patches
+            .iter()
+            .find(|(_, b)| b["kind"] == kind)
+            .map(|(_, b)| b["status"].clone());
+        if let Some(s) = found {
+            return s;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no {kind} status: {:?}\n{}",
+            api.state().patches,
+            agent.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn reference_grant_served_only_in_v1beta1_permits_the_cross_namespace_backend_ref() {
+    require_root();
+    let bed = Bed::new(1).expect("bed");
+    let _backend = servers::Server::start(
+        bed.backend(0),
+        SocketAddr::new(bed.backend_addr(0).into(), 3001),
+        servers::named_echo("foo"),
+    )
+    .expect("foo");
+    // The Service and its slice in namespace `backends`, the route in `default`.
+    let mut objects = cluster(&bed, false);
+    for (_, o) in &mut objects {
+        match o["kind"].as_str() {
+            Some("Service" | "EndpointSlice") => o["metadata"]["namespace"] = json!("backends"),
+            Some("TCPRoute") => {
+                o["spec"]["rules"][0]["backendRefs"][0]["namespace"] = json!("backends");
+            }
+            _ => {}
+        }
+    }
+    objects.push((
+        "/apis/gateway.networking.k8s.io/v1beta1/referencegrants",
+        json!({"apiVersion": "gateway.networking.k8s.io/v1beta1", "kind": "ReferenceGrant",
+               "metadata": {"name": "routes-from-default", "namespace": "backends",
+                            "resourceVersion": "1", "generation": 1},
+               "spec": {"from": [{"group": "gateway.networking.k8s.io", "kind": "TCPRoute",
+                                  "namespace": "default"}],
+                        "to": [{"group": "", "kind": "Service"}]}}),
+    ));
+    let api = FakeApi::start(
+        &bed,
+        ApiState {
+            v1beta1_grants: true,
+            objects,
+            ..ApiState::default()
+        },
+    );
+    let (dir, kubeconfig) = kubeconfig("grant-v1beta1", api.port);
+    let mut agent = Agent::start_with_env(
+        &bed,
+        &["--source", "kube", "--node-name", "node-1"],
+        &[PORT],
+        &[("KUBECONFIG", kubeconfig.as_os_str())],
+    );
+    assert!(
+        ask_from(&bed, bed.client_addr()).is_ok_and(|r| r.starts_with("foo")),
+        "the grant read in v1beta1 permits the backendRef:\n{}",
+        agent.log_text()
+    );
+    // The route's status says its reference resolved.
+    let route_status = applied_status(&api, &agent, "TCPRoute");
+    let resolved = route_status["parents"][0]["conditions"]
+        .as_array()
+        .expect("conditions")
+        .iter()
+        .find(|c| c["type"] == "ResolvedRefs")
+        .cloned();
+    assert_eq!(
+        resolved.as_ref().map(|c| c["status"].clone()),
+        Some(json!("True")),
+        "{route_status}"
+    );
+    {
+        let st = api.state();
+        let grant_lists: Vec<&String> = st
+            .requests
+            .iter()
+            .filter(|r| {
+                r.starts_with("GET /apis/gateway.networking.k8s.io/")
+                    && r.contains("/referencegrants")
+            })
+            .collect();
+        assert!(
+            grant_lists
+                .iter()
+                .any(|r| r
+                    .starts_with("GET /apis/gateway.networking.k8s.io/v1beta1/referencegrants")),
+            "{grant_lists:?}"
+        );
+        assert!(
+            grant_lists.iter().all(|r| r.contains("/v1beta1/")),
+            "never the unserved v1: {grant_lists:?}"
+        );
+    }
+    let log = agent.log_text();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("watching ReferenceGrant") && l.contains("v1beta1")),
+        "{log}"
     );
     assert!(agent.stop().success(), "{}", agent.log_text());
     drop(api);

@@ -7,9 +7,13 @@
 //! * `demo`: builds, makes a network-namespace bed, runs sockgate on it, sends traffic,
 //!   shows which backend answered and which data path carried it, and cleans up.
 //! * `test`: `setup`, then every test (unit and privileged end-to-end).
+//! * `conformance`: `setup`, then sockgate's rebuilds of the upstream Gateway API
+//!   conformance cases for `TCPRoute`; writes the upstream `ConformanceReport` YAML
+//!   (`conformance/report.yaml`) from their results.
 //! * `bench`: sockgate's data paths side by side with no proxy and with `HAProxy`,
 //!   nginx, socat and Envoy; writes `bench/results.csv`, `BENCHMARKS.md` and a chart.
 mod bench;
+mod conformance;
 mod demo;
 mod setup;
 
@@ -33,6 +37,8 @@ enum Cmd {
     Demo,
     /// Benchmark the data paths against no proxy and userspace proxies.
     Bench(bench::Options),
+    /// Run the Gateway API conformance cases and write the conformance report.
+    Conformance(conformance::Options),
     /// Run all tests (unit and privileged end-to-end).
     Test {
         /// Extra arguments for `cargo test` (after `--`).
@@ -47,6 +53,7 @@ fn main() -> ExitCode {
         Cmd::Setup => setup::run(),
         Cmd::Demo => setup::run().and_then(|()| demo::run()),
         Cmd::Bench(opts) => setup::run().and_then(|()| bench::run(&opts)),
+        Cmd::Conformance(opts) => setup::run().and_then(|()| conformance::run(&opts)),
         Cmd::Test { args } => setup::run().and_then(|()| test(&args)),
     };
     match result {

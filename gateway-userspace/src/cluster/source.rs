@@ -9,6 +9,9 @@
 //!   CRD serving both versions holds one set of objects: watching both would count
 //!   every route twice, so the newest served version is watched, and routes keep the
 //!   version they were read in ([`TcpRouteVersion`]) for the status writes.
+//! * `ReferenceGrant` is watched in `v1` where the cluster serves it, else in `v1beta1`
+//!   (Gateway API bundles before 1.5 serve only `v1beta1`); the schema is the same. A
+//!   cluster serving neither permits no cross-namespace backendRef, said once at start.
 //! * `ListenerPolicy` (`sockgate.dev/v1alpha1`, the XDP guard's policy attachment) is
 //!   watched when discovery at start finds its CRD; without it the agent says so once
 //!   and runs with no policies from the cluster.
@@ -159,6 +162,40 @@ pub fn choose_route_version(served: &[String]) -> Option<TcpRouteVersion> {
     }
 }
 
+/// The `ReferenceGrant` version to watch among the versions the cluster serves: `v1`
+/// where served, else `v1beta1`, else none.
+pub fn choose_grant_version(served: &[String]) -> Option<&'static str> {
+    ["v1", "v1beta1"]
+        .into_iter()
+        .find(|v| served.iter().any(|s| s == v))
+}
+
+/// The `ApiResource` of `ReferenceGrant` in `version` (`v1` or `v1beta1`).
+pub fn grant_resource(version: &str) -> ApiResource {
+    ApiResource::from_gvk_with_plural(
+        &GroupVersionKind::gvk(GATEWAY_GROUP, version, "ReferenceGrant"),
+        "referencegrants",
+    )
+}
+
+/// The versions of the Gateway API group in which the cluster serves `kind`.
+fn served_versions(group: Option<&ApiGroup>, kind: &str) -> Vec<String> {
+    group
+        .map(|group| {
+            group
+                .versions()
+                .filter(|v| {
+                    group
+                        .versioned_resources(v)
+                        .iter()
+                        .any(|(ar, _)| ar.kind == kind)
+                })
+                .map(ToOwned::to_owned)
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 /// The HTTP status of a watch failure the API server answered.
 fn status_code(e: &watcher::Error) -> Option<u16> {
     match e {
@@ -276,7 +313,10 @@ pub struct Stores {
     gateways: Store<Gateway>,
     routes: Store<DynamicObject>,
     route_version: TcpRouteVersion,
-    grants: Store<ReferenceGrant>,
+    /// `None` when the cluster serves no `ReferenceGrant`.
+    grants: Option<Store<DynamicObject>>,
+    /// The `ReferenceGrant` version watched.
+    grant_version: Option<&'static str>,
     namespaces: Store<Namespace>,
     services: Store<Service>,
     slices: Store<EndpointSlice>,
@@ -328,12 +368,28 @@ impl Stores {
             health.clone(),
             shutdown.clone(),
         );
+        let grant_version = found.grant_version;
+        let grants = grant_version.map(|v| {
+            let ar = grant_resource(v);
+            let writer = Writer::<DynamicObject>::new(ar.clone());
+            let store = writer.as_reader();
+            reflect(
+                Api::<DynamicObject>::all_with(client.clone(), &ar),
+                writer,
+                "ReferenceGrant",
+                dirty.clone(),
+                health.clone(),
+                shutdown.clone(),
+            );
+            store
+        });
         let stores = Self {
             classes: watched!(GatewayClass, "GatewayClass"),
             gateways: watched!(Gateway, "Gateway"),
             routes,
             route_version,
-            grants: watched!(ReferenceGrant, "ReferenceGrant"),
+            grants,
+            grant_version,
             namespaces: watched!(Namespace, "Namespace"),
             services: watched!(Service, "Service"),
             slices: watched!(EndpointSlice, "EndpointSlice"),
@@ -373,7 +429,10 @@ impl Stores {
         self.classes.wait_until_ready().await.is_ok()
             && self.gateways.wait_until_ready().await.is_ok()
             && self.routes.wait_until_ready().await.is_ok()
-            && self.grants.wait_until_ready().await.is_ok()
+            && match &self.grants {
+                Some(g) => g.wait_until_ready().await.is_ok(),
+                None => true,
+            }
             && self.namespaces.wait_until_ready().await.is_ok()
             && self.services.wait_until_ready().await.is_ok()
             && self.slices.wait_until_ready().await.is_ok()
@@ -404,11 +463,36 @@ impl Stores {
                 }
             })
             .collect();
+        let mut api_versions = BTreeMap::new();
+        let reference_grants = self
+            .grants
+            .iter()
+            .flat_map(Store::state)
+            .filter_map(|o| {
+                let v = serde_json::to_value(&*o).ok()?;
+                match serde_json::from_value::<ReferenceGrant>(v) {
+                    Ok(grant) => Some(grant),
+                    Err(e) => {
+                        warn!(grant = %o.name_any(), error = %e, "ReferenceGrant does not parse; ignored");
+                        None
+                    }
+                }
+            })
+            .inspect(|g| {
+                if let Some(v) = self.grant_version {
+                    api_versions.insert(
+                        ("ReferenceGrant", ObjectKey::of(&g.metadata, true)),
+                        format!("{GATEWAY_GROUP}/{v}"),
+                    );
+                }
+            })
+            .collect();
         Snapshot {
             gateway_classes: owned(&self.classes),
             gateways: owned(&self.gateways),
             tcp_routes,
-            reference_grants: owned(&self.grants),
+            reference_grants,
+            api_versions,
             namespaces: owned(&self.namespaces),
             services: owned(&self.services),
             endpoint_slices: owned(&self.slices),
@@ -530,6 +614,9 @@ pub fn node_addresses(nodes: &[Node], name: &str) -> BTreeSet<IpAddr> {
 pub struct Discovered {
     /// The `TCPRoute` version watched.
     pub route_version: TcpRouteVersion,
+    /// The `ReferenceGrant` version watched (`v1` or `v1beta1`), `None` when the
+    /// cluster serves neither.
+    pub grant_version: Option<&'static str>,
     /// Whether `ListenerPolicy` is served (its CRD is installed), so watched.
     pub listener_policies: bool,
 }
@@ -548,23 +635,18 @@ async fn discover(client: &Client, shutdown: &CancellationToken) -> Option<Disco
             .await
         {
             Ok(found) => {
-                let served: Vec<String> = found
-                    .get(GATEWAY_GROUP)
-                    .map(|group| {
-                        group
-                            .versions()
-                            .filter(|v| {
-                                group
-                                    .versioned_resources(v)
-                                    .iter()
-                                    .any(|(ar, _)| ar.kind == "TCPRoute")
-                            })
-                            .map(ToOwned::to_owned)
-                            .collect()
-                    })
-                    .unwrap_or_default();
+                let served = served_versions(found.get(GATEWAY_GROUP), "TCPRoute");
                 if let Some(v) = choose_route_version(&served) {
                     info!(version = v.api_version(), served = ?served, "watching TCPRoute");
+                    let grants = served_versions(found.get(GATEWAY_GROUP), "ReferenceGrant");
+                    let grant_version = choose_grant_version(&grants);
+                    if let Some(g) = grant_version {
+                        info!(version = %format!("{GATEWAY_GROUP}/{g}"), served = ?grants, "watching ReferenceGrant");
+                    } else {
+                        warn!(
+                            "the cluster serves no ReferenceGrant: cross-namespace backendRefs are not permitted"
+                        );
+                    }
                     let listener_policies = serves_listener_policies(found.get(&policy_group));
                     if listener_policies {
                         info!("watching ListenerPolicy: XDP policies from the cluster");
@@ -575,6 +657,7 @@ async fn discover(client: &Client, shutdown: &CancellationToken) -> Option<Disco
                     }
                     return Some(Discovered {
                         route_version: v,
+                        grant_version,
                         listener_policies,
                     });
                 }

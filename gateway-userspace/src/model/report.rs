@@ -1,5 +1,6 @@
-//! What `sockgate check` prints: for every GatewayClass, Gateway, TCPRoute and
-//! ListenerPolicy of the input, its identity and the status sockgate would write, then
+//! What `sockgate check` prints: for every GatewayClass, Gateway, TCPRoute,
+//! ReferenceGrant and ListenerPolicy of the input, its identity (with the `apiVersion`
+//! it was given) and the status sockgate would write, then
 //! the programmed listener/backend table (with each listener's XDP guard), then the
 //! endpoints refused because of their address, then the backendRefs without ready
 //! endpoint, then what the data path's capacities left out.
@@ -8,7 +9,7 @@ use serde::Serialize;
 use super::{
     limits::LeftOut,
     reconcile::StatusSet,
-    snapshot::{ObjectKey, Snapshot},
+    snapshot::{ObjectKey, Snapshot, default_api_version},
 };
 use crate::{
     backend_filter::RefusedBackend,
@@ -18,7 +19,8 @@ use crate::{
 /// The whole report.
 #[derive(Clone, Debug, Serialize)]
 pub struct Report {
-    /// GatewayClasses, then Gateways, then TCPRoutes, each by namespace/name.
+    /// GatewayClasses, then Gateways, TCPRoutes, ReferenceGrants and ListenerPolicies,
+    /// each by namespace/name.
     pub objects: Vec<ObjectReport>,
     /// The listeners sockgate would serve, by port.
     pub programmed: Vec<ProgrammedListener>,
@@ -112,6 +114,13 @@ fn to_value<T: Serialize>(v: &T) -> Option<serde_json::Value> {
     serde_json::to_value(v).ok()
 }
 
+/// The `apiVersion` an object was given (the version sockgate writes when unknown).
+fn api_version(snap: &Snapshot, kind: &'static str, key: &ObjectKey) -> String {
+    snap.api_versions
+        .get(&(kind, key.clone()))
+        .map_or_else(|| default_api_version(kind).to_owned(), Clone::clone)
+}
+
 /// Builds the report of a reconciled snapshot.
 pub fn build(snap: &Snapshot, desired: &DesiredState, status: &StatusSet) -> Report {
     let mut classes: Vec<_> = snap
@@ -135,7 +144,7 @@ pub fn build(snap: &Snapshot, desired: &DesiredState, status: &StatusSet) -> Rep
     let mut objects = Vec::new();
     for k in classes {
         objects.push(ObjectReport {
-            api_version: "gateway.networking.k8s.io/v1".into(),
+            api_version: api_version(snap, "GatewayClass", &k),
             kind: "GatewayClass".into(),
             status: status.gateway_classes.get(&k.name).and_then(to_value),
             metadata: meta(k),
@@ -143,7 +152,7 @@ pub fn build(snap: &Snapshot, desired: &DesiredState, status: &StatusSet) -> Rep
     }
     for k in gateways {
         objects.push(ObjectReport {
-            api_version: "gateway.networking.k8s.io/v1".into(),
+            api_version: api_version(snap, "Gateway", &k),
             kind: "Gateway".into(),
             status: status.gateways.get(&k).and_then(to_value),
             metadata: meta(k),
@@ -157,6 +166,20 @@ pub fn build(snap: &Snapshot, desired: &DesiredState, status: &StatusSet) -> Rep
             metadata: meta(k),
         });
     }
+    let mut grants: Vec<_> = snap
+        .reference_grants
+        .iter()
+        .map(|g| ObjectKey::of(&g.metadata, true))
+        .collect();
+    grants.sort();
+    for k in grants {
+        objects.push(ObjectReport {
+            api_version: api_version(snap, "ReferenceGrant", &k),
+            kind: "ReferenceGrant".into(),
+            status: None,
+            metadata: meta(k),
+        });
+    }
     let mut policies: Vec<_> = snap
         .listener_policies
         .iter()
@@ -165,7 +188,7 @@ pub fn build(snap: &Snapshot, desired: &DesiredState, status: &StatusSet) -> Rep
     policies.sort();
     for k in policies {
         objects.push(ObjectReport {
-            api_version: "sockgate.dev/v1alpha1".into(),
+            api_version: api_version(snap, "ListenerPolicy", &k),
             kind: "ListenerPolicy".into(),
             status: status.listener_policies.get(&k).and_then(to_value),
             metadata: meta(k),

@@ -73,6 +73,23 @@ pub struct Snapshot {
     pub endpoint_slices: Vec<EndpointSlice>,
     /// `ListenerPolicy` objects (`sockgate.dev`): the XDP guard's policy attachments.
     pub listener_policies: Vec<crate::policy::ListenerPolicy>,
+    /// The `apiVersion` each object was given, by kind and key, for the report of
+    /// `sockgate check`; reconcile does not read it (the schemas of the served versions
+    /// are the same). An object not listed is reported in the version sockgate writes
+    /// ([`default_api_version`]); a TCPRoute's own [`TcpRouteObject::version`] wins.
+    pub api_versions: BTreeMap<(&'static str, ObjectKey), String>,
+}
+
+/// The `apiVersion` an object of `kind` is reported in when its input did not say
+/// (the version sockgate writes status in, or watches first).
+pub fn default_api_version(kind: &str) -> &'static str {
+    match kind {
+        "TCPRoute" => TcpRouteVersion::V1alpha2.api_version(),
+        "ListenerPolicy" => "sockgate.dev/v1alpha1",
+        "Namespace" | "Service" => "v1",
+        "EndpointSlice" => "discovery.k8s.io/v1",
+        _ => "gateway.networking.k8s.io/v1",
+    }
 }
 
 /// What reconcile needs besides the objects.

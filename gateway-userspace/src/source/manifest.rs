@@ -21,7 +21,10 @@ use k8s_openapi::{
 };
 use serde::{Deserialize, de::DeserializeOwned};
 
-use crate::model::{Snapshot, TcpRouteObject, TcpRouteVersion, snapshot::namespace_of};
+use crate::model::{
+    Snapshot, TcpRouteObject, TcpRouteVersion,
+    snapshot::{ObjectKey, namespace_of},
+};
 
 /// A manifest that cannot be used.
 #[derive(Debug, thiserror::Error)]
@@ -42,6 +45,8 @@ pub struct Origin {
     pub file: PathBuf,
     /// 1-based line where the object's document starts.
     pub line: usize,
+    /// The `apiVersion` the document gave.
+    pub api_version: String,
 }
 
 /// One parsed object.
@@ -102,7 +107,11 @@ const READ: [(&str, &str, &str); 8] = [
     (GW, "GatewayClass", "gateway.networking.k8s.io/v1"),
     (GW, "Gateway", "gateway.networking.k8s.io/v1"),
     (GW, "TCPRoute", "gateway.networking.k8s.io/v1alpha2 or v1"),
-    (GW, "ReferenceGrant", "gateway.networking.k8s.io/v1beta1"),
+    (
+        GW,
+        "ReferenceGrant",
+        "gateway.networking.k8s.io/v1, v1beta1 or v1alpha2",
+    ),
     ("", "Namespace", "v1"),
     ("", "Service", "v1"),
     ("discovery.k8s.io", "EndpointSlice", "discovery.k8s.io/v1"),
@@ -357,6 +366,7 @@ fn document(file: &Path, start: usize, doc: &str, out: &mut Parsed) -> Result<()
         Origin {
             file: file.to_owned(),
             line: start + first,
+            api_version,
         },
         object,
     ));
@@ -516,6 +526,11 @@ pub fn snapshot(objects: Vec<(Origin, Object)>) -> Result<Snapshot, ManifestErro
                 ),
             });
         }
+        let (kind, namespace, name) = id.clone();
+        snap.api_versions.insert(
+            (kind, ObjectKey { namespace, name }),
+            origin.api_version.clone(),
+        );
         seen.insert(id, origin);
         match object {
             Object::GatewayClass(o) => snap.gateway_classes.push(o),

@@ -334,6 +334,7 @@ mod against_a_scripted_api_server {
                         ("gatewayclasses", "GatewayClass", false),
                         ("gateways", "Gateway", true),
                         ("tcproutes", "TCPRoute", true),
+                        ("referencegrants", "ReferenceGrant", true),
                     ],
                 )),
                 ("GET", "/apis/gateway.networking.k8s.io/v1alpha2") => ok(&resources(
