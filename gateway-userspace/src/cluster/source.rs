@@ -712,29 +712,59 @@ impl CrdBundleReader {
 }
 
 /// Keeps the election going until `shutdown`, then releases the lease.
+///
+/// A round may take at most `every` (the renew interval): one that the API server does
+/// not answer by then (a hung server holds requests open for minutes) counts as failed,
+/// so the agent stops believing it leads and says so. The first failure is a warning,
+/// the rounds that keep failing are debug lines, and the first success after them says
+/// the API server answers again.
 async fn elect(
     mut elector: Elector,
     every: Duration,
     leading: watch::Sender<bool>,
     shutdown: CancellationToken,
 ) {
+    let mut failing = false;
     loop {
-        match elector.round(k8s_openapi::jiff::Timestamp::now()).await {
-            Ok(l) => {
+        let round = tokio::select! {
+            () = shutdown.cancelled() => break,
+            r = tokio::time::timeout(every, elector.round(k8s_openapi::jiff::Timestamp::now())) => r,
+        };
+        let failure = match round {
+            Ok(Ok(l)) => {
+                if std::mem::take(&mut failing) {
+                    info!(leading = l, "leader election rounds succeed again");
+                }
                 leading.send_if_modified(|was| std::mem::replace(was, l) != l);
+                None
             }
-            Err(e) => {
-                warn!(error = %e, "leader election round failed");
-                leading.send_if_modified(|was| std::mem::replace(was, false));
+            Ok(Err(e)) => Some(e.to_string()),
+            Err(_) => Some(format!(
+                "no answer from the Kubernetes API server within {} ms",
+                every.as_millis()
+            )),
+        };
+        if let Some(error) = failure {
+            if std::mem::replace(&mut failing, true) {
+                debug!(error, "leader election round failed");
+            } else {
+                warn!(
+                    error,
+                    retry_every_ms = every.as_millis(),
+                    "leader election round failed: not writing status until a round succeeds (said once until then)"
+                );
             }
+            leading.send_if_modified(|was| std::mem::replace(was, false));
         }
         tokio::select! {
             () = shutdown.cancelled() => break,
             () = tokio::time::sleep(every) => {}
         }
     }
-    if let Err(e) = elector.release().await {
-        warn!(error = %e, "releasing the lease");
+    match tokio::time::timeout(every, elector.release()).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => warn!(error = %e, "releasing the lease"),
+        Err(_) => warn!("releasing the lease: no answer from the Kubernetes API server"),
     }
 }
 
