@@ -105,6 +105,14 @@ fn wait_nothing_open(bed: &Bed) {
     }
 }
 
+/// A connection to the listener from the client: made, or the error's kind.
+fn try_connect(bed: &Bed) -> Result<(), io::ErrorKind> {
+    let listener = listener_addr(bed, PORT);
+    bed.client()
+        .run(move || connect(listener).map(drop).map_err(|e| e.kind()))
+        .expect("client")
+}
+
 /// Waits (10 s at most) until [`map_counts`] of `pins` are `want`.
 fn wait_map_counts(pins: &std::path::Path, want: [usize; 4], mode: &str) {
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -118,14 +126,9 @@ fn wait_map_counts(pins: &std::path::Path, want: [usize; 4], mode: &str) {
     }
 }
 
-/// `CONNECTIONS` transfers through `--datapath MODE`, the agent killed mid-transfer:
-/// every client and backend socket sees the end (EOF or reset) within [`END_WITHIN`],
-/// intact up to there; no connection is left open in any namespace once the two ends
-/// closed their sockets; a new agent on the same pins serves, with the maps holding
-/// only what it programs.
-fn killed_mid_transfer(mode: &str) {
-    common::require_root();
-    let bed = Bed::new(1).expect("bed");
+/// The backend: a transfer ([`transfer_until_end`]) on a connection opened with `T`,
+/// whose end is sent on the returned channel; a named echo (`b0`) on any other.
+fn transfer_server(bed: &Bed) -> (servers::Server, mpsc::Receiver<End>) {
     let (tx, rx) = mpsc::channel::<End>();
     let tx = Mutex::new(tx);
     let handler: servers::Handler = Arc::new(move |s: TcpStream| {
@@ -138,8 +141,21 @@ fn killed_mid_transfer(mode: &str) {
         let end = transfer_until_end(&s, 2, 1);
         let _ = tx.lock().expect("lock").send(end);
     });
+    let backend = backend_addr(bed, 0, BACKEND_PORT);
+    let server = servers::Server::start(bed.backend(0), backend, handler).expect("server");
+    (server, rx)
+}
+
+/// `CONNECTIONS` transfers through `--datapath MODE`, the agent killed mid-transfer:
+/// every client and backend socket sees the end (EOF or reset) within [`END_WITHIN`],
+/// intact up to there; no connection is left open in any namespace once the two ends
+/// closed their sockets; a new agent on the same pins serves, with the maps holding
+/// only what it programs.
+fn killed_mid_transfer(mode: &str) {
+    common::require_root();
+    let bed = Bed::new(1).expect("bed");
+    let (_server, rx) = transfer_server(&bed);
     let backend = backend_addr(&bed, 0, BACKEND_PORT);
-    let _server = servers::Server::start(bed.backend(0), backend, handler).expect("server");
     let route = format!("{PORT}={backend}");
     let args = ["--route", &route, "--datapath", mode];
     let pins = common::pin_dir();
@@ -192,6 +208,11 @@ fn killed_mid_transfer(mode: &str) {
     assert_eq!(before_kill, [1, 1, pairs, pairs], "{mode}: before the kill");
     assert_eq!(left, [1, 1, 0, pairs], "{mode}: left by the dead agent");
 
+    assert_eq!(
+        try_connect(&bed),
+        Err(io::ErrorKind::ConnectionRefused),
+        "{mode}: no agent"
+    );
     let second = Agent::start_with_pin_dir(&bed, pins.clone(), &args, &[PORT]);
     assert_eq!(
         map_counts(&pins),
