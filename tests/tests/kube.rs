@@ -200,6 +200,9 @@ enum Mode {
     Errors,
     /// Requests read and never answered (connections held open).
     Hang,
+    /// Status writes (`PATCH`) read and never answered while this mode lasts; the
+    /// rest answered.
+    HangWrites,
 }
 
 /// What the fake API server holds and saw.
@@ -431,7 +434,16 @@ fn serve(conn: TcpStream, state: &Mutex<ApiState>, stop: &AtomicBool) {
         let changed =
             || stop.load(Ordering::Relaxed) || state.lock().expect("state").epoch != epoch;
         match st.mode {
-            Mode::Up => {}
+            Mode::HangWrites if req.method == "PATCH" => {
+                drop(st);
+                while !stop.load(Ordering::Relaxed)
+                    && state.lock().expect("state").mode == Mode::HangWrites
+                {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                return;
+            }
+            Mode::Up | Mode::HangWrites => {}
             Mode::Errors => {
                 drop(st);
                 let error = json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
@@ -453,45 +465,56 @@ fn serve(conn: TcpStream, state: &Mutex<ApiState>, stop: &AtomicBool) {
         if req.target.contains("watch=true") {
             let current = st.resource_version.max(1);
             drop(st);
-            let _ = writer.write_all(
-                b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n",
-            );
-            let from: u64 = req
-                .target
-                .split(['?', '&'])
-                .find_map(|p| p.strip_prefix("resourceVersion="))
-                .and_then(|v| v.parse().ok())
-                .unwrap_or(current);
-            if from < current {
-                let gone = json!({"type": "ERROR", "object": {
-                    "kind": "Status", "apiVersion": "v1", "status": "Failure",
-                    "message": format!("too old resource version: {from} ({current})"),
-                    "reason": "Expired", "code": 410}})
-                .to_string();
-                let _ = write!(writer, "{:x}\r\n{gone}\n\r\n0\r\n\r\n", gone.len() + 1);
-                let _ = writer.flush();
-                return;
-            }
-            let _ = writer.flush();
-            let mut buf = [0u8; 512];
-            while !changed() {
-                match reader.read(&mut buf) {
-                    Ok(0) => return,
-                    Ok(_) => {}
-                    Err(e)
-                        if matches!(
-                            e.kind(),
-                            io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-                        ) => {}
-                    Err(_) => return,
-                }
-            }
+            serve_watch(&mut reader, &mut writer, &req.target, current, changed);
             return;
         }
         let (code, body) = answer(&mut st, &req);
         drop(st);
         if write_json(&mut writer, code, &body).is_err() {
             return;
+        }
+    }
+}
+
+/// Answers a watch from the `resourceVersion` in `target`: `410 Gone` when it is older
+/// than `current`, else headers and no event, the connection held until `changed()`.
+fn serve_watch(
+    reader: &mut BufReader<TcpStream>,
+    writer: &mut TcpStream,
+    target: &str,
+    current: u64,
+    changed: impl Fn() -> bool,
+) {
+    let _ = writer.write_all(
+        b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n",
+    );
+    let from: u64 = target
+        .split(['?', '&'])
+        .find_map(|p| p.strip_prefix("resourceVersion="))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(current);
+    if from < current {
+        let gone = json!({"type": "ERROR", "object": {
+            "kind": "Status", "apiVersion": "v1", "status": "Failure",
+            "message": format!("too old resource version: {from} ({current})"),
+            "reason": "Expired", "code": 410}})
+        .to_string();
+        let _ = write!(writer, "{:x}\r\n{gone}\n\r\n0\r\n\r\n", gone.len() + 1);
+        let _ = writer.flush();
+        return;
+    }
+    let _ = writer.flush();
+    let mut buf = [0u8; 512];
+    while !changed() {
+        match reader.read(&mut buf) {
+            Ok(0) => return,
+            Ok(_) => {}
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) => {}
+            Err(_) => return,
         }
     }
 }
@@ -915,6 +938,54 @@ fn api_server_errors_and_hangs_keep_the_last_state_then_resync() {
     );
     assert!(!log.contains("panicked"), "{log}");
     assert!(agent.child.try_wait().expect("wait").is_none(), "{log}");
+    assert!(agent.stop().success(), "{}", agent.log_text());
+    drop(api);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A status write the API server never answers (`PATCH` hangs, the rest works) does not
+/// hold back the programmed state: the agent gives the write up after its bound, says
+/// so, and programs the next change.
+#[test]
+fn hung_status_write_does_not_hold_back_the_next_state() {
+    require_root();
+    let bed = Bed::new(2).expect("bed");
+    let (mut agent, api, _backends, dir) = two_backends_on_fake_api(&bed);
+    assert_eq!(ask(&bed), "b0: hi\n", "{}", agent.log_text());
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while api.state().patches.is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "no status written:\n{}",
+            agent.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // A change whose status differs (the Gateway's generation moves on): programmed,
+    // then its status write hangs.
+    move_endpoint(&bed, &api, 1);
+    {
+        let mut st = api.state();
+        let gw = st
+            .objects
+            .iter_mut()
+            .find(|(c, _)| c.ends_with("/gateways"))
+            .map(|(_, o)| o)
+            .expect("gateway");
+        gw["metadata"]["generation"] = json!(2);
+    }
+    api.set_mode(Mode::HangWrites);
+    wait_served_by(&bed, &agent, "b1");
+    // The next change, while the write still hangs.
+    move_endpoint(&bed, &api, 0);
+    api.set_mode(Mode::HangWrites);
+    wait_served_by(&bed, &agent, "b0");
+    let log = agent.log_text();
+    assert!(
+        log.contains("status write got no answer from the Kubernetes API server"),
+        "{log}"
+    );
+    api.set_mode(Mode::Up);
     assert!(agent.stop().success(), "{}", agent.log_text());
     drop(api);
     let _ = std::fs::remove_dir_all(&dir);

@@ -614,6 +614,13 @@ async fn discover(client: &Client, shutdown: &CancellationToken) -> Option<Disco
     }
 }
 
+/// Longest the reconcile loop waits for one of its own API calls (a status write, the
+/// CRDs' reading). The API client has no read timeout (kube-client's default: only
+/// watches have an idle timeout), so without this bound a hung API server would hold
+/// the loop, and with it every later change of the programmed state, for as long as
+/// the hang lasts.
+pub const API_CALL_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// How long a reading of the CRDs' bundle version is used before it is read again (at
 /// the next status write after that).
 pub const CRD_REREAD: Duration = Duration::from_mins(10);
@@ -685,7 +692,15 @@ impl CrdBundleReader {
             return self.bundle.clone();
         }
         self.read_at = Some(now);
-        match read_crd_bundle(&self.client).await {
+        let read = match tokio::time::timeout(API_CALL_TIMEOUT, read_crd_bundle(&self.client)).await
+        {
+            Ok(r) => r.map_err(|e| e.to_string()),
+            Err(_) => Err(format!(
+                "no answer from the Kubernetes API server within {} ms",
+                API_CALL_TIMEOUT.as_millis()
+            )),
+        };
+        match read {
             Ok(crds) => {
                 if self.said {
                     info!("Gateway API CRDs read again");
@@ -703,7 +718,7 @@ impl CrdBundleReader {
                     self.said = true;
                 }
                 if !matches!(self.bundle, CrdBundle::Read(_)) {
-                    self.bundle = CrdBundle::Unreadable(e.to_string());
+                    self.bundle = CrdBundle::Unreadable(e);
                 }
             }
         }
@@ -790,6 +805,32 @@ impl SourceCounters {
     }
 }
 
+/// Writes `status` (bounded by [`API_CALL_TIMEOUT`]), counting and saying a failure;
+/// the next change retries.
+async fn write_status(
+    writer: &mut StatusWriter,
+    status: &StatusSet,
+    current: &Current,
+    counters: &SourceCounters,
+) {
+    match tokio::time::timeout(API_CALL_TIMEOUT, writer.write(status, current)).await {
+        Ok(Ok(n)) => {
+            counters.status_writes.inc_by(n);
+        }
+        Ok(Err(e)) => {
+            counters.errors.inc();
+            warn!(error = %e, "status write failed; retried on the next change");
+        }
+        Err(_) => {
+            counters.errors.inc();
+            warn!(
+                timeout_ms = API_CALL_TIMEOUT.as_millis(),
+                "status write got no answer from the Kubernetes API server; retried on the next change"
+            );
+        }
+    }
+}
+
 /// Runs the kube source until `shutdown`: each new desired state is programmed with
 /// `program` and sent on `tx`; the elected agent writes status.
 pub async fn run(
@@ -870,15 +911,7 @@ pub async fn run(
                 &stores.nodes(),
                 &opts.node_selector,
             );
-            match writer.write(&status, &stores.current()).await {
-                Ok(n) => {
-                    counters.status_writes.inc_by(n);
-                }
-                Err(e) => {
-                    counters.errors.inc();
-                    warn!(error = %e, "status write failed; retried on the next change");
-                }
-            }
+            write_status(&mut writer, &status, &stores.current(), &counters).await;
         }
         // Wait for a change (or a new leadership), then for quiet.
         loop {
