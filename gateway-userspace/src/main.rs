@@ -198,6 +198,13 @@ struct RunArgs {
     /// agent is asked to stop.
     #[arg(long, default_value_t = 30.0)]
     drain_timeout: f64,
+    /// Socket paths: seconds a backend may acknowledge nothing before its connection is
+    /// ended and the client reset (`TCP_USER_TIMEOUT` on the backend socket, with
+    /// keepalive probes after as many seconds of silence, so an idle connection to a
+    /// backend that vanished ends too). 0 leaves the kernel defaults (about 15 minutes
+    /// of retransmissions, no keepalive).
+    #[arg(long, default_value_t = 30.0)]
+    backend_timeout: f64,
     /// Bytes the kernel path may queue towards a socket that its TCP has not taken yet;
     /// above it the sender is throttled (see docs/datapath.md, "Kernel memory").
     #[arg(long, default_value_t = gateway_common::PEER_QUEUE_LIMIT,
@@ -721,6 +728,7 @@ fn run(args: &RunArgs) -> anyhow::Result<()> {
         connect_timeout: secs(args.connect_timeout, "connect-timeout")?,
         connect_attempts: args.connect_attempts,
         drain_timeout: secs(args.drain_timeout, "drain-timeout")?,
+        backend_timeout: secs(args.backend_timeout, "backend-timeout")?,
         bind: args.bind,
         kernel_queue_limit: args.kernel_queue_limit,
     };

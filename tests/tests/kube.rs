@@ -6,7 +6,9 @@
 //! `spec.addresses` whose address comes to the node and leaves it while the agent runs
 //! (served, status written, each time), beside one whose address is another agent
 //! node's (reported served, not served here); and with `ReferenceGrant` served only in
-//! `v1beta1` (a cross-namespace backendRef permitted through it).
+//! `v1beta1` (a cross-namespace backendRef permitted through it); and the API server
+//! answering 500s, hanging and coming back, or hanging on status writes only (the last
+//! state served, the changes made meanwhile applied).
 mod common;
 
 use std::{
@@ -194,9 +196,31 @@ fn write_json(w: &mut impl Write, code: u16, body: &Value) -> io::Result<()> {
     w.flush()
 }
 
+/// How the fake API server answers.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+enum Mode {
+    /// As a working API server.
+    #[default]
+    Up,
+    /// Every request answered `500 InternalError`.
+    Errors,
+    /// Requests read and never answered (connections held open).
+    Hang,
+    /// Status writes (`PATCH`) read and never answered while this mode lasts; the
+    /// rest answered.
+    HangWrites,
+}
+
 /// What the fake API server holds and saw.
 #[derive(Default)]
 struct ApiState {
+    mode: Mode,
+    /// Bumped at every mode change: open watches and hung requests end (their
+    /// connections closed), as when an API server restarts.
+    epoch: u64,
+    /// The collection's `resourceVersion` now: a watch from an older one is answered
+    /// `410 Gone` (the client lists again), as from a compacted etcd.
+    resource_version: u64,
     /// Serve `sockgate.dev/v1alpha1` `listenerpolicies` (the CRD is installed).
     policy_crd: bool,
     /// Objects by collection path.
@@ -260,6 +284,13 @@ impl FakeApi {
 
     fn state(&self) -> std::sync::MutexGuard<'_, ApiState> {
         self.state.lock().expect("state")
+    }
+
+    /// Answers as `mode` from now on; open watches and hung requests are closed.
+    fn set_mode(&self, mode: Mode) {
+        let mut st = self.state();
+        st.mode = mode;
+        st.epoch += 1;
     }
 }
 
@@ -361,7 +392,8 @@ fn answer(state: &mut ApiState, req: &HttpRequest) -> (u16, Value) {
             (
                 200,
                 json!({"apiVersion": "v1", "kind": "List",
-                       "metadata": {"resourceVersion": "1"}, "items": items}),
+                       "metadata": {"resourceVersion": state.resource_version.max(1).to_string()},
+                       "items": items}),
             )
         }
         ("PATCH", p) if p.ends_with("/status") => {
@@ -416,31 +448,91 @@ fn serve(conn: TcpStream, state: &Mutex<ApiState>, stop: &AtomicBool) {
             .set_read_timeout(Some(Duration::from_millis(200)));
         let mut st = state.lock().expect("state");
         st.requests.push(format!("{} {}", req.method, req.target));
-        if req.target.contains("watch=true") {
-            drop(st);
-            let _ = writer.write_all(
-                b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n",
-            );
-            let _ = writer.flush();
-            let mut buf = [0u8; 512];
-            while !stop.load(Ordering::Relaxed) {
-                match reader.read(&mut buf) {
-                    Ok(0) => return,
-                    Ok(_) => {}
-                    Err(e)
-                        if matches!(
-                            e.kind(),
-                            io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-                        ) => {}
-                    Err(_) => return,
+        let epoch = st.epoch;
+        let changed =
+            || stop.load(Ordering::Relaxed) || state.lock().expect("state").epoch != epoch;
+        match st.mode {
+            Mode::HangWrites if req.method == "PATCH" => {
+                drop(st);
+                while !stop.load(Ordering::Relaxed)
+                    && state.lock().expect("state").mode == Mode::HangWrites
+                {
+                    std::thread::sleep(Duration::from_millis(20));
                 }
+                return;
             }
+            Mode::Up | Mode::HangWrites => {}
+            Mode::Errors => {
+                drop(st);
+                let error = json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
+                                   "message": "etcdserver: request timed out",
+                                   "reason": "InternalError", "code": 500});
+                if write_json(&mut writer, 500, &error).is_err() {
+                    return;
+                }
+                continue;
+            }
+            Mode::Hang => {
+                drop(st);
+                while !changed() {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                return;
+            }
+        }
+        if req.target.contains("watch=true") {
+            let current = st.resource_version.max(1);
+            drop(st);
+            serve_watch(&mut reader, &mut writer, &req.target, current, changed);
             return;
         }
         let (code, body) = answer(&mut st, &req);
         drop(st);
         if write_json(&mut writer, code, &body).is_err() {
             return;
+        }
+    }
+}
+
+/// Answers a watch from the `resourceVersion` in `target`: `410 Gone` when it is older
+/// than `current`, else headers and no event, the connection held until `changed()`.
+fn serve_watch(
+    reader: &mut BufReader<TcpStream>,
+    writer: &mut TcpStream,
+    target: &str,
+    current: u64,
+    changed: impl Fn() -> bool,
+) {
+    let _ = writer.write_all(
+        b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n",
+    );
+    let from: u64 = target
+        .split(['?', '&'])
+        .find_map(|p| p.strip_prefix("resourceVersion="))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(current);
+    if from < current {
+        let gone = json!({"type": "ERROR", "object": {
+            "kind": "Status", "apiVersion": "v1", "status": "Failure",
+            "message": format!("too old resource version: {from} ({current})"),
+            "reason": "Expired", "code": 410}})
+        .to_string();
+        let _ = write!(writer, "{:x}\r\n{gone}\n\r\n0\r\n\r\n", gone.len() + 1);
+        let _ = writer.flush();
+        return;
+    }
+    let _ = writer.flush();
+    let mut buf = [0u8; 512];
+    while !changed() {
+        match reader.read(&mut buf) {
+            Ok(0) => return,
+            Ok(_) => {}
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) => {}
+            Err(_) => return,
         }
     }
 }
@@ -1009,6 +1101,242 @@ fn reference_grant_served_only_in_v1beta1_permits_the_cross_namespace_backend_re
             .any(|l| l.contains("watching ReferenceGrant") && l.contains("v1beta1")),
         "{log}"
     );
+    assert!(agent.stop().success(), "{}", agent.log_text());
+    drop(api);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// One exchange through the listener from the client: the reply.
+fn ask(bed: &Bed) -> String {
+    let listener = SocketAddr::new(bed.node_addr().into(), PORT);
+    bed.client()
+        .run(move || {
+            let mut s = common::connect(listener).expect("connect");
+            exchange(&mut s, "hi\n")
+        })
+        .expect("client")
+}
+
+/// Points the `EndpointSlice` of Service `foo` at backend `i` (a change made in the
+/// cluster: the collection's `resourceVersion` moves on).
+fn move_endpoint(bed: &Bed, api: &FakeApi, i: usize) {
+    let mut st = api.state();
+    st.resource_version = st.resource_version.max(1) + 1;
+    let rv = st.resource_version.to_string();
+    let slice = st
+        .objects
+        .iter_mut()
+        .find(|(c, _)| c.ends_with("/endpointslices"))
+        .map(|(_, o)| o)
+        .expect("slice");
+    slice["endpoints"][0]["addresses"] = json!([bed.backend_addr(i).to_string()]);
+    slice["metadata"]["resourceVersion"] = json!(rv);
+}
+
+/// Waits (40 s at most) until new connections reach backend `name`.
+fn wait_served_by(bed: &Bed, agent: &Agent, name: &str) {
+    let deadline = Instant::now() + Duration::from_secs(40);
+    loop {
+        let reply = ask(bed);
+        if reply == format!("{name}: hi\n") {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the change made during the outage was not applied (still {reply:?}):\n{}",
+            agent.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Backends `b0` and `b1` (named echoes on port 3001 of backends 0 and 1), the fake
+/// API server with [`cluster`] (the Service's endpoint on backend 0), and an agent on it
+/// with a 3 s Lease (a round every second). Returns the kubeconfig's directory last.
+fn two_backends_on_fake_api(
+    bed: &Bed,
+) -> (Agent, FakeApi, [servers::Server; 2], std::path::PathBuf) {
+    let b0 = servers::Server::start(
+        bed.backend(0),
+        SocketAddr::new(bed.backend_addr(0).into(), 3001),
+        servers::named_echo("b0"),
+    )
+    .expect("b0");
+    let b1 = servers::Server::start(
+        bed.backend(1),
+        SocketAddr::new(bed.backend_addr(1).into(), 3001),
+        servers::named_echo("b1"),
+    )
+    .expect("b1");
+    let api = FakeApi::start(
+        bed,
+        ApiState {
+            objects: cluster(bed, false),
+            ..ApiState::default()
+        },
+    );
+    let (dir, kubeconfig) = kubeconfig("faults", api.port);
+    let agent = Agent::start_with_env(
+        bed,
+        &[
+            "--source",
+            "kube",
+            "--node-name",
+            "node-1",
+            "--lease-duration",
+            "3",
+        ],
+        &[PORT],
+        &[("KUBECONFIG", kubeconfig.as_os_str())],
+    );
+    (agent, api, [b0, b1], dir)
+}
+
+/// The API server answers 500s and comes back, then hangs and comes back: the agent
+/// keeps serving the last good state meanwhile (a connection opened before goes on
+/// flowing, new ones are served), says so in its log (the watches' errors; the hang,
+/// through the election round that gets no answer within its interval), and once the
+/// server answers again it lists again and applies the change made while it was away.
+#[test]
+fn api_server_errors_and_hangs_keep_the_last_state_then_resync() {
+    require_root();
+    let bed = Bed::new(2).expect("bed");
+    let (mut agent, api, _backends, dir) = two_backends_on_fake_api(&bed);
+    let listener = SocketAddr::new(bed.node_addr().into(), PORT);
+    assert_eq!(ask(&bed), "b0: hi\n", "{}", agent.log_text());
+    // A connection open across both outages.
+    let (line_tx, line_rx) = std::sync::mpsc::channel::<&'static str>();
+    let (reply_tx, reply_rx) = std::sync::mpsc::channel::<String>();
+    let held = bed
+        .client()
+        .spawn(move || {
+            let mut s = common::connect(listener).expect("connect");
+            for line in line_rx {
+                let _ = reply_tx.send(exchange(&mut s, line));
+            }
+        })
+        .expect("client");
+    let held_says = |line: &'static str| {
+        line_tx.send(line).expect("send");
+        reply_rx
+            .recv_timeout(Duration::from_secs(10))
+            .expect("reply")
+    };
+    assert_eq!(held_says("one\n"), "b0: one\n");
+    let wait_log = |what: &str, count: usize| {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while agent.log_text().matches(what).count() < count {
+            assert!(
+                Instant::now() < deadline,
+                "no {what:?} (x{count}) in the log:\n{}",
+                agent.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    // 500s: said, the last state still served while the Service's endpoint moves to
+    // backend 1.
+    api.set_mode(Mode::Errors);
+    wait_log("Kubernetes API server unreachable", 1);
+    wait_log("leader election round failed: not writing status", 1);
+    move_endpoint(&bed, &api, 1);
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(
+        ask(&bed),
+        "b0: hi\n",
+        "last good state while the server errs"
+    );
+    assert_eq!(held_says("two\n"), "b0: two\n");
+    // Back: lists again (the watches from the old resourceVersion get 410 Gone) and
+    // applies the change.
+    api.set_mode(Mode::Up);
+    wait_served_by(&bed, &agent, "b1");
+    wait_log("watches restored", 1);
+    wait_log("leader election rounds succeed again", 1);
+    assert_eq!(held_says("three\n"), "b0: three\n", "keeps its backend");
+
+    // A hang: requests read, never answered; said through the election round.
+    api.set_mode(Mode::Hang);
+    wait_log("leader election round failed: not writing status", 2);
+    assert!(
+        agent
+            .log_text()
+            .contains("no answer from the Kubernetes API server within"),
+        "{}",
+        agent.log_text()
+    );
+    move_endpoint(&bed, &api, 0);
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(
+        ask(&bed),
+        "b1: hi\n",
+        "last good state while the server hangs"
+    );
+    assert_eq!(held_says("four\n"), "b0: four\n");
+    // Back (the hung connections closed, as by a restarted server).
+    api.set_mode(Mode::Up);
+    wait_served_by(&bed, &agent, "b0");
+    wait_log("leader election rounds succeed again", 2);
+    assert_eq!(held_says("five\n"), "b0: five\n");
+    drop(line_tx);
+    held.join().expect("held client");
+    let log = agent.log_text();
+    assert!(
+        log.matches("leader election round failed: not writing status")
+            .count()
+            == 2,
+        "said once per outage:\n{log}"
+    );
+    assert!(!log.contains("panicked"), "{log}");
+    assert!(agent.child.try_wait().expect("wait").is_none(), "{log}");
+    assert!(agent.stop().success(), "{}", agent.log_text());
+    drop(api);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A status write the API server never answers (`PATCH` hangs, the rest works) does not
+/// hold back the programmed state: the agent gives the write up after its bound, says
+/// so, and programs the next change.
+#[test]
+fn hung_status_write_does_not_hold_back_the_next_state() {
+    require_root();
+    let bed = Bed::new(2).expect("bed");
+    let (mut agent, api, _backends, dir) = two_backends_on_fake_api(&bed);
+    assert_eq!(ask(&bed), "b0: hi\n", "{}", agent.log_text());
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while api.state().patches.is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "no status written:\n{}",
+            agent.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // A change whose status differs (the Gateway's generation moves on): programmed,
+    // then its status write hangs.
+    move_endpoint(&bed, &api, 1);
+    {
+        let mut st = api.state();
+        let gw = st
+            .objects
+            .iter_mut()
+            .find(|(c, _)| c.ends_with("/gateways"))
+            .map(|(_, o)| o)
+            .expect("gateway");
+        gw["metadata"]["generation"] = json!(2);
+    }
+    api.set_mode(Mode::HangWrites);
+    wait_served_by(&bed, &agent, "b1");
+    // The next change, while the write still hangs.
+    move_endpoint(&bed, &api, 0);
+    api.set_mode(Mode::HangWrites);
+    wait_served_by(&bed, &agent, "b0");
+    let log = agent.log_text();
+    assert!(
+        log.contains("status write got no answer from the Kubernetes API server"),
+        "{log}"
+    );
+    api.set_mode(Mode::Up);
     assert!(agent.stop().success(), "{}", agent.log_text());
     drop(api);
     let _ = std::fs::remove_dir_all(&dir);

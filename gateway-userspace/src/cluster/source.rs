@@ -690,6 +690,13 @@ async fn discover(client: &Client, shutdown: &CancellationToken) -> Option<Disco
     }
 }
 
+/// Longest the reconcile loop waits for one of its own API calls (a status write, the
+/// CRDs' reading). The API client has no read timeout (kube-client's default: only
+/// watches have an idle timeout), so without this bound a hung API server would hold
+/// the loop, and with it every later change of the programmed state, for as long as
+/// the hang lasts.
+pub const API_CALL_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// How long a reading of the CRDs' bundle version is used before it is read again (at
 /// the next status write after that).
 pub const CRD_REREAD: Duration = Duration::from_mins(10);
@@ -767,7 +774,15 @@ impl CrdBundleReader {
             return self.bundle.clone();
         }
         self.read_at = Some(now);
-        match read_crd_bundle(&self.client).await {
+        let read = match tokio::time::timeout(API_CALL_TIMEOUT, read_crd_bundle(&self.client)).await
+        {
+            Ok(r) => r.map_err(|e| e.to_string()),
+            Err(_) => Err(format!(
+                "no answer from the Kubernetes API server within {} ms",
+                API_CALL_TIMEOUT.as_millis()
+            )),
+        };
+        match read {
             Ok(crds) => {
                 if self.said {
                     info!("Gateway API CRDs read again");
@@ -785,7 +800,7 @@ impl CrdBundleReader {
                     self.said = true;
                 }
                 if !matches!(self.bundle, CrdBundle::Read(_)) {
-                    self.bundle = CrdBundle::Unreadable(e.to_string());
+                    self.bundle = CrdBundle::Unreadable(e);
                 }
             }
         }
@@ -794,29 +809,59 @@ impl CrdBundleReader {
 }
 
 /// Keeps the election going until `shutdown`, then releases the lease.
+///
+/// A round may take at most `every` (the renew interval): one that the API server does
+/// not answer by then (a hung server holds requests open for minutes) counts as failed,
+/// so the agent stops believing it leads and says so. The first failure is a warning,
+/// the rounds that keep failing are debug lines, and the first success after them says
+/// the API server answers again.
 async fn elect(
     mut elector: Elector,
     every: Duration,
     leading: watch::Sender<bool>,
     shutdown: CancellationToken,
 ) {
+    let mut failing = false;
     loop {
-        match elector.round(k8s_openapi::jiff::Timestamp::now()).await {
-            Ok(l) => {
+        let round = tokio::select! {
+            () = shutdown.cancelled() => break,
+            r = tokio::time::timeout(every, elector.round(k8s_openapi::jiff::Timestamp::now())) => r,
+        };
+        let failure = match round {
+            Ok(Ok(l)) => {
+                if std::mem::take(&mut failing) {
+                    info!(leading = l, "leader election rounds succeed again");
+                }
                 leading.send_if_modified(|was| std::mem::replace(was, l) != l);
+                None
             }
-            Err(e) => {
-                warn!(error = %e, "leader election round failed");
-                leading.send_if_modified(|was| std::mem::replace(was, false));
+            Ok(Err(e)) => Some(e.to_string()),
+            Err(_) => Some(format!(
+                "no answer from the Kubernetes API server within {} ms",
+                every.as_millis()
+            )),
+        };
+        if let Some(error) = failure {
+            if std::mem::replace(&mut failing, true) {
+                debug!(error, "leader election round failed");
+            } else {
+                warn!(
+                    error,
+                    retry_every_ms = every.as_millis(),
+                    "leader election round failed: not writing status until a round succeeds (said once until then)"
+                );
             }
+            leading.send_if_modified(|was| std::mem::replace(was, false));
         }
         tokio::select! {
             () = shutdown.cancelled() => break,
             () = tokio::time::sleep(every) => {}
         }
     }
-    if let Err(e) = elector.release().await {
-        warn!(error = %e, "releasing the lease");
+    match tokio::time::timeout(every, elector.release()).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => warn!(error = %e, "releasing the lease"),
+        Err(_) => warn!("releasing the lease: no answer from the Kubernetes API server"),
     }
 }
 
@@ -838,6 +883,32 @@ impl SourceCounters {
             status_writes: metrics.status_writes.clone(),
             errors: metrics.reconcile_errors.clone(),
             ready: metrics.source_ready.clone(),
+        }
+    }
+}
+
+/// Writes `status` (bounded by [`API_CALL_TIMEOUT`]), counting and saying a failure;
+/// the next change retries.
+async fn write_status(
+    writer: &mut StatusWriter,
+    status: &StatusSet,
+    current: &Current,
+    counters: &SourceCounters,
+) {
+    match tokio::time::timeout(API_CALL_TIMEOUT, writer.write(status, current)).await {
+        Ok(Ok(n)) => {
+            counters.status_writes.inc_by(n);
+        }
+        Ok(Err(e)) => {
+            counters.errors.inc();
+            warn!(error = %e, "status write failed; retried on the next change");
+        }
+        Err(_) => {
+            counters.errors.inc();
+            warn!(
+                timeout_ms = API_CALL_TIMEOUT.as_millis(),
+                "status write got no answer from the Kubernetes API server; retried on the next change"
+            );
         }
     }
 }
@@ -918,15 +989,7 @@ pub async fn run(
             .store(true, std::sync::atomic::Ordering::Relaxed);
         if *leading.borrow_and_update() {
             fill_addresses(&mut status, &stores.nodes(), &opts.node_selector);
-            match writer.write(&status, &stores.current()).await {
-                Ok(n) => {
-                    counters.status_writes.inc_by(n);
-                }
-                Err(e) => {
-                    counters.errors.inc();
-                    warn!(error = %e, "status write failed; retried on the next change");
-                }
-            }
+            write_status(&mut writer, &status, &stores.current(), &counters).await;
         }
         // Wait for a change (or a new leadership, or new node addresses), then for
         // quiet.

@@ -74,6 +74,10 @@ pub struct ProxyConfig {
     pub connect_attempts: usize,
     /// Time established connections of a removed listener may still run.
     pub drain_timeout: Duration,
+    /// Time a backend may acknowledge nothing before its connection ends (and the
+    /// client is reset): [`sock::set_dead_peer_timeout`]. Zero keeps the kernel's
+    /// defaults.
+    pub backend_timeout: Duration,
     /// Address listeners bind (port from the desired state); `[::]` takes IPv4 too.
     pub bind: std::net::IpAddr,
     /// Bytes the kernel path may queue towards a socket before the sender is
@@ -88,6 +92,7 @@ impl Default for ProxyConfig {
             connect_timeout: Duration::from_secs(5),
             connect_attempts: 3,
             drain_timeout: Duration::from_secs(30),
+            backend_timeout: Duration::from_secs(30),
             bind: Ipv6Addr::UNSPECIFIED.into(),
             kernel_queue_limit: kernel::QUEUE_LIMIT,
         }
@@ -491,6 +496,9 @@ async fn connect_backend(
                     .get_or_create(&Metrics::listener(port))
                     .observe(started.elapsed().as_secs_f64());
                 let _ = s.set_nodelay(true);
+                if let Err(e) = sock::set_dead_peer_timeout(&s, shared.cfg.backend_timeout) {
+                    debug!(listener = port, backend = %addr, error = %e, "backend timeout not set");
+                }
                 return Ok(s);
             }
             Ok(Err(e)) => {

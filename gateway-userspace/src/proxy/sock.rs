@@ -98,6 +98,30 @@ pub fn set_window_clamp(fd: &impl AsRawFd, bytes: i32) -> io::Result<()> {
     setsockopt_int(fd, libc::IPPROTO_TCP, libc::TCP_WINDOW_CLAMP, bytes)
 }
 
+/// Ends the connection when the peer acknowledges nothing for `timeout`: while data
+/// is outstanding (`TCP_USER_TIMEOUT`: the retransmissions give up, the socket fails
+/// with `ETIMEDOUT`), and while the connection is silent (keepalive probes start after
+/// `timeout` of silence, one every third of it; with a user timeout set the kernel
+/// gives up once `timeout` passed without an answer, `tcp_keepalive_timer()` in
+/// `net/ipv4/tcp_timer.c`). Either way the socket fails with `ETIMEDOUT`, and the data
+/// path resets the other side. A zero `timeout` leaves the kernel's defaults.
+pub fn set_dead_peer_timeout(fd: &impl AsRawFd, timeout: std::time::Duration) -> io::Result<()> {
+    if timeout.is_zero() {
+        return Ok(());
+    }
+    let ms = i32::try_from(timeout.as_millis()).unwrap_or(i32::MAX);
+    let secs = i32::try_from(timeout.as_secs()).unwrap_or(i32::MAX).max(1);
+    setsockopt_int(fd, libc::IPPROTO_TCP, libc::TCP_USER_TIMEOUT, ms)?;
+    setsockopt_int(fd, libc::IPPROTO_TCP, libc::TCP_KEEPIDLE, secs)?;
+    setsockopt_int(
+        fd,
+        libc::IPPROTO_TCP,
+        libc::TCP_KEEPINTVL,
+        (secs / 3).max(1),
+    )?;
+    setsockopt_int(fd, libc::SOL_SOCKET, libc::SO_KEEPALIVE, 1)
+}
+
 /// Arms an abortive close: closing the socket now sends a RST, not a FIN.
 pub fn arm_reset(fd: &impl std::os::fd::AsFd) {
     let _ = socket2::SockRef::from(fd).set_linger(Some(std::time::Duration::ZERO));
@@ -117,5 +141,32 @@ pub fn readable_bytes(fd: &impl AsRawFd) -> io::Result<usize> {
         Ok(usize::try_from(n).unwrap_or(0))
     } else {
         Err(io::Error::last_os_error())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{net::TcpListener, time::Duration};
+
+    use super::*;
+
+    fn int(fd: &impl AsRawFd, level: libc::c_int, name: libc::c_int) -> i32 {
+        let (buf, len) = getsockopt_raw::<4>(fd, level, name).expect("getsockopt");
+        assert_eq!(len, 4);
+        i32::from_ne_bytes(buf)
+    }
+
+    #[test]
+    fn dead_peer_timeout_sets_user_timeout_and_keepalive() {
+        let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let s = std::net::TcpStream::connect(l.local_addr().expect("addr")).expect("connect");
+        set_dead_peer_timeout(&s, Duration::ZERO).expect("zero");
+        assert_eq!(int(&s, libc::IPPROTO_TCP, libc::TCP_USER_TIMEOUT), 0);
+        assert_eq!(int(&s, libc::SOL_SOCKET, libc::SO_KEEPALIVE), 0);
+        set_dead_peer_timeout(&s, Duration::from_secs(30)).expect("set");
+        assert_eq!(int(&s, libc::IPPROTO_TCP, libc::TCP_USER_TIMEOUT), 30_000);
+        assert_eq!(int(&s, libc::IPPROTO_TCP, libc::TCP_KEEPIDLE), 30);
+        assert_eq!(int(&s, libc::IPPROTO_TCP, libc::TCP_KEEPINTVL), 10);
+        assert_eq!(int(&s, libc::SOL_SOCKET, libc::SO_KEEPALIVE), 1);
     }
 }

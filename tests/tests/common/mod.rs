@@ -584,3 +584,98 @@ pub fn bpftool_json(args: &[&str]) -> serde_json::Value {
     );
     serde_json::from_slice(&out.stdout).expect("bpftool JSON")
 }
+
+/// How one side saw its connection end.
+#[derive(Debug)]
+pub struct End {
+    /// Bytes received before the end, and the offset of the first wrong one.
+    pub received: u64,
+    pub bad: Option<u64>,
+    /// `None` for EOF, else the read error's kind.
+    pub error: Option<io::ErrorKind>,
+    pub at: Instant,
+}
+
+/// Sends the stream of `send_seed` in 64 KiB writes every 5 ms (at most 2 GiB, in
+/// practice until the connection breaks) while reading the stream of `recv_seed`
+/// until EOF or an error.
+pub fn transfer_until_end(s: &TcpStream, send_seed: u64, recv_seed: u64) -> End {
+    let mut out = s.try_clone().expect("clone");
+    let sender = std::thread::spawn(move || {
+        let mut stream = Stream::new(send_seed);
+        let mut buf = vec![0u8; 64 * 1024];
+        for _ in 0..32 * 1024 {
+            stream.fill(&mut buf);
+            if out.write_all(&buf).is_err() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    });
+    let mut s = s.try_clone().expect("clone");
+    s.set_read_timeout(Some(Duration::from_secs(30)))
+        .expect("timeout");
+    let mut stream = Stream::new(recv_seed);
+    let (mut buf, mut want) = (vec![0u8; 64 * 1024], vec![0u8; 64 * 1024]);
+    let (mut received, mut bad) = (0u64, None);
+    let error = loop {
+        match s.read(&mut buf) {
+            Ok(0) => break None,
+            Ok(n) => {
+                stream.fill(&mut want[..n]);
+                if bad.is_none()
+                    && let Some(i) = (0..n).find(|&i| buf[i] != want[i])
+                {
+                    bad = Some(received + i as u64);
+                }
+                received += n as u64;
+            }
+            Err(e) => break Some(e.kind()),
+        }
+    };
+    let at = Instant::now();
+    // The connection is over: the writer fails at its next write.
+    let _ = s.shutdown(Shutdown::Both);
+    let _ = sender.join();
+    End {
+        received,
+        bad,
+        error,
+        at,
+    }
+}
+
+/// TCP sockets of `ns` on `port` (either end) in a state other than LISTEN and
+/// TIME-WAIT: connections still open, or half-open.
+pub fn open_connections(ns: &netbed::Netns, port: u16) -> Vec<String> {
+    let out = ns.output("ss", &["-Htan"]).expect("ss runs");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            f.len() >= 5
+                && !matches!(f[0], "LISTEN" | "TIME-WAIT")
+                && (f[3].ends_with(&format!(":{port}")) || f[4].ends_with(&format!(":{port}")))
+        })
+        .map(str::to_owned)
+        .collect()
+}
+
+/// Entries of the pinned map `name` in `dir`.
+pub fn map_entries(dir: &std::path::Path, name: &str) -> usize {
+    let path = dir.join(name).display().to_string();
+    bpftool_json(&["map", "dump", "pinned", &path])
+        .as_array()
+        .map_or(0, Vec::len)
+}
+
+/// Entries of `GW_LISTENERS`, `GW_BACKENDS`, `GW_SOCKS` and `GW_PEERS` pinned in `dir`.
+pub fn map_counts(dir: &std::path::Path) -> [usize; 4] {
+    [
+        gateway_common::GW_LISTENERS,
+        gateway_common::GW_BACKENDS,
+        gateway_common::GW_SOCKS,
+        gateway_common::GW_PEERS,
+    ]
+    .map(|m| map_entries(dir, m))
+}
