@@ -452,3 +452,110 @@ fn a_stalled_log_drops_and_counts_without_slowing_traffic() {
     drop(agent);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `sockgate connections` (run in the node namespace, where the agent's endpoint is)
+/// with `ARGS`.
+fn connections(bed: &Bed, agent: &Agent, args: &[&str]) -> String {
+    let out = bed
+        .node()
+        .command(common::sockgate_bin())
+        .arg("connections")
+        .arg("--pin-dir")
+        .arg(&agent.pin_dir)
+        .args(args)
+        .output()
+        .expect("sockgate connections runs");
+    assert!(
+        out.status.success(),
+        "sockgate connections failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).expect("utf-8")
+}
+
+/// A transfer in progress is listed with its client, backend, path and the bytes so
+/// far, on both socket paths; the filters keep or drop it; once closed it is gone.
+fn live_list_shows_a_transfer(path: &str) {
+    require_root();
+    let bed = Bed::new(1).expect("bed");
+    let _echo =
+        servers::Server::start(bed.backend(0), backend_addr(&bed, 0, 3001), servers::echo())
+            .expect("echo");
+    let route = format!("8088={}", backend_addr(&bed, 0, 3001));
+    let agent = Agent::start(&bed, &["--route", &route, "--datapath", path], &[8088]);
+    let addr = listener_addr(&bed, 8088);
+    let (tx, rx) = std::sync::mpsc::channel::<u16>();
+    let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+    let client = bed
+        .client()
+        .spawn(move || {
+            let mut s = connect(addr).expect("connect");
+            let data = vec![7u8; 100_000];
+            s.write_all(&data).expect("write");
+            let mut back = vec![0u8; data.len()];
+            s.read_exact(&mut back).expect("echo");
+            tx.send(s.local_addr().expect("addr").port()).expect("send");
+            let _ = done_rx.recv_timeout(Duration::from_secs(30));
+        })
+        .expect("client");
+    let port = rx.recv_timeout(Duration::from_secs(20)).expect("transfer");
+    let client_addr = format!("{}:{port}", bed.client_addr());
+    // The verdict's byte counts are read from GW_PEERS; give a moment to settle.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let conn = loop {
+        let list: serde_json::Value =
+            serde_json::from_str(&connections(&bed, &agent, &["--json"])).expect("JSON");
+        let found = list
+            .as_array()
+            .and_then(|l| l.iter().find(|c| c["client"] == client_addr.as_str()))
+            .cloned();
+        if let Some(c) = found.filter(|c| c["bytes_backend_to_client"] == 100_000) {
+            break c;
+        }
+        assert!(Instant::now() < deadline, "not listed right: {list}");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(conn["port"], 8088, "{conn}");
+    assert_eq!(conn["datapath"], path, "{conn}");
+    assert_eq!(
+        conn["backend"],
+        backend_addr(&bed, 0, 3001).to_string(),
+        "{conn}"
+    );
+    assert_eq!(conn["bytes_client_to_backend"], 100_000, "{conn}");
+    assert_eq!(conn["state"], "established", "{conn}");
+    let text = connections(&bed, &agent, &[]);
+    assert!(
+        text.lines()
+            .any(|l| l.contains(&client_addr) && l.contains(path)),
+        "{text}"
+    );
+    let client_cidr = format!("{}/32", bed.client_addr());
+    let kept = connections(
+        &bed,
+        &agent,
+        &["--listener", "8088", "--client", &client_cidr],
+    );
+    assert!(kept.contains(&client_addr), "{kept}");
+    let dropped = connections(&bed, &agent, &["--listener", "8089"]);
+    assert!(!dropped.contains(&client_addr), "{dropped}");
+    let dropped = connections(&bed, &agent, &["--backend", "10.9.9.9"]);
+    assert!(!dropped.contains(&client_addr), "{dropped}");
+    done_tx.send(()).expect("done");
+    client.join().expect("client");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while connections(&bed, &agent, &[]).contains(&client_addr) {
+        assert!(Instant::now() < deadline, "still listed after close");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn live_list_shows_a_splice_transfer() {
+    live_list_shows_a_transfer("splice");
+}
+
+#[test]
+fn live_list_shows_a_sockmap_transfer() {
+    live_list_shows_a_transfer("sockmap");
+}
