@@ -647,10 +647,14 @@ fn load_options(args: &RunArgs, port_min: u16, port_max: u16) -> LoadOptions {
 async fn start_forward(
     dp: &Arc<Datapath>,
     forward: Result<(Selection, ForwardOptions), &'static str>,
+    metrics: &Metrics,
     shutdown: &CancellationToken,
 ) -> anyhow::Result<Option<tokio::task::JoinHandle<()>>> {
     Ok(match forward {
-        Ok((sel, opts)) => Some(attach::forward::start(dp, sel, opts, shutdown).await?),
+        Ok((sel, mut opts)) => {
+            opts.access = metrics.access.clone();
+            Some(attach::forward::start(dp, sel, opts, shutdown).await?)
+        }
         Err(why) => {
             info!(why, "forward data path off");
             None
@@ -718,6 +722,8 @@ fn forward_setup(
             },
             drain,
             keep_pins: args.keep_pins,
+            // Set by start_forward, once the metrics exist.
+            access: Arc::default(),
         },
     )))
 }
@@ -805,7 +811,7 @@ fn run(args: &RunArgs) -> anyhow::Result<()> {
     rt.block_on(async {
         let shutdown = CancellationToken::new();
         let guard = start_guard(&dp, args.xdp_mode, selection, &shutdown).await?;
-        let forwarding = start_forward(&dp, forward, &shutdown).await?;
+        let forwarding = start_forward(&dp, forward, &metrics, &shutdown).await?;
         spawn_source(files, kube, &dp, &metrics, said, tx, &shutdown).await?;
         let counters = Arc::new(Registry::default());
         let conns = Arc::new(proxy::conn::Table::default());

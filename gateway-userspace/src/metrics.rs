@@ -86,7 +86,7 @@ pub struct Metrics {
     /// (`map_full`: `GW_SOCKS` or `GW_PEERS` is full; `other`).
     pub sockmap_pair_failures: Family<ReasonLabels, Counter>,
     /// Per-connection records: the access log and the metrics drawn from it.
-    pub access: crate::access_log::Sink,
+    pub access: Arc<crate::access_log::Sink>,
     /// The programs are loaded and attached.
     pub healthy: AtomicBool,
     /// The desired state is programmed and the listeners are bound.
@@ -561,7 +561,7 @@ impl Metrics {
             "Connections that could not be paired in the sockmap and took splice, by reason (map_full: GW_SOCKS or GW_PEERS is full, see --max-sockets)",
             sockmap_pair_failures.clone(),
         );
-        let access = crate::access_log::Sink::default();
+        let access = Arc::new(crate::access_log::Sink::default());
         access.register(&mut registry);
         registry.register_collector(Box::new(MapCollector { dp }));
         Self {

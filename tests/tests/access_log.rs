@@ -559,3 +559,156 @@ fn live_list_shows_a_splice_transfer() {
 fn live_list_shows_a_sockmap_transfer() {
     live_list_shows_a_transfer("sockmap");
 }
+
+/// The forward path: the sweeper's records of a connection closed with FIN both ways
+/// (300 kB echoed), one the client resets and one the backend resets, checked field by
+/// field (bytes are IP bytes there: the payload plus at most 80 bytes of headers per
+/// segment); and a connection held open is listed from the pinned table.
+#[test]
+#[expect(
+    clippy::too_many_lines,
+    reason = "one scenario: four connections, then their records and the list"
+)]
+fn forward_records_each_end_and_lists_from_the_table() {
+    require_root();
+    let bed = Bed::new(1).expect("bed");
+    let dir = log_dir("forward");
+    let log = dir.join("access.log");
+    let _echo =
+        servers::Server::start(bed.backend(0), backend_addr(&bed, 0, 3001), servers::echo())
+            .expect("echo");
+    let resetter: servers::Handler = Arc::new(|mut s: TcpStream| {
+        let mut buf = [0u8; 5];
+        let _ = s.read_exact(&mut buf);
+        reset_with_linger(&s);
+    });
+    let _reset =
+        servers::Server::start(bed.backend(0), backend_addr(&bed, 0, 3002), resetter).expect("rst");
+    let r88 = format!("8088={}", backend_addr(&bed, 0, 3001));
+    let r89 = format!("8089={}", backend_addr(&bed, 0, 3002));
+    let log_arg = log.to_str().expect("utf-8").to_owned();
+    let agent = Agent::start(
+        &bed,
+        &[
+            "--datapath",
+            "forward",
+            "--forward-iface",
+            "c0",
+            "--forward-iface",
+            "b0",
+            "--route",
+            &r88,
+            "--route",
+            &r89,
+            "--access-log",
+            &log_arg,
+        ],
+        &[8088, 8089],
+    );
+    let (l88, l89) = (listener_addr(&bed, 8088), listener_addr(&bed, 8089));
+    let (tx, rx) = std::sync::mpsc::channel::<[u16; 4]>();
+    let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+    let client = bed
+        .client()
+        .spawn(move || {
+            let s = connect(l88).expect("connect");
+            let fin = s.local_addr().expect("addr").port();
+            let txs = s.try_clone().expect("clone");
+            let sender = std::thread::spawn(move || send_stream(txs, 9, ECHOED, Writes::Large));
+            let (got, bad) = recv_stream(s, 9).expect("receive");
+            sender.join().expect("sender").expect("send");
+            assert_eq!((got, bad), (ECHOED, None));
+            let mut s = connect(l88).expect("connect");
+            let client_rst = s.local_addr().expect("addr").port();
+            s.write_all(b"hello").expect("write");
+            let mut back = [0u8; 5];
+            s.read_exact(&mut back).expect("echo");
+            reset_with_linger(&s);
+            drop(s);
+            let mut s = connect(l89).expect("connect");
+            let backend_rst = s.local_addr().expect("addr").port();
+            s.write_all(b"hello").expect("write");
+            expect_reset(&mut s);
+            // Held open while the test lists it.
+            let mut held = connect(l88).expect("connect");
+            held.write_all(&[1u8; 1000]).expect("write");
+            let mut back = [0u8; 1000];
+            held.read_exact(&mut back).expect("echo");
+            let open = held.local_addr().expect("addr").port();
+            tx.send([fin, client_rst, backend_rst, open]).expect("send");
+            let _ = done_rx.recv_timeout(Duration::from_secs(30));
+        })
+        .expect("client");
+    let [fin, client_rst, backend_rst, open] = rx
+        .recv_timeout(Duration::from_secs(30))
+        .expect("client ran");
+    let client_ip = bed.client_addr();
+    // The open connection, from the pinned table.
+    let list: serde_json::Value = serde_json::from_str(&connections(
+        &bed,
+        &agent,
+        &["--json", "--listener", "8088"],
+    ))
+    .expect("JSON");
+    let held = list
+        .as_array()
+        .and_then(|l| {
+            l.iter()
+                .find(|c| c["client"] == format!("{client_ip}:{open}").as_str())
+        })
+        .cloned()
+        .unwrap_or_else(|| panic!("open connection not listed: {list}"));
+    assert_eq!(held["datapath"], "forward", "{held}");
+    assert_eq!(held["state"], "established", "{held}");
+    assert_eq!(
+        held["backend"],
+        backend_addr(&bed, 0, 3001).to_string(),
+        "{held}"
+    );
+    assert!(
+        held["bytes_client_to_backend"].as_u64() >= Some(1000),
+        "{held}"
+    );
+    assert!(
+        held["bytes_backend_to_client"].as_u64() >= Some(1000),
+        "{held}"
+    );
+    // The closed ones, recorded by the sweeper within its closing and reset timeouts.
+    let recs = by_client_port(&records(&log, 3));
+    let rec = |port: u16| {
+        recs.get(&port)
+            .unwrap_or_else(|| panic!("no record of {port}: {recs:?}"))
+            .clone()
+    };
+    let ip_bytes_cover = |r: &serde_json::Value, dir: &str, payload: u64| {
+        let bytes = r[format!("bytes_{dir}")].as_u64().expect("bytes");
+        let segs = r[format!("segments_{dir}")].as_u64().expect("segments");
+        assert!(segs > 0, "{r}");
+        assert!(
+            bytes >= payload && bytes <= payload + 80 * segs,
+            "{dir}: {bytes} IP bytes in {segs} segments for {payload} bytes: {r}"
+        );
+    };
+    for (port, listener, backend_port, end, c2b, b2c) in [
+        (fin, 8088, 3001, "fin", ECHOED, ECHOED),
+        (client_rst, 8088, 3001, "client_reset", 5, 5),
+        (backend_rst, 8089, 3002, "backend_reset", 5, 0),
+    ] {
+        let r = rec(port);
+        assert_eq!(r["client"], format!("{client_ip}:{port}"), "{r}");
+        assert_eq!(r["port"], listener, "{r}");
+        assert_eq!(
+            r["backend"],
+            backend_addr(&bed, 0, backend_port).to_string(),
+            "{r}"
+        );
+        assert_eq!(r["datapath"], "forward", "{r}");
+        assert_eq!(r["end"], end, "{r}");
+        ip_bytes_cover(&r, "client_to_backend", c2b);
+        ip_bytes_cover(&r, "backend_to_client", b2c);
+    }
+    done_tx.send(()).expect("done");
+    client.join().expect("client");
+    drop(agent);
+    let _ = std::fs::remove_dir_all(&dir);
+}
