@@ -154,6 +154,8 @@ fn records_of_each_end(path: &str) {
         })
         .expect("client");
     let recs = by_client_port(&records(&log, 5));
+    // Shown with --nocapture (docs/operations.md quotes it).
+    println!("{}", std::fs::read_to_string(&log).unwrap_or_default());
     let client_ip = bed.client_addr().to_string();
     let backend_ip = bed.backend_addr(0).to_string();
     let [fin, client_rst, backend_rst, failed, refused] = ports;
@@ -525,6 +527,7 @@ fn live_list_shows_a_transfer(path: &str) {
     assert_eq!(conn["bytes_client_to_backend"], 100_000, "{conn}");
     assert_eq!(conn["state"], "established", "{conn}");
     let text = connections(&bed, &agent, &[]);
+    println!("{text}");
     assert!(
         text.lines()
             .any(|l| l.contains(&client_addr) && l.contains(path)),
@@ -650,6 +653,7 @@ fn forward_records_each_end_and_lists_from_the_table() {
         &["--json", "--listener", "8088"],
     ))
     .expect("JSON");
+    println!("{}", connections(&bed, &agent, &["--listener", "8088"]));
     let held = list
         .as_array()
         .and_then(|l| {
@@ -675,6 +679,7 @@ fn forward_records_each_end_and_lists_from_the_table() {
     );
     // The closed ones, recorded by the sweeper within its closing and reset timeouts.
     let recs = by_client_port(&records(&log, 3));
+    println!("{}", std::fs::read_to_string(&log).unwrap_or_default());
     let rec = |port: u16| {
         recs.get(&port)
             .unwrap_or_else(|| panic!("no record of {port}: {recs:?}"))
