@@ -717,3 +717,62 @@ fn forward_records_each_end_and_lists_from_the_table() {
     drop(agent);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A connection still open when the agent stops and the drain timeout runs out is
+/// recorded as `drained`, with its bytes; the record is written before the agent exits.
+#[test]
+fn connection_open_at_stop_is_recorded_drained() {
+    require_root();
+    let bed = Bed::new(1).expect("bed");
+    let dir = log_dir("drain");
+    let log = dir.join("access.log");
+    let _echo =
+        servers::Server::start(bed.backend(0), backend_addr(&bed, 0, 3001), servers::echo())
+            .expect("echo");
+    let route = format!("8088={}", backend_addr(&bed, 0, 3001));
+    let log_arg = log.to_str().expect("utf-8").to_owned();
+    let mut agent = Agent::start(
+        &bed,
+        &[
+            "--route",
+            &route,
+            "--datapath",
+            "splice",
+            "--drain-timeout",
+            "1",
+            "--access-log",
+            &log_arg,
+        ],
+        &[8088],
+    );
+    let addr = listener_addr(&bed, 8088);
+    let (tx, rx) = std::sync::mpsc::channel::<u16>();
+    let client = bed
+        .client()
+        .spawn(move || {
+            let mut s = connect(addr).expect("connect");
+            s.write_all(b"still here").expect("write");
+            let mut back = [0u8; 10];
+            s.read_exact(&mut back).expect("echo");
+            tx.send(s.local_addr().expect("addr").port()).expect("send");
+            // Held until the agent closes it.
+            let mut rest = Vec::new();
+            let _ = s.read_to_end(&mut rest);
+        })
+        .expect("client");
+    let port = rx.recv_timeout(Duration::from_secs(20)).expect("exchange");
+    let status = agent.stop();
+    assert!(status.success(), "{status}");
+    client.join().expect("client");
+    let recs = by_client_port(&records(&log, 1));
+    let r = recs
+        .get(&port)
+        .unwrap_or_else(|| panic!("no record of {port}: {recs:?}"));
+    assert_eq!(r["end"], "drained", "{r}");
+    assert_eq!(r["datapath"], "splice", "{r}");
+    assert_eq!(r["bytes_client_to_backend"], 10, "{r}");
+    assert_eq!(r["bytes_backend_to_client"], 10, "{r}");
+    assert!(r["duration_seconds"].as_f64() >= Some(1.0), "{r}");
+    drop(agent);
+    let _ = std::fs::remove_dir_all(&dir);
+}
