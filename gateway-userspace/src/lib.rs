@@ -2,6 +2,8 @@
 //!
 //! # Layout
 //!
+//! * [`access_log`]: one record per ended connection (the access log, the duration
+//!   and bytes histograms, ended connections by reason).
 //! * [`attach`]: one attachment manager for every program that goes on an interface
 //!   (the XDP guard, the forward program): which interfaces, kept in step with
 //!   rtnetlink events.
@@ -10,6 +12,8 @@
 //! * [`btf`]: member offsets from the kernel's BTF, for the verdict program.
 //! * [`check`]: `sockgate check`, the offline report.
 //! * [`cluster`]: the Kubernetes side: API access list, leader election of the status writer.
+//! * [`connections`]: `sockgate connections`, the live connections (agent and pinned
+//!   forward table).
 //! * [`desired`]: the desired state the data path serves.
 //! * [`diff`]: the map delta between what is programmed and what is desired.
 //! * [`ebpf`]: the embedded eBPF object, loading, pinning and the pin compatibility check.
@@ -28,11 +32,13 @@
 //! * [`status`]: `sockgate status`, read from the pinned maps.
 //! * [`xdp`]: the XDP listener guard: policy, its map entries and attach modes
 //!   (attached by [`attach::xdp`]).
+pub mod access_log;
 pub mod attach;
 pub mod backend_filter;
 pub mod btf;
 pub mod check;
 pub mod cluster;
+pub mod connections;
 pub mod desired;
 pub mod diff;
 pub mod ebpf;

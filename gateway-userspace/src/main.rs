@@ -61,12 +61,37 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// List the live connections: the socket paths' from the agent, the forward path's
+    /// from the pinned connection table (also when the agent is not running).
+    Connections(ConnectionsArgs),
     /// Offline: print the status sockgate would write for the manifests in a directory
     /// (or file), then the listener/backend table. No privileges needed.
     Check(CheckArgs),
     /// Print the `CustomResourceDefinition` of `ListenerPolicy` (sockgate.dev), the XDP
     /// listener guard's policy attachment, as YAML.
     Crd,
+}
+
+#[derive(clap::Args)]
+struct ConnectionsArgs {
+    /// The agent's metrics endpoint, which serves `/connections`.
+    #[arg(long, default_value = "127.0.0.1:9464")]
+    agent: std::net::SocketAddr,
+    /// Directory on bpffs where the maps are pinned.
+    #[arg(long, default_value = sockgate::ebpf::DEFAULT_PIN_DIR)]
+    pin_dir: PathBuf,
+    /// JSON for scripts (an array).
+    #[arg(long)]
+    json: bool,
+    /// Only this listener port.
+    #[arg(long)]
+    listener: Option<u16>,
+    /// Only clients in this range (`ADDR/PREFIX` or an address).
+    #[arg(long, value_name = "CIDR")]
+    client: Option<Cidr>,
+    /// Only this backend: `IP`, `IP:PORT` or a backendRef `namespace/service[:port]`.
+    #[arg(long)]
+    backend: Option<String>,
 }
 
 #[derive(clap::Args)]
@@ -275,6 +300,14 @@ struct RunArgs {
     /// table entries are removed.
     #[arg(long, default_value_t = 3600.0)]
     idle_timeout: f64,
+    /// Access log: one JSON line per connection when it ends, to `stdout` or appended
+    /// to a file (reopened on SIGHUP). Off by default.
+    #[arg(long, value_name = "stdout|FILE")]
+    access_log: Option<sockgate::access_log::Target>,
+    /// Access log: records queued for the writer at most; beyond, records are dropped
+    /// and counted (`sockgate_access_log_dropped_total`), never waited for.
+    #[arg(long, default_value_t = sockgate::access_log::DEFAULT_BUFFER)]
+    access_log_buffer: usize,
     /// Forward data path: keep the client's address and port (no SNAT). Only where the
     /// backends' route back to the clients goes through this node (same node, or the
     /// node is their gateway): otherwise their replies bypass the translation.
@@ -305,6 +338,7 @@ fn main() -> ExitCode {
         Command::Run(args) => run(&args),
         Command::Status { pin_dir, json } => show_status(&pin_dir, json),
         Command::Check(args) => check_manifests(&args),
+        Command::Connections(args) => list_connections(&args),
         Command::Crd => sockgate::policy::crd_yaml()
             .map(|y| print!("{y}"))
             .map_err(anyhow::Error::from),
@@ -324,6 +358,36 @@ fn show_status(pin_dir: &std::path::Path, json: bool) -> anyhow::Result<()> {
         println!("{}", serde_json::to_string_pretty(&s)?);
     } else {
         print!("{}", status::render(&s));
+    }
+    Ok(())
+}
+
+fn list_connections(args: &ConnectionsArgs) -> anyhow::Result<()> {
+    use sockgate::connections;
+    let agent = connections::from_agent(args.agent);
+    let forward = connections::from_flows(&args.pin_dir);
+    let mut all = Vec::new();
+    match (agent, forward) {
+        (Err(a), Err(f)) => anyhow::bail!("{a}; {f}"),
+        (a, f) => {
+            for (what, r) in [("socket paths", a), ("forward path", f)] {
+                match r {
+                    Ok(c) => all.extend(c),
+                    Err(e) => eprintln!("sockgate: {what} not listed: {e}"),
+                }
+            }
+        }
+    }
+    let filter = connections::Filter {
+        listener: args.listener,
+        client: args.client,
+        backend: args.backend.clone(),
+    };
+    all.retain(|c| filter.keeps(c));
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&all)?);
+    } else {
+        print!("{}", connections::render(&all));
     }
     Ok(())
 }
@@ -605,10 +669,14 @@ fn load_options(args: &RunArgs, port_min: u16, port_max: u16) -> LoadOptions {
 async fn start_forward(
     dp: &Arc<Datapath>,
     forward: Result<(Selection, ForwardOptions), &'static str>,
+    metrics: &Metrics,
     shutdown: &CancellationToken,
 ) -> anyhow::Result<Option<tokio::task::JoinHandle<()>>> {
     Ok(match forward {
-        Ok((sel, opts)) => Some(attach::forward::start(dp, sel, opts, shutdown).await?),
+        Ok((sel, mut opts)) => {
+            opts.access = metrics.access.clone();
+            Some(attach::forward::start(dp, sel, opts, shutdown).await?)
+        }
         Err(why) => {
             info!(why, "forward data path off");
             None
@@ -676,6 +744,8 @@ fn forward_setup(
             },
             drain,
             keep_pins: args.keep_pins,
+            // Set by start_forward, once the metrics exist.
+            access: Arc::default(),
         },
     )))
 }
@@ -756,6 +826,7 @@ fn run(args: &RunArgs) -> anyhow::Result<()> {
         info!(cidr = %c, "backend addresses in this range allowed (--allow-backend-cidr)");
     }
     let metrics = Arc::new(Metrics::new(dp.clone()));
+    let access_writer = open_access_log(args, &metrics)?;
     let mut said = Said::default();
     said.record(&metrics, &desired);
     program(&dp, &metrics, &desired);
@@ -763,10 +834,11 @@ fn run(args: &RunArgs) -> anyhow::Result<()> {
     rt.block_on(async {
         let shutdown = CancellationToken::new();
         let guard = start_guard(&dp, args.xdp_mode, selection, &shutdown).await?;
-        let forwarding = start_forward(&dp, forward, &shutdown).await?;
+        let forwarding = start_forward(&dp, forward, &metrics, &shutdown).await?;
         spawn_source(files, kube, &dp, &metrics, said, tx, &shutdown).await?;
         let counters = Arc::new(Registry::default());
-        let _http = metrics::serve(args.metrics_addr, metrics.clone(), shutdown.clone()).await?;
+        let conns = Arc::new(proxy::conn::Table::default());
+        let _http = serve_http(args.metrics_addr, &metrics, &dp, &conns, &shutdown).await?;
         let kernel_logs = spawn_datapath_tasks(&dp, &shutdown);
         let serving = tokio::spawn(proxy::serve(
             dp.clone(),
@@ -774,9 +846,10 @@ fn run(args: &RunArgs) -> anyhow::Result<()> {
             rx,
             counters,
             metrics.clone(),
+            conns,
             shutdown.clone(),
         ));
-        wait_for_signal().await?;
+        wait_for_signal(access_writer.as_ref()).await?;
         info!(
             drain_secs = cfg.drain_timeout.as_secs_f64(),
             "stopping: no new connections; established ones drain"
@@ -793,8 +866,46 @@ fn run(args: &RunArgs) -> anyhow::Result<()> {
         anyhow::Ok(())
     })?;
     drop(rt);
+    finish_access_log(access_writer);
     drop(dp);
     Ok(())
+}
+
+/// Serves `/metrics`, the health endpoints and `/connections` (the live connections
+/// of `conns`) until `shutdown`.
+async fn serve_http(
+    addr: std::net::SocketAddr,
+    metrics: &Arc<Metrics>,
+    dp: &Arc<Datapath>,
+    conns: &Arc<proxy::conn::Table>,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+    let live = Arc::new(proxy::conn::Live {
+        table: conns.clone(),
+        dp: dp.clone(),
+    });
+    Ok(metrics::serve(addr, metrics.clone(), live, shutdown.clone()).await?)
+}
+
+/// Lets the access log's writer write what is queued (bounded wait).
+fn finish_access_log(writer: Option<sockgate::access_log::Writer>) {
+    if let Some(w) = writer {
+        w.finish(Duration::from_secs(2));
+    }
+}
+
+/// Starts the access log's writer when `--access-log` asks for it.
+fn open_access_log(
+    args: &RunArgs,
+    metrics: &Metrics,
+) -> anyhow::Result<Option<sockgate::access_log::Writer>> {
+    let Some(target) = &args.access_log else {
+        return Ok(None);
+    };
+    let (tx, writer) = sockgate::access_log::open(target.clone(), args.access_log_buffer)?;
+    metrics.access.attach(tx);
+    info!(target = ?target, buffer = args.access_log_buffer, "access log on");
+    Ok(Some(writer))
 }
 
 /// Starts the tasks that follow the loaded programs until `shutdown`: their log
@@ -826,13 +937,23 @@ fn raise_fd_limit() {
     }
 }
 
-async fn wait_for_signal() -> anyhow::Result<()> {
+/// Waits for SIGTERM or SIGINT; on SIGHUP meanwhile the access log file is reopened.
+async fn wait_for_signal(access: Option<&sockgate::access_log::Writer>) -> anyhow::Result<()> {
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
-    tokio::select! {
-        _ = term.recv() => info!("SIGTERM"),
-        _ = int.recv() => info!("SIGINT"),
+    let mut hup = signal(SignalKind::hangup())?;
+    loop {
+        tokio::select! {
+            _ = term.recv() => { info!("SIGTERM"); break }
+            _ = int.recv() => { info!("SIGINT"); break }
+            _ = hup.recv() => {
+                info!("SIGHUP: the access log file is reopened");
+                if let Some(w) = access {
+                    w.reopen();
+                }
+            }
+        }
     }
     Ok(())
 }

@@ -5,6 +5,7 @@
 //! programmed in the maps and every listener is bound). Per-listener connection and
 //! byte counters are read from `GW_STATS` at scrape time, so they agree with
 //! `sockgate status` and `bpftool`; the agent's own histograms and counters live here.
+//! The same endpoint serves `/connections`, the socket paths' live connections.
 use std::{
     net::SocketAddr,
     sync::{
@@ -37,6 +38,7 @@ use tracing::{info, warn};
 use gateway_common::{FwdStats, ListenerStats};
 
 use crate::{
+    access_log::LiveSource,
     backend_filter::{RefusalReason, RefusedBackend},
     desired::{UnreadyBackendRef, UnreadyShare},
     ebpf::Datapath,
@@ -83,6 +85,8 @@ pub struct Metrics {
     /// Connections that could not be paired in the sockmap and took splice, by reason
     /// (`map_full`: `GW_SOCKS` or `GW_PEERS` is full; `other`).
     pub sockmap_pair_failures: Family<ReasonLabels, Counter>,
+    /// Per-connection records: the access log and the metrics drawn from it.
+    pub access: Arc<crate::access_log::Sink>,
     /// The programs are loaded and attached.
     pub healthy: AtomicBool,
     /// The desired state is programmed and the listeners are bound.
@@ -557,6 +561,8 @@ impl Metrics {
             "Connections that could not be paired in the sockmap and took splice, by reason (map_full: GW_SOCKS or GW_PEERS is full, see --max-sockets)",
             sockmap_pair_failures.clone(),
         );
+        let access = Arc::new(crate::access_log::Sink::default());
+        access.register(&mut registry);
         registry.register_collector(Box::new(MapCollector { dp }));
         Self {
             registry,
@@ -571,6 +577,7 @@ impl Metrics {
             backend_refs_unready,
             accept_errors,
             sockmap_pair_failures,
+            access,
             healthy: AtomicBool::new(true),
             ready: AtomicBool::new(false),
             source_ready: Arc::new(AtomicBool::new(true)),
@@ -649,10 +656,19 @@ pub struct ServeError {
     pub source: std::io::Error,
 }
 
-/// Binds `addr` and serves `/metrics`, `/healthz`, `/readyz` until `shutdown`.
+/// `/connections`: the socket paths' live connections, a JSON array of
+/// [`crate::access_log::LiveConnection`] (read by `sockgate connections`).
+async fn connections(State(live): State<Arc<dyn LiveSource>>) -> impl IntoResponse {
+    let body = serde_json::to_string(&live.live()).unwrap_or_else(|_| "[]".into());
+    ([(CONTENT_TYPE, "application/json")], body)
+}
+
+/// Binds `addr` and serves `/metrics`, `/healthz`, `/readyz` and `/connections` until
+/// `shutdown`.
 pub async fn serve(
     addr: SocketAddr,
     m: Arc<Metrics>,
+    live: Arc<dyn LiveSource>,
     shutdown: CancellationToken,
 ) -> Result<tokio::task::JoinHandle<()>, ServeError> {
     let listener = tokio::net::TcpListener::bind(addr)
@@ -664,7 +680,12 @@ pub async fn serve(
         .route("/metrics", get(metrics))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
-        .with_state(m);
+        .with_state(m)
+        .merge(
+            Router::new()
+                .route("/connections", get(connections))
+                .with_state(live),
+        );
     Ok(tokio::spawn(async move {
         let r = axum::serve(listener, app)
             .with_graceful_shutdown(async move { shutdown.cancelled().await })

@@ -242,7 +242,7 @@ pub struct Status {
     pub forward_table_entries: usize,
 }
 
-fn open(dir: &Path, name: &str) -> Result<MapData, StatusError> {
+pub(crate) fn open(dir: &Path, name: &str) -> Result<MapData, StatusError> {
     let path = dir.join(name);
     if !path.exists() {
         return Err(StatusError::NotPinned {
@@ -255,7 +255,7 @@ fn open(dir: &Path, name: &str) -> Result<MapData, StatusError> {
     })
 }
 
-fn map_err(dir: &Path, name: &str) -> impl Fn(aya::maps::MapError) -> StatusError {
+pub(crate) fn map_err(dir: &Path, name: &str) -> impl Fn(aya::maps::MapError) -> StatusError {
     let path = dir.join(name).display().to_string();
     move |source| StatusError::Map {
         path: path.clone(),

@@ -180,7 +180,13 @@ pub async fn start(
         ifaces = ?manager.attached().keys().collect::<Vec<_>>(), idle_secs = opts.timeouts.idle.as_secs(),
         "forward data path on: connections arriving on these interfaces are forwarded in the kernel"
     );
-    let sweep = forward::sweep_until(dp.clone(), opts.timeouts, opts.drain, shutdown.clone());
+    let sweep = forward::sweep_until(
+        dp.clone(),
+        opts.timeouts,
+        opts.drain,
+        opts.access.clone(),
+        shutdown.clone(),
+    );
     let attach = super::run(manager, nl, sel, failing, shutdown.clone());
     Ok(tokio::spawn(async move {
         tokio::join!(attach, sweep);

@@ -35,7 +35,10 @@ use gateway_common::{
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info};
 
-use crate::ebpf::{Datapath, MapOpError};
+use crate::{
+    access_log::{EndReason, ListenerRef, PathName, Record, Sink, rfc3339},
+    ebpf::{Datapath, MapOpError},
+};
 
 /// How often the sweeper runs.
 pub const SWEEP_EVERY: Duration = Duration::from_secs(1);
@@ -110,6 +113,8 @@ pub struct ForwardOptions {
     pub drain: Duration,
     /// Leave the links pinned when the agent stops (connections keep flowing).
     pub keep_pins: bool,
+    /// Where the records of the connections the sweeper removes go.
+    pub access: Arc<Sink>,
 }
 
 /// Parses `MIN-MAX`.
@@ -278,6 +283,59 @@ pub fn expired(
     (remove, live, removed)
 }
 
+/// How a connection the sweeper removes ended: client entry `c`, backend entry `b`;
+/// `drained` when its listener's drain timeout ran out.
+pub fn end_reason(c: &Flow, b: Option<&Flow>, drained: bool) -> EndReason {
+    let bs = b.map_or(0, |b| b.state);
+    if c.state & FLOW_S_RST != 0 {
+        EndReason::ClientReset
+    } else if bs & FLOW_S_RST != 0 {
+        EndReason::BackendReset
+    } else if c.state & FLOW_S_FIN != 0 && bs & FLOW_S_FIN != 0 {
+        EndReason::Fin
+    } else if drained {
+        EndReason::Drained
+    } else if bs & FLOW_S_SYN == 0 || c.state & FLOW_S_ACK == 0 {
+        EndReason::HandshakeTimeout
+    } else {
+        EndReason::IdleTimeout
+    }
+}
+
+fn addr_of(be: [u8; 16], port: u16) -> std::net::SocketAddr {
+    std::net::SocketAddr::new(std::net::Ipv6Addr::from(be).to_canonical(), port)
+}
+
+/// The access log record of a connection removed from the table (client key `k`,
+/// entries `c` and `b`) at monotonic time `now_ns`. Its bytes are IP bytes, headers
+/// included, as the program counts them; the segments are counted each way.
+pub fn record_of(k: &FlowKey, c: &Flow, b: Option<&Flow>, end: EndReason, now_ns: u64) -> Record {
+    let last = b.map_or(c.last_seen_ns, |b| b.last_seen_ns.max(c.last_seen_ns));
+    let wall = std::time::SystemTime::now();
+    let ago = |ns: u64| wall - Duration::from_nanos(now_ns.saturating_sub(ns));
+    Record {
+        time: rfc3339(ago(last)),
+        start_time: rfc3339(ago(c.created_ns)),
+        duration_seconds: Duration::from_nanos(last.saturating_sub(c.created_ns)).as_secs_f64(),
+        listener: ListenerRef {
+            gateway: None,
+            listener: String::new(),
+            port: c.listener_port,
+            route: None,
+        },
+        client: addr_of(k.src_be, k.sport),
+        backend: Some(addr_of(c.new_dst_be, c.new_dport)),
+        backend_ref: None,
+        datapath: PathName::Forward,
+        bytes_client_to_backend: c.bytes,
+        bytes_backend_to_client: b.map_or(0, |b| b.bytes),
+        segments_client_to_backend: Some(c.packets),
+        segments_backend_to_client: Some(b.map_or(0, |b| b.packets)),
+        end,
+        detail: None,
+    }
+}
+
 /// `CLOCK_MONOTONIC` in nanoseconds: the clock of `bpf_ktime_get_ns()`.
 pub fn monotonic_ns() -> u64 {
     let mut t = libc::timespec {
@@ -298,8 +356,8 @@ pub struct Sweeper {
 }
 
 impl Sweeper {
-    /// One sweep of `dp`'s table.
-    pub fn sweep(&mut self, dp: &Datapath, t: &Timeouts, drain: Duration) -> Sweep {
+    /// One sweep of `dp`'s table; each connection removed gets its record in `access`.
+    pub fn sweep(&mut self, dp: &Datapath, t: &Timeouts, drain: Duration, access: &Sink) -> Sweep {
         let flows = dp.flows();
         let listeners: BTreeSet<u16> = dp.listener_keys().iter().map(|k| k.port).collect();
         let ports: BTreeSet<u16> = flows.iter().map(|(_, f)| f.listener_port).collect();
@@ -322,7 +380,20 @@ impl Sweeper {
             .filter(|(_, since)| now.duration_since(**since) >= drain)
             .map(|(p, _)| *p)
             .collect();
-        let (remove, live, removed) = expired(&flows, monotonic_ns(), t, &drained);
+        let now_ns = monotonic_ns();
+        let (remove, live, removed) = expired(&flows, now_ns, t, &drained);
+        if removed > 0 {
+            let gone: BTreeSet<&FlowKey> = remove.iter().collect();
+            let by_key: BTreeMap<&FlowKey, &Flow> = flows.iter().map(|(k, f)| (k, f)).collect();
+            for (k, c) in &flows {
+                if u32::from(c.direction) != DIR_CLIENT_TO_BACKEND || !gone.contains(k) {
+                    continue;
+                }
+                let b = by_key.get(&reverse_key(c)).copied();
+                let end = end_reason(c, b, drained.contains(&c.listener_port));
+                access.end(record_of(k, c, b, end, now_ns));
+            }
+        }
         if !remove.is_empty() {
             debug!(
                 entries = remove.len(),
@@ -345,6 +416,7 @@ pub async fn sweep_until(
     dp: Arc<Datapath>,
     timeouts: Timeouts,
     drain: Duration,
+    access: Arc<Sink>,
     shutdown: CancellationToken,
 ) {
     let mut sweeper = Sweeper::default();
@@ -353,7 +425,7 @@ pub async fn sweep_until(
             () = shutdown.cancelled() => break,
             () = tokio::time::sleep(SWEEP_EVERY) => {}
         }
-        sweeper.sweep(&dp, &timeouts, drain);
+        sweeper.sweep(&dp, &timeouts, drain, &access);
     }
 }
 

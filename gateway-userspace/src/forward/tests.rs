@@ -123,3 +123,67 @@ fn ports_parse_and_reserved_ranges_read() {
     );
     assert!(reserved_ranges("\n").is_empty());
 }
+
+#[test]
+fn removed_connections_say_how_they_ended() {
+    let flow = |state| Flow {
+        state,
+        ..Flow::default()
+    };
+    let est = FLOW_S_SYN | FLOW_S_ACK;
+    let reason = |c, b: Option<u32>, drained| end_reason(&flow(c), b.map(flow).as_ref(), drained);
+    assert_eq!(
+        reason(est | FLOW_S_RST, Some(est), false),
+        EndReason::ClientReset
+    );
+    assert_eq!(
+        reason(est, Some(est | FLOW_S_RST), false),
+        EndReason::BackendReset
+    );
+    assert_eq!(
+        reason(est | FLOW_S_FIN, Some(est | FLOW_S_FIN), false),
+        EndReason::Fin
+    );
+    assert_eq!(reason(est, Some(est), true), EndReason::Drained);
+    assert_eq!(reason(FLOW_S_SYN, None, false), EndReason::HandshakeTimeout);
+    assert_eq!(reason(est, Some(est), false), EndReason::IdleTimeout);
+}
+
+#[test]
+fn removed_connection_record_carries_the_counters() {
+    let k = FlowKey {
+        src_be: v4([10, 200, 0, 2]),
+        sport: 40_000,
+        ..FlowKey::default()
+    };
+    let c = Flow {
+        new_dst_be: v4([10, 200, 1, 2]),
+        new_dport: 3001,
+        listener_port: 8088,
+        created_ns: 1_000_000_000,
+        last_seen_ns: 3_000_000_000,
+        packets: 5,
+        bytes: 600,
+        ..Flow::default()
+    };
+    let b = Flow {
+        last_seen_ns: 3_500_000_000,
+        packets: 4,
+        bytes: 400,
+        ..Flow::default()
+    };
+    let r = record_of(&k, &c, Some(&b), EndReason::Fin, 4_000_000_000);
+    assert_eq!(r.client, "10.200.0.2:40000".parse().expect("addr"));
+    assert_eq!(r.backend, Some("10.200.1.2:3001".parse().expect("addr")));
+    assert_eq!(r.listener.port, 8088);
+    assert_eq!(r.datapath, PathName::Forward);
+    assert!((r.duration_seconds - 2.5).abs() < 1e-9);
+    assert_eq!(
+        (r.bytes_client_to_backend, r.bytes_backend_to_client),
+        (600, 400)
+    );
+    assert_eq!(
+        (r.segments_client_to_backend, r.segments_backend_to_client),
+        (Some(5), Some(4))
+    );
+}

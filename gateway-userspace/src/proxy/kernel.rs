@@ -32,7 +32,12 @@ use std::{
 
 use tokio::{io::Interest, net::TcpStream};
 
-use super::{pool::Pool, sock, stats::Counters};
+use super::{
+    conn::{Conn, DirError, SideError},
+    pool::Pool,
+    sock,
+    stats::Counters,
+};
 use crate::ebpf::{Datapath, MapOpError};
 
 /// How long the peer's TCP may take no byte at all while the agent waits for it to
@@ -75,23 +80,30 @@ impl PairError {
     }
 }
 
-/// One side of a pair.
-struct Side<'a> {
+/// One socket of a pair.
+struct Sock<'a> {
     stream: &'a TcpStream,
     cookie: u64,
     /// `bytes_handed_to_tcp` when the pair was made.
     handed_base: u64,
 }
 
-/// A pair on the kernel path; removes its map entries when dropped.
+/// A pair on the kernel path; when dropped, adds the bytes the verdict redirected to
+/// its connection's counts and removes its map entries.
 pub struct Pair {
     dp: Arc<Datapath>,
     client_cookie: u64,
     backend_cookie: u64,
+    conn: Arc<Conn>,
 }
 
 impl Drop for Pair {
     fn drop(&mut self) {
+        let c2b = self.dp.bytes_redirected(self.client_cookie).unwrap_or(0);
+        let b2c = self.dp.bytes_redirected(self.backend_cookie).unwrap_or(0);
+        self.conn.set_cookies(None);
+        self.conn.moved(true, c2b);
+        self.conn.moved(false, b2c);
         self.dp.remove_pair(self.client_cookie, self.backend_cookie);
     }
 }
@@ -105,6 +117,7 @@ pub fn insert(
     backend: &TcpStream,
     listener_port: u16,
     queue_limit: u32,
+    conn: &Arc<Conn>,
 ) -> Result<(Pair, [u64; 2]), PairError> {
     let c = sock::cookie(client).map_err(PairError::Cookie)?;
     let b = sock::cookie(backend).map_err(PairError::Cookie)?;
@@ -116,11 +129,13 @@ pub fn insert(
     // Run data queued before the insertion through the verdict.
     let _ = sock::set_rcvlowat(client, 1);
     let _ = sock::set_rcvlowat(backend, 1);
+    conn.set_cookies(Some((c, b)));
     Ok((
         Pair {
             dp: dp.clone(),
             client_cookie: c,
             backend_cookie: b,
+            conn: conn.clone(),
         },
         bases,
     ))
@@ -131,17 +146,19 @@ pub fn insert(
 /// [`DRAIN_STALL_TIMEOUT`].
 async fn wait_taken(
     dp: &Datapath,
-    src: &Side<'_>,
-    dst: &Side<'_>,
+    src: &Sock<'_>,
+    dst: &Sock<'_>,
     written: u64,
     what: &str,
-) -> io::Result<()> {
+) -> Result<(), DirError> {
     let mut last = None;
     let mut progress_at = Instant::now();
     let mut pause = Duration::from_micros(200);
     loop {
         let redirected = dp.bytes_redirected(src.cookie).unwrap_or(0);
-        let handed = sock::bytes_handed_to_tcp(dst.stream)?.saturating_sub(dst.handed_base);
+        let handed = sock::bytes_handed_to_tcp(dst.stream)
+            .map_err(DirError::Dst)?
+            .saturating_sub(dst.handed_base);
         if handed >= redirected + written {
             return Ok(());
         }
@@ -149,13 +166,13 @@ async fn wait_taken(
             last = Some(handed);
             progress_at = Instant::now();
         } else if progress_at.elapsed() > DRAIN_STALL_TIMEOUT {
-            return Err(io::Error::new(
+            return Err(DirError::Dst(io::Error::new(
                 io::ErrorKind::TimedOut,
                 format!(
                     "peer took no byte for {DRAIN_STALL_TIMEOUT:?} before {what} ({handed} of {} bytes)",
                     redirected + written
                 ),
-            ));
+            )));
         }
         tokio::time::sleep(pause).await;
         pause = (pause * 2).min(Duration::from_millis(20));
@@ -167,11 +184,11 @@ async fn wait_taken(
 /// once `dst` has taken everything.
 async fn direction(
     dp: &Datapath,
-    src: &Side<'_>,
-    dst: &Side<'_>,
-    counters: &Counters,
+    src: &Sock<'_>,
+    dst: &Sock<'_>,
+    (counters, conn): (&Counters, &Conn),
     client_to_backend: bool,
-) -> io::Result<()> {
+) -> Result<(), DirError> {
     // Bytes this agent wrote to dst itself (data the verdict parked on src).
     let mut written: u64 = 0;
     // src's window clamp from before the agent narrowed it to forward parked bytes.
@@ -180,10 +197,13 @@ async fn direction(
     let mut held: Option<Vec<u8>> = None;
     let mut eof_since: Option<Instant> = None;
     loop {
-        src.stream.readable().await?;
+        src.stream.readable().await.map_err(DirError::Src)?;
         let buf = match held {
             Some(ref mut b) => b,
-            None => held.insert(BUFS.take(|| Ok::<_, io::Error>(vec![0u8; FORWARD_BUF]))?),
+            None => held.insert(
+                BUFS.take(|| Ok::<_, io::Error>(vec![0u8; FORWARD_BUF]))
+                    .map_err(DirError::Local)?,
+            ),
         };
         match src.stream.try_read(buf) {
             Ok(0) => {
@@ -198,10 +218,10 @@ async fn direction(
                 }
                 let since = *eof_since.get_or_insert_with(Instant::now);
                 if since.elapsed() > DRAIN_STALL_TIMEOUT {
-                    return Err(io::Error::new(
+                    return Err(DirError::Src(io::Error::new(
                         io::ErrorKind::TimedOut,
                         "parked bytes never reached the socket after EOF",
-                    ));
+                    )));
                 }
                 tokio::time::sleep(Duration::from_millis(1)).await;
             }
@@ -218,9 +238,12 @@ async fn direction(
                     }
                 }
                 wait_taken(dp, src, dst, written, "forwarding parked bytes").await?;
-                write_all(dst.stream, &buf[..n]).await?;
+                write_all(dst.stream, &buf[..n])
+                    .await
+                    .map_err(DirError::Dst)?;
                 written += n as u64;
                 counters.moved(client_to_backend, n as u64);
+                conn.moved(client_to_backend, n as u64);
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                 if let Some(b) = held.take() {
@@ -233,12 +256,12 @@ async fn direction(
                     let _ = sock::set_window_clamp(src.stream, c.max(now));
                 }
             }
-            Err(e) => return Err(e),
+            Err(e) => return Err(DirError::Src(e)),
         }
     }
     // EOF: wait until dst's TCP holds every byte before the FIN.
     wait_taken(dp, src, dst, written, "FIN").await?;
-    sock::shutdown_write(dst.stream)
+    sock::shutdown_write(dst.stream).map_err(DirError::Dst)
 }
 
 async fn write_all(dst: &TcpStream, mut data: &[u8]) -> io::Result<()> {
@@ -271,28 +294,29 @@ pub async fn run(
     client: TcpStream,
     backend: TcpStream,
     counters: Arc<Counters>,
-) -> io::Result<()> {
-    let c = Side {
+) -> Result<(), SideError> {
+    let conn = pair.conn.clone();
+    let c = Sock {
         stream: &client,
         cookie: pair.client_cookie,
         handed_base: bases[0],
     };
-    let b = Side {
+    let b = Sock {
         stream: &backend,
         cookie: pair.backend_cookie,
         handed_base: bases[1],
     };
     let result = {
-        let c2b = direction(&pair.dp, &c, &b, &counters, true);
-        let b2c = direction(&pair.dp, &b, &c, &counters, false);
+        let c2b = direction(&pair.dp, &c, &b, (&counters, &conn), true);
+        let b2c = direction(&pair.dp, &b, &c, (&counters, &conn), false);
         tokio::pin!(c2b, b2c);
         let mut c2b_done = false;
         let mut b2c_done = false;
         let mut err = None;
         while !(c2b_done && b2c_done) && err.is_none() {
             tokio::select! {
-                r = &mut c2b, if !c2b_done => match r { Ok(()) => c2b_done = true, Err(e) => err = Some(e) },
-                r = &mut b2c, if !b2c_done => match r { Ok(()) => b2c_done = true, Err(e) => err = Some(e) },
+                r = &mut c2b, if !c2b_done => match r { Ok(()) => c2b_done = true, Err(e) => err = Some(e.sided(true)) },
+                r = &mut b2c, if !b2c_done => match r { Ok(()) => b2c_done = true, Err(e) => err = Some(e.sided(false)) },
             }
         }
         err.map_or(Ok(()), Err)

@@ -7,6 +7,7 @@
 //! changes later. A port that leaves the desired state stops accepting at once; its
 //! established connections may finish for up to the drain timeout, then are reset.
 pub mod accept;
+pub mod conn;
 pub mod kernel;
 pub mod pool;
 pub mod select;
@@ -31,10 +32,12 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use self::{
+    conn::{BackendPick, Conn},
     select::Swrr,
     stats::{Counters, Path, Registry, RejectReason},
 };
 use crate::{
+    access_log::{EndReason, ListenerRef, PathName},
     desired::{DesiredState, Listener},
     ebpf::Datapath,
     metrics::Metrics,
@@ -181,6 +184,8 @@ struct Shared {
     metrics: Arc<Metrics>,
     /// Every connection task, so shutdown can wait for them.
     tracker: tokio_util::task::TaskTracker,
+    /// The live connections.
+    conns: Arc<conn::Table>,
 }
 
 impl Shared {
@@ -203,6 +208,7 @@ pub async fn serve(
     mut state: watch::Receiver<Arc<DesiredState>>,
     counters: Arc<Registry>,
     metrics: Arc<Metrics>,
+    conns: Arc<conn::Table>,
     shutdown: CancellationToken,
 ) {
     let tracker = tokio_util::task::TaskTracker::new();
@@ -216,6 +222,7 @@ pub async fn serve(
         pair_failures: SeenOnce::default(),
         metrics: metrics.clone(),
         tracker: tracker.clone(),
+        conns,
     });
     let flush_stop = CancellationToken::new();
     let flusher = tokio::spawn(flush_counters(dp, counters, flush_stop.clone()));
@@ -422,10 +429,24 @@ async fn accept_loop(
                 let drain = drain.clone();
                 shared.tracker.spawn(async move {
                     let shared = task_shared;
-                    tokio::select! {
-                        () = handle(&shared, port, client, peer, &counters) => {}
-                        () = drain.cancelled() => debug!(listener = port, %peer, "drain timeout: connection closed"),
-                    }
+                    let desired = shared.state.borrow().clone();
+                    let listener = desired.listeners.get(&port);
+                    let conn = shared.conns.open(
+                        listener.map_or_else(
+                            || ListenerRef::from_origin("", port, None),
+                            |l| ListenerRef::from_origin(&l.origin, port, l.route.as_deref()),
+                        ),
+                        peer,
+                    );
+                    let (end, detail) = tokio::select! {
+                        r = handle(&shared, listener, client, &counters, &conn) => r,
+                        () = drain.cancelled() => {
+                            debug!(listener = port, %peer, "drain timeout: connection closed");
+                            (EndReason::Drained, None)
+                        }
+                    };
+                    shared.conns.remove(&conn);
+                    shared.metrics.access.end(conn.record(end, detail));
                 });
             }
             Err(e) => {
@@ -468,25 +489,37 @@ fn reject(client: &TcpStream, counters: &Counters, reason: RejectReason, port: u
     sock::arm_reset(&client.as_fd());
 }
 
-/// Picks and connects a backend, retrying others on failure.
+/// Picks and connects a backend, retrying others on failure. The error comes with
+/// what the last attempt saw.
 async fn connect_backend(
     shared: &Shared,
     port: u16,
     listener: &Listener,
     counters: &Counters,
-) -> Result<TcpStream, RejectReason> {
+    conn: &Conn,
+) -> Result<TcpStream, (RejectReason, String)> {
     let weights: Vec<u32> = listener.backends.iter().map(|b| b.weight).collect();
     let selector = shared.selector(port);
     let mut failed = Vec::new();
-    let mut last = RejectReason::NoBackend;
+    let mut last = (
+        RejectReason::NoBackend,
+        "no backend with a weight above 0".to_owned(),
+    );
     for _ in 0..shared.cfg.connect_attempts.max(1) {
         let Some(i) = selector.pick(weights.clone(), &failed) else {
             return Err(last);
         };
         let backend = &listener.backends[i];
         let Some(addr) = backend.addr else {
-            return Err(RejectReason::InvalidBackend);
+            return Err((
+                RejectReason::InvalidBackend,
+                format!("invalid backendRef {}", backend.backend_ref),
+            ));
         };
+        conn.set_backend(BackendPick {
+            addr,
+            backend_ref: backend.backend_ref.clone(),
+        });
         let started = std::time::Instant::now();
         match tokio::time::timeout(shared.cfg.connect_timeout, TcpStream::connect(addr)).await {
             Ok(Ok(s)) => {
@@ -503,35 +536,50 @@ async fn connect_backend(
             }
             Ok(Err(e)) => {
                 debug!(listener = port, backend = %addr, error = %e, "backend connect failed");
+                last = (RejectReason::ConnectFailed, format!("connect {addr}: {e}"));
             }
             Err(_) => {
                 debug!(listener = port, backend = %addr, "backend connect timed out");
+                last = (
+                    RejectReason::ConnectFailed,
+                    format!(
+                        "connect {addr}: timed out after {:?}",
+                        shared.cfg.connect_timeout
+                    ),
+                );
             }
         }
         counters.connect_failure();
         failed.push(i);
-        last = RejectReason::ConnectFailed;
     }
     Err(last)
 }
 
+/// Carries one accepted connection to its end; says how it ended (with the error
+/// behind it, if any).
 async fn handle(
     shared: &Shared,
-    port: u16,
+    listener: Option<&Listener>,
     client: TcpStream,
-    peer: SocketAddr,
     counters: &Arc<Counters>,
-) {
-    let desired = shared.state.borrow().clone();
-    let Some(listener) = desired.listeners.get(&port) else {
+    conn: &Arc<Conn>,
+) -> (EndReason, Option<String>) {
+    let port = conn.listener.port;
+    let peer = conn.client;
+    let Some(listener) = listener else {
         reject(&client, counters, RejectReason::NoBackend, port);
-        return;
+        return (EndReason::Refused, Some("no listener".into()));
     };
-    let backend = match connect_backend(shared, port, listener, counters).await {
+    let backend = match connect_backend(shared, port, listener, counters, conn).await {
         Ok(b) => b,
-        Err(reason) => {
+        Err((reason, detail)) => {
             reject(&client, counters, reason, port);
-            return;
+            let end = if reason == RejectReason::ConnectFailed {
+                EndReason::ConnectFailed
+            } else {
+                EndReason::Refused
+            };
+            return (end, Some(detail));
         }
     };
     let splice_reason = match shared.cfg.mode {
@@ -555,6 +603,7 @@ async fn handle(
             &backend,
             port,
             shared.cfg.kernel_queue_limit,
+            conn,
         ) {
             Ok(paired) => Some(paired),
             Err(e) => {
@@ -580,20 +629,26 @@ async fn handle(
     let (path_taken, result) = if let Some((pair, bases)) = kernel {
         shared.choices.once("kernel", "pair in sockmap");
         counters.opened(Path::Kernel);
+        conn.set_path(PathName::Sockmap);
         (
             Path::Kernel,
             kernel::run(pair, bases, client, backend, counters.clone()).await,
         )
     } else {
         counters.opened(Path::Userspace);
+        conn.set_path(PathName::Splice);
         (
             Path::Userspace,
-            splice::run(client, backend, counters.clone()).await,
+            splice::run(client, backend, counters.clone(), conn).await,
         )
     };
     counters.closed(path_taken);
-    if let Err(e) = result {
-        debug!(listener = port, %peer, error = %e, "connection ended with an error; both sides reset");
+    match result {
+        Ok(()) => (EndReason::Fin, None),
+        Err(e) => {
+            debug!(listener = port, %peer, error = %e, "connection ended with an error; both sides reset");
+            (e.end_reason(), Some(e.to_string()))
+        }
     }
 }
 

@@ -19,7 +19,12 @@ use std::{
 
 use tokio::{io::Interest, net::TcpStream};
 
-use super::{pool::Pool, sock, stats::Counters};
+use super::{
+    conn::{Conn, DirError, SideError},
+    pool::Pool,
+    sock,
+    stats::Counters,
+};
 
 /// Bytes moved per `splice` call.
 const CHUNK: usize = 256 * 1024;
@@ -69,28 +74,28 @@ fn splice(from: &impl AsRawFd, to: &impl AsRawFd, len: usize) -> io::Result<usiz
 }
 
 /// Moves `src` -> `dst` until EOF on `src`, then shuts `dst`'s write side down.
-/// `already` bytes were moved before (early data) and only count in the result.
+/// Bytes moved count in `counters` (the listener's) and in `conn` (the connection's).
 pub async fn direction(
     src: &TcpStream,
     dst: &TcpStream,
-    counters: &Counters,
+    (counters, conn): (&Counters, &Conn),
     client_to_backend: bool,
-) -> io::Result<End> {
+) -> Result<End, DirError> {
     // Held while bytes are in flight; given back empty when src has nothing more.
     let mut held: Option<Pipe> = None;
     loop {
         // socket -> pipe
-        src.readable().await?;
+        src.readable().await.map_err(DirError::Src)?;
         let pipe = match held {
             Some(ref p) => p,
-            None => held.insert(PIPES.take(Pipe::new)?),
+            None => held.insert(PIPES.take(Pipe::new).map_err(DirError::Local)?),
         };
         let n = match src.try_io(Interest::READABLE, || splice(src, &pipe.w, CHUNK)) {
             Ok(0) => {
                 if let Some(p) = held.take() {
                     PIPES.give(p);
                 }
-                sock::shutdown_write(dst)?;
+                sock::shutdown_write(dst).map_err(DirError::Dst)?;
                 return Ok(End::Eof);
             }
             Ok(n) => n,
@@ -101,30 +106,37 @@ pub async fn direction(
                 continue;
             }
             // The pipe is empty here, but the connection ends: let it go.
-            Err(e) => return Err(e),
+            Err(e) => return Err(DirError::Src(e)),
         };
         // pipe -> socket, all of it before reading more
         let mut left = n;
         while left > 0 {
-            dst.writable().await?;
+            dst.writable().await.map_err(DirError::Dst)?;
             match dst.try_io(Interest::WRITABLE, || splice(&pipe.r, dst, left)) {
                 Ok(m) => {
                     left -= m;
                     counters.moved(client_to_backend, m as u64);
+                    conn.moved(client_to_backend, m as u64);
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                Err(e) => return Err(e),
+                Err(e) => return Err(DirError::Dst(e)),
             }
         }
     }
 }
 
 /// Proxies `client` <-> `backend` on the userspace path until both directions ended.
-/// On an error in either direction both sockets are reset.
-pub async fn run(client: TcpStream, backend: TcpStream, counters: Arc<Counters>) -> io::Result<()> {
+/// On an error in either direction both sockets are reset; the error says which side
+/// it came from.
+pub async fn run(
+    client: TcpStream,
+    backend: TcpStream,
+    counters: Arc<Counters>,
+    conn: &Conn,
+) -> Result<(), SideError> {
     let result = {
-        let c2b = direction(&client, &backend, &counters, true);
-        let b2c = direction(&backend, &client, &counters, false);
+        let c2b = direction(&client, &backend, (&counters, conn), true);
+        let b2c = direction(&backend, &client, (&counters, conn), false);
         tokio::pin!(c2b, b2c);
         // Both directions must finish; the first error ends both.
         let mut c2b_done = false;
@@ -132,8 +144,8 @@ pub async fn run(client: TcpStream, backend: TcpStream, counters: Arc<Counters>)
         let mut err = None;
         while !(c2b_done && b2c_done) && err.is_none() {
             tokio::select! {
-                r = &mut c2b, if !c2b_done => match r { Ok(_) => c2b_done = true, Err(e) => err = Some(e) },
-                r = &mut b2c, if !b2c_done => match r { Ok(_) => b2c_done = true, Err(e) => err = Some(e) },
+                r = &mut c2b, if !c2b_done => match r { Ok(_) => c2b_done = true, Err(e) => err = Some(e.sided(true)) },
+                r = &mut b2c, if !b2c_done => match r { Ok(_) => b2c_done = true, Err(e) => err = Some(e.sided(false)) },
             }
         }
         err.map_or(Ok(()), Err)
