@@ -767,6 +767,19 @@ fn source_kind(args: &RunArgs) -> SourceKind {
     }
 }
 
+/// The socket paths' settings from the flags.
+fn proxy_config(args: &RunArgs) -> anyhow::Result<ProxyConfig> {
+    Ok(ProxyConfig {
+        mode: args.datapath,
+        connect_timeout: secs(args.connect_timeout, "connect-timeout")?,
+        connect_attempts: args.connect_attempts,
+        drain_timeout: secs(args.drain_timeout, "drain-timeout")?,
+        backend_timeout: secs(args.backend_timeout, "backend-timeout")?,
+        bind: args.bind,
+        kernel_queue_limit: args.kernel_queue_limit,
+    })
+}
+
 fn run(args: &RunArgs) -> anyhow::Result<()> {
     let source = source_kind(args);
     let filter = BackendFilter::allowing(args.allow_backend_cidrs.iter().copied());
@@ -793,15 +806,7 @@ fn run(args: &RunArgs) -> anyhow::Result<()> {
         d
     };
     let (tx, rx) = watch::channel(Arc::new(desired.clone()));
-    let cfg = ProxyConfig {
-        mode: args.datapath,
-        connect_timeout: secs(args.connect_timeout, "connect-timeout")?,
-        connect_attempts: args.connect_attempts,
-        drain_timeout: secs(args.drain_timeout, "drain-timeout")?,
-        backend_timeout: secs(args.backend_timeout, "backend-timeout")?,
-        bind: args.bind,
-        kernel_queue_limit: args.kernel_queue_limit,
-    };
+    let cfg = proxy_config(args)?;
     let forward = forward_setup(
         args,
         cfg.drain_timeout,
