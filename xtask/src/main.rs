@@ -9,8 +9,11 @@
 //! * `test`: `setup`, then every test (unit and privileged end-to-end).
 //! * `bench`: sockgate's data paths side by side with no proxy and with `HAProxy`,
 //!   nginx, socat and Envoy; writes `bench/results.csv`, `BENCHMARKS.md` and a chart.
+//! * `image`: the agent's OCI image from this machine's files (no base image pulled),
+//!   loaded into podman and run.
 mod bench;
 mod demo;
+mod image;
 mod setup;
 
 use std::process::{Command, ExitCode};
@@ -33,6 +36,9 @@ enum Cmd {
     Demo,
     /// Benchmark the data paths against no proxy and userspace proxies.
     Bench(bench::Options),
+    /// Build the agent's OCI image (no base image pulled), load it into podman and run
+    /// it.
+    Image(image::Options),
     /// Run all tests (unit and privileged end-to-end).
     Test {
         /// Extra arguments for `cargo test` (after `--`).
@@ -48,6 +54,9 @@ fn main() -> ExitCode {
         Cmd::Demo => setup::run().and_then(|()| demo::run()),
         Cmd::Bench(opts) => setup::run().and_then(|()| bench::run(&opts)),
         Cmd::Test { args } => setup::run().and_then(|()| test(&args)),
+        // A release build needs the eBPF toolchain; a binary given does not.
+        Cmd::Image(opts) if opts.binary.is_none() => setup::run().and_then(|()| image::run(&opts)),
+        Cmd::Image(opts) => image::run(&opts),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
