@@ -121,10 +121,6 @@ struct CheckArgs {
 /// The data path's capacities (the maps are sized from them at load time; the model
 /// leaves out what does not fit and says so).
 #[derive(clap::Args)]
-#[expect(
-    clippy::struct_field_names,
-    reason = "the fields are the --max-* flags, named as the user types them"
-)]
 struct LimitArgs {
     /// Listeners programmed at most: entries of `GW_LISTENERS` and the other maps keyed
     /// by listener port (`GW_STATS` has two per listener). Listeners beyond it are not
@@ -143,6 +139,11 @@ struct LimitArgs {
     #[arg(long, default_value_t = gateway_common::MAX_BACKENDS_PER_LISTENER,
           value_parser = clap::value_parser!(u32).range(16..=256))]
     max_backends_per_listener: u32,
+    /// The listener ports this node allows, MIN-MAX (default all): a Gateway listener
+    /// on another port is not accepted (`PortUnavailable` in its status), a `--route`
+    /// on another port is left out; both are logged and counted.
+    #[arg(long, value_name = "MIN-MAX", default_value = "1-65535")]
+    listener_ports: limits::ListenerPorts,
 }
 
 impl LimitArgs {
@@ -151,6 +152,7 @@ impl LimitArgs {
             listeners: self.max_listeners,
             backends: self.max_backends,
             backends_per_listener: self.max_backends_per_listener,
+            listener_ports: self.listener_ports,
         }
     }
 }
@@ -424,6 +426,16 @@ impl Said {
         metrics.backend_refs_unready.set(&d.unready);
         let now: BTreeSet<LeftOut> = d.left_out.iter().cloned().collect();
         for l in now.difference(&self.left_out) {
+            if l.limit == limits::Limit::ListenerPorts {
+                tracing::warn!(
+                    listener = %l.listener,
+                    port = l.port,
+                    limit = %l.limit,
+                    flag = l.limit.flag(),
+                    "listener not accepted: {}", l.message
+                );
+                continue;
+            }
             tracing::warn!(
                 listener = %l.listener,
                 port = l.port,
@@ -829,6 +841,10 @@ fn run(args: &RunArgs) -> anyhow::Result<()> {
     }
     for c in filter.allowed() {
         info!(cidr = %c, "backend addresses in this range allowed (--allow-backend-cidr)");
+    }
+    let ports = args.limits.listener_ports;
+    if !ports.is_all() {
+        info!(%ports, "listeners allowed on these ports only (--listener-ports)");
     }
     let metrics = Arc::new(Metrics::new(dp.clone()));
     let access_writer = open_access_log(args, &metrics)?;

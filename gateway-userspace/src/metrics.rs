@@ -126,7 +126,8 @@ impl BackendsRefused {
 }
 
 /// `sockgate_listeners_not_programmed{limit}` (listeners left out because
-/// `GW_LISTENERS` or `GW_BACKENDS` has no room) and
+/// `GW_LISTENERS` or `GW_BACKENDS` has no room, or because their port is outside
+/// `--listener-ports`) and
 /// `sockgate_endpoints_not_programmed` (endpoints beyond a listener's limit), for the
 /// current desired state; always present, 0 when everything fits.
 #[derive(Clone, Debug, Default)]
@@ -139,7 +140,7 @@ impl NotProgrammed {
     fn register(&self, registry: &mut Registry) {
         registry.register(
             "sockgate_listeners_not_programmed",
-            "Listeners not programmed because the node's listener or backend table is full (see --max-listeners, --max-backends), by limit",
+            "Listeners not programmed because the node's listener or backend table is full (see --max-listeners, --max-backends) or their port is not allowed (--listener-ports), by limit",
             self.listeners.clone(),
         );
         registry.register(
@@ -152,7 +153,7 @@ impl NotProgrammed {
 
     /// Sets the gauges from what the desired state being programmed left out.
     pub fn set(&self, left_out: &[LeftOut]) {
-        for limit in [Limit::Listeners, Limit::Backends] {
+        for limit in [Limit::Listeners, Limit::Backends, Limit::ListenerPorts] {
             let n = left_out.iter().filter(|l| l.limit == limit).count();
             self.listeners
                 .get_or_create(&vec![("limit", limit.as_str().to_owned())])

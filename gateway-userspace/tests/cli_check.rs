@@ -2,8 +2,8 @@
 //! (the fixture, up to `lastTransitionTime`), JSON output parses, an application's
 //! bundle of other kinds checks with the skipped kinds said on stderr, bad input exits
 //! non-zero with the file and line, and refused backend addresses are reported (and
-//! allowed with `--allow-backend-cidr`), and every object is reported in the apiVersion
-//! it was given.
+//! allowed with `--allow-backend-cidr`), every object is reported in the apiVersion it
+//! was given, and listeners outside `--listener-ports` are not accepted.
 use std::{path::Path, process::Command};
 
 fn root() -> &'static Path {
@@ -321,4 +321,91 @@ fn each_object_is_reported_in_the_api_version_it_was_given() {
     ]
     .map(|(k, n, v)| (k.to_owned(), n.to_owned(), v));
     assert_eq!(versions, want);
+}
+
+/// The listener `name` of Gateway `gateway`'s status.
+fn listener<'a>(report: &'a serde_yaml::Value, gateway: &str, name: &str) -> &'a serde_yaml::Value {
+    report["objects"]
+        .as_sequence()
+        .expect("objects")
+        .iter()
+        .find(|o| o["kind"] == "Gateway" && o["metadata"]["name"] == gateway)
+        .unwrap_or_else(|| panic!("Gateway {gateway}"))["status"]["listeners"]
+        .as_sequence()
+        .expect("listeners")
+        .iter()
+        .find(|l| l["name"] == name)
+        .unwrap_or_else(|| panic!("listener {name}"))
+}
+
+/// The condition `type_` of a listener status.
+fn condition<'a>(listener: &'a serde_yaml::Value, type_: &str) -> &'a serde_yaml::Value {
+    listener["conditions"]
+        .as_sequence()
+        .expect("conditions")
+        .iter()
+        .find(|c| c["type"] == type_)
+        .unwrap_or_else(|| panic!("{type_}"))
+}
+
+#[test]
+fn listeners_outside_the_allowed_ports_are_not_accepted() {
+    // The basic example: my-tcp-gateway's listeners foo (8080) and bar (8090).
+    let input = "deploy/examples/gateway-api-basic";
+    let ports = |r: &serde_yaml::Value| -> Vec<u64> {
+        r["programmed"]
+            .as_sequence()
+            .expect("programmed")
+            .iter()
+            .filter_map(|l| l["port"].as_u64())
+            .collect()
+    };
+    let out = check(&["-f", input]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r: serde_yaml::Value = serde_yaml::from_slice(&out.stdout).expect("yaml");
+    assert_eq!(ports(&r), [8080, 8090]);
+
+    // 8085-8095: foo is not accepted, not programmed, and said in notProgrammed; bar
+    // is served.
+    let out = check(&["-f", input, "--listener-ports", "8085-8095"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r: serde_yaml::Value = serde_yaml::from_slice(&out.stdout).expect("yaml");
+    assert_eq!(ports(&r), [8090]);
+    let foo = listener(&r, "my-tcp-gateway", "foo");
+    let accepted = condition(foo, "Accepted");
+    assert_eq!(accepted["status"], "False");
+    assert_eq!(accepted["reason"], "PortUnavailable");
+    assert_eq!(
+        accepted["message"],
+        "port 8080 is outside the listener ports this node allows (8085-8095; --listener-ports)"
+    );
+    assert_eq!(condition(foo, "Programmed")["status"], "False");
+    let bar = listener(&r, "my-tcp-gateway", "bar");
+    assert_eq!(condition(bar, "Accepted")["status"], "True");
+    assert_eq!(condition(bar, "Programmed")["status"], "True");
+    let left = r["notProgrammed"].as_sequence().expect("notProgrammed");
+    assert_eq!(left.len(), 1, "{r:?}");
+    assert_eq!(left[0]["limit"], "listener_ports");
+    assert_eq!(left[0]["port"].as_u64(), Some(8080));
+    assert_eq!(left[0]["listener"], "default/my-tcp-gateway/foo");
+
+    // A bad value: one line naming the flag.
+    for bad in ["80", "0-10", "9000-8000", "1-70000"] {
+        let out = check(&["-f", input, "--listener-ports", bad]);
+        assert!(!out.status.success(), "{bad}");
+        assert!(out.stdout.is_empty());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains(&format!("invalid --listener-ports \"{bad}\"")),
+            "{err}"
+        );
+    }
 }

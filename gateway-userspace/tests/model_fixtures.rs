@@ -4,7 +4,9 @@
 //! every `GatewayClass`, `Gateway` and `TCPRoute`, then the programmed table), computed
 //! at a fixed time. A case may have `params.yaml` with `allowBackendCidrs: [CIDR, ...]`,
 //! the `--allow-backend-cidr` values it is computed with, `limits: {listeners: N,
-//! backends: N, backendsPerListener: N}`, the capacities (`--max-listeners`, ...), and
+//! backends: N, backendsPerListener: N, listenerPorts: {min: N, max: N}}`, the
+//! capacities (`--max-listeners`, ...) and allowed listener ports (`--listener-ports`,
+//! optional: all by default), and
 //! `crdBundleVersions: {CRD name: version or null}`, the bundle-version annotations of
 //! the CRDs as the kube source reads them (without it, no CRD was read, as with files),
 //! `nodeAddresses: [IP, ...]`, this node's addresses (`sockgate check --node-address`),

@@ -2,7 +2,8 @@
 //! (`--max-listeners`, `--max-backends-per-listener`) and a configuration that does
 //! not fit them. What fits is programmed and served, the rest is left out and said
 //! (logs, `sockgate check`'s status), and the agent keeps serving, at start and when a
-//! change crosses a limit at run time.
+//! change crosses a limit at run time. A listener on a port outside `--listener-ports`
+//! is not accepted, said and counted, and never served.
 mod common;
 
 use std::{
@@ -13,7 +14,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{Agent, connect, exchange, require_root, sockgate_bin};
+use common::{Agent, connect, exchange, metrics, require_root, sockgate_bin};
 use netbed::{Bed, servers};
 
 struct Dir(PathBuf);
@@ -327,4 +328,74 @@ fn endpoints_beyond_the_per_listener_limit_are_left_out_and_said() {
     for _ in 0..5 {
         assert_eq!(ask(&bed, 9101), Ok("echo".into()));
     }
+}
+
+#[test]
+fn listeners_outside_the_allowed_ports_are_not_accepted_said_and_not_served() {
+    require_root();
+    let bed = Bed::new(1).expect("bed");
+    let backend = SocketAddr::new(bed.backend_addr(0).into(), 3001);
+    let _echo =
+        servers::Server::start(bed.backend(0), backend, servers::named_echo("echo")).expect("echo");
+    let d = dir("ports");
+    let eps = [bed.backend_addr(0).to_string()];
+    write(&d.0, "a.yaml", &(CLASS.to_owned() + &service(&eps)));
+    write(
+        &d.0,
+        "gw.yaml",
+        &gateway("gw", "2025-01-01T00:00:00Z", &[9201, 9301]),
+    );
+    let dir_arg = d.0.to_str().expect("utf-8");
+    let flags = ["--listener-ports", "9200-9299"];
+    let agent = Agent::start(
+        &bed,
+        &["--source", "files", "--dir", dir_arg, flags[0], flags[1]],
+        &[9201],
+    );
+    assert_eq!(ask(&bed, 9201), Ok("echo".into()));
+    assert!(
+        ask(&bed, 9301).is_err(),
+        "9301 is outside the range, never served"
+    );
+    assert_eq!(programmed(&agent), [9201]);
+    let log = agent.log_text();
+    assert!(
+        log.contains("listener not accepted: port 9301 is outside the listener ports this node allows (9200-9299; --listener-ports)")
+            && log.contains("listener=default/gw/l9301")
+            && log.contains("limit=listener_ports"),
+        "the refused listener is logged:\n{log}"
+    );
+    assert!(
+        log.contains("listeners allowed on these ports only (--listener-ports) ports=9200-9299"),
+        "{log}"
+    );
+    let text = metrics(&bed);
+    assert!(
+        text.contains("sockgate_listeners_not_programmed{limit=\"listener_ports\"} 1\n"),
+        "{text}"
+    );
+    // `sockgate check` with the same flag: the listener is not accepted, and why.
+    let report = check(&d.0, &flags);
+    let c = listener_condition(&report, "gw", "l9301", "Accepted");
+    assert_eq!(c["status"], "False", "{c}");
+    assert_eq!(c["reason"], "PortUnavailable", "{c}");
+    let c = route_condition(&report, "r9301", "Accepted");
+    assert_eq!(c["reason"], "NotAllowedByListeners", "{c}");
+
+    // At run time the listener moves into the range: served, and said.
+    write(
+        &d.0,
+        "gw.yaml",
+        &gateway("gw", "2025-01-01T00:00:00Z", &[9201, 9202]),
+    );
+    eventually("9202 served", &agent, || {
+        ask(&bed, 9202) == Ok("echo".into())
+    });
+    assert!(agent.log_text().contains("no longer left out"));
+    assert_eq!(programmed(&agent), [9201, 9202]);
+    let text = metrics(&bed);
+    assert!(
+        text.contains("sockgate_listeners_not_programmed{limit=\"listener_ports\"} 0\n"),
+        "{text}"
+    );
 }

@@ -12,9 +12,12 @@
 //!   (`conformance/report.yaml`) from their results.
 //! * `bench`: sockgate's data paths side by side with no proxy and with `HAProxy`,
 //!   nginx, socat and Envoy; writes `bench/results.csv`, `BENCHMARKS.md` and a chart.
+//! * `image`: the agent's OCI image from this machine's files (no base image pulled),
+//!   loaded into podman and run.
 mod bench;
 mod conformance;
 mod demo;
+mod image;
 mod setup;
 
 use std::process::{Command, ExitCode};
@@ -39,6 +42,9 @@ enum Cmd {
     Bench(bench::Options),
     /// Run the Gateway API conformance cases and write the conformance report.
     Conformance(conformance::Options),
+    /// Build the agent's OCI image (no base image pulled), load it into podman and run
+    /// it.
+    Image(image::Options),
     /// Run all tests (unit and privileged end-to-end).
     Test {
         /// Extra arguments for `cargo test` (after `--`).
@@ -55,6 +61,9 @@ fn main() -> ExitCode {
         Cmd::Bench(opts) => setup::run().and_then(|()| bench::run(&opts)),
         Cmd::Conformance(opts) => setup::run().and_then(|()| conformance::run(&opts)),
         Cmd::Test { args } => setup::run().and_then(|()| test(&args)),
+        // A release build needs the eBPF toolchain; a binary given does not.
+        Cmd::Image(opts) if opts.binary.is_none() => setup::run().and_then(|()| image::run(&opts)),
+        Cmd::Image(opts) => image::run(&opts),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -14,9 +14,14 @@
 //!   weight keeps the first `backends_per_listener / backendRefs` of its endpoints
 //!   (in address order), the rest are left out and the route's `ResolvedRefs` says so.
 //!
+//! * a listener whose port is outside the node's allowed listener ports
+//!   ([`ListenerPorts`], `--listener-ports`) is not accepted (`PortUnavailable`) and
+//!   left out ([`Limit::ListenerPorts`]): a tenant's Gateway cannot take the node's
+//!   SSH, kubelet or metrics port.
+//!
 //! Pure: `sockgate check` shows the same decision as the agent. See
 //! `docs/operations.md`, "Limits".
-use std::net::SocketAddr;
+use std::{fmt, net::SocketAddr, str::FromStr};
 
 use gateway_common::{MAX_BACKENDS, MAX_BACKENDS_PER_LISTENER, MAX_LISTENERS};
 use serde::{Deserialize, Serialize};
@@ -30,6 +35,8 @@ pub const LISTENERS_FLAG: &str = "--max-listeners";
 pub const BACKENDS_FLAG: &str = "--max-backends";
 /// The flag that bounds the entries of one listener.
 pub const PER_LISTENER_FLAG: &str = "--max-backends-per-listener";
+/// The flag that sets the listener ports this node allows.
+pub const LISTENER_PORTS_FLAG: &str = "--listener-ports";
 
 /// Fewest entries a listener may be limited to: the most backendRefs a TCPRoute rule
 /// may have (Gateway API `maxItems`), so every backendRef keeps one entry.
@@ -52,6 +59,10 @@ pub struct Limits {
     /// program's selection table stores an index as a `u8`;
     /// `--max-backends-per-listener`).
     pub backends_per_listener: u32,
+    /// The listener ports this node allows (`--listener-ports`, default all); a
+    /// listener on another port is not accepted.
+    #[serde(default)]
+    pub listener_ports: ListenerPorts,
 }
 
 impl Default for Limits {
@@ -60,7 +71,72 @@ impl Default for Limits {
             listeners: MAX_LISTENERS,
             backends: MAX_BACKENDS,
             backends_per_listener: MAX_BACKENDS_PER_LISTENER,
+            listener_ports: ListenerPorts::default(),
         }
+    }
+}
+
+/// The listener ports a node allows, `MIN-MAX` inclusive (`--listener-ports`); by
+/// default every port, 1-65535.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ListenerPorts {
+    /// Lowest allowed port, at least 1.
+    pub min: u16,
+    /// Highest allowed port, at least `min`.
+    pub max: u16,
+}
+
+impl Default for ListenerPorts {
+    fn default() -> Self {
+        Self {
+            min: 1,
+            max: u16::MAX,
+        }
+    }
+}
+
+impl ListenerPorts {
+    /// Whether `port` is allowed.
+    pub fn contains(self, port: u16) -> bool {
+        (self.min..=self.max).contains(&port)
+    }
+
+    /// Whether every port is allowed (the default).
+    pub fn is_all(self) -> bool {
+        self == Self::default()
+    }
+}
+
+impl fmt::Display for ListenerPorts {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}-{}", self.min, self.max)
+    }
+}
+
+/// A `--listener-ports` value that does not parse.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "invalid {LISTENER_PORTS_FLAG} {value:?}: expected MIN-MAX with 1 <= MIN <= MAX <= 65535, e.g. 1024-32767"
+)]
+pub struct ListenerPortsError {
+    /// The value given.
+    pub value: String,
+}
+
+impl FromStr for ListenerPorts {
+    type Err = ListenerPortsError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bad = || ListenerPortsError {
+            value: s.to_owned(),
+        };
+        let (a, b) = s.split_once('-').ok_or_else(bad)?;
+        let min: u16 = a.trim().parse().map_err(|_| bad())?;
+        let max: u16 = b.trim().parse().map_err(|_| bad())?;
+        if min == 0 || min > max {
+            return Err(bad());
+        }
+        Ok(Self { min, max })
     }
 }
 
@@ -75,6 +151,7 @@ impl Limits {
             backends_per_listener: self
                 .backends_per_listener
                 .clamp(MIN_PER_LISTENER, MAX_BACKENDS_PER_LISTENER),
+            listener_ports: self.listener_ports,
         }
     }
 }
@@ -91,11 +168,18 @@ pub enum Limit {
     /// The listener holds `backends_per_listener` entries: endpoints of a backendRef
     /// are left out (the listener is programmed with the others).
     BackendsPerListener,
+    /// The listener's port is outside `--listener-ports`: the listener is not accepted.
+    ListenerPorts,
 }
 
 impl Limit {
     /// Every limit, in a fixed order (metric labels are written for each).
-    pub const ALL: [Self; 3] = [Self::Listeners, Self::Backends, Self::BackendsPerListener];
+    pub const ALL: [Self; 4] = [
+        Self::Listeners,
+        Self::Backends,
+        Self::BackendsPerListener,
+        Self::ListenerPorts,
+    ];
 
     /// The limit as a metric label and log field.
     pub const fn as_str(self) -> &'static str {
@@ -103,6 +187,7 @@ impl Limit {
             Self::Listeners => "listeners",
             Self::Backends => "backends",
             Self::BackendsPerListener => "backends_per_listener",
+            Self::ListenerPorts => "listener_ports",
         }
     }
 
@@ -112,6 +197,7 @@ impl Limit {
             Self::Listeners => "listener table full",
             Self::Backends => "backend table full",
             Self::BackendsPerListener => "too many backend entries for one listener",
+            Self::ListenerPorts => "listener port not allowed",
         }
     }
 
@@ -121,12 +207,13 @@ impl Limit {
             Self::Listeners => LISTENERS_FLAG,
             Self::Backends => BACKENDS_FLAG,
             Self::BackendsPerListener => PER_LISTENER_FLAG,
+            Self::ListenerPorts => LISTENER_PORTS_FLAG,
         }
     }
 }
 
-impl std::fmt::Display for Limit {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+impl fmt::Display for Limit {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.as_str())
     }
 }
@@ -145,7 +232,8 @@ pub struct LeftOut {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub backend_ref: Option<String>,
     /// Endpoints left out ([`Limit::BackendsPerListener`]), or the backend entries
-    /// the listener needed (the listener limits).
+    /// the listener needed (the listener table limits); 0 for
+    /// [`Limit::ListenerPorts`].
     pub count: u32,
     /// What happened, for logs and status.
     pub message: String,
@@ -220,6 +308,26 @@ impl Budget {
     }
 }
 
+/// Listener `port` (`origin`) left out because `ports` does not allow it; `None`
+/// when it is allowed.
+pub fn port_not_allowed(port: u16, origin: &str, ports: ListenerPorts) -> Option<LeftOut> {
+    (!ports.contains(port)).then(|| LeftOut {
+        limit: Limit::ListenerPorts,
+        port,
+        listener: origin.to_owned(),
+        backend_ref: None,
+        count: 0,
+        message: port_message(port, ports),
+    })
+}
+
+/// Why listener port `port` is not accepted under `ports`.
+pub fn port_message(port: u16, ports: ListenerPorts) -> String {
+    format!(
+        "port {port} is outside the listener ports this node allows ({ports}; {LISTENER_PORTS_FLAG})"
+    )
+}
+
 /// Endpoints of one backendRef left out of a listener of at most `per_listener`
 /// entries.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -276,20 +384,24 @@ pub fn truncated(refs: &[ResolvedRef], per_listener: u32) -> Vec<Truncated> {
 }
 
 /// Fits a desired state that did not come from the model (the `--route` table):
-/// listeners by port while they fit, the others left out (recorded in
+/// listeners on allowed ports by port while they fit, the others left out (recorded in
 /// `desired.left_out`).
 pub fn fit(desired: &mut DesiredState, limits: Limits) {
     let mut budget = Budget::new(limits);
     let mut left = Vec::new();
-    desired.listeners.retain(
-        |&port, l| match budget.take(port, &l.origin, l.backends.len()) {
+    desired.listeners.retain(|&port, l| {
+        let taken = match port_not_allowed(port, &l.origin, limits.listener_ports) {
+            Some(out) => Err(out),
+            None => budget.take(port, &l.origin, l.backends.len()),
+        };
+        match taken {
             Ok(()) => true,
             Err(out) => {
                 left.push(out);
                 false
             }
-        },
-    );
+        }
+    });
     desired.left_out.extend(left);
     desired.left_out.sort();
 }
@@ -304,7 +416,57 @@ mod tests {
             listeners,
             backends,
             backends_per_listener: MIN_PER_LISTENER,
+            listener_ports: ListenerPorts::default(),
         }
+    }
+
+    #[test]
+    fn listener_ports_parse_and_contain() {
+        let p: ListenerPorts = "1024-32767".parse().expect("parses");
+        assert_eq!((p.min, p.max), (1024, 32767));
+        assert!(p.contains(1024) && p.contains(32767) && p.contains(8080));
+        assert!(!p.contains(1023) && !p.contains(32768) && !p.contains(22));
+        assert_eq!(p.to_string(), "1024-32767");
+        assert!(!p.is_all());
+        assert!(ListenerPorts::default().is_all());
+        assert!(ListenerPorts::default().contains(1) && ListenerPorts::default().contains(65535));
+        let one: ListenerPorts = " 9000 - 9000 ".parse().expect("one port");
+        assert!(one.contains(9000) && !one.contains(9001));
+        for bad in ["", "80", "0-80", "90-80", "1-65536", "a-b", "1024-"] {
+            let e = bad.parse::<ListenerPorts>().expect_err(bad);
+            assert!(e.to_string().contains(LISTENER_PORTS_FLAG), "{e}");
+        }
+    }
+
+    #[test]
+    fn fit_leaves_out_route_listeners_outside_the_allowed_ports() {
+        let mut d = DesiredState::default();
+        for port in [22, 8080, 9000] {
+            d.listeners.insert(
+                port,
+                Listener {
+                    port,
+                    origin: format!("--route {port}"),
+                    ..Listener::default()
+                },
+            );
+        }
+        let allowed = Limits {
+            listener_ports: "8000-8999".parse().expect("range"),
+            ..Limits::default()
+        };
+        fit(&mut d, allowed);
+        assert_eq!(d.listeners.keys().copied().collect::<Vec<_>>(), [8080]);
+        let out: Vec<(u16, Limit)> = d.left_out.iter().map(|l| (l.port, l.limit)).collect();
+        assert_eq!(
+            out,
+            [(22, Limit::ListenerPorts), (9000, Limit::ListenerPorts)]
+        );
+        assert_eq!(
+            d.left_out[0].message,
+            "port 22 is outside the listener ports this node allows (8000-8999; --listener-ports)"
+        );
+        assert_eq!(d.left_out[0].count, 0);
     }
 
     #[test]
@@ -333,6 +495,7 @@ mod tests {
             listeners: 0,
             backends: 0,
             backends_per_listener: 1000,
+            listener_ports: ListenerPorts::default(),
         }
         .clamped();
         assert_eq!((l.listeners, l.backends), (1, 1));

@@ -31,7 +31,7 @@ use super::{
         ADDRESS_TYPE_IP, BUNDLE_VERSION, BUNDLE_VERSION_ANNOTATION, FALSE, GATEWAY_GROUP,
         KIND_GATEWAY, KIND_TCP_ROUTE, SUPPORTED_FEATURES, TRUE, reasons, types,
     },
-    limits::{Budget, LeftOut, Limit, truncated},
+    limits::{Budget, LeftOut, Limit, ListenerPorts, port_message, port_not_allowed, truncated},
     snapshot::{
         CrdBundle, ObjectKey, Params, Snapshot, TcpRouteObject, generation_of, namespace_of,
     },
@@ -96,6 +96,8 @@ struct ListenerEval<'a> {
     gateway: ObjectKey,
     port: Option<u16>,
     tcp: bool,
+    /// The port is outside `--listener-ports`: why.
+    not_allowed: Option<String>,
     conflict: Option<Conflict>,
     /// `allowedRoutes.kinds` entries sockgate supports (TCPRoute), as written.
     supported_kinds: Vec<GatewayStatusListenersSupportedKinds>,
@@ -106,9 +108,9 @@ struct ListenerEval<'a> {
 }
 
 impl ListenerEval<'_> {
-    /// `Accepted=True`: TCP, a valid port, no conflict.
+    /// `Accepted=True`: TCP, a valid and allowed port, no conflict.
     fn accepted(&self) -> bool {
-        self.tcp && self.port.is_some() && self.conflict.is_none()
+        self.tcp && self.port.is_some() && self.not_allowed.is_none() && self.conflict.is_none()
     }
 
     /// Why the listener is not accepted (the `Accepted=False` reason and message).
@@ -127,6 +129,8 @@ impl ListenerEval<'_> {
                 reasons::PORT_UNAVAILABLE,
                 format!("port {port} is out of range 1-65535"),
             ))
+        } else if let Some(why) = &self.not_allowed {
+            Some((reasons::PORT_UNAVAILABLE, why.clone()))
         } else {
             match &self.conflict {
                 Some(Conflict::SameGateway) => Some((
@@ -301,6 +305,7 @@ pub fn reconcile(snap: &Snapshot, params: &Params) -> (DesiredState, StatusSet) 
         .filter(|g| ours.contains(&g.spec.gateway_class_name))
         .collect();
     gateways.sort_by_cached_key(|g| age(&g.metadata, true));
+    let ports = params.limits.listener_ports;
     let mut evals: Vec<GatewayEval<'_>> = gateways
         .iter()
         .map(|g| evaluate_gateway(g, params))
@@ -325,7 +330,10 @@ pub fn reconcile(snap: &Snapshot, params: &Params) -> (DesiredState, StatusSet) 
     }
 
     // Listeners in Gateway age order, then spec order, while the maps have room.
-    let mut desired = DesiredState::default();
+    let mut desired = DesiredState {
+        left_out: ports_not_allowed(&evals, ports),
+        ..DesiredState::default()
+    };
     let mut budget = Budget::new(params.limits);
     let per_listener = budget.limits().backends_per_listener;
     for g in &evals {
@@ -379,8 +387,17 @@ pub fn reconcile(snap: &Snapshot, params: &Params) -> (DesiredState, StatusSet) 
         .collect::<BTreeSet<_>>()
         .into_iter()
         .collect();
-    // Every backendRef without ready endpoint, by route.
-    desired.unready = resolved
+    desired.unready = unready_refs(&resolved);
+    // The XDP guard's policies attach to the listeners just computed.
+    let (guards, policies) = super::guards::resolve(&snap.listener_policies, &desired, params);
+    desired.guards = guards;
+    status.listener_policies = policies;
+    (desired, status)
+}
+
+/// Every backendRef without ready endpoint, by route, each once.
+fn unready_refs(resolved: &BTreeMap<ObjectKey, Vec<ResolvedRef>>) -> Vec<UnreadyBackendRef> {
+    resolved
         .iter()
         .flat_map(|(route, refs)| {
             unready(refs).into_iter().flat_map(move |(names, share)| {
@@ -393,12 +410,21 @@ pub fn reconcile(snap: &Snapshot, params: &Params) -> (DesiredState, StatusSet) 
         })
         .collect::<BTreeSet<_>>()
         .into_iter()
-        .collect();
-    // The XDP guard's policies attach to the listeners just computed.
-    let (guards, policies) = super::guards::resolve(&snap.listener_policies, &desired, params);
-    desired.guards = guards;
-    status.listener_policies = policies;
-    (desired, status)
+        .collect()
+}
+
+/// The TCP listeners whose port `ports` does not allow, for logs, metrics and `check`
+/// (their status says it through [`ListenerEval::rejection`]).
+fn ports_not_allowed(evals: &[GatewayEval<'_>], ports: ListenerPorts) -> Vec<LeftOut> {
+    evals
+        .iter()
+        .flat_map(|g| g.listeners.iter().map(move |l| (g, l)))
+        .filter(|(_, l)| l.tcp)
+        .filter_map(|(g, l)| {
+            let origin = format!("{}/{}", g.key, l.spec.name);
+            port_not_allowed(l.port?, &origin, ports)
+        })
+        .collect()
 }
 
 fn our_classes(
@@ -510,6 +536,7 @@ fn supported_version(bundle: &CrdBundle) -> (bool, String) {
 }
 
 fn evaluate_gateway<'a>(gw: &'a Gateway, params: &Params) -> GatewayEval<'a> {
+    let ports = params.limits.listener_ports;
     let key = ObjectKey::of(&gw.metadata, true);
     let mut seen = BTreeSet::new();
     let mut duplicate_names = Vec::new();
@@ -521,11 +548,15 @@ fn evaluate_gateway<'a>(gw: &'a Gateway, params: &Params) -> GatewayEval<'a> {
         }
         let tcp = l.protocol == "TCP";
         let (supported_kinds, invalid_kinds) = route_kinds(l, tcp);
+        let port = u16::try_from(l.port).ok().filter(|&p| p != 0);
         listeners.push(ListenerEval {
             spec: l,
             gateway: key.clone(),
-            port: u16::try_from(l.port).ok().filter(|&p| p != 0),
+            port,
             tcp,
+            not_allowed: port
+                .filter(|&p| !ports.contains(p))
+                .map(|p| port_message(p, ports)),
             conflict: None,
             supported_kinds,
             invalid_kinds,
@@ -590,7 +621,8 @@ fn route_kinds(
 /// A port belongs to the oldest Gateway that asks for it; the listeners of younger
 /// Gateways on that port lose. This holds across the cluster and whatever the
 /// Gateways' `spec.addresses` (the data path keys listeners by port alone), so that
-/// every node computes the same allocation.
+/// every node computes the same allocation. A listener on a port outside
+/// `--listener-ports` holds none.
 fn allocate_ports(evals: &mut [GatewayEval<'_>]) {
     let mut holders: BTreeMap<u16, (String, bool)> = BTreeMap::new();
     for g in evals.iter_mut() {
@@ -599,7 +631,10 @@ fn allocate_ports(evals: &mut [GatewayEval<'_>]) {
         }
         let addressed = matches!(g.addresses, GatewayAddresses::Ip { .. });
         for l in &mut g.listeners {
-            let Some(port) = l.port.filter(|_| l.tcp && l.conflict.is_none()) else {
+            let Some(port) = l
+                .port
+                .filter(|_| l.tcp && l.not_allowed.is_none() && l.conflict.is_none())
+            else {
                 continue;
             };
             match holders.get(&port) {
