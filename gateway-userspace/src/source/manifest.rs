@@ -274,10 +274,30 @@ fn list_items(doc: &str) -> Option<Vec<String>> {
     Some(items)
 }
 
+/// `text` with each lone carriage return (a line break to YAML, not to
+/// [`str::lines`]) made a line feed, so that documents are split and lines counted as
+/// the YAML parser counts them.
+fn yaml_line_breaks(text: &str) -> std::borrow::Cow<'_, str> {
+    if !text.contains('\r') {
+        return text.into();
+    }
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c == '\r' && chars.peek() != Some(&'\n') {
+            out.push('\n');
+        } else {
+            out.push(c);
+        }
+    }
+    out.into()
+}
+
 /// Parses one file's text.
 pub fn parse(file: &Path, text: &str) -> Result<Parsed, ManifestError> {
+    let text = yaml_line_breaks(text);
     let mut out = Parsed::default();
-    for (start, doc) in documents(text) {
+    for (start, doc) in documents(&text) {
         document(file, start, &doc, &mut out)?;
     }
     Ok(out)
