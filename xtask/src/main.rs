@@ -9,8 +9,11 @@
 //! * `test`: `setup`, then every test (unit and privileged end-to-end).
 //! * `bench`: sockgate's data paths side by side with no proxy and with `HAProxy`,
 //!   nginx, socat and Envoy; writes `bench/results.csv`, `BENCHMARKS.md` and a chart.
+//! * `fuzz`: one fuzz target on random inputs for a set time (`docs/fuzzing.md`); the
+//!   `test` run gives each a bounded count of inputs.
 mod bench;
 mod demo;
+mod fuzz;
 mod setup;
 
 use std::process::{Command, ExitCode};
@@ -33,6 +36,8 @@ enum Cmd {
     Demo,
     /// Benchmark the data paths against no proxy and userspace proxies.
     Bench(bench::Options),
+    /// Run one fuzz target for a set time.
+    Fuzz(fuzz::Options),
     /// Run all tests (unit and privileged end-to-end).
     Test {
         /// Extra arguments for `cargo test` (after `--`).
@@ -47,6 +52,7 @@ fn main() -> ExitCode {
         Cmd::Setup => setup::run(),
         Cmd::Demo => setup::run().and_then(|()| demo::run()),
         Cmd::Bench(opts) => setup::run().and_then(|()| bench::run(&opts)),
+        Cmd::Fuzz(opts) => setup::run().and_then(|()| fuzz::run(&opts)),
         Cmd::Test { args } => setup::run().and_then(|()| test(&args)),
     };
     match result {
