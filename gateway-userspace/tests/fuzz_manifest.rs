@@ -239,17 +239,18 @@ enum Outcome {
 /// properties of the module docs.
 fn pipeline(text: &str, limits: Limits) -> Outcome {
     let file = Path::new("fuzz.yaml");
-    // Lines as YAML (and an editor) counts them: LF, CRLF and a lone CR each end one.
+    // Lines as YAML counts them: LF, CRLF, a lone CR, NEL (U+0085), and the line and
+    // paragraph separators each end one.
     let lines = text
         .replace("\r\n", "\n")
-        .replace('\r', "\n")
+        .replace(['\r', '\u{85}', '\u{2028}', '\u{2029}'], "\n")
         .lines()
         .count();
     let located = |e: ManifestError| {
         assert_eq!(e.file, file, "the error names the file: {e}");
         assert!(
             (1..=lines + 1).contains(&e.line),
-            "the error names a line of the text ({lines} lines): {e}"
+            "the error names a line of the text ({lines} lines): {e}; text {text:?}"
         );
         Outcome::Rejected(e.line)
     };
@@ -396,4 +397,30 @@ fn found_lone_carriage_returns_are_line_breaks() {
         svc("b").replace("port: 80", "port: x")
     );
     assert_eq!(pipeline(&bad, Limits::default()), Outcome::Rejected(9));
+}
+
+/// `manifest_bytes` (`"{\u{fffd}G\u{fffd}\u{fffd}\u{85}\u{fffd}"`): the next-line
+/// character U+0085 is a line break to YAML 1.1 as a lone carriage return is, with the
+/// same consequences; it is now one when documents are split too.
+#[test]
+fn found_next_line_characters_are_line_breaks() {
+    let svc = |name: &str| {
+        format!(
+            "apiVersion: v1\u{85}kind: Service\u{85}metadata: {{name: {name}}}\u{85}spec: {{ports: [{{port: 80}}]}}\u{85}"
+        )
+    };
+    let two = format!("{}---\u{85}{}", svc("a"), svc("b"));
+    let parsed = manifest::parse(Path::new("nel.yaml"), &two).expect("two documents");
+    assert_eq!(parsed.objects.len(), 2);
+    assert_eq!(
+        parsed.objects[1].0.line, 6,
+        "the second document starts at line 6"
+    );
+    assert_eq!(
+        pipeline(
+            "{\u{fffd}G\u{fffd}\u{fffd}\u{85}\u{fffd}",
+            Limits::default()
+        ),
+        Outcome::Rejected(3)
+    );
 }

@@ -274,17 +274,19 @@ fn list_items(doc: &str) -> Option<Vec<String>> {
     Some(items)
 }
 
-/// `text` with each lone carriage return (a line break to YAML, not to
-/// [`str::lines`]) made a line feed, so that documents are split and lines counted as
-/// the YAML parser counts them.
+/// `text` with each lone carriage return and each next-line character (U+0085) made a
+/// line feed: YAML 1.1 takes both for line breaks (and reads them as line feeds in
+/// scalars), [`str::lines`] does not, so documents are split and lines counted as the
+/// YAML parser counts them. (The line and paragraph separators, which YAML also breaks
+/// lines at, stay: they keep their own meaning inside scalars.)
 fn yaml_line_breaks(text: &str) -> std::borrow::Cow<'_, str> {
-    if !text.contains('\r') {
+    if !text.contains(['\r', '\u{85}']) {
         return text.into();
     }
     let mut out = String::with_capacity(text.len());
     let mut chars = text.chars().peekable();
     while let Some(c) = chars.next() {
-        if c == '\r' && chars.peek() != Some(&'\n') {
+        if (c == '\r' && chars.peek() != Some(&'\n')) || c == '\u{85}' {
             out.push('\n');
         } else {
             out.push(c);
