@@ -25,6 +25,8 @@
 //!    addresses only.
 //!    A backend reached by an interface the program is not attached to
 //!    (`GW_FWD_IFACES`) is not forwarded either: its replies would not be translated.
+//!    Nor is a backend of the other address family than the client's (counted as
+//!    `no_route`): the socket paths connect to it.
 //! 3. Anything else is not ours and goes on untouched (`TCX_NEXT`): segments of
 //!    connections the socket paths carry, other ports and protocols, and every packet
 //!    the parser does not follow (VLAN tags, IPv4 options, fragments, IPv6 extension
@@ -650,7 +652,7 @@ fn replace_backend(ctx: &TcContext, seg: &Segment, f: &mut Flow) -> Option<()> {
     let backend = GW_BACKENDS.get_ptr(&BackendKey::new(port, u32::from(idx)))?;
     // SAFETY: value from the lookup (kept alive by RCU while the program runs).
     let backend = unsafe { &*backend };
-    if backend.flags & BACKEND_F_INVALID != 0 {
+    if backend.flags & BACKEND_F_INVALID != 0 || !same_family(seg, backend) {
         return None;
     }
     let sc = scratch()?;
@@ -671,6 +673,14 @@ fn replace_backend(ctx: &TcContext, seg: &Segment, f: &mut Flow) -> Option<()> {
     f.tried |= 1 << (u32::from(idx) % 32);
     f.attempts += 1;
     Some(())
+}
+
+/// Whether `backend` is of the segment's address family (only those can be reached
+/// by rewriting the segment's addresses).
+#[inline(always)]
+fn same_family(seg: &Segment, backend: &Backend) -> bool {
+    let family = if seg.ipv6 { AF_INET6 } else { AF_INET };
+    backend.family == u16::from(family)
 }
 
 /// Fills `r` as the backend's entry of the connection whose client SYN is `seg`.
@@ -868,6 +878,15 @@ fn open(ctx: &TcContext, seg: &Segment) -> i32 {
     let backend = unsafe { &*backend };
     if backend.flags & BACKEND_F_INVALID != 0 {
         return reject(ctx, seg, port, Refusal::InvalidBackend);
+    }
+    if !same_family(seg, backend) {
+        // An IPv4 client picked an IPv6 backend or the reverse: no translation carries
+        // the segment there (the FIB would route the other family's form of the
+        // address). The socket paths, which connect in the backend's family, take it.
+        if let Some(s) = stats(port) {
+            s.no_route += 1;
+        }
+        return TCX_NEXT;
     }
     let Some(sc) = scratch() else {
         return TCX_NEXT;
@@ -1157,8 +1176,16 @@ fn clamp_mss(ctx: &TcContext, seg: &Segment, ifindex: u32) {
             let mss = u16::from_be_bytes([hi, lo]);
             if mss > limit {
                 let at = seg.l4 + 20 + i + 2;
-                let from = u64::from(u16::from_ne_bytes(mss.to_be_bytes()));
-                let to = u64::from(u16::from_ne_bytes(limit.to_be_bytes()));
+                // The checksum sums 16-bit words from the start of the TCP header: a
+                // value at an odd offset (options before it of odd length) straddles
+                // two words, so its bytes count swapped.
+                let (old, new) = if i % 2 == 1 {
+                    (mss.swap_bytes(), limit.swap_bytes())
+                } else {
+                    (mss, limit)
+                };
+                let from = u64::from(u16::from_ne_bytes(old.to_be_bytes()));
+                let to = u64::from(u16::from_ne_bytes(new.to_be_bytes()));
                 if ctx.l4_csum_replace(seg.csum, from, to, 2).is_ok() {
                     let _ = ctx.store(at, &limit.to_be_bytes(), 0);
                 }

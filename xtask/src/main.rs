@@ -14,9 +14,12 @@
 //!   nginx, socat and Envoy; writes `bench/results.csv`, `BENCHMARKS.md` and a chart.
 //! * `image`: the agent's OCI image from this machine's files (no base image pulled),
 //!   loaded into podman and run.
+//! * `fuzz`: one fuzz target on random inputs for a set time (`docs/fuzzing.md`); the
+//!   `test` run gives each a bounded count of inputs.
 mod bench;
 mod conformance;
 mod demo;
+mod fuzz;
 mod image;
 mod setup;
 
@@ -45,6 +48,8 @@ enum Cmd {
     /// Build the agent's OCI image (no base image pulled), load it into podman and run
     /// it.
     Image(image::Options),
+    /// Run one fuzz target for a set time.
+    Fuzz(fuzz::Options),
     /// Run all tests (unit and privileged end-to-end).
     Test {
         /// Extra arguments for `cargo test` (after `--`).
@@ -60,6 +65,7 @@ fn main() -> ExitCode {
         Cmd::Demo => setup::run().and_then(|()| demo::run()),
         Cmd::Bench(opts) => setup::run().and_then(|()| bench::run(&opts)),
         Cmd::Conformance(opts) => setup::run().and_then(|()| conformance::run(&opts)),
+        Cmd::Fuzz(opts) => setup::run().and_then(|()| fuzz::run(&opts)),
         Cmd::Test { args } => setup::run().and_then(|()| test(&args)),
         // A release build needs the eBPF toolchain; a binary given does not.
         Cmd::Image(opts) if opts.binary.is_none() => setup::run().and_then(|()| image::run(&opts)),

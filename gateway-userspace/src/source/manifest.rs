@@ -283,10 +283,32 @@ fn list_items(doc: &str) -> Option<Vec<String>> {
     Some(items)
 }
 
+/// `text` with each lone carriage return and each next-line character (U+0085) made a
+/// line feed: YAML 1.1 takes both for line breaks (and reads them as line feeds in
+/// scalars), [`str::lines`] does not, so documents are split and lines counted as the
+/// YAML parser counts them. (The line and paragraph separators, which YAML also breaks
+/// lines at, stay: they keep their own meaning inside scalars.)
+fn yaml_line_breaks(text: &str) -> std::borrow::Cow<'_, str> {
+    if !text.contains(['\r', '\u{85}']) {
+        return text.into();
+    }
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars().peekable();
+    while let Some(c) = chars.next() {
+        if (c == '\r' && chars.peek() != Some(&'\n')) || c == '\u{85}' {
+            out.push('\n');
+        } else {
+            out.push(c);
+        }
+    }
+    out.into()
+}
+
 /// Parses one file's text.
 pub fn parse(file: &Path, text: &str) -> Result<Parsed, ManifestError> {
+    let text = yaml_line_breaks(text);
     let mut out = Parsed::default();
-    for (start, doc) in documents(text) {
+    for (start, doc) in documents(&text) {
         document(file, start, &doc, &mut out)?;
     }
     Ok(out)
