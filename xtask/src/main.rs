@@ -9,9 +9,13 @@
 //! * `test`: `setup`, then every test (unit and privileged end-to-end).
 //! * `bench`: sockgate's data paths side by side with no proxy and with `HAProxy`,
 //!   nginx, socat and Envoy; writes `bench/results.csv`, `BENCHMARKS.md` and a chart.
+//! * `soak --minutes N`: every data path at once under mixed load and configuration
+//!   churn for N minutes; checks that nothing was lost and nothing grew, writes
+//!   `bench/soak/` (CSV, SVG plot, summary).
 mod bench;
 mod demo;
 mod setup;
+mod soak;
 
 use std::process::{Command, ExitCode};
 
@@ -33,6 +37,8 @@ enum Cmd {
     Demo,
     /// Benchmark the data paths against no proxy and userspace proxies.
     Bench(bench::Options),
+    /// Soak every data path under mixed load and configuration churn.
+    Soak(soak::Options),
     /// Run all tests (unit and privileged end-to-end).
     Test {
         /// Extra arguments for `cargo test` (after `--`).
@@ -42,11 +48,14 @@ enum Cmd {
 }
 
 fn main() -> ExitCode {
+    // The soak starts this executable again as its backend processes.
+    netbed::soak::backend::serve_if_asked();
     let cli = Cli::parse();
     let result = match cli.command {
         Cmd::Setup => setup::run(),
         Cmd::Demo => setup::run().and_then(|()| demo::run()),
         Cmd::Bench(opts) => setup::run().and_then(|()| bench::run(&opts)),
+        Cmd::Soak(opts) => setup::run().and_then(|()| soak::run(&opts)),
         Cmd::Test { args } => setup::run().and_then(|()| test(&args)),
     };
     match result {
