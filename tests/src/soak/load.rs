@@ -108,7 +108,10 @@ impl Tally {
             }
             Err(f) => {
                 t.bytes_sent += f.sent;
-                if f.corrupted {
+                // A clean close before the end is a loss unless a backend was killed
+                // meanwhile (a killed server's kernel closes with a FIN when nothing
+                // was left unread).
+                if f.corrupted && !(f.truncated && disturbed) {
                     t.corrupted += 1;
                 }
                 let e = t.failures.entry(f.reason.clone()).or_default();
@@ -144,6 +147,9 @@ struct Fail {
     reason: String,
     sent: u64,
     corrupted: bool,
+    /// The peer closed cleanly before everything arrived: a loss when nothing was
+    /// disturbed, what a killed backend does otherwise.
+    truncated: bool,
 }
 
 fn fail(e: &io::Error, sent: u64) -> Fail {
@@ -154,12 +160,20 @@ fn fail(e: &io::Error, sent: u64) -> Fail {
         io::ErrorKind::TimedOut | io::ErrorKind::WouldBlock => "timed out",
         io::ErrorKind::UnexpectedEof => "closed early",
         io::ErrorKind::HostUnreachable | io::ErrorKind::NetworkUnreachable => "unreachable",
-        _ => "other error",
+        other => {
+            return Fail {
+                reason: format!("other error ({other})"),
+                sent,
+                corrupted: false,
+                truncated: false,
+            };
+        }
     };
     Fail {
         reason: reason.to_owned(),
         sent,
         corrupted: false,
+        truncated: false,
     }
 }
 
@@ -168,6 +182,16 @@ fn corrupted(what: &str, sent: u64) -> Fail {
         reason: format!("corrupted: {what}"),
         sent,
         corrupted: true,
+        truncated: false,
+    }
+}
+
+fn truncated(what: &str, sent: u64) -> Fail {
+    Fail {
+        reason: format!("closed cleanly early: {what}"),
+        sent,
+        corrupted: true,
+        truncated: true,
     }
 }
 
@@ -190,6 +214,9 @@ fn short(addr: SocketAddr) -> Result<(u64, u64), Fail> {
     s.write_all(&[backend::SHORT]).map_err(|e| fail(&e, 0))?;
     let mut got = Vec::new();
     s.read_to_end(&mut got).map_err(|e| fail(&e, 1))?;
+    if got.is_empty() {
+        return Err(truncated("no reply", 1));
+    }
     if got.len() < 3 || got.first() != Some(&b'b') || got.last() != Some(&b'\n') {
         return Err(corrupted("short reply", 1));
     }
@@ -233,7 +260,7 @@ fn bulk(addr: SocketAddr, len: u64) -> Result<(u64, u64), Fail> {
     read.map_err(|e| fail(&e, sent))?;
     let sent = wrote.map_err(|e| fail(&e, 0))?;
     if h.len() != len {
-        return Err(corrupted("bulk echo ended cleanly short", sent));
+        return Err(truncated("bulk echo short", sent));
     }
     if h.finish() != stream::hash_of(seed, len) {
         return Err(corrupted("bulk echo hash differs", sent));
@@ -291,7 +318,10 @@ fn server_half_close(addr: SocketAddr, len: u64) -> Result<(u64, u64), Fail> {
             Err(e) => return Err(fail(&e, 17)),
         }
     }
-    if h.len() != len || h.finish() != stream::hash_of(seed, len) {
+    if h.len() != len {
+        return Err(truncated("download short", 17));
+    }
+    if h.finish() != stream::hash_of(seed, len) {
         return Err(corrupted("download after the server's FIN differs", 17));
     }
     // The server's side is closed; ours still carries data.
@@ -319,6 +349,7 @@ fn server_reset(addr: SocketAddr) -> Result<(u64, u64), Fail> {
             reason: "server's reset arrived as a clean close".into(),
             sent: 1,
             corrupted: false,
+            truncated: false,
         }),
         Ok(_) => Err(corrupted("data after the server's reset", 1)),
         Err(e) => Err(fail(&e, 1)),
