@@ -474,3 +474,4 @@ impl Bed {
 
 pub mod raw;
 pub mod servers;
+pub mod soak;

@@ -16,12 +16,16 @@
 //!   loaded into podman and run.
 //! * `fuzz`: one fuzz target on random inputs for a set time (`docs/fuzzing.md`); the
 //!   `test` run gives each a bounded count of inputs.
+//! * `soak --minutes N`: every data path at once under mixed load and configuration
+//!   churn for N minutes; checks that nothing was lost and nothing grew, writes
+//!   `bench/soak/` (CSV, SVG plot, summary).
 mod bench;
 mod conformance;
 mod demo;
 mod fuzz;
 mod image;
 mod setup;
+mod soak;
 
 use std::process::{Command, ExitCode};
 
@@ -50,6 +54,8 @@ enum Cmd {
     Image(image::Options),
     /// Run one fuzz target for a set time.
     Fuzz(fuzz::Options),
+    /// Soak every data path under mixed load and configuration churn.
+    Soak(soak::Options),
     /// Run all tests (unit and privileged end-to-end).
     Test {
         /// Extra arguments for `cargo test` (after `--`).
@@ -59,6 +65,8 @@ enum Cmd {
 }
 
 fn main() -> ExitCode {
+    // The soak starts this executable again as its backend processes.
+    netbed::soak::backend::serve_if_asked();
     let cli = Cli::parse();
     let result = match cli.command {
         Cmd::Setup => setup::run(),
@@ -66,6 +74,7 @@ fn main() -> ExitCode {
         Cmd::Bench(opts) => setup::run().and_then(|()| bench::run(&opts)),
         Cmd::Conformance(opts) => setup::run().and_then(|()| conformance::run(&opts)),
         Cmd::Fuzz(opts) => setup::run().and_then(|()| fuzz::run(&opts)),
+        Cmd::Soak(opts) => setup::run().and_then(|()| soak::run(&opts)),
         Cmd::Test { args } => setup::run().and_then(|()| test(&args)),
         // A release build needs the eBPF toolchain; a binary given does not.
         Cmd::Image(opts) if opts.binary.is_none() => setup::run().and_then(|()| image::run(&opts)),
