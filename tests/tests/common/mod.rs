@@ -593,6 +593,10 @@ pub struct End {
     pub bad: Option<u64>,
     /// `None` for EOF, else the read error's kind.
     pub error: Option<io::ErrorKind>,
+    /// The writer's error, if a write failed first. A socket error (a timeout, a reset)
+    /// is reported once: to whichever of the reader and the writer asked first, and
+    /// the other then sees EOF or a broken pipe.
+    pub write_error: Option<io::ErrorKind>,
     pub at: Instant,
 }
 
@@ -606,11 +610,12 @@ pub fn transfer_until_end(s: &TcpStream, send_seed: u64, recv_seed: u64) -> End 
         let mut buf = vec![0u8; 64 * 1024];
         for _ in 0..32 * 1024 {
             stream.fill(&mut buf);
-            if out.write_all(&buf).is_err() {
-                return;
+            if let Err(e) = out.write_all(&buf) {
+                return Some(e.kind());
             }
             std::thread::sleep(Duration::from_millis(5));
         }
+        None
     });
     let mut s = s.try_clone().expect("clone");
     s.set_read_timeout(Some(Duration::from_secs(30)))
@@ -636,11 +641,12 @@ pub fn transfer_until_end(s: &TcpStream, send_seed: u64, recv_seed: u64) -> End 
     let at = Instant::now();
     // The connection is over: the writer fails at its next write.
     let _ = s.shutdown(Shutdown::Both);
-    let _ = sender.join();
+    let write_error = sender.join().ok().flatten();
     End {
         received,
         bad,
         error,
+        write_error,
         at,
     }
 }
