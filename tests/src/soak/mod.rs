@@ -116,7 +116,9 @@ pub struct Tolerances {
     /// Agent resident memory growth from the first sample under load to the last one,
     /// KiB (checked when there are at least three samples under load).
     pub rss_growth_kib: u64,
-    /// Agent descriptors above the start.
+    /// Agent descriptors above the start: two, plus the pipes the splice path keeps
+    /// for reuse once the load is gone (a bounded pool of 64 pipes, two descriptors
+    /// each; `gateway-userspace/src/proxy/pool.rs`).
     pub fds: u64,
     /// TCP sockets in use in a node namespace above the start.
     pub tcp_inuse: u64,
@@ -139,7 +141,7 @@ impl Default for Tolerances {
         Self {
             rss_kib: 32 * 1024,
             rss_growth_kib: 8 * 1024,
-            fds: 2,
+            fds: 2 + 2 * 64,
             tcp_inuse: 2,
             tcp_mem_pages: 4096,
             slab_kib: 64 * 1024,
