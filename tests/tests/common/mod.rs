@@ -600,6 +600,14 @@ pub struct End {
     pub at: Instant,
 }
 
+impl End {
+    /// Whether the connection ended with the socket error `kind`, whether the reader saw
+    /// it, or the writer did and the reader then saw EOF.
+    pub fn ended_with(&self, kind: io::ErrorKind) -> bool {
+        self.error == Some(kind) || (self.error.is_none() && self.write_error == Some(kind))
+    }
+}
+
 /// Sends the stream of `send_seed` in 64 KiB writes every 5 ms (at most 2 GiB, in
 /// practice until the connection breaks) while reading the stream of `recv_seed`
 /// until EOF or an error.
