@@ -621,6 +621,18 @@ pub struct NodeAddr {
 }
 const _: () = assert!(size_of::<NodeAddr>() == 16);
 
+impl From<core::net::IpAddr> for NodeAddr {
+    /// IPv6 as it is, IPv4 mapped (`::ffff:a.b.c.d`).
+    fn from(ip: core::net::IpAddr) -> Self {
+        Self {
+            addr_be: match ip {
+                core::net::IpAddr::V4(a) => a.to_ipv6_mapped().octets(),
+                core::net::IpAddr::V6(a) => a.octets(),
+            },
+        }
+    }
+}
+
 /// Value of [`GW_FWD_STATS`], per CPU: what the forward program did for one listener.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

@@ -12,7 +12,7 @@ use std::{
 
 use gateway_common::{
     BACKEND_F_INVALID, Backend, BackendKey, LISTENER_F_ADDRESSED, ListenerInfo, ListenerKey,
-    MAX_LISTENER_ADDRS,
+    MAX_LISTENER_ADDRS, NodeAddr,
 };
 
 use crate::desired::{self, DesiredState};
@@ -80,10 +80,7 @@ fn listener_addrs(addresses: &[IpAddr]) -> ListenerInfo {
     let mut info = ListenerInfo::default();
     if addresses.len() <= MAX_LISTENER_ADDRS {
         for (slot, a) in info.addrs.iter_mut().zip(addresses) {
-            *slot = match a {
-                IpAddr::V4(v4) => v4.to_ipv6_mapped().octets(),
-                IpAddr::V6(v6) => v6.octets(),
-            };
+            *slot = NodeAddr::from(*a).addr_be;
         }
         info.addr_count = addresses.len() as u32;
     }

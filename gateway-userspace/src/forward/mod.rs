@@ -193,12 +193,7 @@ pub fn reserve_ports(min: u16, max: u16) -> Result<bool, ForwardError> {
 
 /// The `GW_FWD_ADDRS` key of an address.
 pub fn node_addr(ip: IpAddr) -> NodeAddr {
-    NodeAddr {
-        addr_be: match ip {
-            IpAddr::V4(a) => a.to_ipv6_mapped().octets(),
-            IpAddr::V6(a) => a.octets(),
-        },
-    }
+    NodeAddr::from(ip)
 }
 
 /// What a sweep found and did.
