@@ -26,6 +26,8 @@
 //! * [`GW_FWD_ADDRS`]: [`NodeAddr`] -> `u32`, the node's own addresses (a SYN to one of
 //!   them on a listener port is forwarded)
 //! * [`GW_FWD_STATS`]: per-CPU, listener port ([`ListenerKey`]) -> [`FwdStats`]
+//! * [`GW_FWD_EVENTS`]: ring buffer of [`FwdEvent`], one per forwarded connection the
+//!   program sees end (a RST, or the FIN that completes a FIN each way)
 //! * [`GW_FWD_IFACES`]: ifindex (`u32`) -> `u32`, the interfaces the forward program is
 //!   attached to: a connection is forwarded only when its backend is reached by one
 #![no_std]
@@ -69,9 +71,11 @@ pub const GW_FWD_STATS: &str = "GW_FWD_STATS";
 /// Name of the set of interfaces the forward program is attached to (ifindex `u32` ->
 /// `u32`).
 pub const GW_FWD_IFACES: &str = "GW_FWD_IFACES";
+/// Name of the forward path's ring buffer of connection ends ([`FwdEvent`]).
+pub const GW_FWD_EVENTS: &str = "GW_FWD_EVENTS";
 
 /// Every map the programs declare, in the order the loader pins them.
-pub const MAP_NAMES: [&str; 15] = [
+pub const MAP_NAMES: [&str; 16] = [
     GW_LISTENERS,
     GW_BACKENDS,
     GW_SOCKS,
@@ -87,6 +91,7 @@ pub const MAP_NAMES: [&str; 15] = [
     GW_FWD_ADDRS,
     GW_FWD_STATS,
     GW_FWD_IFACES,
+    GW_FWD_EVENTS,
 ];
 
 /// Capacity of [`GW_LISTENERS`].
@@ -567,7 +572,8 @@ pub struct Flow {
     pub last_seen_ns: u64,
     /// Segments forwarded in this direction (GSO super-packets count once).
     pub packets: u64,
-    /// Bytes forwarded in this direction (IP length).
+    /// Payload bytes forwarded in this direction (IP length less the IP and TCP
+    /// headers).
     pub bytes: u64,
 }
 const _: () = assert!(size_of::<Flow>() == 88);
@@ -581,6 +587,55 @@ pub const FLOW_S_ACK: u32 = 2;
 pub const FLOW_S_FIN: u32 = 4;
 /// [`Flow::state`]: a RST was seen in this direction.
 pub const FLOW_S_RST: u32 = 8;
+/// [`Flow::state`] of the client's entry: the program emitted the connection's
+/// [`FwdEvent`] (so it emits no other, and the agent's sweeper does not log it again).
+pub const FLOW_S_LOGGED: u32 = 16;
+
+/// Size of [`GW_FWD_EVENTS`] in bytes: a power-of-two multiple of the page size
+/// (256 KiB, about 2300 events waiting).
+pub const FWD_EVENTS_BYTES: u32 = 256 * 1024;
+
+/// [`FwdEvent::end`]: a FIN each way; the event is emitted at the segment carrying
+/// the second of the two FINs.
+pub const FWD_END_FIN: u16 = 1;
+/// [`FwdEvent::end`]: the client sent a RST.
+pub const FWD_END_CLIENT_RESET: u16 = 2;
+/// [`FwdEvent::end`]: the backend sent a RST (after it answered the SYN).
+pub const FWD_END_BACKEND_RESET: u16 = 3;
+
+/// An event of [`GW_FWD_EVENTS`]: a forwarded connection the program saw end. The
+/// counters are those of both entries when the ending segment was forwarded (that
+/// segment included).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct FwdEvent {
+    /// The client's address, as [`FlowKey::src_be`].
+    pub client_be: [u8; 16],
+    /// The backend's address, as [`FlowKey::src_be`].
+    pub backend_be: [u8; 16],
+    /// The client's port, host order.
+    pub client_port: u16,
+    /// The backend's port, host order.
+    pub backend_port: u16,
+    /// The listener the connection came in on, host order.
+    pub listener_port: u16,
+    /// How it ended: `FWD_END_*`.
+    pub end: u16,
+    /// `bpf_ktime_get_ns()` when the client's entry was made (its SYN).
+    pub created_ns: u64,
+    /// `bpf_ktime_get_ns()` of the ending segment.
+    pub last_seen_ns: u64,
+    /// Payload bytes client -> backend.
+    pub bytes_c2b: u64,
+    /// Payload bytes backend -> client.
+    pub bytes_b2c: u64,
+    /// Segments client -> backend (GSO super-packets count once).
+    pub packets_c2b: u64,
+    /// Segments backend -> client.
+    pub packets_b2c: u64,
+}
+const _: () = assert!(size_of::<FwdEvent>() == 88);
 
 /// Value of [`GW_FWD_SLOTS`]: the backend selection table of one listener. The
 /// forward program hashes the client's address and port to a slot; the slot holds the
@@ -667,12 +722,15 @@ pub struct FwdStats {
     pub packets_c2b: u64,
     /// Segments backend -> client forwarded.
     pub packets_b2c: u64,
-    /// Bytes (IP length) client -> backend forwarded.
+    /// Payload bytes client -> backend forwarded.
     pub bytes_c2b: u64,
-    /// Bytes (IP length) backend -> client forwarded.
+    /// Payload bytes backend -> client forwarded.
     pub bytes_b2c: u64,
+    /// Connection ends not emitted to [`GW_FWD_EVENTS`] because it was full: the
+    /// agent's sweeper logs those connections when it removes them.
+    pub events_lost: u64,
 }
-const _: () = assert!(size_of::<FwdStats>() == 14 * 8);
+const _: () = assert!(size_of::<FwdStats>() == 15 * 8);
 
 impl FwdStats {
     /// Field-wise sum, for adding up per-CPU values.
@@ -692,6 +750,7 @@ impl FwdStats {
         self.packets_b2c += o.packets_b2c;
         self.bytes_c2b += o.bytes_c2b;
         self.bytes_b2c += o.bytes_b2c;
+        self.events_lost += o.events_lost;
         self
     }
 }
@@ -711,7 +770,7 @@ pub const GLOBAL_FWD_PRESERVE_CLIENT: &str = "FWD_PRESERVE_CLIENT";
 mod user {
     //! `aya::Pod` for every map type, so the agent can read and write the maps.
     use super::{
-        Backend, BackendKey, Bucket, BucketKey, Cidr4, Cidr6, Flow, FlowKey, FwdStats,
+        Backend, BackendKey, Bucket, BucketKey, Cidr4, Cidr6, Flow, FlowKey, FwdEvent, FwdStats,
         ListenerInfo, ListenerKey, ListenerStats, NodeAddr, Peer, SlotTable, StatsKey, XdpPolicy,
         XdpStats,
     };
@@ -736,6 +795,7 @@ mod user {
     unsafe impl aya::Pod for SlotTable {}
     unsafe impl aya::Pod for NodeAddr {}
     unsafe impl aya::Pod for FwdStats {}
+    unsafe impl aya::Pod for FwdEvent {}
 }
 
 impl ListenerKey {

@@ -38,12 +38,23 @@
 //! up to `FWD_ATTEMPTS` backends; then the client gets a RST. The backend's RST to the
 //! SYN is not passed on.
 //!
-//! The program records the TCP flags seen in each direction and the time of the last
-//! segment; the agent's sweeper removes entries by state-specific timeouts.
+//! The program records the TCP flags seen in each direction, the time of the last
+//! segment and the payload bytes (IP length less the IP and TCP headers) and segments
+//! of each direction; the agent's sweeper removes entries by state-specific timeouts.
+//!
+//! The end of a connection is reported to the agent's access log through the ring
+//! buffer `GW_FWD_EVENTS`, once per connection ([`ended`]): at a RST in either
+//! direction (the backend's RST to a SYN excepted: that connect is retried), or at the
+//! segment carrying the second FIN of the two directions (the final ACK after it is
+//! not counted in the event). The client's entry is then marked `FLOW_S_LOGGED`, so a
+//! retransmitted FIN or RST emits nothing more and the sweeper does not log it again.
+//! Only segments with FIN or RST look at the other entry; a full ring buffer is counted
+//! (`events_lost`) and the sweeper logs that connection when it removes it. Ends the
+//! agent decides (idle, handshake and drain timeouts) are logged by the sweeper.
 use aya_ebpf::{
     EbpfContext as _,
     bindings::{BPF_NOEXIST, bpf_fib_lookup},
-    btf_maps::{HashMap, PerCpuArray, PerCpuHashMap},
+    btf_maps::{HashMap, PerCpuArray, PerCpuHashMap, RingBuf},
     helpers::{
         bpf_check_mtu, bpf_csum_diff, bpf_csum_level, bpf_fib_lookup as fib_lookup,
         bpf_get_smp_processor_id, bpf_ktime_get_ns, bpf_redirect, bpf_redirect_neigh,
@@ -54,9 +65,11 @@ use aya_ebpf::{
 };
 use gateway_common::{
     BACKEND_F_INVALID, Backend, BackendKey, DIR_BACKEND_TO_CLIENT, DIR_CLIENT_TO_BACKEND,
-    FLOW_S_ACK, FLOW_S_FIN, FLOW_S_RST, FLOW_S_SYN, FWD_MAX_ATTEMPTS, FWD_SLOTS, Flow, FlowKey,
-    FwdStats, LISTENER_F_ADDRESSED, LISTENER_F_DRAINING, ListenerInfo, ListenerKey, MAX_FLOWS,
-    MAX_FWD_IFACES, MAX_LISTENER_ADDRS, MAX_LISTENERS, MAX_NODE_ADDRS, NodeAddr, SlotTable,
+    FLOW_S_ACK, FLOW_S_FIN, FLOW_S_LOGGED, FLOW_S_RST, FLOW_S_SYN, FWD_END_BACKEND_RESET,
+    FWD_END_CLIENT_RESET, FWD_END_FIN, FWD_EVENTS_BYTES, FWD_MAX_ATTEMPTS, FWD_SLOTS, Flow,
+    FlowKey, FwdEvent, FwdStats, LISTENER_F_ADDRESSED, LISTENER_F_DRAINING, ListenerInfo,
+    ListenerKey, MAX_FLOWS, MAX_FWD_IFACES, MAX_LISTENER_ADDRS, MAX_LISTENERS, MAX_NODE_ADDRS,
+    NodeAddr, SlotTable,
 };
 
 use crate::{GW_BACKENDS, GW_LISTENERS};
@@ -84,6 +97,10 @@ static GW_FWD_IFACES: HashMap<u32, u32, { MAX_FWD_IFACES as usize }> = HashMap::
 #[btf_map]
 static GW_FWD_STATS: PerCpuHashMap<ListenerKey, FwdStats, { MAX_LISTENERS as usize }> =
     PerCpuHashMap::new();
+
+/// Connection ends for the agent's access log (see [`ended`]).
+#[btf_map]
+static GW_FWD_EVENTS: RingBuf<FwdEvent, { FWD_EVENTS_BYTES as usize }> = RingBuf::new();
 
 /// First NAT port (set by the loader).
 #[unsafe(no_mangle)]
@@ -144,6 +161,8 @@ struct Segment {
     flags: u8,
     /// IPv4 total length or IPv6 payload length plus its header.
     ip_len: u64,
+    /// TCP payload bytes: `ip_len` less the IP and TCP headers.
+    payload: u64,
 }
 
 /// IPv4-mapped IPv6 form of an IPv4 address.
@@ -204,6 +223,7 @@ fn parse_into(ctx: &TcContext, out: &mut Segment) -> Option<()> {
     if doff < 20 || out.l4 + doff > ctx.len() as usize {
         return None;
     }
+    out.payload = out.ip_len.saturating_sub((out.l4 - ETH_HLEN + doff) as u64);
     out.csum = out.l4 + 16;
     out.key.sport = u16::from_be_bytes([tcp[0], tcp[1]]);
     out.key.dport = u16::from_be_bytes([tcp[2], tcp[3]]);
@@ -221,6 +241,7 @@ pub fn gw_fwd(ctx: TcContext) -> i32 {
         key: FlowKey::default(),
         flags: 0,
         ip_len: 0,
+        payload: 0,
     };
     if !parse(&ctx, &mut seg) {
         return icmp_error(&ctx).unwrap_or(TCX_NEXT);
@@ -441,6 +462,7 @@ static ZERO_STATS: FwdStats = FwdStats {
     packets_b2c: 0,
     bytes_c2b: 0,
     bytes_b2c: 0,
+    events_lost: 0,
 };
 
 /// The forward program's counters of `port` on this CPU, created on first use.
@@ -552,15 +574,18 @@ fn existing(ctx: &TcContext, seg: &Segment, flow: *mut Flow) -> i32 {
     // SAFETY: helper without arguments.
     f.last_seen_ns = unsafe { bpf_ktime_get_ns() };
     f.packets += 1;
-    f.bytes += seg.ip_len;
+    f.bytes += seg.payload;
     if let Some(s) = stats(f.listener_port) {
         if u32::from(f.direction) == DIR_CLIENT_TO_BACKEND {
             s.packets_c2b += 1;
-            s.bytes_c2b += seg.ip_len;
+            s.bytes_c2b += seg.payload;
         } else {
             s.packets_b2c += 1;
-            s.bytes_b2c += seg.ip_len;
+            s.bytes_b2c += seg.payload;
         }
+    }
+    if seg.flags & (TCP_FIN | TCP_RST) != 0 {
+        ended(seg, f);
     }
     let out = f.out_ifindex;
     if rewrite(ctx, seg, f).is_none() {
@@ -571,6 +596,74 @@ fn existing(ctx: &TcContext, seg: &Segment, flow: *mut Flow) -> i32 {
     }
     // SAFETY: no parameters: the kernel looks the neighbour of the new destination up.
     unsafe { bpf_redirect_neigh(out, core::ptr::null_mut(), 0, 0) as i32 }
+}
+
+/// Emits the connection's [`FwdEvent`] when `seg` (a FIN or RST, already counted in
+/// `f`, its direction's entry) ends it: a RST, or the second FIN of the two directions.
+/// Once per connection: the client's entry is marked [`FLOW_S_LOGGED`] when the event
+/// is submitted. A full ring buffer is counted (`events_lost`) and leaves the mark off,
+/// so the agent's sweeper logs the connection instead. Forwarding is not affected.
+#[inline(never)]
+fn ended(seg: &Segment, f: &mut Flow) {
+    let Some(sc) = scratch() else {
+        return;
+    };
+    sc.key = reverse_key(f);
+    let Some(other) = GW_FWD_FLOWS.get_ptr_mut(&sc.key) else {
+        return;
+    };
+    // SAFETY: a value of GW_FWD_FLOWS from the lookup (the other entry than `f`), valid
+    // while the program runs (RCU).
+    let other = unsafe { &mut *other };
+    let from_client = u32::from(f.direction) == DIR_CLIENT_TO_BACKEND;
+    let (client, backend) = if from_client {
+        (f, &*other)
+    } else {
+        (other, &*f)
+    };
+    if client.state & FLOW_S_LOGGED != 0 {
+        return;
+    }
+    let end = if seg.flags & TCP_RST != 0 {
+        if from_client {
+            FWD_END_CLIENT_RESET
+        } else {
+            FWD_END_BACKEND_RESET
+        }
+    } else if client.state & backend.state & FLOW_S_FIN != 0 {
+        FWD_END_FIN
+    } else {
+        return;
+    };
+    let Some(mut entry) = GW_FWD_EVENTS.reserve(0) else {
+        if let Some(s) = stats(client.listener_port) {
+            s.events_lost += 1;
+        }
+        return;
+    };
+    let e = entry.as_mut_ptr();
+    // SAFETY: `e` points at the reserved, exclusively owned FwdEvent of the ring
+    // buffer; every field is written before it is submitted.
+    unsafe {
+        (*e).client_be = backend.new_dst_be;
+        (*e).backend_be = client.new_dst_be;
+        (*e).client_port = backend.new_dport;
+        (*e).backend_port = client.new_dport;
+        (*e).listener_port = client.listener_port;
+        (*e).end = end;
+        (*e).created_ns = client.created_ns;
+        (*e).last_seen_ns = if from_client {
+            client.last_seen_ns
+        } else {
+            backend.last_seen_ns
+        };
+        (*e).bytes_c2b = client.bytes;
+        (*e).bytes_b2c = backend.bytes;
+        (*e).packets_c2b = client.packets;
+        (*e).packets_b2c = backend.packets;
+    }
+    entry.submit(0);
+    client.state |= FLOW_S_LOGGED;
 }
 
 /// Replaces the backend of a connection whose SYN went unanswered or was refused:
@@ -924,7 +1017,7 @@ fn open(ctx: &TcContext, seg: &Segment) -> i32 {
     f.tried = 1 << (u32::from(idx) % 32);
     f.attempts = 1;
     f.packets = 1;
-    f.bytes = seg.ip_len;
+    f.bytes = seg.payload;
     if GW_FWD_FLOWS
         .insert(&seg.key, f, u64::from(BPF_NOEXIST))
         .is_err()
@@ -938,7 +1031,7 @@ fn open(ctx: &TcContext, seg: &Segment) -> i32 {
     if let Some(s) = stats(port) {
         s.connections += 1;
         s.packets_c2b += 1;
-        s.bytes_c2b += seg.ip_len;
+        s.bytes_c2b += seg.payload;
     }
     if rewrite(ctx, seg, &sc.reply).is_none() {
         return TC_ACT_SHOT;

@@ -119,6 +119,15 @@ pub struct ListenerRef {
 }
 
 impl ListenerRef {
+    /// Listener `port` as `desired` names it (its origin and route); only the port
+    /// when `desired` has no such listener.
+    pub fn of(desired: &crate::desired::DesiredState, port: u16) -> Self {
+        desired.listeners.get(&port).map_or_else(
+            || Self::from_origin("", port, None),
+            |l| Self::from_origin(&l.origin, port, l.route.as_deref()),
+        )
+    }
+
     /// From a listener's origin (`namespace/gateway/listener`, or `--route PORT`).
     pub fn from_origin(origin: &str, port: u16, route: Option<&str>) -> Self {
         let (gateway, listener) = match origin.rsplit_once('/') {
@@ -166,6 +175,18 @@ pub struct Record {
     pub end: EndReason,
     /// The error behind `connect_failed`, `refused` or `error`.
     pub detail: Option<String>,
+}
+
+impl Record {
+    /// Fills the listener's names and the backendRef from `desired` (the forward
+    /// path's records, made from the port and addresses alone).
+    pub fn name_from(&mut self, desired: &crate::desired::DesiredState) {
+        self.listener = ListenerRef::of(desired, self.listener.port);
+        self.backend_ref = self
+            .backend
+            .and_then(|b| desired.backend_ref(self.listener.port, b))
+            .map(str::to_owned);
+    }
 }
 
 /// One live connection, as `sockgate connections` shows it.

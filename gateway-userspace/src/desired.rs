@@ -112,4 +112,18 @@ impl DesiredState {
             .get(&port)
             .map_or(0, |l| l.backends.iter().map(|b| u64::from(b.weight)).sum())
     }
+
+    /// The backendRef (`namespace/service:port`) of listener `port`'s backend endpoint
+    /// `addr`, when the listener has it.
+    pub fn backend_ref(&self, port: u16, addr: SocketAddr) -> Option<&str> {
+        let canonical = |a: SocketAddr| SocketAddr::new(a.ip().to_canonical(), a.port());
+        let addr = canonical(addr);
+        self.listeners
+            .get(&port)?
+            .backends
+            .iter()
+            .find(|b| b.addr.map(canonical) == Some(addr))
+            .map(|b| b.backend_ref.as_str())
+            .filter(|r| !r.is_empty())
+    }
 }

@@ -17,7 +17,7 @@ use std::{
 use aya::{
     Ebpf, EbpfLoader,
     maps::{
-        HashMap, MapData, MapInfo, MapType, PerCpuHashMap, PerCpuValues, SockHash,
+        HashMap, MapData, MapInfo, MapType, PerCpuHashMap, PerCpuValues, RingBuf, SockHash,
         lpm_trie::Key as LpmKey,
     },
     programs::{
@@ -28,15 +28,15 @@ use aya::{
     },
 };
 use gateway_common::{
-    Backend, BackendKey, Bucket, BucketKey, Cidr4, Cidr6, FWD_MAX_ATTEMPTS, Flow, FlowKey,
-    FwdStats, GLOBAL_COPIED_SEQ_OFFSET, GLOBAL_FWD_ATTEMPTS, GLOBAL_FWD_PORT_COUNT,
-    GLOBAL_FWD_PORT_MIN, GLOBAL_FWD_PRESERVE_CLIENT, GLOBAL_SKB_CB_OFFSET, GLOBAL_WRITE_SEQ_OFFSET,
-    GW_BACKENDS, GW_FWD_ADDRS, GW_FWD_FLOWS, GW_FWD_IFACES, GW_FWD_SLOTS, GW_FWD_STATS,
-    GW_LISTENERS, GW_PEERS, GW_SOCKS, GW_STATS, GW_XDP_BUCKETS, GW_XDP_CIDR4, GW_XDP_CIDR6,
-    GW_XDP_POLICY, GW_XDP_STATS, ListenerInfo, ListenerKey, ListenerStats, MAP_NAMES, MAX_BACKENDS,
-    MAX_FLOWS, MAX_FWD_IFACES, MAX_LISTENERS, MAX_NODE_ADDRS, MAX_SOCKETS, MAX_STATS,
-    MAX_XDP_BUCKETS, MAX_XDP_CIDRS, NodeAddr, PROG_FWD, PROG_MSG, PROG_VERDICT, PROG_XDP, Peer,
-    SlotTable, StatsKey, XdpPolicy, XdpStats,
+    Backend, BackendKey, Bucket, BucketKey, Cidr4, Cidr6, FWD_EVENTS_BYTES, FWD_MAX_ATTEMPTS, Flow,
+    FlowKey, FwdEvent, FwdStats, GLOBAL_COPIED_SEQ_OFFSET, GLOBAL_FWD_ATTEMPTS,
+    GLOBAL_FWD_PORT_COUNT, GLOBAL_FWD_PORT_MIN, GLOBAL_FWD_PRESERVE_CLIENT, GLOBAL_SKB_CB_OFFSET,
+    GLOBAL_WRITE_SEQ_OFFSET, GW_BACKENDS, GW_FWD_ADDRS, GW_FWD_EVENTS, GW_FWD_FLOWS, GW_FWD_IFACES,
+    GW_FWD_SLOTS, GW_FWD_STATS, GW_LISTENERS, GW_PEERS, GW_SOCKS, GW_STATS, GW_XDP_BUCKETS,
+    GW_XDP_CIDR4, GW_XDP_CIDR6, GW_XDP_POLICY, GW_XDP_STATS, ListenerInfo, ListenerKey,
+    ListenerStats, MAP_NAMES, MAX_BACKENDS, MAX_FLOWS, MAX_FWD_IFACES, MAX_LISTENERS,
+    MAX_NODE_ADDRS, MAX_SOCKETS, MAX_STATS, MAX_XDP_BUCKETS, MAX_XDP_CIDRS, NodeAddr, PROG_FWD,
+    PROG_MSG, PROG_VERDICT, PROG_XDP, Peer, SlotTable, StatsKey, XdpPolicy, XdpStats,
 };
 
 use crate::xdp::{GuardMaps, ListenerGuard, XdpError, XdpKind};
@@ -254,7 +254,7 @@ const fn size32<T>() -> u32 {
 
 /// The maps of this build, as [`MAP_NAMES`] orders them, sized for `capacity` with a
 /// connection table of `flows` entries.
-pub fn map_specs(capacity: Capacity, flows: u32) -> [MapSpec; 15] {
+pub fn map_specs(capacity: Capacity, flows: u32) -> [MapSpec; 16] {
     let mut specs = declared_specs();
     for s in &mut specs {
         if let Some(n) = capacity.max_entries(s.name, flows) {
@@ -265,7 +265,7 @@ pub fn map_specs(capacity: Capacity, flows: u32) -> [MapSpec; 15] {
 }
 
 /// The maps as the object declares them (the default sizes).
-const fn declared_specs() -> [MapSpec; 15] {
+const fn declared_specs() -> [MapSpec; 16] {
     let s = MAP_SPECS;
     [
         s[0],
@@ -312,6 +312,13 @@ const fn declared_specs() -> [MapSpec; 15] {
             key_size: size32::<u32>(),
             value_size: size32::<u32>(),
             max_entries: MAX_FWD_IFACES,
+        },
+        MapSpec {
+            name: GW_FWD_EVENTS,
+            map_type: MapType::RingBuf,
+            key_size: 0,
+            value_size: 0,
+            max_entries: FWD_EVENTS_BYTES,
         },
     ]
 }
@@ -526,11 +533,23 @@ pub struct Maps {
     pub fwd_stats: Mutex<PerCpuHashMap<MapData, ListenerKey, FwdStats>>,
     /// The interfaces the forward program is attached to.
     pub fwd_ifaces: Mutex<HashMap<MapData, u32, u32>>,
+    /// The forward program's connection ends (read by `crate::forward::events`).
+    pub fwd_events: Mutex<RingBuf<MapData>>,
+    /// Another handle on the same ring buffer, to pin it again.
+    fwd_events_pin: MapData,
 }
 
 impl Maps {
     /// Takes the typed handles out of the loaded object (`socks` is taken already).
     fn take(ebpf: &mut Ebpf, socks: SockHash<MapData, u64>) -> Result<Self, LoadError> {
+        let map_err = |source| LoadError::Map {
+            name: GW_FWD_EVENTS,
+            source,
+        };
+        let events: RingBuf<MapData> = take(ebpf, GW_FWD_EVENTS)?;
+        let events_fd = std::os::fd::AsFd::as_fd(&events)
+            .try_clone_to_owned()
+            .map_err(|e| map_err(aya::maps::MapError::IoError(e)))?;
         Ok(Self {
             listeners: Mutex::new(take(ebpf, GW_LISTENERS)?),
             backends: Mutex::new(take(ebpf, GW_BACKENDS)?),
@@ -543,6 +562,8 @@ impl Maps {
             node_addrs: Mutex::new(take(ebpf, GW_FWD_ADDRS)?),
             fwd_stats: Mutex::new(take(ebpf, GW_FWD_STATS)?),
             fwd_ifaces: Mutex::new(take(ebpf, GW_FWD_IFACES)?),
+            fwd_events: Mutex::new(events),
+            fwd_events_pin: MapData::from_fd(events_fd).map_err(map_err)?,
         })
     }
 }
@@ -960,6 +981,27 @@ impl Datapath {
         }
     }
 
+    /// A descriptor of `GW_FWD_EVENTS` to wait on (readable when events are waiting).
+    pub fn fwd_events_fd(&self) -> io::Result<std::os::fd::OwnedFd> {
+        std::os::fd::AsFd::as_fd(&*lock(&self.maps.fwd_events)).try_clone_to_owned()
+    }
+
+    /// Takes the events waiting in `GW_FWD_EVENTS` (at most `max`; a record shorter
+    /// than an event is skipped).
+    pub fn take_fwd_events(&self, max: usize) -> Vec<FwdEvent> {
+        let mut ring = lock(&self.maps.fwd_events);
+        let mut out = Vec::new();
+        while out.len() < max {
+            let Some(item) = ring.next() else {
+                break;
+            };
+            if let Some(bytes) = item.get(..size_of::<FwdEvent>()) {
+                out.push(bytemuck::pod_read_unaligned(bytes));
+            }
+        }
+        out
+    }
+
     /// The forward program's counters of `port`, summed over CPUs.
     pub fn fwd_stats(&self, port: u16) -> FwdStats {
         lock(&self.maps.fwd_stats)
@@ -1271,6 +1313,7 @@ impl Datapath {
                 GW_FWD_ADDRS => lock(&m.node_addrs).map().pin(&path),
                 GW_FWD_STATS => lock(&m.fwd_stats).map().pin(&path),
                 GW_FWD_IFACES => lock(&m.fwd_ifaces).map().pin(&path),
+                GW_FWD_EVENTS => m.fwd_events_pin.pin(&path),
                 _ => {
                     let guard = lock(&m.guard);
                     if let Some(data) = guard.0.map_data(name) {

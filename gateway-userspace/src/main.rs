@@ -682,11 +682,13 @@ async fn start_forward(
     dp: &Arc<Datapath>,
     forward: Result<(Selection, ForwardOptions), &'static str>,
     metrics: &Metrics,
+    names: watch::Receiver<Arc<DesiredState>>,
     shutdown: &CancellationToken,
 ) -> anyhow::Result<Option<tokio::task::JoinHandle<()>>> {
     Ok(match forward {
         Ok((sel, mut opts)) => {
             opts.access = metrics.access.clone();
+            opts.names = Some(names);
             Some(attach::forward::start(dp, sel, opts, shutdown).await?)
         }
         Err(why) => {
@@ -758,6 +760,7 @@ fn forward_setup(
             keep_pins: args.keep_pins,
             // Set by start_forward, once the metrics exist.
             access: Arc::default(),
+            names: None,
         },
     )))
 }
@@ -855,7 +858,7 @@ fn run(args: &RunArgs) -> anyhow::Result<()> {
     rt.block_on(async {
         let shutdown = CancellationToken::new();
         let guard = start_guard(&dp, args.xdp_mode, selection, &shutdown).await?;
-        let forwarding = start_forward(&dp, forward, &metrics, &shutdown).await?;
+        let forwarding = start_forward(&dp, forward, &metrics, rx.clone(), &shutdown).await?;
         spawn_source(files, kube, &dp, &metrics, said, tx, &shutdown).await?;
         let counters = Arc::new(Registry::default());
         let conns = Arc::new(proxy::conn::Table::default());

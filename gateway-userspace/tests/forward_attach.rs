@@ -163,6 +163,7 @@ fn the_cluster_default_follows_the_node_addresses_and_the_routes_towards_the_bac
                     drain: Duration::from_secs(1),
                     keep_pins: false,
                     access: Arc::default(),
+                    names: None,
                 },
                 &shutdown,
             )

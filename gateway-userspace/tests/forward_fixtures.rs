@@ -1,6 +1,7 @@
 //! The forward program `gw_fwd` on fixture packets through `BPF_PROG_TEST_RUN` (katran's
 //! fixture tables: description, input packet, expected action, expected output packet),
-//! then its connection table `GW_FWD_FLOWS` and its counters `GW_FWD_STATS`.
+//! then its connection table `GW_FWD_FLOWS`, its counters `GW_FWD_STATS` and the
+//! connection ends it emits to `GW_FWD_EVENTS`.
 //!
 //! Privileged: loads the real object (root). The program asks the FIB for the NAT
 //! source address and the interface towards a backend (`bpf_fib_lookup`, an input
@@ -34,16 +35,17 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{HashMap, MapData, PerCpuHashMap},
+    maps::{HashMap, MapData, PerCpuHashMap, RingBuf},
     programs::{SchedClassifier, TestRun, TestRunOptions},
 };
 use gateway_common::{
     BACKEND_F_INVALID, Backend, BackendKey, DIR_BACKEND_TO_CLIENT, DIR_CLIENT_TO_BACKEND,
-    FLOW_S_ACK, FLOW_S_FIN, FLOW_S_RST, FLOW_S_SYN, Flow, FlowKey, FwdStats, GLOBAL_FWD_ATTEMPTS,
+    FLOW_S_ACK, FLOW_S_FIN, FLOW_S_LOGGED, FLOW_S_RST, FLOW_S_SYN, FWD_END_BACKEND_RESET,
+    FWD_END_CLIENT_RESET, FWD_END_FIN, Flow, FlowKey, FwdEvent, FwdStats, GLOBAL_FWD_ATTEMPTS,
     GLOBAL_FWD_PORT_COUNT, GLOBAL_FWD_PORT_MIN, GLOBAL_FWD_PRESERVE_CLIENT, GW_BACKENDS,
-    GW_FWD_ADDRS, GW_FWD_FLOWS, GW_FWD_IFACES, GW_FWD_SLOTS, GW_FWD_STATS, GW_LISTENERS,
-    LISTENER_F_ADDRESSED, LISTENER_F_DRAINING, ListenerInfo, ListenerKey, NodeAddr, PROG_FWD,
-    SlotTable,
+    GW_FWD_ADDRS, GW_FWD_EVENTS, GW_FWD_FLOWS, GW_FWD_IFACES, GW_FWD_SLOTS, GW_FWD_STATS,
+    GW_LISTENERS, LISTENER_F_ADDRESSED, LISTENER_F_DRAINING, ListenerInfo, ListenerKey, NodeAddr,
+    PROG_FWD, SlotTable,
 };
 use netbed::Netns;
 use sockgate::{
@@ -343,6 +345,18 @@ impl Fwd {
         m.get(key, 0).ok()
     }
 
+    /// The connection ends waiting in `GW_FWD_EVENTS`, taken.
+    fn events(&mut self) -> Vec<FwdEvent> {
+        let mut ring = RingBuf::try_from(self.ebpf.map_mut(GW_FWD_EVENTS).expect("GW_FWD_EVENTS"))
+            .expect("ring buffer");
+        let mut out = Vec::new();
+        while let Some(item) = ring.next() {
+            assert_eq!(item.len(), size_of::<FwdEvent>(), "one event per record");
+            out.push(bytemuck::pod_read_unaligned(&item));
+        }
+        out
+    }
+
     fn flows(&self) -> Vec<(FlowKey, Flow)> {
         let m: HashMap<_, FlowKey, Flow> = self.map_ref(GW_FWD_FLOWS);
         m.iter().map(|r| r.expect("flow entry")).collect()
@@ -426,13 +440,9 @@ impl Tcp {
         }
     }
 
-    fn tcp_len(&self) -> usize {
-        20 + self.options.len() + self.payload.len()
-    }
-
-    /// IP length (IPv4 total length, IPv6 payload length + 40), as the program counts.
-    fn ip_len(&self) -> u64 {
-        (self.tcp_len() + if self.src.is_ipv4() { 20 } else { 40 }) as u64
+    /// Payload bytes (IP length less the IP and TCP headers), as the program counts.
+    fn payload_len(&self) -> u64 {
+        self.payload.len() as u64
     }
 
     fn frame(&self) -> Vec<u8> {
@@ -732,7 +742,7 @@ fn connection(fam: Fam) {
     let (mut c2b, mut b2c) = ((0u64, 0u64), (0u64, 0u64));
     let count = |dir: &mut (u64, u64), s: &Tcp| {
         dir.0 += 1;
-        dir.1 += s.ip_len();
+        dir.1 += s.payload_len();
     };
 
     let syn = Tcp::new(client, front, SYN).seq(1000).options(&SYN_OPTIONS);
@@ -751,7 +761,7 @@ fn connection(fam: Fam) {
     let b = fwd.flow(&bk).expect("the backend's entry, made at the SYN");
     assert_eq!(
         (c.state, c.packets, c.bytes),
-        (FLOW_S_SYN, 1, syn.ip_len()),
+        (FLOW_S_SYN, 1, syn.payload_len()),
         "{c:?}"
     );
     assert_eq!(
@@ -836,7 +846,11 @@ fn connection(fam: Fam) {
     assert_eq!(c.backend_index, 0);
     assert_eq!(c.out_ifindex, fwd.backend_if, "client segments leave by b0");
     assert_eq!((c.attempts, c.tried), (1, 1), "{c:?}");
-    assert_eq!(c.state, FLOW_S_SYN | FLOW_S_ACK | FLOW_S_FIN);
+    assert_eq!(
+        c.state,
+        FLOW_S_SYN | FLOW_S_ACK | FLOW_S_FIN | FLOW_S_LOGGED,
+        "the backend's RST ended it: logged"
+    );
     assert_eq!((c.packets, c.bytes), c2b, "client direction counted");
     assert!(c.created_ns > 0 && c.last_seen_ns >= c.created_ns, "{c:?}");
     assert_eq!(b.new_src_be, node_addr(fam.node()).addr_be, "{b:?}");
@@ -848,6 +862,23 @@ fn connection(fam: Fam) {
     assert_eq!(b.state, FLOW_S_SYN | FLOW_S_ACK | FLOW_S_RST);
     assert_eq!((b.packets, b.bytes), b2c, "backend direction counted");
     assert_eq!(fwd.flows().len(), 2, "two entries per connection");
+    let events = fwd.events();
+    assert_eq!(events.len(), 1, "one end, one event: {events:?}");
+    let e = events[0];
+    assert_eq!(e.end, FWD_END_BACKEND_RESET, "{e:?}");
+    assert_eq!(e.client_be, node_addr(client.ip()).addr_be, "{e:?}");
+    assert_eq!(e.client_port, client.port(), "{e:?}");
+    assert_eq!(e.backend_be, node_addr(backend.ip()).addr_be, "{e:?}");
+    assert_eq!(e.backend_port, BACKEND_PORT, "{e:?}");
+    assert_eq!(e.listener_port, LISTENER, "{e:?}");
+    assert_eq!((e.packets_c2b, e.bytes_c2b), c2b, "{e:?}");
+    assert_eq!((e.packets_b2c, e.bytes_b2c), b2c, "{e:?}");
+    assert_eq!((c2b.1, b2c.1), (333, 1400), "payload bytes only");
+    assert_eq!(
+        (e.created_ns, e.last_seen_ns),
+        (c.created_ns, b.last_seen_ns),
+        "{e:?}"
+    );
 
     // A second client whose SYN carries data (TCP Fast Open): the payload goes on.
     let client2 = SocketAddr::new(fam.client(1), 33001);
@@ -1587,4 +1618,122 @@ fn weights_at_the_program() {
         assert!((250..=350).contains(&picked[1]), "30 % ± 5: {picked:?}");
         assert_eq!(fwd.stats(LISTENER).connections, u64::from(SYNS));
     });
+}
+
+/// A connection through to its established state: the client's entry key, the
+/// backend's, and the NAT address and port.
+fn established(fwd: &mut Fwd, fam: Fam, client_port: u16) -> (SocketAddr, SocketAddr, SocketAddr) {
+    let backend = SocketAddr::new(fam.backend(0), BACKEND_PORT);
+    let client = SocketAddr::new(fam.client(0), client_port);
+    let front = SocketAddr::new(fam.node(), LISTENER);
+    let (_, out) = fwd.client(&Tcp::new(client, front, SYN).seq(1000).options(&SYN_OPTIONS));
+    let nat = SocketAddr::new(fam.nat(), nat_port("SYN", &out, Load::default()));
+    fwd.backend(&Tcp::new(backend, nat, SYN | ACK).seq(7000).ack(1001));
+    fwd.client(&Tcp::new(client, front, ACK).seq(1001).ack(7001));
+    fwd.client(
+        &Tcp::new(client, front, ACK | PSH)
+            .seq(1001)
+            .ack(7001)
+            .payload(&pattern(100, 1)),
+    );
+    fwd.backend(
+        &Tcp::new(backend, nat, ACK | PSH)
+            .seq(7001)
+            .ack(1101)
+            .payload(&pattern(250, 2)),
+    );
+    (client, backend, nat)
+}
+
+/// The program emits one event per connection end: at the client's RST (none for its
+/// retransmission, nor for a backend RST after it), and at the FIN that completes a FIN
+/// each way (none for the FIN before it, nor for a retransmitted FIN or a RST after it).
+fn ends(fam: Fam) {
+    let mut fwd = Fwd::load(Load::default());
+    let backend = SocketAddr::new(fam.backend(0), BACKEND_PORT);
+    fwd.listener(LISTENER, &[be(backend, 1)]);
+    let front = SocketAddr::new(fam.node(), LISTENER);
+
+    let (client, backend, nat) = established(&mut fwd, fam, 34000);
+    assert!(fwd.events().is_empty(), "no end yet");
+    let rst = Tcp::new(client, front, RST | ACK).seq(1101).ack(7251);
+    assert_forwarded(
+        "client RST goes to the backend",
+        fwd.client(&rst),
+        &rst.moved(nat, backend),
+    );
+    let events = fwd.events();
+    assert_eq!(events.len(), 1, "one event for the RST: {events:?}");
+    let e = events[0];
+    assert_eq!(e.end, FWD_END_CLIENT_RESET, "{e:?}");
+    assert_eq!(
+        (e.client_be, e.client_port),
+        (node_addr(client.ip()).addr_be, client.port())
+    );
+    assert_eq!(
+        (e.bytes_c2b, e.bytes_b2c),
+        (100, 250),
+        "payload bytes: {e:?}"
+    );
+    assert_eq!(
+        (e.packets_c2b, e.packets_b2c),
+        (4, 2),
+        "SYN, ACK, data, RST; SYN-ACK, data"
+    );
+    assert_forwarded(
+        "the retransmitted RST is forwarded too",
+        fwd.client(&rst),
+        &rst.moved(nat, backend),
+    );
+    fwd.backend(&Tcp::new(backend, nat, RST).seq(7251));
+    assert!(
+        fwd.events().is_empty(),
+        "nothing for a retransmitted RST or a RST the other way"
+    );
+    let c = fwd.flow(&key(client, front)).expect("client entry");
+    assert_ne!(c.state & FLOW_S_LOGGED, 0, "{c:?}");
+
+    let (client, backend, nat) = established(&mut fwd, fam, 34001);
+    let c_fin = Tcp::new(client, front, FIN | ACK).seq(1101).ack(7251);
+    fwd.client(&c_fin);
+    assert!(fwd.events().is_empty(), "one FIN does not end it");
+    let b_fin = Tcp::new(backend, nat, FIN | ACK).seq(7251).ack(1102);
+    assert_forwarded(
+        "backend FIN goes to the client",
+        fwd.backend(&b_fin),
+        &b_fin.moved(front, client),
+    );
+    let events = fwd.events();
+    assert_eq!(events.len(), 1, "one event at the second FIN: {events:?}");
+    let e = events[0];
+    assert_eq!(e.end, FWD_END_FIN, "{e:?}");
+    assert_eq!(
+        (e.client_be, e.client_port),
+        (node_addr(client.ip()).addr_be, client.port())
+    );
+    assert_eq!((e.bytes_c2b, e.bytes_b2c), (100, 250), "{e:?}");
+    assert_eq!(
+        (e.packets_c2b, e.packets_b2c),
+        (4, 3),
+        "SYN, ACK, data, FIN; SYN-ACK, data, FIN"
+    );
+    fwd.backend(&b_fin);
+    fwd.client(&c_fin);
+    fwd.client(&Tcp::new(client, front, ACK).seq(1102).ack(7252));
+    fwd.client(&Tcp::new(client, front, RST).seq(1102));
+    assert!(
+        fwd.events().is_empty(),
+        "nothing for retransmitted FINs, the last ACK or a RST after the end"
+    );
+    assert_eq!(fwd.stats(LISTENER).events_lost, 0);
+}
+
+#[test]
+fn ipv4_one_event_per_end() {
+    in_bed(|| ends(Fam::V4));
+}
+
+#[test]
+fn ipv6_one_event_per_end() {
+    in_bed(|| ends(Fam::V6));
 }

@@ -185,10 +185,17 @@ pub async fn start(
         opts.timeouts,
         opts.drain,
         opts.access.clone(),
+        opts.names.clone(),
+        shutdown.clone(),
+    );
+    let events = forward::events::run(
+        dp.clone(),
+        opts.access.clone(),
+        opts.names.clone(),
         shutdown.clone(),
     );
     let attach = super::run(manager, nl, sel, failing, shutdown.clone());
     Ok(tokio::spawn(async move {
-        tokio::join!(attach, sweep);
+        tokio::join!(attach, sweep, events);
     }))
 }

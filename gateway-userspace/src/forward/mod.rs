@@ -17,7 +17,13 @@
 //! * **sweeps** the connection table every [`SWEEP_EVERY`]: a connection is removed
 //!   (both of its entries) when it has been quiet for its state's timeout ([`Timeouts`]),
 //!   and the connections of a removed listener once the drain timeout has passed. An
-//!   entry that still sees segments is never removed.
+//!   entry that still sees segments is never removed. The sweeper logs the connections
+//!   it removes that the program did not report (`FLOW_S_LOGGED` clear: timeouts,
+//!   drains, ends whose event did not fit the ring buffer);
+//! * **logs** the connection ends the program reports in `GW_FWD_EVENTS` ([`events`]).
+//!
+//! Both name their records (listener, route, backendRef) from the desired state.
+pub mod events;
 pub mod slots;
 
 use std::{
@@ -30,13 +36,16 @@ use std::{
 };
 
 use gateway_common::{
-    DIR_CLIENT_TO_BACKEND, FLOW_S_ACK, FLOW_S_FIN, FLOW_S_RST, FLOW_S_SYN, Flow, FlowKey, NodeAddr,
+    DIR_CLIENT_TO_BACKEND, FLOW_S_ACK, FLOW_S_FIN, FLOW_S_LOGGED, FLOW_S_RST, FLOW_S_SYN, Flow,
+    FlowKey, NodeAddr,
 };
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info};
 
 use crate::{
     access_log::{EndReason, ListenerRef, PathName, Record, Sink, rfc3339},
+    desired::DesiredState,
     ebpf::{Datapath, MapOpError},
 };
 
@@ -115,6 +124,8 @@ pub struct ForwardOptions {
     pub keep_pins: bool,
     /// Where the records of the connections the sweeper removes go.
     pub access: Arc<Sink>,
+    /// The desired state the records are named from (listener, route, backendRef).
+    pub names: Option<watch::Receiver<Arc<DesiredState>>>,
 }
 
 /// Parses `MIN-MAX`.
@@ -302,8 +313,8 @@ fn addr_of(be: [u8; 16], port: u16) -> std::net::SocketAddr {
 }
 
 /// The access log record of a connection removed from the table (client key `k`,
-/// entries `c` and `b`) at monotonic time `now_ns`. Its bytes are IP bytes, headers
-/// included, as the program counts them; the segments are counted each way.
+/// entries `c` and `b`) at monotonic time `now_ns`. Its bytes are payload bytes, as
+/// the program counts them; the segments are counted each way.
 pub fn record_of(k: &FlowKey, c: &Flow, b: Option<&Flow>, end: EndReason, now_ns: u64) -> Record {
     let last = b.map_or(c.last_seen_ns, |b| b.last_seen_ns.max(c.last_seen_ns));
     let wall = std::time::SystemTime::now();
@@ -348,10 +359,13 @@ pub fn monotonic_ns() -> u64 {
 #[derive(Debug, Default)]
 pub struct Sweeper {
     gone_since: BTreeMap<u16, Instant>,
+    /// The desired state its records are named from.
+    pub names: Option<watch::Receiver<Arc<DesiredState>>>,
 }
 
 impl Sweeper {
-    /// One sweep of `dp`'s table; each connection removed gets its record in `access`.
+    /// One sweep of `dp`'s table; each connection removed that the program did not
+    /// report (see [`events`]) gets its record in `access`.
     pub fn sweep(&mut self, dp: &Datapath, t: &Timeouts, drain: Duration, access: &Sink) -> Sweep {
         let flows = dp.flows();
         let listeners: BTreeSet<u16> = dp.listener_keys().iter().map(|k| k.port).collect();
@@ -380,13 +394,21 @@ impl Sweeper {
         if removed > 0 {
             let gone: BTreeSet<&FlowKey> = remove.iter().collect();
             let by_key: BTreeMap<&FlowKey, &Flow> = flows.iter().map(|(k, f)| (k, f)).collect();
+            let desired = self.names.as_ref().map(|n| n.borrow().clone());
             for (k, c) in &flows {
-                if u32::from(c.direction) != DIR_CLIENT_TO_BACKEND || !gone.contains(k) {
+                if u32::from(c.direction) != DIR_CLIENT_TO_BACKEND
+                    || !gone.contains(k)
+                    || c.state & FLOW_S_LOGGED != 0
+                {
                     continue;
                 }
                 let b = by_key.get(&reverse_key(c)).copied();
                 let end = end_reason(c, b, drained.contains(&c.listener_port));
-                access.end(record_of(k, c, b, end, now_ns));
+                let mut r = record_of(k, c, b, end, now_ns);
+                if let Some(d) = &desired {
+                    r.name_from(d);
+                }
+                access.end(r);
             }
         }
         if !remove.is_empty() {
@@ -412,9 +434,13 @@ pub async fn sweep_until(
     timeouts: Timeouts,
     drain: Duration,
     access: Arc<Sink>,
+    names: Option<watch::Receiver<Arc<DesiredState>>>,
     shutdown: CancellationToken,
 ) {
-    let mut sweeper = Sweeper::default();
+    let mut sweeper = Sweeper {
+        names,
+        ..Sweeper::default()
+    };
     loop {
         tokio::select! {
             () = shutdown.cancelled() => break,

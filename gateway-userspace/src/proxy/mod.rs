@@ -431,13 +431,7 @@ async fn accept_loop(
                     let shared = task_shared;
                     let desired = shared.state.borrow().clone();
                     let listener = desired.listeners.get(&port);
-                    let conn = shared.conns.open(
-                        listener.map_or_else(
-                            || ListenerRef::from_origin("", port, None),
-                            |l| ListenerRef::from_origin(&l.origin, port, l.route.as_deref()),
-                        ),
-                        peer,
-                    );
+                    let conn = shared.conns.open(ListenerRef::of(&desired, port), peer);
                     let (end, detail) = tokio::select! {
                         r = handle(&shared, listener, client, &counters, &conn) => r,
                         () = drain.cancelled() => {
