@@ -859,3 +859,138 @@ fn forward_ipv6_carries_a_hashed_transfer() {
         "the listener socket never saw it: {stats}"
     );
 }
+
+// ---- access log records from the kernel ------------------------------------------------
+
+/// The access log's records, by client port, once `n` are there (at most 15 s).
+fn log_records(
+    path: &std::path::Path,
+    n: usize,
+) -> std::collections::BTreeMap<u16, Vec<serde_json::Value>> {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        let recs: Vec<serde_json::Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("bad line {l:?}: {e}")))
+            .collect();
+        if recs.len() >= n {
+            let mut by_port = std::collections::BTreeMap::<u16, Vec<serde_json::Value>>::new();
+            for r in recs {
+                let port = r["client"]
+                    .as_str()
+                    .and_then(|c| c.parse::<SocketAddr>().ok())
+                    .map_or(0, |a| a.port());
+                by_port.entry(port).or_default().push(r);
+            }
+            return by_port;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} holds {} records, expected {n}:\n{text}",
+            path.display(),
+            recs.len()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A forwarded connection closed with a FIN each way and one the client resets each
+/// get exactly one record, from the program's ring buffer (the sweeper, which removes
+/// their entries within 2 s, adds none): the listener, route and backendRef named from
+/// the manifests, payload bytes equal to the bytes sent each way, and how it ended.
+#[test]
+fn forward_records_come_from_the_kernel_once_and_named() {
+    require_root();
+    let bed = Bed::new(2).expect("bed");
+    let _foo = servers::Server::start(
+        bed.backend(0),
+        backend(&bed, 0, 3001),
+        servers::named_echo("foo"),
+    )
+    .expect("foo");
+    let dir = Manifests::new();
+    dir.write("foo", false);
+    let log = dir.0.join("access.log");
+    let mut args = forward_flags(&bed);
+    args.extend(
+        [
+            "--dir",
+            dir.0.to_str().expect("utf-8"),
+            "--access-log",
+            log.to_str().expect("utf-8"),
+        ]
+        .map(str::to_owned),
+    );
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let agent = Agent::start(&bed, &args, &[8088]);
+    let l88 = listener_addr(&bed, 8088);
+    let (fin, client_rst) = bed
+        .client()
+        .run(move || {
+            // FIN each way: 4 bytes out, 9 back ("foo: who\n"), then EOF both ways.
+            let mut s = connect(l88).expect("connect");
+            let fin = s.local_addr().expect("addr").port();
+            assert_eq!(exchange(&mut s, "who\n"), "foo: who\n");
+            s.shutdown(std::net::Shutdown::Write).expect("shutdown");
+            let mut rest = Vec::new();
+            s.read_to_end(&mut rest).expect("EOF from the backend");
+            assert!(rest.is_empty(), "{rest:?}");
+            drop(s);
+            // The client resets after 6 bytes out, 11 back.
+            let mut s = connect(l88).expect("connect");
+            let client_rst = s.local_addr().expect("addr").port();
+            assert_eq!(exchange(&mut s, "hello\n"), "foo: hello\n");
+            common::reset_with_linger(&s);
+            drop(s);
+            (fin, client_rst)
+        })
+        .expect("client");
+    let recs = log_records(&log, 2);
+    assert!(
+        table_entries(&agent) > 0,
+        "the records came before the sweeper removed the entries (the program's events)"
+    );
+    // Past the reset and closing timeouts (1 s, 2 s) and a sweep: the sweeper removed
+    // both connections' entries and must have logged nothing more.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while table_entries(&agent) > 0 {
+        assert!(
+            Instant::now() < deadline,
+            "entries not swept:\n{}",
+            agent.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    std::thread::sleep(Duration::from_millis(1500));
+    let after = log_records(&log, 2);
+    println!("{}", std::fs::read_to_string(&log).unwrap_or_default());
+    assert_eq!(after, recs, "no second record after the sweep");
+    let client_ip = bed.client_addr();
+    for (port, end, c2b, b2c, segments_min) in [
+        (fin, "fin", 4, 9, 3),
+        (client_rst, "client_reset", 6, 11, 3),
+    ] {
+        let list = recs
+            .get(&port)
+            .unwrap_or_else(|| panic!("no record of {port}: {recs:?}"));
+        assert_eq!(list.len(), 1, "exactly one record of {port}: {list:?}");
+        let r = &list[0];
+        assert_eq!(r["client"], format!("{client_ip}:{port}"), "{r}");
+        assert_eq!(r["port"], 8088, "{r}");
+        assert_eq!(r["gateway"], "default/gw", "{r}");
+        assert_eq!(r["listener"], "a", "{r}");
+        assert_eq!(r["route"], "default/route-a", "{r}");
+        assert_eq!(r["backend"], backend(&bed, 0, 3001).to_string(), "{r}");
+        assert_eq!(r["backend_ref"], "default/foo:3001", "{r}");
+        assert_eq!(r["datapath"], "forward", "{r}");
+        assert_eq!(r["end"], end, "{r}");
+        assert_eq!(r["bytes_client_to_backend"], c2b, "payload bytes: {r}");
+        assert_eq!(r["bytes_backend_to_client"], b2c, "payload bytes: {r}");
+        assert!(
+            r["segments_client_to_backend"].as_u64() >= Some(segments_min),
+            "{r}"
+        );
+        assert!(r["time"].as_str().is_some_and(|t| t.ends_with('Z')), "{r}");
+    }
+}
