@@ -205,9 +205,9 @@ pub struct LiveConnection {
     pub datapath: PathName,
     /// Seconds since the client connected.
     pub age_seconds: f64,
-    /// Payload bytes client -> backend so far (IP bytes on the forward path).
+    /// Payload bytes client -> backend so far.
     pub bytes_client_to_backend: u64,
-    /// Payload bytes backend -> client so far (IP bytes on the forward path).
+    /// Payload bytes backend -> client so far.
     pub bytes_backend_to_client: u64,
     /// `connecting`, `established`, or on the forward path what the segments showed
     /// (`syn_sent`, `established`, `client_fin`, `backend_fin`, `closing`, `reset`).

@@ -135,7 +135,7 @@ fn state(c2b: u32, b2c: u32) -> &'static str {
 }
 
 /// The forward path's live connections, from the pinned `GW_FWD_FLOWS` (none when
-/// it is not pinned). Bytes are IP bytes, as the program counts them.
+/// it is not pinned). Bytes are payload bytes, as the program counts them.
 pub fn from_flows(pin_dir: &Path) -> Result<Vec<LiveConnection>, ListError> {
     if !pin_dir.join(GW_FWD_FLOWS).exists() {
         return Ok(Vec::new());

@@ -363,7 +363,7 @@ fn forward_families(
     family(
         e,
         "sockgate_forward_bytes",
-        "Bytes (IP length) the forward program forwarded, by direction",
+        "Payload bytes the forward program forwarded, by direction",
         fwd.iter().flat_map(|(p, s, _)| {
             [
                 ("client_to_backend", s.bytes_c2b),
@@ -371,6 +371,13 @@ fn forward_families(
             ]
             .map(|(dir, v)| (with(*p, &[("direction", dir)]), ConstCounter::new(v)))
         }),
+    )?;
+    family(
+        e,
+        "sockgate_forward_log_events_lost",
+        "Connection ends the forward program could not put in GW_FWD_EVENTS (full): the sweeper logs those connections when it removes them",
+        fwd.iter()
+            .map(|(p, s, _)| (labels(*p), ConstCounter::new(s.events_lost))),
     )
 }
 
