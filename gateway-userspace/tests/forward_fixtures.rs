@@ -1737,3 +1737,47 @@ fn ipv4_one_event_per_end() {
 fn ipv6_one_event_per_end() {
     in_bed(|| ends(Fam::V6));
 }
+
+/// A full ring buffer does not stop forwarding: the end that finds no room is counted
+/// (`events_lost`) and its client entry is left unmarked, so the agent's sweeper logs
+/// that connection; once the agent has read the ring, ends are emitted again.
+#[test]
+fn a_full_ring_buffer_counts_and_leaves_the_end_to_the_sweeper() {
+    in_bed(|| {
+        let load = Load {
+            ports: 8000,
+            ..Load::default()
+        };
+        let mut fwd = Fwd::load(load);
+        let backend = SocketAddr::new(Fam::V4.backend(0), BACKEND_PORT);
+        fwd.listener(LISTENER, &[be(backend, 1)]);
+        let front = SocketAddr::new(Fam::V4.node(), LISTENER);
+        // 256 KiB hold 2730 events of 88 bytes and their 8-byte headers.
+        let capacity = (gateway_common::FWD_EVENTS_BYTES as usize) / (size_of::<FwdEvent>() + 8);
+        let reset = |fwd: &Fwd, i: usize| {
+            let client = SocketAddr::new(
+                Fam::V4.client(u16::try_from(i / 50_000).expect("few clients")),
+                10_000 + u16::try_from(i % 50_000).expect("port"),
+            );
+            let (action, _) = fwd.client(&Tcp::new(client, front, SYN).seq(1));
+            assert_eq!(action, 7, "connection {i} forwarded");
+            let (action, _) = fwd.client(&Tcp::new(client, front, RST | ACK).seq(2));
+            assert_eq!(action, 7, "the RST of connection {i} forwarded");
+            fwd.flow(&key(client, front)).expect("client entry")
+        };
+        for i in 0..capacity {
+            let c = reset(&fwd, i);
+            assert_ne!(c.state & FLOW_S_LOGGED, 0, "event {i} fits");
+        }
+        assert_eq!(fwd.stats(LISTENER).events_lost, 0);
+        let c = reset(&fwd, capacity);
+        assert_eq!(c.state & FLOW_S_LOGGED, 0, "no room: not marked, {c:?}");
+        assert_eq!(fwd.stats(LISTENER).events_lost, 1, "counted");
+        let events = fwd.events();
+        assert_eq!(events.len(), capacity, "the events that fit, read");
+        assert!(events.iter().all(|e| e.end == FWD_END_CLIENT_RESET));
+        let c = reset(&fwd, capacity + 1);
+        assert_ne!(c.state & FLOW_S_LOGGED, 0, "room again: {c:?}");
+        assert_eq!(fwd.events().len(), 1);
+    });
+}
