@@ -578,7 +578,10 @@ impl Drop for Manifests {
 
 impl Manifests {
     fn new() -> Self {
-        let dir = std::env::temp_dir().join(format!("sockgate-fwd-e2e-{}", std::process::id()));
+        // One per test: the tests of this file run in parallel in one process.
+        static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir = std::env::temp_dir().join(format!("sockgate-fwd-e2e-{}-{n}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).expect("dir");
         Self(dir)
@@ -993,4 +996,56 @@ fn forward_records_come_from_the_kernel_once_and_named() {
         );
         assert!(r["time"].as_str().is_some_and(|t| t.ends_with('Z')), "{r}");
     }
+}
+
+/// An end the agent decides is logged by the sweeper, once, named like the program's:
+/// an established forwarded connection left idle past `--idle-timeout` gets one
+/// `idle_timeout` record with its payload bytes when its entries are removed.
+#[test]
+fn forward_idle_connection_is_logged_by_the_sweeper() {
+    require_root();
+    let bed = Bed::new(1).expect("bed");
+    let _echo = servers::Server::start(
+        bed.backend(0),
+        backend(&bed, 0, 3001),
+        servers::named_echo("foo"),
+    )
+    .expect("echo");
+    let dir = Manifests::new();
+    let log = dir.0.join("access.log");
+    let route = format!("8088={}", backend(&bed, 0, 3001));
+    let agent = forward_agent(
+        &bed,
+        &[route],
+        &[
+            "--idle-timeout",
+            "1",
+            "--access-log",
+            log.to_str().expect("utf-8"),
+        ],
+    );
+    let l88 = listener_addr(&bed, 8088);
+    let (port, held) = bed
+        .client()
+        .run(move || {
+            let mut s = connect(l88).expect("connect");
+            assert_eq!(exchange(&mut s, "who\n"), "foo: who\n");
+            (s.local_addr().expect("addr").port(), s)
+        })
+        .expect("client");
+    let recs = log_records(&log, 1);
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(log_records(&log, 1), recs, "one record only");
+    let r = recs
+        .get(&port)
+        .and_then(|l| (l.len() == 1).then(|| l[0].clone()))
+        .unwrap_or_else(|| panic!("one record of {port}: {recs:?}"));
+    assert_eq!(r["end"], "idle_timeout", "{r}");
+    assert_eq!(r["listener"], "--route 8088", "{r}");
+    assert_eq!(r["backend_ref"], backend(&bed, 0, 3001).to_string(), "{r}");
+    assert_eq!(r["datapath"], "forward", "{r}");
+    assert_eq!(r["bytes_client_to_backend"], 4, "{r}");
+    assert_eq!(r["bytes_backend_to_client"], 9, "{r}");
+    assert_eq!(table_entries(&agent), 0, "swept");
+    drop(held);
 }
