@@ -1,7 +1,7 @@
 //! The access log's cost: many short connections (the exchange of the new-connections
 //! measurement) through sockgate `--datapath splice` with `--access-log FILE` and
-//! without it, one after the other in each repeat, so that drifts of a shared machine
-//! touch both alike.
+//! without it, one after the other in each repeat (which goes first alternates), so
+//! that drifts of a shared machine touch both alike.
 //!
 //! Reported per repeat, for both rows: connections per second and the agent's CPU per
 //! connection (user + system of the agent's threads); for the row with the log also
@@ -299,12 +299,6 @@ pub fn run_repeat(
         });
     };
 
-    let off = measure_once(bed, sockgate, None, t)?;
-    let off_cpu = us_per(off.agent_ticks, off.connections);
-    push(ROW_OFF, "conn_rate", off.rate);
-    push(ROW_OFF, "conn_failures", off.failed as f64);
-    push(ROW_OFF, "log_agent_cpu_per_conn", off_cpu);
-
     let dir = std::env::temp_dir().join(format!(
         "sockgate-bench-{}-access-log-file",
         std::process::id()
@@ -312,10 +306,26 @@ pub fn run_repeat(
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir)?;
     let file = dir.join("access.log");
-    let on = measure_once(bed, sockgate, Some(&file), t);
-    let records = settled_lines(&file);
+    let with_log = || {
+        let on = measure_once(bed, sockgate, Some(&file), t);
+        let records = settled_lines(&file);
+        on.map(|on| (on, records))
+    };
+    // Odd repeats measure the agent without the log first, even ones with it first.
+    let (off, on) = if repeat % 2 == 1 {
+        let off = measure_once(bed, sockgate, None, t)?;
+        (off, with_log())
+    } else {
+        let on = with_log();
+        (measure_once(bed, sockgate, None, t)?, on)
+    };
     let _ = std::fs::remove_dir_all(&dir);
-    let on = on?;
+    let (on, records) = on?;
+    let off_cpu = us_per(off.agent_ticks, off.connections);
+    push(ROW_OFF, "conn_rate", off.rate);
+    push(ROW_OFF, "conn_failures", off.failed as f64);
+    push(ROW_OFF, "log_agent_cpu_per_conn", off_cpu);
+
     let on_cpu = us_per(on.agent_ticks, on.connections);
     push(ROW_ON, "conn_rate", on.rate);
     push(ROW_ON, "conn_failures", on.failed as f64);
@@ -353,7 +363,8 @@ pub fn write_summary(out: &Path, samples: &[Sample]) -> anyhow::Result<()> {
         "# The access log's cost\n\n\
          Short connections (connect, 4-byte exchange, close) from 4 client threads through \
          sockgate `--datapath splice`, without and with `--access-log FILE`, one after the \
-         other in each repeat. Min / median / max over the repeats.\n\n\
+         other in each repeat (alternating which goes first). Min / median / max over the \
+         repeats.\n\n\
          | metric | unit | access log off | access log on |\n|---|---|---|---|\n",
     );
     let cell = |row: &str, m: &'static str| {
