@@ -30,7 +30,7 @@ use super::{
 /// The row with the log on; selecting it (`--only "access log"`) runs both.
 pub const ROW_ON: &str = "sockgate splice + access log";
 /// The same agent without the log, measured right before it.
-pub const ROW_OFF: &str = "sockgate splice, access log off";
+pub const ROW_OFF: &str = "sockgate splice without access log";
 
 /// The metrics of these rows: (key, title, unit).
 const METRICS: &[(&str, &str, &str)] = &[
