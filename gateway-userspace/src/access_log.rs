@@ -161,15 +161,25 @@ pub struct Record {
     pub backend: Option<SocketAddr>,
     /// The backendRef (`namespace/service:port`) the backend endpoint belongs to.
     pub backend_ref: Option<String>,
+    /// The `EndpointSlice` (`namespace/name`) the backend endpoint was read from; null
+    /// for the `--route` table and on the forward path.
+    #[serde(default)]
+    pub endpoint_slice: Option<String>,
     /// The data path that carried it.
     pub datapath: PathName,
     /// Payload bytes client -> backend.
     pub bytes_client_to_backend: u64,
     /// Payload bytes backend -> client.
     pub bytes_backend_to_client: u64,
-    /// Segments client -> backend, where the path counts them (forward).
+    /// Segments client -> backend. Socket paths: the data segments (those carrying
+    /// payload) the client sent, as they arrived at the node (`TCP_INFO`
+    /// `tcpi_data_segs_in` of the client's socket, read when the connection ends; a
+    /// GRO super-packet counts as the wire segments it holds, a retransmission again).
+    /// Forward path: every packet of that direction (ACKs included; a GSO super-packet
+    /// counts once). Null when no path carried it.
     pub segments_client_to_backend: Option<u64>,
-    /// Segments backend -> client, where the path counts them (forward).
+    /// Segments backend -> client, likewise (socket paths: `tcpi_data_segs_in` of the
+    /// backend's socket).
     pub segments_backend_to_client: Option<u64>,
     /// How it ended.
     pub end: EndReason,
@@ -201,6 +211,9 @@ pub struct LiveConnection {
     pub backend: Option<SocketAddr>,
     /// The backendRef (`namespace/service:port`), where known.
     pub backend_ref: Option<String>,
+    /// The `EndpointSlice` (`namespace/name`) of the backend endpoint, where known.
+    #[serde(default)]
+    pub endpoint_slice: Option<String>,
     /// The data path carrying it (`none` while the backend is being connected).
     pub datapath: PathName,
     /// Seconds since the client connected.
@@ -537,6 +550,7 @@ mod tests {
             client: "10.200.0.2:40000".parse().expect("addr"),
             backend: Some("10.200.1.2:3001".parse().expect("addr")),
             backend_ref: Some("default/echo:3001".into()),
+            endpoint_slice: Some("default/echo-abc12".into()),
             datapath: PathName::Splice,
             bytes_client_to_backend: 5,
             bytes_backend_to_client: 7,

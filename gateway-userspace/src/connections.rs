@@ -169,6 +169,7 @@ pub fn from_flows(pin_dir: &Path) -> Result<Vec<LiveConnection>, ListError> {
             client: addr_of(k.src_be, k.sport),
             backend: Some(addr_of(f.new_dst_be, f.new_dport)),
             backend_ref: None,
+            endpoint_slice: None,
             datapath: PathName::Forward,
             age_seconds,
             bytes_client_to_backend: f.bytes,
@@ -186,7 +187,7 @@ pub fn render(conns: &[LiveConnection]) -> String {
     let mut o = String::new();
     let _ = writeln!(
         o,
-        "{:<8} {:<8} {:<46} {:<46} {:>9} {:>14} {:>14}  {:<12} ROUTE / BACKENDREF",
+        "{:<8} {:<8} {:<46} {:<46} {:>9} {:>14} {:>14}  {:<12} ROUTE / BACKENDREF [ENDPOINTSLICE]",
         "LISTENER",
         "PATH",
         "CLIENT",
@@ -202,9 +203,13 @@ pub fn render(conns: &[LiveConnection]) -> String {
             .ok()
             .and_then(|v| v.as_str().map(str::to_owned))
             .unwrap_or_default();
+        let slice = c
+            .endpoint_slice
+            .as_deref()
+            .map_or_else(String::new, |s| format!(" [{s}]"));
         let _ = writeln!(
             o,
-            "{:<8} {:<8} {:<46} {:<46} {:>8.1}s {:>14} {:>14}  {:<12} {} {}",
+            "{:<8} {:<8} {:<46} {:<46} {:>8.1}s {:>14} {:>14}  {:<12} {} {}{slice}",
             c.listener.port,
             path,
             c.client,
@@ -230,6 +235,7 @@ mod tests {
             client: client.parse().expect("client"),
             backend: Some(backend.parse().expect("backend")),
             backend_ref: Some(backend_ref.into()),
+            endpoint_slice: None,
             datapath: PathName::Splice,
             age_seconds: 1.5,
             bytes_client_to_backend: 10,
@@ -270,10 +276,20 @@ mod tests {
 
     #[test]
     fn renders_one_line_per_connection() {
-        let text = render(&[conn(80, "10.0.0.7:4000", "10.1.0.2:8080", "ns/web:8080")]);
+        let mut c = conn(80, "10.0.0.7:4000", "10.1.0.2:8080", "ns/web:8080");
+        let text = render(std::slice::from_ref(&c));
         let lines: Vec<&str> = text.lines().collect();
         assert_eq!(lines.len(), 2);
         assert!(lines[1].starts_with("80 "), "{text}");
         assert!(lines[1].contains("10.0.0.7:4000") && lines[1].contains("ns/web:8080"));
+        assert!(!lines[1].contains('['), "{text}");
+        c.endpoint_slice = Some("ns/web-x7k2p".into());
+        let text = render(&[c]);
+        assert!(
+            text.lines()
+                .nth(1)
+                .is_some_and(|l| l.ends_with("ns/web:8080 [ns/web-x7k2p]")),
+            "{text}"
+        );
     }
 }

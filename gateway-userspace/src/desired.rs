@@ -103,6 +103,10 @@ pub struct Backend {
     pub weight: u32,
     /// The backendRef this endpoint comes from (`namespace/service:port`), for logs.
     pub backend_ref: String,
+    /// The `EndpointSlice` the endpoint was read from (`namespace/name`), for the access
+    /// log; `None` for the `--route` table and invalid backendRefs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub endpoint_slice: Option<String>,
 }
 
 impl DesiredState {

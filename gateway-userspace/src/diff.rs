@@ -173,6 +173,7 @@ mod tests {
             addr: addr.map(|(h, p)| SocketAddr::from(([10, 0, 0, h], p))),
             weight,
             backend_ref: String::new(),
+            endpoint_slice: None,
         })
     }
 
@@ -250,6 +251,7 @@ mod tests {
             addr: None,
             weight: 3,
             backend_ref: String::new(),
+            endpoint_slice: None,
         });
         assert_eq!(backend_addr(&v), None);
         let a: SocketAddr = "[2001:db8::1]:80".parse().expect("addr");
@@ -257,6 +259,7 @@ mod tests {
             addr: Some(a),
             weight: 1,
             backend_ref: String::new(),
+            endpoint_slice: None,
         });
         assert_eq!(backend_addr(&v), Some(a));
     }

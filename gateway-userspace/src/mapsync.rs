@@ -306,6 +306,7 @@ mod tests {
                     addr: Some(SocketAddr::from(([10, 0, 0, 1], 1000 + i as u16))),
                     weight: 1,
                     backend_ref: String::new(),
+                    endpoint_slice: None,
                 })
                 .collect();
             d.listeners.insert(

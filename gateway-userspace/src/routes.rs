@@ -71,6 +71,7 @@ pub fn parse(specs: &[String], filter: &BackendFilter) -> Result<DesiredState, R
                 addr,
                 weight,
                 backend_ref,
+                endpoint_slice: None,
             });
         }
         listeners.insert(

@@ -57,6 +57,7 @@ fn state(backends: &[&str]) -> Arc<DesiredState> {
                     addr: Some(SocketAddr::new(a.parse().expect("address"), 3001)),
                     weight: 1,
                     backend_ref: "default/foo:3001".to_owned(),
+                    endpoint_slice: None,
                 })
                 .collect(),
             ..Listener::default()

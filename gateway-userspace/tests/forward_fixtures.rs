@@ -368,6 +368,7 @@ fn be(addr: SocketAddr, weight: u32) -> desired::Backend {
         addr: Some(addr),
         weight,
         backend_ref: format!("default/svc-{addr}:80"),
+        endpoint_slice: None,
     }
 }
 
@@ -1262,6 +1263,7 @@ fn refusals(fam: Fam) {
             addr: None,
             weight: 1,
             backend_ref: "default/missing:80".into(),
+            endpoint_slice: None,
         }],
     );
     let client = SocketAddr::new(fam.client(0), 33000);

@@ -838,6 +838,7 @@ fn fwd_backends(port: u16) -> Vec<desired::Backend> {
         addr: Some(std::net::SocketAddr::new(ip, BACKEND_PORT)),
         weight,
         backend_ref: format!("default/svc-{ip}:80"),
+        endpoint_slice: None,
     };
     match port {
         8080 | 8083 | 8084 => vec![
@@ -853,6 +854,7 @@ fn fwd_backends(port: u16) -> Vec<desired::Backend> {
             addr: None,
             weight: 1,
             backend_ref: "default/missing:80".into(),
+            endpoint_slice: None,
         }],
         _ => Vec::new(),
     }

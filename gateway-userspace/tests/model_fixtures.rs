@@ -180,3 +180,25 @@ fn input_order_changes_nothing() {
         }
     }
 }
+
+/// Each programmed endpoint carries the `EndpointSlice` it was read from (for the
+/// access log): IPv4 endpoints from `app-1`, IPv6 ones from `app-2`.
+#[test]
+fn endpoints_name_their_endpoint_slice() {
+    let case = root().join("tests/fixtures/model/target-port-by-name-and-number");
+    let (desired, _) = reconcile(&load(&case), &params(&case));
+    let mut seen = 0;
+    for l in desired.listeners.values() {
+        for b in &l.backends {
+            let addr = b.addr.expect("resolved endpoint");
+            let want = if addr.is_ipv4() {
+                "default/app-1"
+            } else {
+                "default/app-2"
+            };
+            assert_eq!(b.endpoint_slice.as_deref(), Some(want), "{b:?}");
+            seen += 1;
+        }
+    }
+    assert_eq!(seen, 4, "{desired:?}");
+}

@@ -198,6 +198,8 @@ fn records_of_each_end(path: &str) {
             ("bytes_backend_to_client", serde_json::json!(ECHOED)),
             ("end", serde_json::json!("fin")),
             ("detail", serde_json::json!(null)),
+            // The --route table has no EndpointSlice.
+            ("endpoint_slice", serde_json::json!(null)),
         ],
     );
     check(
@@ -248,6 +250,42 @@ fn records_of_each_end(path: &str) {
             ("detail", serde_json::json!("invalid backendRef invalid")),
         ],
     );
+    // Segments each way, from TCP_INFO when the connection ended: a data segment
+    // carries at most one MSS (at most 1460 bytes on these 1500-byte links) and at
+    // least one byte; no payload, no data segment.
+    for (port, c2b, b2c) in [
+        (fin, ECHOED, ECHOED),
+        (client_rst, 5, 5),
+        (backend_rst, 5, 0),
+    ] {
+        let r = &recs[&port];
+        for (dir, bytes) in [("client_to_backend", c2b), ("backend_to_client", b2c)] {
+            let segs = r[format!("segments_{dir}")]
+                .as_u64()
+                .unwrap_or_else(|| panic!("segments_{dir} missing: {r}"));
+            if bytes == 0 {
+                assert_eq!(segs, 0, "{dir}: {r}");
+            } else {
+                assert!(
+                    segs * 1460 >= bytes && segs <= bytes,
+                    "{dir}: {segs} segments for {bytes} bytes: {r}"
+                );
+            }
+        }
+    }
+    for port in [failed, refused] {
+        let r = &recs[&port];
+        assert_eq!(
+            r["segments_client_to_backend"],
+            serde_json::Value::Null,
+            "{r}"
+        );
+        assert_eq!(
+            r["segments_backend_to_client"],
+            serde_json::Value::Null,
+            "{r}"
+        );
+    }
     // The metrics drawn from the same records.
     let m = common::metrics(&bed);
     for line in [
@@ -778,7 +816,104 @@ fn connection_open_at_stop_is_recorded_drained() {
     assert_eq!(r["datapath"], "splice", "{r}");
     assert_eq!(r["bytes_client_to_backend"], 10, "{r}");
     assert_eq!(r["bytes_backend_to_client"], 10, "{r}");
+    // Read from the sockets when the drain closed them.
+    for dir in ["client_to_backend", "backend_to_client"] {
+        let segs = r[format!("segments_{dir}")].as_u64();
+        assert!(segs.is_some_and(|n| (1..=10).contains(&n)), "{dir}: {r}");
+    }
     assert!(r["duration_seconds"].as_f64() >= Some(1.0), "{r}");
+    drop(agent);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Gateway API objects from files: the record of a connection (and its line in
+/// `sockgate connections` while open) names the Gateway, listener, route, backendRef
+/// and the `EndpointSlice` its backend endpoint was read from.
+#[test]
+fn records_name_the_endpoint_slice() {
+    require_root();
+    let bed = Bed::new(1).expect("bed");
+    let dir = log_dir("slice");
+    let manifests = dir.join("manifests");
+    std::fs::create_dir_all(&manifests).expect("manifest dir");
+    std::fs::write(
+        manifests.join("objects.yaml"),
+        format!(
+            "apiVersion: gateway.networking.k8s.io/v1\nkind: GatewayClass\nmetadata:\n  name: sockgate\nspec:\n  controllerName: sockgate.dev/gateway-controller\n---\napiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\nmetadata:\n  name: gw\nspec:\n  gatewayClassName: sockgate\n  listeners:\n  - name: tcp\n    protocol: TCP\n    port: 8088\n---\napiVersion: gateway.networking.k8s.io/v1alpha2\nkind: TCPRoute\nmetadata:\n  name: to-echo\nspec:\n  parentRefs:\n  - name: gw\n  rules:\n  - backendRefs:\n    - name: echo\n      port: 3001\n---\napiVersion: v1\nkind: Service\nmetadata:\n  name: echo\nspec:\n  ports:\n  - port: 3001\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: echo-x7k2p\n  labels:\n    kubernetes.io/service-name: echo\naddressType: IPv4\nports:\n- port: 3001\nendpoints:\n- addresses: [\"{}\"]\n",
+            bed.backend_addr(0)
+        ),
+    )
+    .expect("write manifests");
+    let log = dir.join("access.log");
+    let _echo =
+        servers::Server::start(bed.backend(0), backend_addr(&bed, 0, 3001), servers::echo())
+            .expect("echo");
+    let agent = Agent::start(
+        &bed,
+        &[
+            "--source",
+            "files",
+            "--dir",
+            manifests.to_str().expect("utf-8"),
+            "--datapath",
+            "splice",
+            "--access-log",
+            log.to_str().expect("utf-8"),
+        ],
+        &[8088],
+    );
+    let addr = listener_addr(&bed, 8088);
+    let (tx, rx) = std::sync::mpsc::channel::<u16>();
+    let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+    let client = bed
+        .client()
+        .spawn(move || {
+            let mut s = connect(addr).expect("connect");
+            s.write_all(b"hello").expect("write");
+            let mut back = [0u8; 5];
+            s.read_exact(&mut back).expect("echo");
+            tx.send(s.local_addr().expect("addr").port()).expect("send");
+            let _ = done_rx.recv_timeout(Duration::from_secs(30));
+            s.shutdown(Shutdown::Write).expect("shutdown");
+            let mut rest = Vec::new();
+            s.read_to_end(&mut rest).expect("EOF");
+        })
+        .expect("client");
+    let port = rx.recv_timeout(Duration::from_secs(20)).expect("exchange");
+    let client_addr = format!("{}:{port}", bed.client_addr());
+    let list: serde_json::Value =
+        serde_json::from_str(&connections(&bed, &agent, &["--json"])).expect("JSON");
+    let live = list
+        .as_array()
+        .and_then(|l| l.iter().find(|c| c["client"] == client_addr.as_str()))
+        .cloned()
+        .unwrap_or_else(|| panic!("not listed: {list}"));
+    assert_eq!(live["endpoint_slice"], "default/echo-x7k2p", "{live}");
+    let text = connections(&bed, &agent, &[]);
+    assert!(
+        text.lines()
+            .any(|l| l.contains(&client_addr) && l.ends_with("[default/echo-x7k2p]")),
+        "{text}"
+    );
+    done_tx.send(()).expect("done");
+    client.join().expect("client");
+    let recs = by_client_port(&records(&log, 1));
+    let r = recs
+        .get(&port)
+        .unwrap_or_else(|| panic!("no record of {port}: {recs:?}"));
+    println!("{r}");
+    for (k, v) in [
+        ("gateway", "default/gw"),
+        ("listener", "tcp"),
+        ("route", "default/to-echo"),
+        ("backend_ref", "default/echo:3001"),
+        ("endpoint_slice", "default/echo-x7k2p"),
+        ("datapath", "splice"),
+        ("end", "fin"),
+    ] {
+        assert_eq!(r[k], v, "field {k} of {r}");
+    }
+    assert_eq!(r["backend"], backend_addr(&bed, 0, 3001).to_string(), "{r}");
     drop(agent);
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -265,6 +265,7 @@ fn state(backends: &[&str]) -> Arc<DesiredState> {
             addr: Some(SocketAddr::new(a.parse().expect("address"), 3001)),
             weight: 1,
             backend_ref: "default/foo:3001".to_owned(),
+            endpoint_slice: None,
         })
         .collect();
     let mut d = DesiredState::default();
@@ -460,11 +461,13 @@ fn backend_addresses_of_every_listener_each_once() {
                     addr: Some("10.1.0.1:80".parse().expect("address")),
                     weight: 1,
                     backend_ref: String::new(),
+                    endpoint_slice: None,
                 },
                 Backend {
                     addr: None,
                     weight: 1,
                     backend_ref: "invalid".into(),
+                    endpoint_slice: None,
                 },
             ],
             ..Listener::default()

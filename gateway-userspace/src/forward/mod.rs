@@ -332,6 +332,7 @@ pub fn record_of(k: &FlowKey, c: &Flow, b: Option<&Flow>, end: EndReason, now_ns
         client: addr_of(k.src_be, k.sport),
         backend: Some(addr_of(c.new_dst_be, c.new_dport)),
         backend_ref: None,
+        endpoint_slice: None,
         datapath: PathName::Forward,
         bytes_client_to_backend: c.bytes,
         bytes_backend_to_client: b.map_or(0, |b| b.bytes),

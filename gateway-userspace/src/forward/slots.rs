@@ -90,6 +90,7 @@ mod tests {
             addr: Some(addr.parse::<SocketAddr>().expect("address")),
             weight,
             backend_ref: "default/svc:80".into(),
+            endpoint_slice: None,
         }
     }
 

@@ -67,6 +67,9 @@ pub struct ResolvedRef {
     pub refused: Vec<RefusedBackend>,
     /// The `ResolvedRefs` problem the refused endpoints make (`RefNotPermitted`).
     pub refusal: Option<RefProblem>,
+    /// The `EndpointSlice` (`namespace/name`) each endpoint of `target` was read from
+    /// (the first, if several list it), for the access log.
+    pub slices: BTreeMap<SocketAddr, String>,
 }
 
 impl ResolvedRef {
@@ -110,6 +113,8 @@ pub fn unready(refs: &[ResolvedRef]) -> Option<(Vec<&ResolvedRef>, UnreadyShare)
 struct Endpoints {
     allowed: BTreeSet<SocketAddr>,
     refused: BTreeSet<(SocketAddr, RefusalReason)>,
+    /// The slice each allowed endpoint was first read from (`namespace/name`).
+    slices: BTreeMap<SocketAddr, String>,
 }
 
 /// The `ResolvedRefs=False` problem of `refused` endpoints of Service `key`, if any.
@@ -199,8 +204,8 @@ impl<'a> Backends<'a> {
         if !group.is_empty() || kind != KIND_SERVICE {
             label = format!("{group}/{kind} {label}");
         }
-        let (target, refused, refusal) = match self.endpoints(route_ns, ns, r) {
-            Err(problem) => (Err(problem), Vec::new(), None),
+        let (target, refused, refusal, slices) = match self.endpoints(route_ns, ns, r) {
+            Err(problem) => (Err(problem), Vec::new(), None, BTreeMap::new()),
             Ok(eps) => {
                 let key = ObjectKey {
                     namespace: ns.to_owned(),
@@ -216,7 +221,12 @@ impl<'a> Backends<'a> {
                     })
                     .collect();
                 let refusal = refusal(&key, &eps.refused);
-                (Ok(eps.allowed.into_iter().collect()), refused, refusal)
+                (
+                    Ok(eps.allowed.into_iter().collect()),
+                    refused,
+                    refusal,
+                    eps.slices,
+                )
             }
         };
         ResolvedRef {
@@ -225,6 +235,7 @@ impl<'a> Backends<'a> {
             target,
             refused,
             refusal,
+            slices,
         }
     }
 
@@ -284,6 +295,7 @@ impl<'a> Backends<'a> {
         let sp_name = sp.name.as_deref().unwrap_or("");
         let mut out = Endpoints::default();
         for slice in self.slices.get(&key).into_iter().flatten() {
+            let slice_name = ObjectKey::of(&slice.metadata, true);
             let family_ok = |ip: &IpAddr| match slice.address_type.as_str() {
                 "IPv4" => ip.is_ipv4(),
                 "IPv6" => ip.is_ipv6(),
@@ -311,9 +323,16 @@ impl<'a> Backends<'a> {
                 {
                     let addr = SocketAddr::new(ip, target);
                     match self.filter.check(ip) {
-                        Ok(()) => out.allowed.insert(addr),
-                        Err(why) => out.refused.insert((addr, why)),
-                    };
+                        Ok(()) => {
+                            out.allowed.insert(addr);
+                            out.slices
+                                .entry(addr)
+                                .or_insert_with(|| slice_name.to_string());
+                        }
+                        Err(why) => {
+                            out.refused.insert((addr, why));
+                        }
+                    }
                 }
             }
         }
@@ -464,6 +483,7 @@ pub fn spread_within(refs: &[ResolvedRef], per_listener: u32) -> Vec<Backend> {
                         addr: Some(*ep),
                         weight: u32::try_from(w).unwrap_or(u32::MAX),
                         backend_ref: r.label.clone(),
+                        endpoint_slice: r.slices.get(ep).cloned(),
                     });
                 }
             }
@@ -471,6 +491,7 @@ pub fn spread_within(refs: &[ResolvedRef], per_listener: u32) -> Vec<Backend> {
                 addr: None,
                 weight: u32::try_from(share).unwrap_or(u32::MAX),
                 backend_ref: r.label.clone(),
+                endpoint_slice: None,
             }),
         }
     }
@@ -494,6 +515,7 @@ mod tests {
             target,
             refused: Vec::new(),
             refusal: None,
+            slices: BTreeMap::new(),
         }
     }
 

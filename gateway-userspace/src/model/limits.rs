@@ -524,6 +524,7 @@ mod tests {
             target: Ok(eps(n)),
             refused: Vec::new(),
             refusal: None,
+            slices: std::collections::BTreeMap::new(),
         }
     }
 
@@ -585,6 +586,7 @@ mod tests {
                             addr: None,
                             weight: 1,
                             backend_ref: String::new(),
+                            endpoint_slice: None,
                         };
                         2
                     ],

@@ -14,6 +14,9 @@ use std::{
     time::{Instant, SystemTime},
 };
 
+use tokio::net::TcpStream;
+
+use super::sock;
 use crate::{
     access_log::{EndReason, ListenerRef, LiveConnection, LiveSource, PathName, Record, rfc3339},
     ebpf::Datapath,
@@ -103,6 +106,8 @@ const PATH_SOCKMAP: u8 = 2;
 pub struct BackendPick {
     pub addr: SocketAddr,
     pub backend_ref: String,
+    /// The `EndpointSlice` the endpoint came from (`namespace/name`), if any.
+    pub endpoint_slice: Option<String>,
 }
 
 /// One connection's state, shared by its task and the live table.
@@ -122,6 +127,9 @@ pub struct Conn {
     pub b2c: AtomicU64,
     /// The socket cookies while the pair is in the sockmap: (client, backend).
     cookies: Mutex<Option<(u64, u64)>>,
+    /// Data segments (client -> backend, backend -> client), read from both sockets
+    /// when the connection ends ([`SegmentsAtEnd`]).
+    segments: Mutex<Option<(u64, u64)>>,
 }
 
 impl Conn {
@@ -137,6 +145,7 @@ impl Conn {
             c2b: AtomicU64::new(0),
             b2c: AtomicU64::new(0),
             cookies: Mutex::new(None),
+            segments: Mutex::new(None),
         }
     }
 
@@ -191,6 +200,16 @@ impl Conn {
         *self.cookies.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
+    /// The data segments each way (client -> backend, backend -> client).
+    pub fn set_segments(&self, segments: (u64, u64)) {
+        *self.segments.lock().unwrap_or_else(PoisonError::into_inner) = Some(segments);
+    }
+
+    /// The data segments each way, once read.
+    pub fn segments(&self) -> Option<(u64, u64)> {
+        *self.segments.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
     /// Seconds since accept.
     pub fn age(&self) -> f64 {
         self.started_at.elapsed().as_secs_f64()
@@ -199,6 +218,7 @@ impl Conn {
     /// The access log record of its end.
     pub fn record(&self, end: EndReason, detail: Option<String>) -> Record {
         let backend = self.backend();
+        let segments = self.segments();
         Record {
             time: rfc3339(SystemTime::now()),
             start_time: rfc3339(self.started),
@@ -206,14 +226,37 @@ impl Conn {
             listener: self.listener.clone(),
             client: self.client,
             backend: backend.as_ref().map(|b| b.addr),
+            endpoint_slice: backend.as_ref().and_then(|b| b.endpoint_slice.clone()),
             backend_ref: backend.map(|b| b.backend_ref),
             datapath: self.path(),
             bytes_client_to_backend: self.c2b.load(Ordering::Relaxed),
             bytes_backend_to_client: self.b2c.load(Ordering::Relaxed),
-            segments_client_to_backend: None,
-            segments_backend_to_client: None,
+            segments_client_to_backend: segments.map(|s| s.0),
+            segments_backend_to_client: segments.map(|s| s.1),
             end,
             detail,
+        }
+    }
+}
+
+/// Reads the data segments of both sockets into the connection when dropped: at the
+/// end of a socket path's run, or when its task is dropped (drain), always before
+/// the sockets close. Declare it after the sockets so that it is dropped first.
+pub struct SegmentsAtEnd<'a> {
+    pub client: &'a TcpStream,
+    pub backend: &'a TcpStream,
+    pub conn: &'a Conn,
+}
+
+impl Drop for SegmentsAtEnd<'_> {
+    fn drop(&mut self) {
+        // Each direction as its sender's segments arrived at the node: what the
+        // client's socket received, what the backend's socket received.
+        if let (Ok((c2b, _)), Ok((b2c, _))) = (
+            sock::data_segments(self.client),
+            sock::data_segments(self.backend),
+        ) {
+            self.conn.set_segments((c2b, b2c));
         }
     }
 }
@@ -283,6 +326,7 @@ impl LiveSource for Live {
                     listener: c.listener.clone(),
                     client: c.client,
                     backend: backend.as_ref().map(|b| b.addr),
+                    endpoint_slice: backend.as_ref().and_then(|b| b.endpoint_slice.clone()),
                     backend_ref: backend.map(|b| b.backend_ref),
                     datapath: path,
                     age_seconds: c.age(),

@@ -33,7 +33,7 @@ use std::{
 use tokio::{io::Interest, net::TcpStream};
 
 use super::{
-    conn::{Conn, DirError, SideError},
+    conn::{Conn, DirError, SegmentsAtEnd, SideError},
     pool::Pool,
     sock,
     stats::Counters,
@@ -296,6 +296,11 @@ pub async fn run(
     counters: Arc<Counters>,
 ) -> Result<(), SideError> {
     let conn = pair.conn.clone();
+    let _segments = SegmentsAtEnd {
+        client: &client,
+        backend: &backend,
+        conn: &conn,
+    };
     let c = Sock {
         stream: &client,
         cookie: pair.client_cookie,

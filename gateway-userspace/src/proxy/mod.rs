@@ -513,6 +513,7 @@ async fn connect_backend(
         conn.set_backend(BackendPick {
             addr,
             backend_ref: backend.backend_ref.clone(),
+            endpoint_slice: backend.endpoint_slice.clone(),
         });
         let started = std::time::Instant::now();
         match tokio::time::timeout(shared.cfg.connect_timeout, TcpStream::connect(addr)).await {

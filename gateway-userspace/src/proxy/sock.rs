@@ -57,6 +57,28 @@ pub fn bytes_handed_to_tcp(fd: &impl AsRawFd) -> io::Result<u64> {
     Ok(acked + u64::try_from(outq).unwrap_or(0))
 }
 
+/// Offset of `tcpi_data_segs_in` in `struct tcp_info` (include/uapi/linux/tcp.h,
+/// Linux 4.6 and later); `tcpi_data_segs_out` follows it.
+const TCPI_DATA_SEGS_IN: usize = 152;
+
+/// Segments carrying payload this socket received and sent so far (`TCP_INFO`
+/// `tcpi_data_segs_in`, `tcpi_data_segs_out`): pure ACKs, SYN and FIN without payload
+/// are not counted; a GSO/GRO super-packet counts as the wire segments it stands for
+/// (`tcp_segs_in()` and `__tcp_transmit_skb()` in net/ipv4); retransmissions and
+/// duplicates count each time. 32-bit counters in the kernel.
+pub fn data_segments(fd: &impl AsRawFd) -> io::Result<(u64, u64)> {
+    let (info, len) = getsockopt_raw::<256>(fd, libc::IPPROTO_TCP, libc::TCP_INFO)?;
+    if len < TCPI_DATA_SEGS_IN + 8 {
+        return Err(io::Error::other("tcp_info without tcpi_data_segs_in/out"));
+    }
+    let at = |o: usize| {
+        let mut b = [0u8; 4];
+        b.copy_from_slice(&info[o..o + 4]);
+        u64::from(u32::from_ne_bytes(b))
+    };
+    Ok((at(TCPI_DATA_SEGS_IN), at(TCPI_DATA_SEGS_IN + 4)))
+}
+
 /// Sets an `int` socket option.
 fn setsockopt_int(fd: &impl AsRawFd, level: i32, name: i32, value: i32) -> io::Result<()> {
     // SAFETY: passes one int.
@@ -154,6 +176,30 @@ mod tests {
         let (buf, len) = getsockopt_raw::<4>(fd, level, name).expect("getsockopt");
         assert_eq!(len, 4);
         i32::from_ne_bytes(buf)
+    }
+
+    #[test]
+    fn data_segments_count_payload_segments_each_way() {
+        use std::io::{Read as _, Write as _};
+        let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let mut a = std::net::TcpStream::connect(l.local_addr().expect("addr")).expect("connect");
+        let (mut b, _) = l.accept().expect("accept");
+        a.set_nodelay(true).expect("nodelay");
+        b.set_nodelay(true).expect("nodelay");
+        assert_eq!(
+            data_segments(&a).expect("tcp_info"),
+            (0, 0),
+            "handshake only"
+        );
+        let mut buf = [0u8; 5];
+        for _ in 0..3 {
+            a.write_all(b"hello").expect("write");
+            b.read_exact(&mut buf).expect("read");
+        }
+        b.write_all(b"world").expect("write");
+        a.read_exact(&mut buf).expect("read");
+        assert_eq!(data_segments(&a).expect("tcp_info"), (1, 3));
+        assert_eq!(data_segments(&b).expect("tcp_info"), (3, 1));
     }
 
     #[test]

@@ -20,7 +20,7 @@ use std::{
 use tokio::{io::Interest, net::TcpStream};
 
 use super::{
-    conn::{Conn, DirError, SideError},
+    conn::{Conn, DirError, SegmentsAtEnd, SideError},
     pool::Pool,
     sock,
     stats::Counters,
@@ -134,6 +134,11 @@ pub async fn run(
     counters: Arc<Counters>,
     conn: &Conn,
 ) -> Result<(), SideError> {
+    let _segments = SegmentsAtEnd {
+        client: &client,
+        backend: &backend,
+        conn,
+    };
     let result = {
         let c2b = direction(&client, &backend, (&counters, conn), true);
         let b2c = direction(&backend, &client, (&counters, conn), false);

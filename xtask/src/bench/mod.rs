@@ -24,6 +24,7 @@
     reason = "counters and byte counts become f64 statistics; 52 bits of mantissa are plenty"
 )]
 
+mod access_log;
 mod chart;
 pub mod measure;
 pub mod peers;
@@ -488,11 +489,20 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
                 }
             }
         }
+        if selected(access_log::ROW_ON) {
+            println!("bench: repeat {repeat}/{repeats}: {}", access_log::ROW_ON);
+            if let Err(e) = access_log::run_repeat(&bed, &sockgate, repeat, timing, &mut samples) {
+                let msg = format!("{} (repeat {repeat}): {e:#}", access_log::ROW_ON);
+                println!("bench: FAILED {msg}");
+                info.failures.push(msg);
+            }
+        }
     }
     drop(bed);
     info.elapsed_s = started.elapsed().as_secs_f64();
     let out = opts.out.clone().unwrap_or_else(root);
     report::write(&out, &samples, &info)?;
+    access_log::write_summary(&out, &samples)?;
     println!(
         "bench: wrote {}, {} and {} ({:.0} s)",
         out.join("bench/results.csv").display(),
