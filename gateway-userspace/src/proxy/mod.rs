@@ -121,16 +121,32 @@ struct Selector {
 }
 
 impl Selector {
-    fn pick(&self, weights: Vec<u32>, exclude: &[usize]) -> Option<usize> {
+    /// Picks one of `backends` by weight, skipping the indexes in `exclude`; the
+    /// selection state is rebuilt only when the weights changed.
+    fn pick(&self, backends: &[crate::desired::Backend], exclude: &[usize]) -> Option<usize> {
         let mut s = self
             .swrr
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if s.weights() != weights.as_slice() {
-            *s = Swrr::new(weights);
+        if !s
+            .weights()
+            .iter()
+            .copied()
+            .eq(backends.iter().map(|b| b.weight))
+        {
+            *s = Swrr::new(backends.iter().map(|b| b.weight).collect());
         }
         s.pick(exclude)
     }
+}
+
+/// What every connection of one listener uses, looked up once per accept loop rather
+/// than per connection.
+struct PerListener {
+    counters: Arc<Counters>,
+    selector: Arc<Selector>,
+    /// `sockgate_backend_connect_seconds` of this listener.
+    connect_seconds: prometheus_client::metrics::histogram::Histogram,
 }
 
 struct Running {
@@ -377,6 +393,9 @@ pub fn bind(addr: std::net::IpAddr, port: u16) -> Result<TcpListener, ListenErro
             s.set_only_v6(false)?;
         }
         s.set_reuse_address(true)?;
+        // Accepted sockets inherit it (the child is a copy of the listener,
+        // `sk_clone_lock()`): no setsockopt per connection.
+        s.set_tcp_nodelay(true)?;
         s.set_nonblocking(true)?;
         s.bind(&sa.into())?;
         s.listen(4096)?;
@@ -411,6 +430,15 @@ async fn accept_loop(
     drain: CancellationToken,
 ) {
     let counters = shared.counters.get(port);
+    let per_listener = Arc::new(PerListener {
+        counters: counters.clone(),
+        selector: shared.selector(port),
+        connect_seconds: shared
+            .metrics
+            .connect_seconds
+            .get_or_create(&Metrics::listener(port))
+            .clone(),
+    });
     let mut backoff = accept::Backoff::default();
     loop {
         let accepted = tokio::select! {
@@ -423,9 +451,8 @@ async fn accept_loop(
                     info!(listener = port, failures, "accepting again");
                 }
                 counters.accepted();
-                let _ = client.set_nodelay(true);
                 let task_shared = shared.clone();
-                let counters = counters.clone();
+                let per_listener = per_listener.clone();
                 let drain = drain.clone();
                 shared.tracker.spawn(async move {
                     let shared = task_shared;
@@ -433,7 +460,7 @@ async fn accept_loop(
                     let listener = desired.listeners.get(&port);
                     let conn = shared.conns.open(ListenerRef::of(&desired, port), peer);
                     let (end, detail) = tokio::select! {
-                        r = handle(&shared, listener, client, &counters, &conn) => r,
+                        r = handle(&shared, listener, client, &per_listener, &conn) => r,
                         () = drain.cancelled() => {
                             debug!(listener = port, %peer, "drain timeout: connection closed");
                             (EndReason::Drained, None)
@@ -489,18 +516,17 @@ async fn connect_backend(
     shared: &Shared,
     port: u16,
     listener: &Listener,
-    counters: &Counters,
+    per_listener: &PerListener,
     conn: &Conn,
 ) -> Result<TcpStream, (RejectReason, String)> {
-    let weights: Vec<u32> = listener.backends.iter().map(|b| b.weight).collect();
-    let selector = shared.selector(port);
+    let counters = &per_listener.counters;
     let mut failed = Vec::new();
     let mut last = (
         RejectReason::NoBackend,
         "no backend with a weight above 0".to_owned(),
     );
     for _ in 0..shared.cfg.connect_attempts.max(1) {
-        let Some(i) = selector.pick(weights.clone(), &failed) else {
+        let Some(i) = per_listener.selector.pick(&listener.backends, &failed) else {
             return Err(last);
         };
         let backend = &listener.backends[i];
@@ -518,10 +544,8 @@ async fn connect_backend(
         let started = std::time::Instant::now();
         match tokio::time::timeout(shared.cfg.connect_timeout, TcpStream::connect(addr)).await {
             Ok(Ok(s)) => {
-                shared
-                    .metrics
+                per_listener
                     .connect_seconds
-                    .get_or_create(&Metrics::listener(port))
                     .observe(started.elapsed().as_secs_f64());
                 let _ = s.set_nodelay(true);
                 if let Err(e) = sock::set_dead_peer_timeout(&s, shared.cfg.backend_timeout) {
@@ -556,16 +580,17 @@ async fn handle(
     shared: &Shared,
     listener: Option<&Listener>,
     client: TcpStream,
-    counters: &Arc<Counters>,
+    per_listener: &PerListener,
     conn: &Arc<Conn>,
 ) -> (EndReason, Option<String>) {
+    let counters = &per_listener.counters;
     let port = conn.listener.port;
     let peer = conn.client;
     let Some(listener) = listener else {
         reject(&client, counters, RejectReason::NoBackend, port);
         return (EndReason::Refused, Some("no listener".into()));
     };
-    let backend = match connect_backend(shared, port, listener, counters, conn).await {
+    let backend = match connect_backend(shared, port, listener, per_listener, conn).await {
         Ok(b) => b,
         Err((reason, detail)) => {
             reject(&client, counters, reason, port);
@@ -621,23 +646,23 @@ async fn handle(
             }
         },
     };
-    let (path_taken, result) = if let Some((pair, bases)) = kernel {
+    // Counted closed when dropped: at the end, or when the drain timeout cancels this.
+    let (_open, result) = if let Some((pair, bases)) = kernel {
         shared.choices.once("kernel", "pair in sockmap");
-        counters.opened(Path::Kernel);
+        let open = counters.open(Path::Kernel);
         conn.set_path(PathName::Sockmap);
         (
-            Path::Kernel,
+            open,
             kernel::run(pair, bases, client, backend, counters.clone()).await,
         )
     } else {
-        counters.opened(Path::Userspace);
+        let open = counters.open(Path::Userspace);
         conn.set_path(PathName::Splice);
         (
-            Path::Userspace,
+            open,
             splice::run(client, backend, counters.clone(), conn).await,
         )
     };
-    counters.closed(path_taken);
     match result {
         Ok(()) => (EndReason::Fin, None),
         Err(e) => {
@@ -662,5 +687,19 @@ async fn flush_counters(dp: Arc<Datapath>, counters: Arc<Registry>, shutdown: Ca
             let _ = dp.write_agent_stats(port, snapshot);
         }
         return;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn accepted_sockets_inherit_nodelay_from_the_listener() {
+        let listener = bind(std::net::Ipv4Addr::LOCALHOST.into(), 0).expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let _client = TcpStream::connect(addr).await.expect("connect");
+        let (accepted, _) = listener.accept().await.expect("accept");
+        assert!(accepted.nodelay().expect("TCP_NODELAY"));
     }
 }

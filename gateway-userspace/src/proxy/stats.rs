@@ -93,6 +93,17 @@ impl Counters {
         }
     }
 
+    /// A connection was connected and starts on `path`; it counts as closed when the
+    /// returned guard is dropped, whether its task ran to the end or was cancelled
+    /// (the drain timeout of a removed listener, the agent's shutdown).
+    pub fn open(self: &Arc<Self>, path: Path) -> Open {
+        self.opened(path);
+        Open {
+            counters: self.clone(),
+            path,
+        }
+    }
+
     /// A connection on `path` ended.
     pub fn closed(&self, path: Path) {
         let c = match path {
@@ -136,6 +147,19 @@ impl Counters {
     }
 }
 
+/// An open connection on a path, counted closed when dropped ([`Counters::open`]).
+#[derive(Debug)]
+pub struct Open {
+    counters: Arc<Counters>,
+    path: Path,
+}
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        self.counters.closed(self.path);
+    }
+}
+
 /// Counters of every listener the agent has served, by port. Entries live as long as
 /// the agent, so a listener removed and added again keeps counting.
 #[derive(Debug, Default)]
@@ -171,5 +195,36 @@ impl Registry {
             }
         }
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_cancelled_connection_counts_as_closed() {
+        let c = Arc::new(Counters::default());
+        let guard = c.open(Path::Userspace);
+        assert_eq!(c.snapshot().active_userspace, 1);
+        drop(guard);
+        assert_eq!(c.snapshot().active_userspace, 0);
+        // A connection task cancelled mid-way (as the drain timeout does).
+        let task = {
+            let c = c.clone();
+            async move {
+                let _open = c.open(Path::Kernel);
+                std::future::pending::<()>().await;
+            }
+        };
+        let cancel = tokio_util::sync::CancellationToken::new();
+        cancel.cancel();
+        tokio::select! {
+            () = task => unreachable!("the task never ends by itself"),
+            () = cancel.cancelled() => {}
+        }
+        let s = c.snapshot();
+        assert_eq!((s.active_kernel, s.kernel_connections), (0, 1));
+        assert_eq!(s.connected, 2);
     }
 }
