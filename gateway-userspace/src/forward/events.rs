@@ -64,6 +64,7 @@ pub fn record_of_event(e: &FwdEvent, now_ns: u64, wall: SystemTime) -> Option<Re
         client: addr_of(e.client_be, e.client_port),
         backend: Some(addr_of(e.backend_be, e.backend_port)),
         backend_ref: None,
+        endpoint_slice: None,
         datapath: PathName::Forward,
         bytes_client_to_backend: e.bytes_c2b,
         bytes_backend_to_client: e.bytes_b2c,
@@ -199,6 +200,7 @@ mod tests {
                     addr: Some("10.200.2.2:9000".parse().expect("addr")),
                     weight: 1,
                     backend_ref: "ns/svc:9000".into(),
+                    endpoint_slice: None,
                 }],
                 ..Listener::default()
             },
