@@ -79,6 +79,12 @@ pub struct Options {
     /// so sends on the paired sockets no longer go through `tcp_bpf_sendmsg`.
     #[arg(long)]
     pub detach_sk_msg: bool,
+    /// Experiments: an extra sockgate row with extra flags, `DATAPATH/LABEL=FLAGS`
+    /// (repeatable), e.g. `sockmap/buf-1m=--socket-buffer 1M`; the row is named after
+    /// the data path's row and the label, and runs whatever `--only` says. The word
+    /// `detach-sk-msg` among the flags detaches `gw_msg` in that row (bpftool).
+    #[arg(long = "variant", value_name = "DATAPATH/LABEL=FLAGS")]
+    pub variants: Vec<String>,
 }
 
 /// The rows of `--quick`.
@@ -382,6 +388,21 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
     .into_iter()
     .filter(|p| wanted(p.name()))
     .collect();
+    for v in &opts.variants {
+        let v = peers::Variant::parse(v)?;
+        info.settings.push(format!(
+            "row *{}*: `--datapath {}` with `{}`{}",
+            v.name,
+            v.datapath,
+            v.args.join(" "),
+            if v.detach_sk_msg {
+                ", `gw_msg` detached (bpftool)"
+            } else {
+                ""
+            }
+        ));
+        proxies.push(Proxy::SockgateVariant(v));
+    }
     if wanted(ENVOY_ROW) {
         match peers::envoy() {
             Ok(bin) => proxies.push(Proxy::Envoy(bin)),
@@ -692,11 +713,14 @@ fn run_row(
     samples: &mut Vec<Sample>,
 ) -> anyhow::Result<Option<peers::Paths>> {
     let mut running = peers::start(proxy, bed, &SERVICES, sockgate)?;
+    let variant_detach = matches!(proxy, Proxy::SockgateVariant(v) if v.detach_sk_msg);
     if let Some(r) = running.as_ref()
-        && matches!(proxy, Proxy::Sockgate(_))
-        && (opts.verdict_attach == peers::VerdictAttach::Skb || opts.detach_sk_msg)
+        && matches!(proxy, Proxy::Sockgate(_) | Proxy::SockgateVariant(_))
+        && (opts.verdict_attach == peers::VerdictAttach::Skb
+            || opts.detach_sk_msg
+            || variant_detach)
     {
-        r.adjust_programs(opts.verdict_attach, opts.detach_sk_msg)?;
+        r.adjust_programs(opts.verdict_attach, opts.detach_sk_msg || variant_detach)?;
     }
     let addr = |s: Service| match proxy {
         Proxy::Direct => SocketAddr::new(bed.backend_addr(0).into(), s.backend_port),
