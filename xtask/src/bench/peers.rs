@@ -217,13 +217,10 @@ pub struct Variant {
     pub datapath: &'static str,
     /// Flags added to `sockgate run`.
     pub args: Vec<String>,
-    /// Detach `gw_msg` from `GW_SOCKS` (with bpftool) in this row.
-    pub detach_sk_msg: bool,
 }
 
 impl Variant {
-    /// Parses `DATAPATH/LABEL=FLAGS`, e.g. `sockmap/buf-1m=--socket-buffer 1M`; the
-    /// word `detach-sk-msg` among the flags detaches `gw_msg` instead of passing it.
+    /// Parses `DATAPATH/LABEL=FLAGS`, e.g. `sockmap/buf-1m=--socket-buffer 1M`.
     pub fn parse(s: &str) -> anyhow::Result<Self> {
         let (head, flags) = s.split_once('=').unwrap_or((s, ""));
         let (datapath, label) = head
@@ -237,15 +234,12 @@ impl Variant {
             other => anyhow::bail!("unknown data path {other} in variant {s}"),
         };
         let base = Proxy::Sockgate(datapath).name();
-        let mut args: Vec<String> = flags.split_whitespace().map(str::to_owned).collect();
-        let detach_sk_msg = args.iter().any(|a| a == "detach-sk-msg");
-        args.retain(|a| a != "detach-sk-msg");
+        let args: Vec<String> = flags.split_whitespace().map(str::to_owned).collect();
         Ok(Self {
             // One name per variant for the whole run.
             name: Box::leak(format!("{base} {label}").into_boxed_str()),
             datapath,
             args,
-            detach_sk_msg,
         })
     }
 }
@@ -338,14 +332,10 @@ impl Running {
         lines.join(" | ")
     }
 
-    /// Changes, with bpftool, how sockgate's programs are attached to its `GW_SOCKS`:
-    /// the verdict re-attached as `BPF_SK_SKB_VERDICT` instead of the stream verdict,
-    /// and/or the `sk_msg` program detached. Sockets inserted after this see the change.
-    pub fn adjust_programs(
-        &self,
-        verdict: VerdictAttach,
-        detach_sk_msg: bool,
-    ) -> anyhow::Result<()> {
+    /// Re-attaches, with bpftool, sockgate's verdict to its `GW_SOCKS` as
+    /// `BPF_SK_SKB_VERDICT` instead of the stream verdict. Sockets inserted after this
+    /// see the change.
+    pub fn reattach_verdict_as_skb(&self) -> anyhow::Result<()> {
         let pins = self
             .pin_dir
             .as_ref()
@@ -386,18 +376,9 @@ impl Running {
                     .arg(&sock_path),
             )
         };
-        if verdict == VerdictAttach::Skb {
-            let id = prog_id("gw_verdict", map_id("GW_SOCKS")?)?;
-            bpftool("detach", &id, "stream_verdict")?;
-            bpftool("attach", &id, "skb_verdict")?;
-        }
-        if detach_sk_msg {
-            bpftool(
-                "detach",
-                &prog_id("gw_msg", map_id("GW_STATS")?)?,
-                "msg_verdict",
-            )?;
-        }
+        let id = prog_id("gw_verdict", map_id("GW_SOCKS")?)?;
+        bpftool("detach", &id, "stream_verdict")?;
+        bpftool("attach", &id, "skb_verdict")?;
         Ok(())
     }
 
