@@ -107,8 +107,6 @@ pub const MAX_STATS: u32 = 2 * MAX_LISTENERS;
 
 /// Name of the `sk_skb` stream verdict program.
 pub const PROG_VERDICT: &str = "gw_verdict";
-/// Name of the `sk_msg` program.
-pub const PROG_MSG: &str = "gw_msg";
 /// Name of the XDP listener guard program.
 pub const PROG_XDP: &str = "gw_xdp";
 /// Name of the forward path's tc program.
@@ -347,7 +345,10 @@ pub struct ListenerStats {
     pub redirects: u64,
     /// Segments the verdict program passed to the socket (no peer, redirect failed).
     pub passes: u64,
-    /// Messages seen by the `sk_msg` program.
+    /// Not collected, always 0: it counted the messages of an `sk_msg` program that is
+    /// no longer attached (every send of a paired socket went through
+    /// `tcp_bpf_sendmsg` for it). Kept so that pinned `GW_STATS` maps keep their
+    /// layout.
     pub msgs: u64,
     /// Times the verdict program throttled a socket of a kernel-path pair (its peer
     /// had [`Peer::queue_limit`] bytes not yet taken), parking segments until the

@@ -6,8 +6,9 @@
 //!   userspace. Segments of sockets without a peer, and segments whose redirect fails,
 //!   are passed to the socket's own receive queue, where the agent reads them: the
 //!   userspace fallback loses nothing.
-//! * [`gw_msg`], an `sk_msg` program on `GW_SOCKS`: counts messages written by local
-//!   senders on proxied sockets and lets them through.
+//! * No `sk_msg` program: attached to `GW_SOCKS`, one would send every byte of a
+//!   paired socket through `tcp_bpf_sendmsg` (an extra copy into an `sk_msg`), and
+//!   nothing needs one until a same-node shortcut exists (`docs/performance.md`).
 //! * [`xdp::gw_xdp`], the XDP listener guard: per-listener client CIDR policy and SYN
 //!   rate limit at the NIC (see the module).
 //! * [`forward::gw_fwd`], the forward data path: a tc program that translates and
@@ -39,8 +40,8 @@ use aya_ebpf::{
         bpf_get_socket_cookie, bpf_map_lookup_elem, bpf_probe_read_kernel, bpf_sk_release,
         bpf_skc_to_tcp_sock,
     },
-    macros::{btf_map, sk_msg, stream_verdict},
-    programs::{SkBuffContext, SkMsgContext},
+    macros::{btf_map, stream_verdict},
+    programs::SkBuffContext,
 };
 use aya_log_ebpf::{debug, error};
 use gateway_common::{
@@ -346,17 +347,6 @@ pub fn gw_verdict(ctx: SkBuffContext) -> u32 {
     }
     // Parked data, and data whose redirect failed, stay on this socket, where the agent
     // reads them: never drop payload.
-    sk_action::SK_PASS
-}
-
-#[sk_msg]
-pub fn gw_msg(ctx: SkMsgContext) -> u32 {
-    // sk_msg programs cannot read the socket cookie: count under port 0.
-    if let Some(s) = stats(0) {
-        s.msgs += 1;
-    } else {
-        error!(&ctx, "GW_STATS is full: sk_msg counters are not kept");
-    }
     sk_action::SK_PASS
 }
 

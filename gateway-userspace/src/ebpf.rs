@@ -21,7 +21,7 @@ use aya::{
         lpm_trie::Key as LpmKey,
     },
     programs::{
-        ProgramError, SchedClassifier, SkMsg, SkSkb, Xdp,
+        ProgramError, SchedClassifier, SkSkb, Xdp,
         links::{FdLink, PinnedLink},
         tc::{SchedClassifierLink, TcAttachOptions, TcAttachType},
         xdp::XdpLink,
@@ -36,8 +36,10 @@ use gateway_common::{
     GW_XDP_CIDR4, GW_XDP_CIDR6, GW_XDP_POLICY, GW_XDP_STATS, ListenerInfo, ListenerKey,
     ListenerStats, MAP_NAMES, MAX_BACKENDS, MAX_FLOWS, MAX_FWD_IFACES, MAX_LISTENERS,
     MAX_NODE_ADDRS, MAX_SOCKETS, MAX_STATS, MAX_XDP_BUCKETS, MAX_XDP_CIDRS, NodeAddr, PROG_FWD,
-    PROG_MSG, PROG_VERDICT, PROG_XDP, Peer, SlotTable, StatsKey, XdpPolicy, XdpStats,
+    PROG_VERDICT, PROG_XDP, Peer, SlotTable, StatsKey, XdpPolicy, XdpStats,
 };
+
+mod sockmap_progs;
 
 use crate::xdp::{GuardMaps, ListenerGuard, XdpError, XdpKind};
 use tracing::{info, warn};
@@ -657,7 +659,7 @@ fn kernel_offsets(btf: &Path) -> Result<[(&'static str, u32); 3], LoadError> {
 
 impl Datapath {
     /// Checks privileges and BTF, pins the maps (reusing compatible pins), loads the
-    /// programs and attaches them to `GW_SOCKS`.
+    /// verdict program and attaches it to `GW_SOCKS`.
     pub fn load(opts: &LoadOptions) -> Result<Self, LoadError> {
         check_privileges()?;
         if !opts.kernel_btf.exists() {
@@ -722,23 +724,19 @@ impl Datapath {
                 source,
             })?;
         }
-        {
-            let prog: &mut SkMsg = ebpf
-                .program_mut(PROG_MSG)
-                .ok_or(LoadError::Missing(PROG_MSG))?
-                .try_into()
-                .map_err(|source| LoadError::Program {
-                    name: PROG_MSG,
-                    source,
-                })?;
-            prog.load().map_err(|source| LoadError::Program {
-                name: PROG_MSG,
-                source,
-            })?;
-            prog.attach(&sock_fd).map_err(|source| LoadError::Program {
-                name: PROG_MSG,
-                source,
-            })?;
+        // No sk_msg program: one on GW_SOCKS sends every byte of a paired socket
+        // through tcp_bpf_sendmsg, and nothing needs one yet. An earlier agent's, left
+        // on a reused GW_SOCKS when that agent was killed, is detached.
+        match sockmap_progs::detach_all(&sock_fd, sockmap_progs::SK_MSG_VERDICT) {
+            Ok(ids) if !ids.is_empty() => info!(
+                programs = ?ids,
+                "detached an earlier agent's sk_msg program from GW_SOCKS"
+            ),
+            Ok(_) => {}
+            Err(e) => warn!(
+                error = %e,
+                "cannot check GW_SOCKS for an earlier agent's sk_msg program"
+            ),
         }
         let maps = Maps::take(&mut ebpf, socks)?;
         start_guard(&maps);

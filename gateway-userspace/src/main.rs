@@ -237,6 +237,15 @@ struct RunArgs {
     #[arg(long, default_value_t = gateway_common::PEER_QUEUE_LIMIT,
           value_parser = clap::value_parser!(u32).range(65536..))]
     kernel_queue_limit: u32,
+    /// Socket paths: send and receive buffer size set on both sockets of a
+    /// connection, in bytes (suffix `K` or `M` for KiB or MiB), or `auto` for the
+    /// kernel's defaults (`net.ipv4.tcp_wmem`/`tcp_rmem`).
+    #[arg(long, default_value = "auto", value_parser = parse_socket_buffer)]
+    socket_buffer: SocketBuffer,
+    /// Socket paths: let TCP's autotuning change the buffers from `--socket-buffer`
+    /// on (true), or keep them at that size (false; what `SO_SNDBUF` alone does).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    socket_buffer_autotune: bool,
     /// Address of the `/metrics`, `/healthz` and `/readyz` endpoint.
     #[arg(long, default_value = "127.0.0.1:9464")]
     metrics_addr: std::net::SocketAddr,
@@ -782,6 +791,44 @@ fn source_kind(args: &RunArgs) -> SourceKind {
     }
 }
 
+/// `--socket-buffer`: a size, or the kernel's defaults.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum SocketBuffer {
+    Auto,
+    Bytes(u32),
+}
+
+/// Smallest and largest `--socket-buffer`.
+const SOCKET_BUFFER_RANGE: std::ops::RangeInclusive<u64> = 4096..=(1 << 30);
+
+fn parse_socket_buffer(s: &str) -> Result<SocketBuffer, String> {
+    if s == "auto" {
+        return Ok(SocketBuffer::Auto);
+    }
+    let (digits, unit) = match s.strip_suffix(['K', 'k']) {
+        Some(d) => (d, 1024),
+        None => match s.strip_suffix(['M', 'm']) {
+            Some(d) => (d, 1024 * 1024),
+            None => (s, 1),
+        },
+    };
+    let bytes = digits
+        .parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(unit))
+        .filter(|n| SOCKET_BUFFER_RANGE.contains(n))
+        .ok_or_else(|| {
+            format!(
+                "`{s}`: `auto`, or bytes from {} to {} (suffix K or M allowed)",
+                SOCKET_BUFFER_RANGE.start(),
+                SOCKET_BUFFER_RANGE.end()
+            )
+        })?;
+    u32::try_from(bytes)
+        .map(SocketBuffer::Bytes)
+        .map_err(|e| e.to_string())
+}
+
 /// The socket paths' settings from the flags.
 fn proxy_config(args: &RunArgs) -> anyhow::Result<ProxyConfig> {
     Ok(ProxyConfig {
@@ -792,6 +839,13 @@ fn proxy_config(args: &RunArgs) -> anyhow::Result<ProxyConfig> {
         backend_timeout: secs(args.backend_timeout, "backend-timeout")?,
         bind: args.bind,
         kernel_queue_limit: args.kernel_queue_limit,
+        socket_buffer: match args.socket_buffer {
+            SocketBuffer::Auto => None,
+            SocketBuffer::Bytes(bytes) => Some(proxy::sock::BufferSize {
+                bytes,
+                autotune: args.socket_buffer_autotune,
+            }),
+        },
     })
 }
 
@@ -980,4 +1034,26 @@ async fn wait_for_signal(access: Option<&sockgate::access_log::Writer>) -> anyho
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{SocketBuffer, parse_socket_buffer};
+
+    #[test]
+    fn socket_buffer_flag() {
+        assert_eq!(parse_socket_buffer("auto"), Ok(SocketBuffer::Auto));
+        assert_eq!(
+            parse_socket_buffer("1048576"),
+            Ok(SocketBuffer::Bytes(1 << 20))
+        );
+        assert_eq!(parse_socket_buffer("4M"), Ok(SocketBuffer::Bytes(4 << 20)));
+        assert_eq!(
+            parse_socket_buffer("256k"),
+            Ok(SocketBuffer::Bytes(256 << 10))
+        );
+        for bad in ["", "1024", "2048M", "x", "-1", "1G"] {
+            assert!(parse_socket_buffer(bad).is_err(), "{bad}");
+        }
+    }
 }

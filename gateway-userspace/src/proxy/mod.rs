@@ -86,6 +86,9 @@ pub struct ProxyConfig {
     /// Bytes the kernel path may queue towards a socket before the sender is
     /// throttled (`Peer::queue_limit`).
     pub kernel_queue_limit: u32,
+    /// Buffer sizes set on both sockets of a connection (client and backend) before
+    /// they are paired; `None` leaves the kernel's `tcp_wmem`/`tcp_rmem` defaults.
+    pub socket_buffer: Option<sock::BufferSize>,
 }
 
 impl Default for ProxyConfig {
@@ -98,6 +101,7 @@ impl Default for ProxyConfig {
             backend_timeout: Duration::from_secs(30),
             bind: Ipv6Addr::UNSPECIFIED.into(),
             kernel_queue_limit: kernel::QUEUE_LIMIT,
+            socket_buffer: None,
         }
     }
 }
@@ -602,6 +606,13 @@ async fn handle(
             return (end, Some(detail));
         }
     };
+    if let Some(size) = shared.cfg.socket_buffer {
+        for (side, s) in [("client", &client), ("backend", &backend)] {
+            if let Err(e) = sock::set_buffers(s, size) {
+                debug!(listener = port, side, error = %e, "socket buffer size not set");
+            }
+        }
+    }
     let splice_reason = match shared.cfg.mode {
         DatapathMode::Sockmap => None,
         DatapathMode::Auto => Some(

@@ -144,6 +144,44 @@ pub fn set_dead_peer_timeout(fd: &impl AsRawFd, timeout: std::time::Duration) ->
     setsockopt_int(fd, libc::SOL_SOCKET, libc::SO_KEEPALIVE, 1)
 }
 
+/// How a socket's buffers are sized ([`set_buffers`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BufferSize {
+    /// The size of the send and of the receive buffer, each, in bytes: the kernel's
+    /// `sk_sndbuf` and `sk_rcvbuf` (what `ss -m` shows as `tb` and `rb`).
+    pub bytes: u32,
+    /// Let TCP's autotuning grow (or, under memory pressure, shrink) the buffers from
+    /// there, as from the `tcp_wmem`/`tcp_rmem` defaults; false keeps them at `bytes`.
+    pub autotune: bool,
+}
+
+/// Sets a socket's send and receive buffers to `size.bytes` each. `SO_SNDBUF` and
+/// `SO_RCVBUF` store twice the value asked for and lock the size against TCP's
+/// autotuning (`SOCK_SNDBUF_LOCK`, `SOCK_RCVBUF_LOCK`; `sk_setsockopt()` in
+/// [net/core/sock.c](https://github.com/torvalds/linux/blob/master/net/core/sock.c)),
+/// so half of `bytes` is asked for, with the `*FORCE` variants (`CAP_NET_ADMIN`:
+/// above `net.core.wmem_max`/`rmem_max`), falling back to the capped ones without the
+/// capability. With `autotune`, `SO_BUF_LOCK` 0 (Linux 5.14) clears both locks again:
+/// the size becomes autotuning's starting point.
+pub fn set_buffers(fd: &impl AsRawFd, size: BufferSize) -> io::Result<()> {
+    let half = i32::try_from(size.bytes / 2).unwrap_or(i32::MAX);
+    for (force, plain) in [
+        (libc::SO_SNDBUFFORCE, libc::SO_SNDBUF),
+        (libc::SO_RCVBUFFORCE, libc::SO_RCVBUF),
+    ] {
+        match setsockopt_int(fd, libc::SOL_SOCKET, force, half) {
+            Err(e) if e.raw_os_error() == Some(libc::EPERM) => {
+                setsockopt_int(fd, libc::SOL_SOCKET, plain, half)?;
+            }
+            r => r?,
+        }
+    }
+    if size.autotune {
+        setsockopt_int(fd, libc::SOL_SOCKET, libc::SO_BUF_LOCK, 0)?;
+    }
+    Ok(())
+}
+
 /// Arms an abortive close: closing the socket now sends a RST, not a FIN.
 pub fn arm_reset(fd: &impl std::os::fd::AsFd) {
     let _ = socket2::SockRef::from(fd).set_linger(Some(std::time::Duration::ZERO));
@@ -200,6 +238,39 @@ mod tests {
         a.read_exact(&mut buf).expect("read");
         assert_eq!(data_segments(&a).expect("tcp_info"), (1, 3));
         assert_eq!(data_segments(&b).expect("tcp_info"), (3, 1));
+    }
+
+    #[test]
+    fn set_buffers_sizes_both_buffers_with_and_without_autotuning() {
+        let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let s = std::net::TcpStream::connect(l.local_addr().expect("addr")).expect("connect");
+        // Unprivileged, the size is capped at net.core.{w,r}mem_max (doubled).
+        let cap = |name: &str| {
+            std::fs::read_to_string(format!("/proc/sys/net/core/{name}"))
+                .expect("sysctl")
+                .trim()
+                .parse::<i32>()
+                .expect("number")
+                * 2
+        };
+        let bytes = 1 << 20;
+        for autotune in [false, true] {
+            set_buffers(&s, BufferSize { bytes, autotune }).expect("set");
+            let snd = int(&s, libc::SOL_SOCKET, libc::SO_SNDBUF);
+            let rcv = int(&s, libc::SOL_SOCKET, libc::SO_RCVBUF);
+            let want = i32::try_from(bytes).expect("fits");
+            assert!(
+                snd == want || snd == cap("wmem_max"),
+                "SO_SNDBUF {snd}, asked {want}"
+            );
+            assert!(
+                rcv == want || rcv == cap("rmem_max"),
+                "SO_RCVBUF {rcv}, asked {want}"
+            );
+            // SOCK_SNDBUF_LOCK | SOCK_RCVBUF_LOCK, or neither.
+            let locks = int(&s, libc::SOL_SOCKET, libc::SO_BUF_LOCK);
+            assert_eq!(locks, if autotune { 0 } else { 3 }, "autotune {autotune}");
+        }
     }
 
     #[test]

@@ -76,10 +76,11 @@ pub struct Options {
     /// verdict sockgate attaches.
     #[arg(long, value_enum, default_value_t = peers::VerdictAttach::Stream)]
     pub verdict_attach: peers::VerdictAttach,
-    /// Experiments: detach sockgate's `sk_msg` program from `GW_SOCKS` (with bpftool),
-    /// so sends on the paired sockets no longer go through `tcp_bpf_sendmsg`.
-    #[arg(long)]
-    pub detach_sk_msg: bool,
+    /// Experiments: an extra sockgate row with extra flags, `DATAPATH/LABEL=FLAGS`
+    /// (repeatable), e.g. `sockmap/buf-1m=--socket-buffer 1M`; the row is named after
+    /// the data path's row and the label, and runs whatever `--only` says.
+    #[arg(long = "variant", value_name = "DATAPATH/LABEL=FLAGS")]
+    pub variants: Vec<String>,
 }
 
 /// The rows of `--quick`.
@@ -383,6 +384,16 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
     .into_iter()
     .filter(|p| wanted(p.name()))
     .collect();
+    for v in &opts.variants {
+        let v = peers::Variant::parse(v)?;
+        info.settings.push(format!(
+            "row *{}*: `--datapath {}` with `{}`",
+            v.name,
+            v.datapath,
+            v.args.join(" "),
+        ));
+        proxies.push(Proxy::SockgateVariant(v));
+    }
     if wanted(ENVOY_ROW) {
         match peers::envoy() {
             Ok(bin) => proxies.push(Proxy::Envoy(bin)),
@@ -412,10 +423,6 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
     if opts.verdict_attach == peers::VerdictAttach::Skb {
         info.settings
             .push("sockgate's verdict re-attached as `BPF_SK_SKB_VERDICT` (bpftool)".into());
-    }
-    if opts.detach_sk_msg {
-        info.settings
-            .push("sockgate's `sk_msg` program detached from `GW_SOCKS` (bpftool)".into());
     }
     for ns in [bed.client(), bed.node(), bed.backend(0)] {
         // Thousands of short connections per second: reuse TIME_WAIT ports.
@@ -703,10 +710,10 @@ fn run_row(
 ) -> anyhow::Result<Option<peers::Paths>> {
     let mut running = peers::start(proxy, bed, &SERVICES, sockgate)?;
     if let Some(r) = running.as_ref()
-        && matches!(proxy, Proxy::Sockgate(_))
-        && (opts.verdict_attach == peers::VerdictAttach::Skb || opts.detach_sk_msg)
+        && matches!(proxy, Proxy::Sockgate(_) | Proxy::SockgateVariant(_))
+        && opts.verdict_attach == peers::VerdictAttach::Skb
     {
-        r.adjust_programs(opts.verdict_attach, opts.detach_sk_msg)?;
+        r.reattach_verdict_as_skb()?;
     }
     let addr = |s: Service| match proxy {
         Proxy::Direct => SocketAddr::new(bed.backend_addr(0).into(), s.backend_port),

@@ -204,6 +204,44 @@ pub enum Proxy {
     Nginx,
     Socat,
     Envoy(PathBuf),
+    /// An experiment: a sockgate row with extra flags (`--variant`).
+    SockgateVariant(Variant),
+}
+
+/// A sockgate row with extra flags, measured beside the unchanged rows of the same run.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Variant {
+    /// The row's name: the base row's, then the label.
+    pub name: &'static str,
+    /// `--datapath` of the row.
+    pub datapath: &'static str,
+    /// Flags added to `sockgate run`.
+    pub args: Vec<String>,
+}
+
+impl Variant {
+    /// Parses `DATAPATH/LABEL=FLAGS`, e.g. `sockmap/buf-1m=--socket-buffer 1M`.
+    pub fn parse(s: &str) -> anyhow::Result<Self> {
+        let (head, flags) = s.split_once('=').unwrap_or((s, ""));
+        let (datapath, label) = head
+            .split_once('/')
+            .context("a variant is DATAPATH/LABEL=FLAGS")?;
+        let datapath: &'static str = match datapath {
+            "sockmap" => "sockmap",
+            "splice" => "splice",
+            "forward" => "forward",
+            "auto" => "auto",
+            other => anyhow::bail!("unknown data path {other} in variant {s}"),
+        };
+        let base = Proxy::Sockgate(datapath).name();
+        let args: Vec<String> = flags.split_whitespace().map(str::to_owned).collect();
+        Ok(Self {
+            // One name per variant for the whole run.
+            name: Box::leak(format!("{base} {label}").into_boxed_str()),
+            datapath,
+            args,
+        })
+    }
 }
 
 impl Proxy {
@@ -226,6 +264,7 @@ impl Proxy {
             Self::Nginx => "nginx stream",
             Self::Socat => "socat",
             Self::Envoy(_) => "Envoy tcp_proxy",
+            Self::SockgateVariant(v) => v.name,
         }
     }
 }
@@ -293,14 +332,10 @@ impl Running {
         lines.join(" | ")
     }
 
-    /// Changes, with bpftool, how sockgate's programs are attached to its `GW_SOCKS`:
-    /// the verdict re-attached as `BPF_SK_SKB_VERDICT` instead of the stream verdict,
-    /// and/or the `sk_msg` program detached. Sockets inserted after this see the change.
-    pub fn adjust_programs(
-        &self,
-        verdict: VerdictAttach,
-        detach_sk_msg: bool,
-    ) -> anyhow::Result<()> {
+    /// Re-attaches, with bpftool, sockgate's verdict to its `GW_SOCKS` as
+    /// `BPF_SK_SKB_VERDICT` instead of the stream verdict. Sockets inserted after this
+    /// see the change.
+    pub fn reattach_verdict_as_skb(&self) -> anyhow::Result<()> {
         let pins = self
             .pin_dir
             .as_ref()
@@ -341,18 +376,9 @@ impl Running {
                     .arg(&sock_path),
             )
         };
-        if verdict == VerdictAttach::Skb {
-            let id = prog_id("gw_verdict", map_id("GW_SOCKS")?)?;
-            bpftool("detach", &id, "stream_verdict")?;
-            bpftool("attach", &id, "skb_verdict")?;
-        }
-        if detach_sk_msg {
-            bpftool(
-                "detach",
-                &prog_id("gw_msg", map_id("GW_STATS")?)?,
-                "msg_verdict",
-            )?;
-        }
+        let id = prog_id("gw_verdict", map_id("GW_SOCKS")?)?;
+        bpftool("detach", &id, "stream_verdict")?;
+        bpftool("attach", &id, "skb_verdict")?;
         Ok(())
     }
 
@@ -565,12 +591,17 @@ pub fn start(
     };
     match proxy {
         Proxy::Direct => return Ok(None),
-        Proxy::Sockgate(_) | Proxy::SockgateGuard(_) | Proxy::SynFlood(_) | Proxy::ForwardFlood => {
+        Proxy::Sockgate(_)
+        | Proxy::SockgateGuard(_)
+        | Proxy::SynFlood(_)
+        | Proxy::ForwardFlood
+        | Proxy::SockgateVariant(_) => {
             let pins = PathBuf::from(format!("/sys/fs/bpf/sockgate-bench-{}", std::process::id()));
             running.pin_dir = Some(pins.clone());
             running.sockgate = Some(sockgate.to_path_buf());
             let datapath = match proxy {
                 Proxy::Sockgate(d) => d,
+                Proxy::SockgateVariant(v) => v.datapath,
                 Proxy::ForwardFlood => "forward",
                 _ => "auto",
             };
@@ -590,6 +621,9 @@ pub fn start(
                 for i in 0..bed.backend_count() {
                     cmd.arg("--forward-iface").arg(format!("b{i}"));
                 }
+            }
+            if let Proxy::SockgateVariant(v) = proxy {
+                cmd.args(&v.args);
             }
             if let Proxy::SockgateGuard(mode) | Proxy::SynFlood(mode) = proxy {
                 cmd.args(["--xdp-iface", CLIENT_IFACE, "--xdp-mode", mode]);
