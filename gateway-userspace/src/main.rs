@@ -237,14 +237,17 @@ struct RunArgs {
     #[arg(long, default_value_t = gateway_common::PEER_QUEUE_LIMIT,
           value_parser = clap::value_parser!(u32).range(65536..))]
     kernel_queue_limit: u32,
-    /// Socket paths: send and receive buffer size set on both sockets of a
-    /// connection, in bytes (suffix `K` or `M` for KiB or MiB), or `auto` for the
-    /// kernel's defaults (`net.ipv4.tcp_wmem`/`tcp_rmem`).
+    /// Socket paths: send and receive buffer size of both sockets of a connection, in
+    /// bytes (suffix `K` or `M` for KiB or MiB); `kernel` for the kernel's defaults
+    /// (`net.ipv4.tcp_wmem`/`tcp_rmem`, autotuned); `auto` for what measured best on
+    /// the data path: 4 MiB, fixed, for `sockmap`, the kernel's for splice
+    /// (docs/performance.md, "Socket buffers").
     #[arg(long, default_value = "auto", value_parser = parse_socket_buffer)]
     socket_buffer: SocketBuffer,
-    /// Socket paths: let TCP's autotuning change the buffers from `--socket-buffer`
-    /// on (true), or keep them at that size (false; what `SO_SNDBUF` alone does).
-    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    /// Socket paths, with `--socket-buffer BYTES`: let TCP's autotuning change the
+    /// buffers from that size on (true), or keep them at it (false, what `SO_SNDBUF`
+    /// and `SO_RCVBUF` do).
+    #[arg(long, default_value_t = false, action = clap::ArgAction::Set)]
     socket_buffer_autotune: bool,
     /// Address of the `/metrics`, `/healthz` and `/readyz` endpoint.
     #[arg(long, default_value = "127.0.0.1:9464")]
@@ -791,19 +794,39 @@ fn source_kind(args: &RunArgs) -> SourceKind {
     }
 }
 
-/// `--socket-buffer`: a size, or the kernel's defaults.
+/// `--socket-buffer`: a size, the kernel's defaults, or the data path's default.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum SocketBuffer {
     Auto,
+    Kernel,
     Bytes(u32),
+}
+
+/// The buffers the socket paths set, from `--socket-buffer`, `--socket-buffer-autotune`
+/// and `--datapath` (`auto`: [`proxy::SOCKMAP_SOCKET_BUFFER`] on the sockmap path,
+/// the kernel's elsewhere; splice carries `auto`'s and `forward`'s socket connections).
+fn socket_buffer(
+    flag: SocketBuffer,
+    autotune: bool,
+    mode: DatapathMode,
+) -> Option<proxy::sock::BufferSize> {
+    match flag {
+        SocketBuffer::Kernel => None,
+        SocketBuffer::Bytes(bytes) => Some(proxy::sock::BufferSize { bytes, autotune }),
+        SocketBuffer::Auto => {
+            (mode == DatapathMode::Sockmap).then_some(proxy::SOCKMAP_SOCKET_BUFFER)
+        }
+    }
 }
 
 /// Smallest and largest `--socket-buffer`.
 const SOCKET_BUFFER_RANGE: std::ops::RangeInclusive<u64> = 4096..=(1 << 30);
 
 fn parse_socket_buffer(s: &str) -> Result<SocketBuffer, String> {
-    if s == "auto" {
-        return Ok(SocketBuffer::Auto);
+    match s {
+        "auto" => return Ok(SocketBuffer::Auto),
+        "kernel" => return Ok(SocketBuffer::Kernel),
+        _ => {}
     }
     let (digits, unit) = match s.strip_suffix(['K', 'k']) {
         Some(d) => (d, 1024),
@@ -819,7 +842,7 @@ fn parse_socket_buffer(s: &str) -> Result<SocketBuffer, String> {
         .filter(|n| SOCKET_BUFFER_RANGE.contains(n))
         .ok_or_else(|| {
             format!(
-                "`{s}`: `auto`, or bytes from {} to {} (suffix K or M allowed)",
+                "`{s}`: `auto`, `kernel`, or bytes from {} to {} (suffix K or M allowed)",
                 SOCKET_BUFFER_RANGE.start(),
                 SOCKET_BUFFER_RANGE.end()
             )
@@ -839,13 +862,11 @@ fn proxy_config(args: &RunArgs) -> anyhow::Result<ProxyConfig> {
         backend_timeout: secs(args.backend_timeout, "backend-timeout")?,
         bind: args.bind,
         kernel_queue_limit: args.kernel_queue_limit,
-        socket_buffer: match args.socket_buffer {
-            SocketBuffer::Auto => None,
-            SocketBuffer::Bytes(bytes) => Some(proxy::sock::BufferSize {
-                bytes,
-                autotune: args.socket_buffer_autotune,
-            }),
-        },
+        socket_buffer: socket_buffer(
+            args.socket_buffer,
+            args.socket_buffer_autotune,
+            args.datapath,
+        ),
     })
 }
 
@@ -1038,11 +1059,37 @@ async fn wait_for_signal(access: Option<&sockgate::access_log::Writer>) -> anyho
 
 #[cfg(test)]
 mod tests {
-    use super::{SocketBuffer, parse_socket_buffer};
+    use super::{DatapathMode, SocketBuffer, parse_socket_buffer, socket_buffer};
+    use sockgate::proxy::{SOCKMAP_SOCKET_BUFFER, sock::BufferSize};
+
+    #[test]
+    fn socket_buffer_defaults_per_data_path() {
+        let auto = |mode| socket_buffer(SocketBuffer::Auto, false, mode);
+        assert_eq!(auto(DatapathMode::Sockmap), Some(SOCKMAP_SOCKET_BUFFER));
+        for mode in [
+            DatapathMode::Splice,
+            DatapathMode::Auto,
+            DatapathMode::Forward,
+        ] {
+            assert_eq!(auto(mode), None, "{mode:?}");
+        }
+        assert_eq!(
+            socket_buffer(SocketBuffer::Kernel, false, DatapathMode::Sockmap),
+            None
+        );
+        assert_eq!(
+            socket_buffer(SocketBuffer::Bytes(1 << 20), true, DatapathMode::Splice),
+            Some(BufferSize {
+                bytes: 1 << 20,
+                autotune: true
+            })
+        );
+    }
 
     #[test]
     fn socket_buffer_flag() {
         assert_eq!(parse_socket_buffer("auto"), Ok(SocketBuffer::Auto));
+        assert_eq!(parse_socket_buffer("kernel"), Ok(SocketBuffer::Kernel));
         assert_eq!(
             parse_socket_buffer("1048576"),
             Ok(SocketBuffer::Bytes(1 << 20))

@@ -431,6 +431,88 @@ fn server_first_splice() {
     server_first(SPLICE);
 }
 
+/// `rb` and `tb` (receive and send buffer sizes) of the node's established sockets
+/// whose local or remote port is `port`, from `ss -tmn` in the node namespace.
+fn node_socket_buffers(bed: &Bed, port: u16) -> Vec<(u64, u64)> {
+    let out = bed
+        .node()
+        .output("ss", &["-tmnH", "state", "established"])
+        .expect("ss");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let mut found = Vec::new();
+    let mut ports_match = false;
+    for line in text.lines() {
+        if let Some(mem) = line.trim().strip_prefix("skmem:(") {
+            if ports_match {
+                let field = |name: &str| {
+                    mem.trim_end_matches(')')
+                        .split(',')
+                        .find_map(|f| f.strip_prefix(name)?.parse::<u64>().ok())
+                        .expect("skmem field")
+                };
+                found.push((field("rb"), field("tb")));
+            }
+        } else {
+            let suffix = format!(":{port}");
+            ports_match = line.split_whitespace().any(|a| a.ends_with(&suffix));
+        }
+    }
+    found
+}
+
+/// The buffers of both node-side sockets of one connection over `path` with `args`.
+fn socket_buffers(path: &str, args: &[&str]) -> Vec<(u64, u64)> {
+    require_root();
+    let bed = Bed::new(1).expect("bed");
+    let _server = servers::Server::start(bed.backend(0), backend(&bed, 0, 3001), servers::echo())
+        .expect("server");
+    let route = format!("8088={}", backend(&bed, 0, 3001));
+    let mut all = vec!["--route", &route, "--datapath", path];
+    all.extend_from_slice(args);
+    let agent = Agent::start(&bed, &all, &[8088]);
+    let addr = listener_addr(&bed, 8088);
+    let (done_tx, done_rx) = mpsc::channel::<()>();
+    let (up_tx, up_rx) = mpsc::channel();
+    let client = bed
+        .client()
+        .spawn(move || {
+            let mut s = connect(addr).expect("connect");
+            up_tx.send(exchange(&mut s, "sized\n")).expect("send");
+            let _ = done_rx.recv_timeout(Duration::from_secs(30));
+        })
+        .expect("client");
+    assert_eq!(
+        up_rx.recv_timeout(Duration::from_secs(30)).expect("up"),
+        "sized\n"
+    );
+    let accepted = node_socket_buffers(&bed, 8088);
+    let connected = node_socket_buffers(&bed, 3001);
+    done_tx.send(()).expect("done");
+    client.join().expect("client thread");
+    assert_path(&agent.stats(8088), path, 1);
+    assert_eq!(accepted.len(), 1, "the accepted socket: {accepted:?}");
+    assert_eq!(connected.len(), 1, "the backend socket: {connected:?}");
+    vec![accepted[0], connected[0]]
+}
+
+/// `--socket-buffer auto` (the default): 4 MiB, fixed, on both sockets of a sockmap
+/// pair; the kernel's autotuned defaults on splice. A size given applies to both paths.
+#[test]
+fn socket_buffers_per_data_path() {
+    const MIB: u64 = 1 << 20;
+    assert_eq!(socket_buffers(KERNEL, &[]), vec![(4 * MIB, 4 * MIB); 2]);
+    for (rb, tb) in socket_buffers(SPLICE, &[]) {
+        assert!(rb != 4 * MIB && tb != 4 * MIB, "kernel defaults: {rb} {tb}");
+    }
+    assert_eq!(
+        socket_buffers(SPLICE, &["--socket-buffer", "1M"]),
+        vec![(MIB, MIB); 2]
+    );
+    for (rb, tb) in socket_buffers(KERNEL, &["--socket-buffer", "kernel"]) {
+        assert!(rb != 4 * MIB && tb != 4 * MIB, "kernel defaults: {rb} {tb}");
+    }
+}
+
 /// Client FIN first: the backend still answers after it. Backend FIN first: the client
 /// still sends after it, and the backend receives it all.
 fn half_close(path: &str) {

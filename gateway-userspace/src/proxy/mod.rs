@@ -91,6 +91,16 @@ pub struct ProxyConfig {
     pub socket_buffer: Option<sock::BufferSize>,
 }
 
+/// The sockmap path's buffers by default (`--socket-buffer auto`): 4 MiB each, kept
+/// at that size. With the kernel's defaults (16 KiB send buffer to start, autotuned)
+/// the psock backlog that sends redirected bytes stops each time the peer's send
+/// buffer is full; fixed 4 MiB measured less CPU per GB and no less throughput
+/// (docs/performance.md, "Socket buffers").
+pub const SOCKMAP_SOCKET_BUFFER: sock::BufferSize = sock::BufferSize {
+    bytes: 4 << 20,
+    autotune: false,
+};
+
 impl Default for ProxyConfig {
     fn default() -> Self {
         Self {
@@ -344,8 +354,10 @@ fn reconcile_listeners(
         } else {
             l.addresses.clone()
         };
-        let bound: Result<Vec<TcpListener>, ListenError> =
-            addrs.iter().map(|&a| bind(a, port)).collect();
+        let bound: Result<Vec<TcpListener>, ListenError> = addrs
+            .iter()
+            .map(|&a| bind(a, port, shared.cfg.socket_buffer))
+            .collect();
         match bound {
             Ok(sockets) => {
                 if l.addresses.is_empty() {
@@ -384,8 +396,13 @@ fn reconcile_listeners(
 }
 
 /// Binds `addr:port`; on `[::]` also takes IPv4 (dual stack), falling back to
-/// `0.0.0.0` where IPv6 is disabled.
-pub fn bind(addr: std::net::IpAddr, port: u16) -> Result<TcpListener, ListenError> {
+/// `0.0.0.0` where IPv6 is disabled. `buffers`, when given, sizes the listener's
+/// buffers, which its accepted sockets inherit.
+pub fn bind(
+    addr: std::net::IpAddr,
+    port: u16,
+    buffers: Option<sock::BufferSize>,
+) -> Result<TcpListener, ListenError> {
     let sa = SocketAddr::new(addr, port);
     let make = |sa: SocketAddr| -> io::Result<TcpListener> {
         let s = socket2::Socket::new(
@@ -400,6 +417,11 @@ pub fn bind(addr: std::net::IpAddr, port: u16) -> Result<TcpListener, ListenErro
         // Accepted sockets inherit it (the child is a copy of the listener,
         // `sk_clone_lock()`): no setsockopt per connection.
         s.set_tcp_nodelay(true)?;
+        // Likewise the buffer sizes and their locks (`sk_sndbuf`, `sk_rcvbuf`,
+        // `sk_userlocks`); the SYN-ACK's window already follows them.
+        if let Some(size) = buffers {
+            sock::set_buffers(&s, size)?;
+        }
         s.set_nonblocking(true)?;
         s.bind(&sa.into())?;
         s.listen(4096)?;
@@ -546,12 +568,25 @@ async fn connect_backend(
             endpoint_slice: backend.endpoint_slice.clone(),
         });
         let started = std::time::Instant::now();
-        match tokio::time::timeout(shared.cfg.connect_timeout, TcpStream::connect(addr)).await {
+        let connect = async {
+            let s = if addr.is_ipv4() {
+                tokio::net::TcpSocket::new_v4()
+            } else {
+                tokio::net::TcpSocket::new_v6()
+            }?;
+            let _ = s.set_nodelay(true);
+            if let Some(size) = shared.cfg.socket_buffer
+                && let Err(e) = sock::set_buffers(&s, size)
+            {
+                debug!(listener = port, backend = %addr, error = %e, "socket buffer size not set");
+            }
+            s.connect(addr).await
+        };
+        match tokio::time::timeout(shared.cfg.connect_timeout, connect).await {
             Ok(Ok(s)) => {
                 per_listener
                     .connect_seconds
                     .observe(started.elapsed().as_secs_f64());
-                let _ = s.set_nodelay(true);
                 if let Err(e) = sock::set_dead_peer_timeout(&s, shared.cfg.backend_timeout) {
                     debug!(listener = port, backend = %addr, error = %e, "backend timeout not set");
                 }
@@ -606,13 +641,6 @@ async fn handle(
             return (end, Some(detail));
         }
     };
-    if let Some(size) = shared.cfg.socket_buffer {
-        for (side, s) in [("client", &client), ("backend", &backend)] {
-            if let Err(e) = sock::set_buffers(s, size) {
-                debug!(listener = port, side, error = %e, "socket buffer size not set");
-            }
-        }
-    }
     let splice_reason = match shared.cfg.mode {
         DatapathMode::Sockmap => None,
         DatapathMode::Auto => Some(
@@ -707,10 +735,38 @@ mod tests {
 
     #[tokio::test]
     async fn accepted_sockets_inherit_nodelay_from_the_listener() {
-        let listener = bind(std::net::Ipv4Addr::LOCALHOST.into(), 0).expect("bind");
+        let listener = bind(std::net::Ipv4Addr::LOCALHOST.into(), 0, None).expect("bind");
         let addr = listener.local_addr().expect("addr");
         let _client = TcpStream::connect(addr).await.expect("connect");
         let (accepted, _) = listener.accept().await.expect("accept");
         assert!(accepted.nodelay().expect("TCP_NODELAY"));
+    }
+
+    #[tokio::test]
+    async fn accepted_sockets_inherit_the_listeners_buffer_sizes() {
+        let size = sock::BufferSize {
+            bytes: 1 << 20,
+            autotune: false,
+        };
+        let listener = bind(std::net::Ipv4Addr::LOCALHOST.into(), 0, Some(size)).expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let _client = TcpStream::connect(addr).await.expect("connect");
+        let (accepted, _) = listener.accept().await.expect("accept");
+        let s = socket2::SockRef::from(&accepted);
+        // Root (CAP_NET_ADMIN, as the tests run) gets the size asked for.
+        assert_eq!(s.send_buffer_size().expect("SO_SNDBUF"), 1 << 20);
+        assert_eq!(s.recv_buffer_size().expect("SO_RCVBUF"), 1 << 20);
+        let unsized_listener = bind(std::net::Ipv4Addr::LOCALHOST.into(), 0, None).expect("bind");
+        let _client = TcpStream::connect(unsized_listener.local_addr().expect("addr"))
+            .await
+            .expect("connect");
+        let (accepted, _) = unsized_listener.accept().await.expect("accept");
+        assert_ne!(
+            socket2::SockRef::from(&accepted)
+                .send_buffer_size()
+                .expect("SO_SNDBUF"),
+            1 << 20,
+            "without a size, the kernel's default"
+        );
     }
 }
