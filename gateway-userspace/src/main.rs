@@ -249,6 +249,10 @@ struct RunArgs {
     /// and `SO_RCVBUF` do).
     #[arg(long, default_value_t = false, action = clap::ArgAction::Set)]
     socket_buffer_autotune: bool,
+    /// Threads of the agent's async runtime, which carries the socket paths' accept,
+    /// connect and splice work; default: one per CPU (or `TOKIO_WORKER_THREADS`).
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..=1024))]
+    worker_threads: Option<u16>,
     /// Address of the `/metrics`, `/healthz` and `/readyz` endpoint.
     #[arg(long, default_value = "127.0.0.1:9464")]
     metrics_addr: std::net::SocketAddr,
@@ -870,6 +874,17 @@ fn proxy_config(args: &RunArgs) -> anyhow::Result<ProxyConfig> {
     })
 }
 
+/// The agent's async runtime: `workers` threads, or tokio's default (one per CPU,
+/// or `TOKIO_WORKER_THREADS`).
+fn runtime(workers: Option<u16>) -> std::io::Result<tokio::runtime::Runtime> {
+    let mut rt = tokio::runtime::Builder::new_multi_thread();
+    rt.enable_all();
+    if let Some(n) = workers {
+        rt.worker_threads(usize::from(n));
+    }
+    rt.build()
+}
+
 fn run(args: &RunArgs) -> anyhow::Result<()> {
     let source = source_kind(args);
     let filter = BackendFilter::allowing(args.allow_backend_cidrs.iter().copied());
@@ -929,7 +944,7 @@ fn run(args: &RunArgs) -> anyhow::Result<()> {
     let mut said = Said::default();
     said.record(&metrics, &desired);
     program(&dp, &metrics, &desired);
-    let rt = tokio::runtime::Runtime::new()?;
+    let rt = runtime(args.worker_threads)?;
     rt.block_on(async {
         let shutdown = CancellationToken::new();
         let guard = start_guard(&dp, args.xdp_mode, selection, &shutdown).await?;

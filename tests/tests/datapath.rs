@@ -513,6 +513,41 @@ fn socket_buffers_per_data_path() {
     }
 }
 
+/// Threads of the agent's async runtime (tokio names them `tokio-rt-worker`).
+fn runtime_workers(agent: &Agent) -> usize {
+    std::fs::read_dir(format!("/proc/{}/task", agent.child.id()))
+        .expect("tasks")
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+        .filter(|comm| comm.trim_end() == "tokio-rt-worker")
+        .count()
+}
+
+/// `--worker-threads N` sets the runtime's threads; without it, one per CPU.
+#[test]
+fn worker_threads_flag() {
+    require_root();
+    let bed = Bed::new(1).expect("bed");
+    let cpus = std::thread::available_parallelism().expect("cpus").get();
+    for (args, want) in [(vec![], cpus), (vec!["--worker-threads", "1"], 1)] {
+        let (_server, agent, addr) = {
+            let server =
+                servers::Server::start(bed.backend(0), backend(&bed, 0, 3001), servers::echo())
+                    .expect("server");
+            let route = format!("8088={}", backend(&bed, 0, 3001));
+            let mut all = vec!["--route", &route, "--datapath", SPLICE];
+            all.extend_from_slice(&args);
+            let agent = Agent::start(&bed, &all, &[8088]);
+            (server, agent, listener_addr(&bed, 8088))
+        };
+        let echoed = bed
+            .client()
+            .run(move || exchange(&mut connect(addr).expect("connect"), "one\n"))
+            .expect("client");
+        assert_eq!(echoed, "one\n");
+        assert_eq!(runtime_workers(&agent), want, "{args:?}");
+    }
+}
+
 /// Client FIN first: the backend still answers after it. Backend FIN first: the client
 /// still sends after it, and the backend receives it all.
 fn half_close(path: &str) {
