@@ -1075,6 +1075,17 @@ impl Datapath {
         result
     }
 
+    /// Removes a pair's `GW_PEERS` entries when it ends and its sockets are about to
+    /// close: the kernel drops each socket from `GW_SOCKS` by itself when it closes
+    /// (`sock_map_close()` in `net/core/sock_map.c`), so deleting them here too would be
+    /// two syscalls more per connection. Until then the verdict finds no peer and
+    /// passes what still arrives to the socket itself.
+    pub fn remove_peers(&self, client_cookie: u64, backend_cookie: u64) {
+        let mut peers = lock(&self.maps.peers);
+        let _ = peers.remove(&client_cookie);
+        let _ = peers.remove(&backend_cookie);
+    }
+
     /// Removes a pair's entries from `GW_PEERS` and `GW_SOCKS` (missing ones are fine:
     /// the kernel drops a socket from the hash by itself when it closes).
     pub fn remove_pair(&self, client_cookie: u64, backend_cookie: u64) {

@@ -47,7 +47,15 @@ fn assert_path(stats: &serde_json::Value, path: &str, n: u64) {
     assert_eq!(stats[off], 0, "{stats}");
 }
 
-/// Waits (bounded) until no connection is active and no pair is in the maps.
+/// Entries of the agent's `GW_SOCKS` (the kernel removes a socket when it closes).
+fn socks_entries(agent: &Agent) -> usize {
+    let pinned = agent.pin_dir.join("GW_SOCKS");
+    common::bpftool_json(&["map", "dump", "pinned", &pinned.to_string_lossy()])
+        .as_array()
+        .map_or(usize::MAX, Vec::len)
+}
+
+/// Waits (bounded) until no connection is active and no pair or socket is in the maps.
 fn assert_drained(agent: &Agent, port: u16) {
     for _ in 0..100 {
         let s = agent.status();
@@ -59,12 +67,17 @@ fn assert_drained(agent: &Agent, port: u16) {
         if s["paired_sockets"] == 0
             && l["stats"]["active_kernel"] == 0
             && l["stats"]["active_userspace"] == 0
+            && socks_entries(agent) == 0
         {
             return;
         }
         std::thread::sleep(Duration::from_millis(100));
     }
-    panic!("connections or map entries left: {}", agent.status());
+    panic!(
+        "connections or map entries left ({} in GW_SOCKS): {}",
+        socks_entries(agent),
+        agent.status()
+    );
 }
 
 /// The verdict reads each segment's first sequence number (to cut off bytes a
@@ -487,9 +500,18 @@ fn socket_buffers(path: &str, args: &[&str]) -> Vec<(u64, u64)> {
     );
     let accepted = node_socket_buffers(&bed, 8088);
     let connected = node_socket_buffers(&bed, 3001);
+    // While the pair lives, both its sockets are in GW_SOCKS (what assert_drained
+    // checks to be empty after the close).
+    let paired = socks_entries(&agent);
     done_tx.send(()).expect("done");
     client.join().expect("client thread");
     assert_path(&agent.stats(8088), path, 1);
+    assert_eq!(
+        paired,
+        if path == KERNEL { 2 } else { 0 },
+        "GW_SOCKS entries"
+    );
+    assert_drained(&agent, 8088);
     assert_eq!(accepted.len(), 1, "the accepted socket: {accepted:?}");
     assert_eq!(connected.len(), 1, "the backend socket: {connected:?}");
     vec![accepted[0], connected[0]]

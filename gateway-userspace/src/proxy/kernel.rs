@@ -104,7 +104,8 @@ impl Drop for Pair {
         self.conn.set_cookies(None);
         self.conn.moved(true, c2b);
         self.conn.moved(false, b2c);
-        self.dp.remove_pair(self.client_cookie, self.backend_cookie);
+        self.dp
+            .remove_peers(self.client_cookie, self.backend_cookie);
     }
 }
 
