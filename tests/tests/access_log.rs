@@ -7,7 +7,7 @@ mod common;
 use std::{
     collections::BTreeMap,
     io::{self, Read, Write},
-    net::{Shutdown, SocketAddr, TcpStream},
+    net::{IpAddr, Shutdown, SocketAddr, TcpStream},
     os::unix::fs::OpenOptionsExt as _,
     path::{Path, PathBuf},
     sync::Arc,
@@ -61,6 +61,41 @@ fn by_client_port(recs: &[serde_json::Value]) -> BTreeMap<u16, serde_json::Value
             (client.port(), r.clone())
         })
         .collect()
+}
+
+/// Connects from `client` (an address of the calling thread's namespace) to `to`, which
+/// resets the connection. The agent may reset it before `connect` returns, so the port
+/// is bound first: the record is found by it either way. Returns the client port.
+fn connect_to_be_reset(client: IpAddr, to: SocketAddr) -> u16 {
+    let sock = socket2::Socket::new(
+        socket2::Domain::for_address(to),
+        socket2::Type::STREAM,
+        Some(socket2::Protocol::TCP),
+    )
+    .expect("socket");
+    sock.bind(&SocketAddr::new(client, 0).into()).expect("bind");
+    let port = sock
+        .local_addr()
+        .expect("addr")
+        .as_socket()
+        .expect("an inet socket")
+        .port();
+    match sock.connect_timeout(&to.into(), Duration::from_secs(10)) {
+        Ok(()) => {
+            let mut s: TcpStream = sock.into();
+            s.set_read_timeout(Some(Duration::from_secs(30)))
+                .expect("timeout");
+            expect_reset(&mut s);
+        }
+        Err(e) => assert!(
+            matches!(
+                e.kind(),
+                io::ErrorKind::ConnectionReset | io::ErrorKind::ConnectionRefused
+            ),
+            "connect to {to}: {e}"
+        ),
+    }
+    port
 }
 
 /// Reads until the connection is reset; panics on anything else.
@@ -118,6 +153,7 @@ fn records_of_each_end(path: &str) {
     let agent = Agent::start(&bed, &args, &[8088, 8089, 8090, 8091]);
     let a = |p| listener_addr(&bed, p);
     let (l88, l89, l90, l91) = (a(8088), a(8089), a(8090), a(8091));
+    let client_ip = IpAddr::from(bed.client_addr());
     let ports = bed
         .client()
         .run(move || {
@@ -143,20 +179,16 @@ fn records_of_each_end(path: &str) {
             s.write_all(b"hello").expect("write");
             expect_reset(&mut s);
             // The backend refuses the connect.
-            let mut s = connect(l90).expect("connect");
-            let failed = s.local_addr().expect("addr").port();
-            expect_reset(&mut s);
+            let failed = connect_to_be_reset(client_ip, l90);
             // An invalid backendRef.
-            let mut s = connect(l91).expect("connect");
-            let refused = s.local_addr().expect("addr").port();
-            expect_reset(&mut s);
+            let refused = connect_to_be_reset(client_ip, l91);
             [fin, client_rst, backend_rst, failed, refused]
         })
         .expect("client");
     let recs = by_client_port(&records(&log, 5));
     // Shown with --nocapture (docs/operations.md quotes it).
     println!("{}", std::fs::read_to_string(&log).unwrap_or_default());
-    let client_ip = bed.client_addr().to_string();
+    let client_ip = client_ip.to_string();
     let backend_ip = bed.backend_addr(0).to_string();
     let [fin, client_rst, backend_rst, failed, refused] = ports;
     let check = |port: u16, want: &[(&str, serde_json::Value)]| {
