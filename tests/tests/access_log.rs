@@ -5,11 +5,10 @@
 mod common;
 
 use std::{
-    collections::BTreeMap,
     io::{self, Read, Write},
     net::{IpAddr, Shutdown, SocketAddr, TcpStream},
     os::unix::fs::OpenOptionsExt as _,
-    path::{Path, PathBuf},
+    path::PathBuf,
     sync::Arc,
     time::{Duration, Instant},
 };
@@ -18,7 +17,11 @@ use common::{
     Agent, Writes, backend_addr, connect, listener_addr, recv_stream, require_root,
     reset_with_linger, send_stream,
 };
-use netbed::{Bed, servers};
+use netbed::{
+    Bed,
+    records::{by_client_port, records},
+    servers,
+};
 
 /// A fresh directory for one test's log files.
 fn log_dir(tag: &str) -> PathBuf {
@@ -26,41 +29,6 @@ fn log_dir(tag: &str) -> PathBuf {
     let _ = std::fs::remove_dir_all(&d);
     std::fs::create_dir_all(&d).expect("log dir");
     d
-}
-
-/// The records in `path` once it holds at least `n` (bounded wait).
-fn records(path: &Path, n: usize) -> Vec<serde_json::Value> {
-    let deadline = Instant::now() + Duration::from_secs(15);
-    loop {
-        let text = std::fs::read_to_string(path).unwrap_or_default();
-        let recs: Vec<serde_json::Value> = text
-            .lines()
-            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("bad line {l:?}: {e}")))
-            .collect();
-        if recs.len() >= n {
-            return recs;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{} holds {} records, expected {n}:\n{text}",
-            path.display(),
-            recs.len()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-/// Records by client port.
-fn by_client_port(recs: &[serde_json::Value]) -> BTreeMap<u16, serde_json::Value> {
-    recs.iter()
-        .map(|r| {
-            let client: SocketAddr = r["client"]
-                .as_str()
-                .and_then(|c| c.parse().ok())
-                .unwrap_or_else(|| panic!("record without client: {r}"));
-            (client.port(), r.clone())
-        })
-        .collect()
 }
 
 /// Connects from `client` (an address of the calling thread's namespace) to `to`, which
