@@ -762,6 +762,77 @@ fn forward_records_each_end_and_lists_from_the_table() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// An agent on the forward path (client and backend links attached) with `routes` and
+/// the access log in `log`.
+fn forward_agent_logging(bed: &Bed, routes: &[String], log: &std::path::Path) -> Agent {
+    let mut args = vec![
+        "--datapath",
+        "forward",
+        "--forward-iface",
+        "c0",
+        "--forward-iface",
+        "b0",
+        "--access-log",
+        log.to_str().expect("utf-8"),
+    ];
+    for r in routes {
+        args.extend(["--route", r.as_str()]);
+    }
+    let ports: Vec<u16> = routes
+        .iter()
+        .filter_map(|r| r.split_once('=').and_then(|(p, _)| p.parse().ok()))
+        .collect();
+    Agent::start(bed, &args, &ports)
+}
+
+/// Past the forward path's reset and closing timeouts (1 s, 2 s) and a sweep: what the
+/// sweeper would log about the connections already ended is in the log by then.
+const PAST_THE_SWEEP: Duration = Duration::from_millis(3500);
+
+/// A forwarded connection whose only backend resets the SYN (nothing listens on its
+/// port), retried at the client's retransmission until the program resets the client:
+/// exactly one record, `connect_failed`, naming the backend tried.
+#[test]
+fn forward_failed_connect_is_recorded_once_as_connect_failed() {
+    require_root();
+    let bed = Bed::new(1).expect("bed");
+    let dir = log_dir("forward-failed");
+    let log = dir.join("access.log");
+    // Nothing listens on 3009: the backend's stack resets the SYN.
+    let closed = backend_addr(&bed, 0, 3009);
+    let agent = forward_agent_logging(&bed, &[format!("8090={closed}")], &log);
+    let l90 = listener_addr(&bed, 8090);
+    let client_ip = IpAddr::from(bed.client_addr());
+    let port = bed
+        .client()
+        .run(move || connect_to_be_reset(client_ip, l90))
+        .expect("client");
+    records(&log, 1);
+    std::thread::sleep(PAST_THE_SWEEP);
+    let recs = records(&log, 1);
+    println!("{}", std::fs::read_to_string(&log).unwrap_or_default());
+    assert_eq!(recs.len(), 1, "one record: {recs:?}");
+    let r = &recs[0];
+    assert_eq!(r["client"], format!("{client_ip}:{port}"), "{r}");
+    assert_eq!(r["port"], 8090, "{r}");
+    assert_eq!(r["datapath"], "forward", "{r}");
+    assert_eq!(r["backend"], closed.to_string(), "{r}");
+    assert_eq!(r["end"], "connect_failed", "{r}");
+    assert_eq!(r["bytes_client_to_backend"], 0, "{r}");
+    assert_eq!(r["bytes_backend_to_client"], 0, "{r}");
+    assert!(
+        r["detail"].as_str().is_some_and(|d| d.contains("attempts")),
+        "{r}"
+    );
+    // Until the program reset the client, at its SYN's retransmission (1 s).
+    assert!(
+        r["duration_seconds"].as_f64().is_some_and(|d| d >= 0.5),
+        "{r}"
+    );
+    drop(agent);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// A connection still open when the agent stops and the drain timeout runs out is
 /// recorded as `drained`, with its bytes; the record is written before the agent exits.
 #[test]
