@@ -833,6 +833,93 @@ fn forward_failed_connect_is_recorded_once_as_connect_failed() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// A client that resets a forwarded connection and at once connects again from the
+/// same port (within the reset timeout, while the old entries are still in the table)
+/// gets a record of each connection: `client_reset`, then `fin`, each with its own
+/// bytes.
+#[test]
+fn forward_client_reusing_its_port_gets_a_record_per_connection() {
+    require_root();
+    let bed = Bed::new(1).expect("bed");
+    let dir = log_dir("forward-reuse");
+    let log = dir.join("access.log");
+    let _echo =
+        servers::Server::start(bed.backend(0), backend_addr(&bed, 0, 3001), servers::echo())
+            .expect("echo");
+    let agent = forward_agent_logging(
+        &bed,
+        &[format!("8088={}", backend_addr(&bed, 0, 3001))],
+        &log,
+    );
+    let l88 = listener_addr(&bed, 8088);
+    let client_ip = IpAddr::from(bed.client_addr());
+    let port = bed
+        .client()
+        .run(move || {
+            let from = |port: u16| {
+                let sock = socket2::Socket::new(
+                    socket2::Domain::IPV4,
+                    socket2::Type::STREAM,
+                    Some(socket2::Protocol::TCP),
+                )
+                .expect("socket");
+                sock.set_reuse_address(true).expect("SO_REUSEADDR");
+                sock.bind(&SocketAddr::new(client_ip, port).into())
+                    .expect("bind");
+                sock.connect_timeout(&l88.into(), Duration::from_secs(10))
+                    .expect("connect");
+                let s: TcpStream = sock.into();
+                s.set_read_timeout(Some(Duration::from_secs(10)))
+                    .expect("timeout");
+                s
+            };
+            // Reset after 5 bytes each way.
+            let mut s = from(0);
+            let port = s.local_addr().expect("addr").port();
+            s.write_all(b"hello").expect("write");
+            let mut back = [0u8; 5];
+            s.read_exact(&mut back).expect("echo");
+            reset_with_linger(&s);
+            drop(s);
+            // The same tuple again: 3 bytes each way, a FIN each way.
+            let mut s = from(port);
+            s.write_all(b"bye").expect("write");
+            s.shutdown(Shutdown::Write).expect("shutdown");
+            let mut rest = Vec::new();
+            s.read_to_end(&mut rest).expect("echo and EOF");
+            assert_eq!(rest, b"bye");
+            port
+        })
+        .expect("client");
+    records(&log, 2);
+    std::thread::sleep(PAST_THE_SWEEP);
+    let recs = records(&log, 2);
+    println!("{}", std::fs::read_to_string(&log).unwrap_or_default());
+    assert_eq!(recs.len(), 2, "two records: {recs:?}");
+    let ends: Vec<_> = recs
+        .iter()
+        .map(|r| {
+            assert_eq!(r["client"], format!("{client_ip}:{port}"), "{r}");
+            assert_eq!(r["datapath"], "forward", "{r}");
+            (
+                r["end"].as_str().unwrap_or("").to_owned(),
+                r["bytes_client_to_backend"].as_u64(),
+                r["bytes_backend_to_client"].as_u64(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        ends,
+        [
+            ("client_reset".to_owned(), Some(5), Some(5)),
+            ("fin".to_owned(), Some(3), Some(3)),
+        ],
+        "{recs:?}"
+    );
+    drop(agent);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// A connection still open when the agent stops and the drain timeout runs out is
 /// recorded as `drained`, with its bytes; the record is written before the agent exits.
 #[test]
