@@ -335,6 +335,13 @@ impl Sink {
         let _ = self.tx.set(tx);
     }
 
+    /// Whether records are written (an access log is configured): the metrics use
+    /// only the end, the duration and the bytes, so what only the record carries
+    /// (the segments) need not be read otherwise.
+    pub fn writes_records(&self) -> bool {
+        self.tx.get().is_some()
+    }
+
     /// A connection ended: observes the metrics and queues the record (never waits;
     /// a full queue drops it and counts).
     pub fn end(&self, r: Record) {
@@ -610,6 +617,15 @@ mod tests {
             .get_or_create(&vec![("listener", "1".into()), ("reason", "fin".into())])
             .get();
         assert_eq!(ended, 5, "metrics count every connection, logged or not");
+    }
+
+    #[test]
+    fn records_are_written_once_a_log_is_attached() {
+        let sink = Sink::default();
+        assert!(!sink.writes_records());
+        let (tx, _rx) = mpsc::sync_channel(1);
+        sink.attach(tx);
+        assert!(sink.writes_records());
     }
 
     #[test]

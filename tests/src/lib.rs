@@ -473,5 +473,6 @@ impl Bed {
 }
 
 pub mod raw;
+pub mod records;
 pub mod servers;
 pub mod soak;

@@ -5,11 +5,10 @@
 mod common;
 
 use std::{
-    collections::BTreeMap,
     io::{self, Read, Write},
-    net::{Shutdown, SocketAddr, TcpStream},
+    net::{IpAddr, Shutdown, SocketAddr, TcpStream},
     os::unix::fs::OpenOptionsExt as _,
-    path::{Path, PathBuf},
+    path::PathBuf,
     sync::Arc,
     time::{Duration, Instant},
 };
@@ -18,7 +17,11 @@ use common::{
     Agent, Writes, backend_addr, connect, listener_addr, recv_stream, require_root,
     reset_with_linger, send_stream,
 };
-use netbed::{Bed, servers};
+use netbed::{
+    Bed,
+    records::{by_client_port, records},
+    servers,
+};
 
 /// A fresh directory for one test's log files.
 fn log_dir(tag: &str) -> PathBuf {
@@ -28,39 +31,39 @@ fn log_dir(tag: &str) -> PathBuf {
     d
 }
 
-/// The records in `path` once it holds at least `n` (bounded wait).
-fn records(path: &Path, n: usize) -> Vec<serde_json::Value> {
-    let deadline = Instant::now() + Duration::from_secs(15);
-    loop {
-        let text = std::fs::read_to_string(path).unwrap_or_default();
-        let recs: Vec<serde_json::Value> = text
-            .lines()
-            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("bad line {l:?}: {e}")))
-            .collect();
-        if recs.len() >= n {
-            return recs;
+/// Connects from `client` (an address of the calling thread's namespace) to `to`, which
+/// resets the connection. The agent may reset it before `connect` returns, so the port
+/// is bound first: the record is found by it either way. Returns the client port.
+fn connect_to_be_reset(client: IpAddr, to: SocketAddr) -> u16 {
+    let sock = socket2::Socket::new(
+        socket2::Domain::for_address(to),
+        socket2::Type::STREAM,
+        Some(socket2::Protocol::TCP),
+    )
+    .expect("socket");
+    sock.bind(&SocketAddr::new(client, 0).into()).expect("bind");
+    let port = sock
+        .local_addr()
+        .expect("addr")
+        .as_socket()
+        .expect("an inet socket")
+        .port();
+    match sock.connect_timeout(&to.into(), Duration::from_secs(10)) {
+        Ok(()) => {
+            let mut s: TcpStream = sock.into();
+            s.set_read_timeout(Some(Duration::from_secs(30)))
+                .expect("timeout");
+            expect_reset(&mut s);
         }
-        assert!(
-            Instant::now() < deadline,
-            "{} holds {} records, expected {n}:\n{text}",
-            path.display(),
-            recs.len()
-        );
-        std::thread::sleep(Duration::from_millis(50));
+        Err(e) => assert!(
+            matches!(
+                e.kind(),
+                io::ErrorKind::ConnectionReset | io::ErrorKind::ConnectionRefused
+            ),
+            "connect to {to}: {e}"
+        ),
     }
-}
-
-/// Records by client port.
-fn by_client_port(recs: &[serde_json::Value]) -> BTreeMap<u16, serde_json::Value> {
-    recs.iter()
-        .map(|r| {
-            let client: SocketAddr = r["client"]
-                .as_str()
-                .and_then(|c| c.parse().ok())
-                .unwrap_or_else(|| panic!("record without client: {r}"));
-            (client.port(), r.clone())
-        })
-        .collect()
+    port
 }
 
 /// Reads until the connection is reset; panics on anything else.
@@ -118,6 +121,7 @@ fn records_of_each_end(path: &str) {
     let agent = Agent::start(&bed, &args, &[8088, 8089, 8090, 8091]);
     let a = |p| listener_addr(&bed, p);
     let (l88, l89, l90, l91) = (a(8088), a(8089), a(8090), a(8091));
+    let client_ip = IpAddr::from(bed.client_addr());
     let ports = bed
         .client()
         .run(move || {
@@ -143,20 +147,16 @@ fn records_of_each_end(path: &str) {
             s.write_all(b"hello").expect("write");
             expect_reset(&mut s);
             // The backend refuses the connect.
-            let mut s = connect(l90).expect("connect");
-            let failed = s.local_addr().expect("addr").port();
-            expect_reset(&mut s);
+            let failed = connect_to_be_reset(client_ip, l90);
             // An invalid backendRef.
-            let mut s = connect(l91).expect("connect");
-            let refused = s.local_addr().expect("addr").port();
-            expect_reset(&mut s);
+            let refused = connect_to_be_reset(client_ip, l91);
             [fin, client_rst, backend_rst, failed, refused]
         })
         .expect("client");
     let recs = by_client_port(&records(&log, 5));
     // Shown with --nocapture (docs/operations.md quotes it).
     println!("{}", std::fs::read_to_string(&log).unwrap_or_default());
-    let client_ip = bed.client_addr().to_string();
+    let client_ip = client_ip.to_string();
     let backend_ip = bed.backend_addr(0).to_string();
     let [fin, client_rst, backend_rst, failed, refused] = ports;
     let check = |port: u16, want: &[(&str, serde_json::Value)]| {
@@ -758,6 +758,164 @@ fn forward_records_each_end_and_lists_from_the_table() {
     }
     done_tx.send(()).expect("done");
     client.join().expect("client");
+    drop(agent);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// An agent on the forward path (client and backend links attached) with `routes` and
+/// the access log in `log`.
+fn forward_agent_logging(bed: &Bed, routes: &[String], log: &std::path::Path) -> Agent {
+    let mut args = vec![
+        "--datapath",
+        "forward",
+        "--forward-iface",
+        "c0",
+        "--forward-iface",
+        "b0",
+        "--access-log",
+        log.to_str().expect("utf-8"),
+    ];
+    for r in routes {
+        args.extend(["--route", r.as_str()]);
+    }
+    let ports: Vec<u16> = routes
+        .iter()
+        .filter_map(|r| r.split_once('=').and_then(|(p, _)| p.parse().ok()))
+        .collect();
+    Agent::start(bed, &args, &ports)
+}
+
+/// Past the forward path's reset and closing timeouts (1 s, 2 s) and a sweep: what the
+/// sweeper would log about the connections already ended is in the log by then.
+const PAST_THE_SWEEP: Duration = Duration::from_millis(3500);
+
+/// A forwarded connection whose only backend resets the SYN (nothing listens on its
+/// port), retried at the client's retransmission until the program resets the client:
+/// exactly one record, `connect_failed`, naming the backend tried.
+#[test]
+fn forward_failed_connect_is_recorded_once_as_connect_failed() {
+    require_root();
+    let bed = Bed::new(1).expect("bed");
+    let dir = log_dir("forward-failed");
+    let log = dir.join("access.log");
+    // Nothing listens on 3009: the backend's stack resets the SYN.
+    let closed = backend_addr(&bed, 0, 3009);
+    let agent = forward_agent_logging(&bed, &[format!("8090={closed}")], &log);
+    let l90 = listener_addr(&bed, 8090);
+    let client_ip = IpAddr::from(bed.client_addr());
+    let port = bed
+        .client()
+        .run(move || connect_to_be_reset(client_ip, l90))
+        .expect("client");
+    records(&log, 1);
+    std::thread::sleep(PAST_THE_SWEEP);
+    let recs = records(&log, 1);
+    println!("{}", std::fs::read_to_string(&log).unwrap_or_default());
+    assert_eq!(recs.len(), 1, "one record: {recs:?}");
+    let r = &recs[0];
+    assert_eq!(r["client"], format!("{client_ip}:{port}"), "{r}");
+    assert_eq!(r["port"], 8090, "{r}");
+    assert_eq!(r["datapath"], "forward", "{r}");
+    assert_eq!(r["backend"], closed.to_string(), "{r}");
+    assert_eq!(r["end"], "connect_failed", "{r}");
+    assert_eq!(r["bytes_client_to_backend"], 0, "{r}");
+    assert_eq!(r["bytes_backend_to_client"], 0, "{r}");
+    assert!(
+        r["detail"].as_str().is_some_and(|d| d.contains("attempts")),
+        "{r}"
+    );
+    // Until the program reset the client, at its SYN's retransmission (1 s).
+    assert!(
+        r["duration_seconds"].as_f64().is_some_and(|d| d >= 0.5),
+        "{r}"
+    );
+    drop(agent);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A client that resets a forwarded connection and at once connects again from the
+/// same port (within the reset timeout, while the old entries are still in the table)
+/// gets a record of each connection: `client_reset`, then `fin`, each with its own
+/// bytes.
+#[test]
+fn forward_client_reusing_its_port_gets_a_record_per_connection() {
+    require_root();
+    let bed = Bed::new(1).expect("bed");
+    let dir = log_dir("forward-reuse");
+    let log = dir.join("access.log");
+    let _echo =
+        servers::Server::start(bed.backend(0), backend_addr(&bed, 0, 3001), servers::echo())
+            .expect("echo");
+    let agent = forward_agent_logging(
+        &bed,
+        &[format!("8088={}", backend_addr(&bed, 0, 3001))],
+        &log,
+    );
+    let l88 = listener_addr(&bed, 8088);
+    let client_ip = IpAddr::from(bed.client_addr());
+    let port = bed
+        .client()
+        .run(move || {
+            let from = |port: u16| {
+                let sock = socket2::Socket::new(
+                    socket2::Domain::IPV4,
+                    socket2::Type::STREAM,
+                    Some(socket2::Protocol::TCP),
+                )
+                .expect("socket");
+                sock.set_reuse_address(true).expect("SO_REUSEADDR");
+                sock.bind(&SocketAddr::new(client_ip, port).into())
+                    .expect("bind");
+                sock.connect_timeout(&l88.into(), Duration::from_secs(10))
+                    .expect("connect");
+                let s: TcpStream = sock.into();
+                s.set_read_timeout(Some(Duration::from_secs(10)))
+                    .expect("timeout");
+                s
+            };
+            // Reset after 5 bytes each way.
+            let mut s = from(0);
+            let port = s.local_addr().expect("addr").port();
+            s.write_all(b"hello").expect("write");
+            let mut back = [0u8; 5];
+            s.read_exact(&mut back).expect("echo");
+            reset_with_linger(&s);
+            drop(s);
+            // The same tuple again: 3 bytes each way, a FIN each way.
+            let mut s = from(port);
+            s.write_all(b"bye").expect("write");
+            s.shutdown(Shutdown::Write).expect("shutdown");
+            let mut rest = Vec::new();
+            s.read_to_end(&mut rest).expect("echo and EOF");
+            assert_eq!(rest, b"bye");
+            port
+        })
+        .expect("client");
+    records(&log, 2);
+    std::thread::sleep(PAST_THE_SWEEP);
+    let recs = records(&log, 2);
+    println!("{}", std::fs::read_to_string(&log).unwrap_or_default());
+    assert_eq!(recs.len(), 2, "two records: {recs:?}");
+    let ends: Vec<_> = recs
+        .iter()
+        .map(|r| {
+            assert_eq!(r["client"], format!("{client_ip}:{port}"), "{r}");
+            assert_eq!(r["datapath"], "forward", "{r}");
+            (
+                r["end"].as_str().unwrap_or("").to_owned(),
+                r["bytes_client_to_backend"].as_u64(),
+                r["bytes_backend_to_client"].as_u64(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        ends,
+        [
+            ("client_reset".to_owned(), Some(5), Some(5)),
+            ("fin".to_owned(), Some(3), Some(3)),
+        ],
+        "{recs:?}"
+    );
     drop(agent);
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -14,7 +14,11 @@ use std::{
 use common::{
     Agent, Writes, backend_addr as backend, connect, duplex, exchange, listener_addr, require_root,
 };
-use netbed::{Bed, servers};
+use netbed::{
+    Bed,
+    records::{all_by_client_port, records},
+    servers,
+};
 
 const MIB: u64 = 1024 * 1024;
 
@@ -865,39 +869,6 @@ fn forward_ipv6_carries_a_hashed_transfer() {
 
 // ---- access log records from the kernel ------------------------------------------------
 
-/// The access log's records, by client port, once `n` are there (at most 15 s).
-fn log_records(
-    path: &std::path::Path,
-    n: usize,
-) -> std::collections::BTreeMap<u16, Vec<serde_json::Value>> {
-    let deadline = Instant::now() + Duration::from_secs(15);
-    loop {
-        let text = std::fs::read_to_string(path).unwrap_or_default();
-        let recs: Vec<serde_json::Value> = text
-            .lines()
-            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("bad line {l:?}: {e}")))
-            .collect();
-        if recs.len() >= n {
-            let mut by_port = std::collections::BTreeMap::<u16, Vec<serde_json::Value>>::new();
-            for r in recs {
-                let port = r["client"]
-                    .as_str()
-                    .and_then(|c| c.parse::<SocketAddr>().ok())
-                    .map_or(0, |a| a.port());
-                by_port.entry(port).or_default().push(r);
-            }
-            return by_port;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{} holds {} records, expected {n}:\n{text}",
-            path.display(),
-            recs.len()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
 /// A forwarded connection closed with a FIN each way and one the client resets each
 /// get exactly one record, from the program's ring buffer (the sweeper, which removes
 /// their entries within 2 s, adds none): the listener, route and backendRef named from
@@ -949,7 +920,7 @@ fn forward_records_come_from_the_kernel_once_and_named() {
             (fin, client_rst)
         })
         .expect("client");
-    let recs = log_records(&log, 2);
+    let recs = all_by_client_port(&records(&log, 2));
     assert!(
         table_entries(&agent) > 0,
         "the records came before the sweeper removed the entries (the program's events)"
@@ -966,7 +937,7 @@ fn forward_records_come_from_the_kernel_once_and_named() {
         std::thread::sleep(Duration::from_millis(200));
     }
     std::thread::sleep(Duration::from_millis(1500));
-    let after = log_records(&log, 2);
+    let after = all_by_client_port(&records(&log, 2));
     println!("{}", std::fs::read_to_string(&log).unwrap_or_default());
     assert_eq!(after, recs, "no second record after the sweep");
     let client_ip = bed.client_addr();
@@ -1033,9 +1004,13 @@ fn forward_idle_connection_is_logged_by_the_sweeper() {
             (s.local_addr().expect("addr").port(), s)
         })
         .expect("client");
-    let recs = log_records(&log, 1);
+    let recs = all_by_client_port(&records(&log, 1));
     std::thread::sleep(Duration::from_millis(1500));
-    assert_eq!(log_records(&log, 1), recs, "one record only");
+    assert_eq!(
+        all_by_client_port(&records(&log, 1)),
+        recs,
+        "one record only"
+    );
     let r = recs
         .get(&port)
         .and_then(|l| (l.len() == 1).then(|| l[0].clone()))

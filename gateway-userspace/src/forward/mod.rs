@@ -291,9 +291,16 @@ pub fn expired(
 
 /// How a connection the sweeper removes ended: client entry `c`, backend entry `b`;
 /// `drained` when its listener's drain timeout ran out.
+///
+/// A RST on a connection whose backend never answered the SYN is a failed connect:
+/// the program sets `FLOW_S_RST` on the client's entry when it resets the client after
+/// the last attempt (the backend's entry is gone by then), and a backend's RST to the
+/// SYN leaves its entry with `FLOW_S_RST` and no `FLOW_S_SYN`.
 pub fn end_reason(c: &Flow, b: Option<&Flow>, drained: bool) -> EndReason {
     let bs = b.map_or(0, |b| b.state);
-    if c.state & FLOW_S_RST != 0 {
+    if bs & FLOW_S_SYN == 0 && (c.state | bs) & FLOW_S_RST != 0 {
+        EndReason::ConnectFailed
+    } else if c.state & FLOW_S_RST != 0 {
         EndReason::ClientReset
     } else if bs & FLOW_S_RST != 0 {
         EndReason::BackendReset
@@ -339,7 +346,8 @@ pub fn record_of(k: &FlowKey, c: &Flow, b: Option<&Flow>, end: EndReason, now_ns
         segments_client_to_backend: Some(c.packets),
         segments_backend_to_client: Some(b.map_or(0, |b| b.packets)),
         end,
-        detail: None,
+        detail: (end == EndReason::ConnectFailed)
+            .then(|| format!("no connect succeeded ({} attempts)", c.attempts)),
     }
 }
 

@@ -146,6 +146,20 @@ fn removed_connections_say_how_they_ended() {
     );
     assert_eq!(reason(est, Some(est), true), EndReason::Drained);
     assert_eq!(reason(FLOW_S_SYN, None, false), EndReason::HandshakeTimeout);
+    // The program reset the client after its last attempt and removed the backend's
+    // entry; or the backend reset the SYN and the client gave up before retrying.
+    assert_eq!(
+        reason(FLOW_S_SYN | FLOW_S_RST, None, false),
+        EndReason::ConnectFailed
+    );
+    assert_eq!(
+        reason(FLOW_S_SYN, Some(FLOW_S_RST), false),
+        EndReason::ConnectFailed
+    );
+    assert_eq!(
+        reason(FLOW_S_SYN, Some(0), false),
+        EndReason::HandshakeTimeout
+    );
     assert_eq!(reason(est, Some(est), false), EndReason::IdleTimeout);
 }
 
@@ -186,4 +200,22 @@ fn removed_connection_record_carries_the_counters() {
         (r.segments_client_to_backend, r.segments_backend_to_client),
         (Some(5), Some(4))
     );
+}
+
+#[test]
+fn a_failed_connect_record_says_how_many_attempts() {
+    let c = Flow {
+        state: FLOW_S_SYN | FLOW_S_RST,
+        attempts: 2,
+        ..Flow::default()
+    };
+    let end = end_reason(&c, None, false);
+    let r = record_of(&FlowKey::default(), &c, None, end, 0);
+    assert_eq!(r.end, EndReason::ConnectFailed);
+    assert_eq!(
+        r.detail.as_deref(),
+        Some("no connect succeeded (2 attempts)")
+    );
+    let ok = record_of(&FlowKey::default(), &c, None, EndReason::Fin, 0);
+    assert_eq!(ok.detail, None);
 }

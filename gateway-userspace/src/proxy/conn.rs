@@ -9,7 +9,7 @@ use std::{
     net::SocketAddr,
     sync::{
         Arc, Mutex, PoisonError,
-        atomic::{AtomicU8, AtomicU64, Ordering},
+        atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering},
     },
     time::{Instant, SystemTime},
 };
@@ -130,6 +130,8 @@ pub struct Conn {
     /// Data segments (client -> backend, backend -> client), read from both sockets
     /// when the connection ends ([`SegmentsAtEnd`]).
     segments: Mutex<Option<(u64, u64)>>,
+    /// Whether [`SegmentsAtEnd`] reads them (only the access log record uses them).
+    segments_wanted: AtomicBool,
 }
 
 impl Conn {
@@ -146,6 +148,7 @@ impl Conn {
             b2c: AtomicU64::new(0),
             cookies: Mutex::new(None),
             segments: Mutex::new(None),
+            segments_wanted: AtomicBool::new(false),
         }
     }
 
@@ -200,6 +203,12 @@ impl Conn {
         *self.cookies.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
+    /// Reads the data segments at the end ([`SegmentsAtEnd`]): set when its record is
+    /// written to an access log, the only user of the segments.
+    pub fn want_segments(&self) {
+        self.segments_wanted.store(true, Ordering::Relaxed);
+    }
+
     /// The data segments each way (client -> backend, backend -> client).
     pub fn set_segments(&self, segments: (u64, u64)) {
         *self.segments.lock().unwrap_or_else(PoisonError::into_inner) = Some(segments);
@@ -241,7 +250,9 @@ impl Conn {
 
 /// Reads the data segments of both sockets into the connection when dropped: at the
 /// end of a socket path's run, or when its task is dropped (drain), always before
-/// the sockets close. Declare it after the sockets so that it is dropped first.
+/// the sockets close. Declare it after the sockets so that it is dropped first. Only
+/// a connection that wants them ([`Conn::want_segments`]) pays for the two `TCP_INFO`
+/// reads.
 pub struct SegmentsAtEnd<'a> {
     pub client: &'a TcpStream,
     pub backend: &'a TcpStream,
@@ -250,6 +261,9 @@ pub struct SegmentsAtEnd<'a> {
 
 impl Drop for SegmentsAtEnd<'_> {
     fn drop(&mut self) {
+        if !self.conn.segments_wanted.load(Ordering::Relaxed) {
+            return;
+        }
         // Each direction as its sender's segments arrived at the node: what the
         // client's socket received, what the backend's socket received.
         if let (Ok((c2b, _)), Ok((b2c, _))) = (
@@ -391,5 +405,43 @@ mod tests {
             (0, 7)
         );
         assert_eq!(r.datapath, PathName::None);
+    }
+
+    #[tokio::test]
+    async fn segments_are_read_at_the_end_only_when_wanted() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let (client, accepted) = tokio::join!(TcpStream::connect(addr), listener.accept());
+        let (client, (backend, _)) = (client.expect("connect"), accepted.expect("accept"));
+        let table = Table::default();
+        let listener_ref = ListenerRef::from_origin("--route 1", 1, None);
+        let unwanted = table.open(listener_ref.clone(), addr);
+        drop(SegmentsAtEnd {
+            client: &client,
+            backend: &backend,
+            conn: &unwanted,
+        });
+        assert_eq!(unwanted.segments(), None, "no TCP_INFO read");
+        assert_eq!(
+            unwanted
+                .record(EndReason::Fin, None)
+                .segments_client_to_backend,
+            None
+        );
+        let wanted = table.open(listener_ref, addr);
+        wanted.want_segments();
+        drop(SegmentsAtEnd {
+            client: &client,
+            backend: &backend,
+            conn: &wanted,
+        });
+        assert_eq!(wanted.segments(), Some((0, 0)), "read, no payload yet");
+        let r = wanted.record(EndReason::Fin, None);
+        assert_eq!(
+            (r.segments_client_to_backend, r.segments_backend_to_client),
+            (Some(0), Some(0))
+        );
     }
 }

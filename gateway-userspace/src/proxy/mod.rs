@@ -485,6 +485,9 @@ async fn accept_loop(
                     let desired = shared.state.borrow().clone();
                     let listener = desired.listeners.get(&port);
                     let conn = shared.conns.open(ListenerRef::of(&desired, port), peer);
+                    if shared.metrics.access.writes_records() {
+                        conn.want_segments();
+                    }
                     let (end, detail) = tokio::select! {
                         r = handle(&shared, listener, client, &per_listener, &conn) => r,
                         () = drain.cancelled() => {

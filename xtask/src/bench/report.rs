@@ -350,7 +350,24 @@ fn forward_flood(md: &mut String, stats: &Stats, info: &RunInfo) {
     );
 }
 
-/// Writes the three result files under `out`.
+/// The report's first paragraph: the command, when, the repeats and the seconds its
+/// rows took ([`RunInfo::elapsed_s`]).
+fn run_line(info: &RunInfo) -> String {
+    format!(
+        "Written by `cargo xtask bench{}` on {} ({} repeat(s), interleaved; {:.0} s of \
+         measuring in all). Each cell is the median, with min–max over the repeats in \
+         brackets. Ratios are of medians. Raw samples and the machine load before each \
+         one: [`bench/results.csv`](bench/results.csv).\n\n",
+        if info.quick { " --quick" } else { "" },
+        info.started,
+        info.repeats,
+        info.elapsed_s
+    )
+}
+
+/// Writes the three result files under `out`; with no row of the report selected
+/// (only the access log's, say) `bench/results.csv` alone, and `BENCHMARKS.md` and the
+/// chart stay as they were.
 #[expect(
     clippy::too_many_lines,
     reason = "the report's sections, in reading order"
@@ -360,6 +377,10 @@ pub fn write(out: &Path, samples: &[Sample], info: &RunInfo) -> anyhow::Result<(
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let stats = stats(samples);
     write_csv(&dir.join("results.csv"), samples, &stats)?;
+    if info.rows.is_empty() {
+        println!("bench: no row of BENCHMARKS.md selected: it and the chart are left as they were");
+        return Ok(());
+    }
     // The SYN flood rows have none of the chart's metrics.
     let chart_rows: Vec<String> = info
         .rows
@@ -376,17 +397,7 @@ pub fn write(out: &Path, samples: &[Sample], info: &RunInfo) -> anyhow::Result<(
     };
 
     let mut md = String::from("# Benchmarks\n\n");
-    let _ = writeln!(
-        md,
-        "Written by `cargo xtask bench{}` on {} ({} repeat(s), interleaved; {:.0} s in all). \
-         Each cell is the median, with min–max over the repeats in brackets. Ratios are of \
-         medians. Raw samples and the machine load before each one: \
-         [`bench/results.csv`](bench/results.csv).\n",
-        if info.quick { " --quick" } else { "" },
-        info.started,
-        info.repeats,
-        info.elapsed_s
-    );
+    md.push_str(&run_line(info));
     md.push_str("| machine | |\n|---|---|\n");
     for (k, v) in machine() {
         let _ = writeln!(md, "| {k} | {v} |");
@@ -548,4 +559,49 @@ pub fn write(out: &Path, samples: &[Sample], info: &RunInfo) -> anyhow::Result<(
     }
     let path = out.join("BENCHMARKS.md");
     std::fs::write(&path, md).with_context(|| format!("writing {}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_run_line_gives_the_rows_time() {
+        let info = RunInfo {
+            rows: vec!["direct".into()],
+            repeats: 2,
+            started: "2026-12-01 03:00 UTC".into(),
+            elapsed_s: 41.6,
+            ..RunInfo::default()
+        };
+        let line = run_line(&info);
+        assert!(
+            line.starts_with(
+                "Written by `cargo xtask bench` on 2026-12-01 03:00 UTC (2 repeat(s), \
+                 interleaved; 42 s of measuring in all)."
+            ),
+            "{line}"
+        );
+    }
+
+    #[test]
+    fn no_row_of_the_report_leaves_it_as_it_was() {
+        let out = std::env::temp_dir().join(format!("sg-bench-report-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&out);
+        std::fs::create_dir_all(&out).expect("dir");
+        std::fs::write(out.join("BENCHMARKS.md"), "the last full run\n").expect("write");
+        let info = RunInfo {
+            repeats: 1,
+            elapsed_s: 0.0,
+            ..RunInfo::default()
+        };
+        write(&out, &[], &info).expect("write");
+        assert_eq!(
+            std::fs::read_to_string(out.join("BENCHMARKS.md")).expect("read"),
+            "the last full run\n"
+        );
+        assert!(out.join("bench/results.csv").exists());
+        assert!(!out.join("bench/benchmarks.png").exists());
+        let _ = std::fs::remove_dir_all(&out);
+    }
 }
