@@ -219,7 +219,9 @@ mod tests {
         };
         let cancel = tokio_util::sync::CancellationToken::new();
         cancel.cancel();
+        // Biased: the task is polled once (and opens) before the cancellation wins.
         tokio::select! {
+            biased;
             () = task => unreachable!("the task never ends by itself"),
             () = cancel.cancelled() => {}
         }
