@@ -767,13 +767,113 @@ pub const GLOBAL_FWD_ATTEMPTS: &str = "FWD_ATTEMPTS";
 /// address (no SNAT).
 pub const GLOBAL_FWD_PRESERVE_CLIENT: &str = "FWD_PRESERVE_CLIENT";
 
+/// Name of the node-local shortcut's sockhash: client sockets of the agent's network
+/// namespace connected to a listener port, keyed by [`LocalKey`] (not pinned).
+pub const GW_LOCAL: &str = "GW_LOCAL";
+/// Name of the shortcut's per-client state, written by the eBPF programs.
+pub const GW_LOCAL_STATE: &str = "GW_LOCAL_STATE";
+/// Name of the shortcut's pairs, written by the agent once a client's pair is live.
+pub const GW_LOCAL_PAIRS: &str = "GW_LOCAL_PAIRS";
+/// Name of the shortcut's per-CPU counters (one [`LocalStats`]); pinned beside the
+/// other maps while the shortcut is on.
+pub const GW_LOCAL_STATS: &str = "GW_LOCAL_STATS";
+/// Name of the shortcut's `sock_ops` program (on the cgroup v2 root).
+pub const PROG_LOCAL_OPS: &str = "gw_local_ops";
+/// Name of the shortcut's `sk_msg` program (on [`GW_LOCAL`]).
+pub const PROG_LOCAL_MSG: &str = "gw_local_msg";
+/// Name of the read-only global holding the network namespace cookie of the agent:
+/// the `sock_ops` program takes only sockets of that namespace; 0 takes none.
+pub const GLOBAL_LOCAL_NETNS_COOKIE: &str = "LOCAL_NETNS_COOKIE";
+
+/// Key of [`GW_LOCAL`], [`GW_LOCAL_STATE`] and [`GW_LOCAL_PAIRS`]: a node-local client
+/// socket's IPv4 4-tuple, as the client sees it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct LocalKey {
+    /// The client's address, network byte order.
+    pub client_addr_be: u32,
+    /// The listener's address the client connected to, network byte order.
+    pub listener_addr_be: u32,
+    /// The client's port, host byte order.
+    pub client_port: u16,
+    /// The listener port, host byte order.
+    pub listener_port: u16,
+}
+const _: () = assert!(size_of::<LocalKey>() == 12);
+
+/// Value of [`GW_LOCAL_STATE`]: what the `sk_msg` program did with a client's sends.
+/// Written only by the eBPF programs (the `sk_msg` program runs under the client
+/// socket's lock).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct LocalState {
+    /// Bytes of the client's sends passed to its own TCP (over loopback to the
+    /// accepted socket) before the shortcut took over.
+    pub tcp_bytes: u64,
+    /// Bytes of the client's sends redirected to the backend socket's egress.
+    pub redirected_bytes: u64,
+    /// `LOCAL_F_*` bits.
+    pub flags: u32,
+    /// Always zero.
+    pub _pad: u32,
+}
+const _: () = assert!(size_of::<LocalState>() == 24);
+
+/// [`LocalState::flags`]: every send of the client is redirected from now on.
+pub const LOCAL_F_REDIRECTING: u32 = 1;
+
+/// Value of [`GW_LOCAL_PAIRS`]: the kernel-path pair carrying a node-local client,
+/// written by the agent once both sockets are in `GW_SOCKS` and `GW_PEERS`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct LocalPair {
+    /// Cookie of the accepted socket (its `GW_PEERS` key).
+    pub client_cookie: u64,
+    /// Cookie of the backend socket (its `GW_SOCKS` key): where sends are redirected.
+    pub backend_cookie: u64,
+    /// Bytes the client passed to its own TCP that the agent saw the backend socket's
+    /// TCP take (`TCP_INFO` `tcpi_bytes_acked` + `SIOCOUTQ` since the pairing). The
+    /// `sk_msg` program switches to redirecting only while its
+    /// [`LocalState::tcp_bytes`] equals it: no byte passed to TCP can then be
+    /// overtaken. [`u64::MAX`] until the agent checked.
+    pub caught_up_to: u64,
+}
+const _: () = assert!(size_of::<LocalPair>() == 24);
+
+/// Value of [`GW_LOCAL_STATS`] (per CPU, one entry): the shortcut's counters.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct LocalStats {
+    /// Client sockets put into [`GW_LOCAL`] by the `sock_ops` program.
+    pub clients: u64,
+    /// Client sockets that could not be put into [`GW_LOCAL`] (map full, ...).
+    pub insert_failures: u64,
+    /// Sends passed to the client's own TCP (no pair yet, or not switched yet).
+    pub msgs_passed: u64,
+    /// Bytes of those sends.
+    pub bytes_passed: u64,
+    /// Sends redirected to the backend socket's egress.
+    pub msgs_redirected: u64,
+    /// Bytes of those sends.
+    pub bytes_redirected: u64,
+    /// Clients switched from passing to redirecting.
+    pub switches: u64,
+    /// Sends dropped because the redirect failed after the switch (the pair is ending).
+    pub redirect_failures: u64,
+}
+const _: () = assert!(size_of::<LocalStats>() == 64);
+
 #[cfg(feature = "user")]
 mod user {
     //! `aya::Pod` for every map type, so the agent can read and write the maps.
     use super::{
         Backend, BackendKey, Bucket, BucketKey, Cidr4, Cidr6, Flow, FlowKey, FwdEvent, FwdStats,
-        ListenerInfo, ListenerKey, ListenerStats, NodeAddr, Peer, SlotTable, StatsKey, XdpPolicy,
-        XdpStats,
+        ListenerInfo, ListenerKey, ListenerStats, LocalKey, LocalPair, LocalState, LocalStats,
+        NodeAddr, Peer, SlotTable, StatsKey, XdpPolicy, XdpStats,
     };
 
     // SAFETY: all of these are #[repr(C)], have no padding bytes left implicit (see the
@@ -797,6 +897,10 @@ mod user {
     unsafe impl aya::Pod for NodeAddr {}
     unsafe impl aya::Pod for FwdStats {}
     unsafe impl aya::Pod for FwdEvent {}
+    unsafe impl aya::Pod for LocalKey {}
+    unsafe impl aya::Pod for LocalState {}
+    unsafe impl aya::Pod for LocalPair {}
+    unsafe impl aya::Pod for LocalStats {}
 }
 
 impl ListenerKey {

@@ -6,9 +6,10 @@
 //!   userspace. Segments of sockets without a peer, and segments whose redirect fails,
 //!   are passed to the socket's own receive queue, where the agent reads them: the
 //!   userspace fallback loses nothing.
-//! * No `sk_msg` program: attached to `GW_SOCKS`, one would send every byte of a
-//!   paired socket through `tcp_bpf_sendmsg` (an extra copy into an `sk_msg`), and
-//!   nothing needs one until a same-node shortcut exists (`docs/performance.md`).
+//! * No `sk_msg` program on `GW_SOCKS`: one would send every byte of a paired socket
+//!   through `tcp_bpf_sendmsg` (an extra copy into an `sk_msg`). The node-local
+//!   shortcut ([`local`], prototype) has its own sockhash and `sk_msg` program, for
+//!   node-local client sockets only.
 //! * [`xdp::gw_xdp`], the XDP listener guard: per-listener client CIDR policy and SYN
 //!   rate limit at the NIC (see the module).
 //! * [`forward::gw_fwd`], the forward data path: a tc program that translates and
@@ -351,6 +352,7 @@ pub fn gw_verdict(ctx: SkBuffContext) -> u32 {
 }
 
 mod forward;
+mod local;
 mod xdp;
 
 #[cfg(not(test))]

@@ -39,6 +39,7 @@ use gateway_common::{
     PROG_VERDICT, PROG_XDP, Peer, SlotTable, StatsKey, XdpPolicy, XdpStats,
 };
 
+pub mod local;
 mod sockmap_progs;
 
 use crate::xdp::{GuardMaps, ListenerGuard, XdpError, XdpKind};
@@ -136,6 +137,9 @@ pub struct LoadOptions {
     pub forward: ForwardLoad,
     /// Sizes of the listener and backend maps.
     pub capacity: Capacity,
+    /// The node-local shortcut (prototype): the cgroup its `sock_ops` program goes
+    /// on, or `None` to attach nothing (the default).
+    pub local_shortcut: Option<PathBuf>,
 }
 
 /// Sizes of the maps that hold listeners and backends, set at load time
@@ -236,6 +240,7 @@ impl Default for LoadOptions {
             kernel_btf: PathBuf::from(DEFAULT_KERNEL_BTF),
             forward: ForwardLoad::default(),
             capacity: Capacity::default(),
+            local_shortcut: None,
         }
     }
 }
@@ -588,6 +593,8 @@ pub struct Datapath {
     static_guards: Mutex<BTreeMap<u16, ListenerGuard>>,
     /// Maps found pinned and reused rather than created.
     pub reused: Vec<&'static str>,
+    /// The node-local shortcut's maps, when it is on.
+    pub local: Option<local::LocalMaps>,
 }
 
 fn take<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, LoadError>
@@ -693,6 +700,8 @@ impl Datapath {
             aya_log::Level::Warn
         } as u8;
         loader.override_global(aya_log::LEVEL, &level, true);
+        let netns = local::prepare(&mut loader, opts.local_shortcut.is_some())?;
+        loader.override_global(gateway_common::GLOBAL_LOCAL_NETNS_COOKIE, &netns, true);
         let mut ebpf = loader.load(OBJECT)?;
         let kernel_logs = match aya_log::EbpfLogger::init(&mut ebpf) {
             Ok(l) => Some(l),
@@ -739,6 +748,7 @@ impl Datapath {
             ),
         }
         let maps = Maps::take(&mut ebpf, socks)?;
+        let local = local::LocalMaps::take(&mut ebpf, opts)?;
         start_guard(&maps);
         if reused.contains(&GW_PEERS) {
             remove_stale_peers(&maps);
@@ -758,6 +768,7 @@ impl Datapath {
             keep_pins: opts.keep_pins,
             static_guards: Mutex::new(BTreeMap::new()),
             reused,
+            local,
         })
     }
 
@@ -1351,6 +1362,7 @@ impl Drop for Datapath {
         for name in MAP_NAMES {
             let _ = fs::remove_file(self.pin_dir.join(name));
         }
+        let _ = fs::remove_file(self.pin_dir.join(gateway_common::GW_LOCAL_STATS));
         // The forward program's links (normally unpinned by the forward path already).
         let links = self.pin_dir.join("links");
         if let Ok(entries) = fs::read_dir(&links) {

@@ -170,6 +170,10 @@ enum SourceKind {
 }
 
 #[derive(clap::Args)]
+#[expect(
+    clippy::struct_excessive_bools,
+    reason = "independent command-line switches, as clap declares them"
+)]
 struct RunArgs {
     /// A fixed route: PORT=ADDR:PORT[*WEIGHT][,...] (repeatable). `invalid` stands for
     /// an invalid backendRef (its connections are reset).
@@ -237,6 +241,12 @@ struct RunArgs {
     #[arg(long, default_value_t = gateway_common::PEER_QUEUE_LIMIT,
           value_parser = clap::value_parser!(u32).range(65536..))]
     kernel_queue_limit: u32,
+    /// Prototype, `--datapath sockmap` only: node-local clients (sockets of the agent's
+    /// network namespace connecting to a listener) send straight into the backend
+    /// socket (`sock_ops` on the cgroup v2 root, `sk_msg` on a sockhash of their own;
+    /// docs/datapath.md, "Node-local shortcut"). Off by default.
+    #[arg(long)]
+    local_shortcut: bool,
     /// Socket paths: send and receive buffer size of both sockets of a connection, in
     /// bytes (suffix `K` or `M` for KiB or MiB); `kernel` for the kernel's defaults
     /// (`net.ipv4.tcp_wmem`/`tcp_rmem`, autotuned); `auto` for what measured best on
@@ -689,6 +699,9 @@ fn load_options(args: &RunArgs, port_min: u16, port_max: u16) -> LoadOptions {
             backends: args.limits.max_backends,
             sockets: args.max_sockets,
         },
+        local_shortcut: args
+            .local_shortcut
+            .then(sockgate::ebpf::local::cgroup2_root),
     }
 }
 
@@ -858,6 +871,11 @@ fn parse_socket_buffer(s: &str) -> Result<SocketBuffer, String> {
 
 /// The socket paths' settings from the flags.
 fn proxy_config(args: &RunArgs) -> anyhow::Result<ProxyConfig> {
+    if args.local_shortcut && args.datapath != DatapathMode::Sockmap {
+        anyhow::bail!(
+            "--local-shortcut needs --datapath sockmap (the shortcut sends into the backend socket of a kernel-path pair)"
+        );
+    }
     Ok(ProxyConfig {
         mode: args.datapath,
         connect_timeout: secs(args.connect_timeout, "connect-timeout")?,
@@ -866,6 +884,7 @@ fn proxy_config(args: &RunArgs) -> anyhow::Result<ProxyConfig> {
         backend_timeout: secs(args.backend_timeout, "backend-timeout")?,
         bind: args.bind,
         kernel_queue_limit: args.kernel_queue_limit,
+        local_shortcut: args.local_shortcut,
         socket_buffer: socket_buffer(
             args.socket_buffer,
             args.socket_buffer_autotune,

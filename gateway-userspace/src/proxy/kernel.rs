@@ -109,6 +109,13 @@ impl Drop for Pair {
     }
 }
 
+impl Pair {
+    /// The socket cookies of the client and the backend socket.
+    pub fn cookies(&self) -> (u64, u64) {
+        (self.client_cookie, self.backend_cookie)
+    }
+}
+
 /// Puts `client` and `backend` in the maps. On success the pair is live: the caller
 /// must then [`run`] it. `queue_limit` bounds what the verdict queues towards either
 /// socket before it throttles the sender (default [`QUEUE_LIMIT`]).

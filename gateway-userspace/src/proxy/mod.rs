@@ -9,6 +9,7 @@
 pub mod accept;
 pub mod conn;
 pub mod kernel;
+pub mod local;
 pub mod pool;
 pub mod select;
 pub mod sock;
@@ -89,6 +90,9 @@ pub struct ProxyConfig {
     /// Buffer sizes set on both sockets of a connection (client and backend) before
     /// they are paired; `None` leaves the kernel's `tcp_wmem`/`tcp_rmem` defaults.
     pub socket_buffer: Option<sock::BufferSize>,
+    /// The node-local shortcut (prototype): a pair whose client is a socket the
+    /// `sock_ops` program took gets a `GW_LOCAL_PAIRS` entry ([`local`]).
+    pub local_shortcut: bool,
 }
 
 /// The sockmap path's buffers by default (`--socket-buffer auto`): 4 MiB each, kept
@@ -112,6 +116,7 @@ impl Default for ProxyConfig {
             bind: Ipv6Addr::UNSPECIFIED.into(),
             kernel_queue_limit: kernel::QUEUE_LIMIT,
             socket_buffer: None,
+            local_shortcut: false,
         }
     }
 }
@@ -691,6 +696,12 @@ async fn handle(
     // Counted closed when dropped: at the end, or when the drain timeout cancels this.
     let (_open, result) = if let Some((pair, bases)) = kernel {
         shared.choices.once("kernel", "pair in sockmap");
+        // Dropped after the pair's run, which removed the pair from the maps.
+        let _local = if shared.cfg.local_shortcut {
+            local::enable(&shared.dp, (&client, &backend), pair.cookies(), bases[1])
+        } else {
+            None
+        };
         let open = counters.open(Path::Kernel);
         conn.set_path(PathName::Sockmap);
         (

@@ -449,6 +449,16 @@ pub fn reset_with_linger(s: &TcpStream) {
 /// after it. `start` starts the agent with the two `--route` specs; it is returned for
 /// the caller's checks of the path taken.
 pub fn half_close_both_ways(bed: &Bed, start: impl FnOnce(&str, &str) -> Agent) -> Agent {
+    half_close_both_ways_from(bed, bed.client(), start)
+}
+
+/// As [`half_close_both_ways`], with the client in `client_ns` (the node's own
+/// namespace for a node-local client).
+pub fn half_close_both_ways_from(
+    bed: &Bed,
+    client_ns: &netbed::Netns,
+    start: impl FnOnce(&str, &str) -> Agent,
+) -> Agent {
     let (tx, rx) = mpsc::channel::<Vec<u8>>();
     let tx = std::sync::Mutex::new(tx);
     let backend_fin_first: servers::Handler = Arc::new(move |mut s: TcpStream| {
@@ -472,8 +482,7 @@ pub fn half_close_both_ways(bed: &Bed, start: impl FnOnce(&str, &str) -> Agent) 
     let r2 = format!("8089={}", backend_addr(bed, 0, 3002));
     let agent = start(&r1, &r2);
     let (a1, a2) = (listener_addr(bed, 8088), listener_addr(bed, 8089));
-    let (echoed, from_backend) = bed
-        .client()
+    let (echoed, from_backend) = client_ns
         .run(move || {
             // Client FIN first (after one exchange: the pair is made by then).
             let mut s = connect(a1).expect("connect");
@@ -508,6 +517,15 @@ pub fn half_close_both_ways(bed: &Bed, start: impl FnOnce(&str, &str) -> Agent) 
 /// 0:3002's RST reaches the client through 8089. `start` starts the agent with the two
 /// `--route` specs; it is returned for the caller's checks.
 pub fn resets_both_ways(bed: &Bed, start: impl FnOnce(&str, &str) -> Agent) -> Agent {
+    resets_both_ways_from(bed, bed.client(), start)
+}
+
+/// As [`resets_both_ways`], with the client in `client_ns`.
+pub fn resets_both_ways_from(
+    bed: &Bed,
+    client_ns: &netbed::Netns,
+    start: impl FnOnce(&str, &str) -> Agent,
+) -> Agent {
     let (tx, rx) = mpsc::channel::<io::ErrorKind>();
     let tx = std::sync::Mutex::new(tx);
     // 3001: reads until error and reports it (the client resets).
@@ -537,8 +555,7 @@ pub fn resets_both_ways(bed: &Bed, start: impl FnOnce(&str, &str) -> Agent) -> A
     let r2 = format!("8089={}", backend_addr(bed, 0, 3002));
     let agent = start(&r1, &r2);
     let (a1, a2) = (listener_addr(bed, 8088), listener_addr(bed, 8089));
-    let client_saw = bed
-        .client()
+    let client_saw = client_ns
         .run(move || {
             let mut s = connect(a1).expect("connect");
             s.write_all(b"hello").expect("write");

@@ -1,0 +1,379 @@
+//! The node-local shortcut (prototype, `--local-shortcut`): a client in the node's own
+//! namespace (where the agent runs) sends straight into the backend socket. Integrity,
+//! half-close and resets, the shortcut really taken (its counters), and nothing left
+//! on the cgroup root once the agent stopped.
+mod common;
+
+use std::{
+    io::{self, Read, Write},
+    net::TcpStream,
+    sync::{Arc, mpsc},
+    time::{Duration, Instant},
+};
+
+use common::{
+    Agent, Stream, Writes, backend_addr as backend, connect, duplex, listener_addr, require_root,
+};
+use netbed::{Bed, servers};
+
+const MIB: u64 = 1024 * 1024;
+
+/// A field of the pinned `GW_LOCAL_STATS` (per CPU, one entry), summed over the CPUs.
+fn local_stat(agent: &Agent, field: &str) -> u64 {
+    // `LocalStats`, in order (bpftool shows the value as bytes when the pinned map
+    // carries no BTF, by name when it does).
+    const FIELDS: [&str; 8] = [
+        "clients",
+        "insert_failures",
+        "msgs_passed",
+        "bytes_passed",
+        "msgs_redirected",
+        "bytes_redirected",
+        "switches",
+        "redirect_failures",
+    ];
+    let pinned = agent.pin_dir.join("GW_LOCAL_STATS");
+    let dump = common::bpftool_json(&["map", "dump", "pinned", &pinned.to_string_lossy()]);
+    let entry = dump
+        .as_array()
+        .and_then(|a| a.first())
+        .cloned()
+        .unwrap_or_else(|| panic!("GW_LOCAL_STATS dump: {dump}"));
+    let values = entry["values"]
+        .as_array()
+        .unwrap_or_else(|| panic!("per-CPU values: {entry}"));
+    let index = FIELDS
+        .iter()
+        .position(|f| *f == field)
+        .expect("a LocalStats field");
+    values
+        .iter()
+        .map(|v| {
+            if let Some(n) = v["value"][field].as_u64() {
+                return n;
+            }
+            let bytes: Vec<u8> = v["value"]
+                .as_array()
+                .unwrap_or_else(|| panic!("{field} in {v}"))
+                .iter()
+                .map(|b| {
+                    let h = b.as_str().expect("hex byte").trim_start_matches("0x");
+                    u8::from_str_radix(h, 16).expect("hex byte")
+                })
+                .collect();
+            let mut word = [0u8; 8];
+            word.copy_from_slice(&bytes[index * 8..index * 8 + 8]);
+            u64::from_le_bytes(word)
+        })
+        .sum()
+}
+
+/// The cgroup v2 root (`/sys/fs/cgroup`, or `/sys/fs/cgroup/unified` on a hybrid host).
+fn cgroup2_root() -> String {
+    let mounts = std::fs::read_to_string("/proc/self/mounts").expect("mounts");
+    let dirs: Vec<String> = mounts
+        .lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (f.get(2) == Some(&"cgroup2")).then(|| f[1].to_owned())
+        })
+        .collect();
+    if dirs.iter().any(|d| d == "/sys/fs/cgroup") {
+        return "/sys/fs/cgroup".into();
+    }
+    dirs.first().cloned().expect("a cgroup2 mount")
+}
+
+/// Ids of the programs attached to the cgroup v2 root.
+fn cgroup_program_ids() -> Vec<u64> {
+    // bpftool prints an empty line, not `[]`, for a cgroup without programs.
+    let out = std::process::Command::new("bpftool")
+        .args(["-j", "cgroup", "show", &cgroup2_root()])
+        .output()
+        .expect("bpftool runs");
+    assert!(out.status.success(), "bpftool cgroup show: {out:?}");
+    if out.stdout.iter().all(u8::is_ascii_whitespace) {
+        return Vec::new();
+    }
+    let out: serde_json::Value = serde_json::from_slice(&out.stdout).expect("bpftool JSON");
+    out.as_array()
+        .map(|a| a.iter().filter_map(|p| p["id"].as_u64()).collect())
+        .unwrap_or_default()
+}
+
+/// Ids of the programs of the cgroup bpf links the process `pid` holds (from the
+/// `fdinfo` of its descriptors: `link_type` and `prog_id`).
+fn sock_ops_links_of(pid: u32) -> Vec<u64> {
+    let dir = format!("/proc/{pid}/fdinfo");
+    let mut ids = Vec::new();
+    for e in std::fs::read_dir(&dir).expect("fdinfo").flatten() {
+        let Ok(info) = std::fs::read_to_string(e.path()) else {
+            continue;
+        };
+        let field = |name: &str| {
+            info.lines()
+                .find_map(|l| l.strip_prefix(name))
+                .map(|v| v.trim().to_owned())
+        };
+        if field("link_type:").as_deref() == Some("cgroup")
+            && let Some(id) = field("prog_id:").and_then(|v| v.parse().ok())
+        {
+            ids.push(id);
+        }
+    }
+    ids
+}
+
+/// A blocking `read` on a node-local client socket in the shortcut's sockhash: the
+/// socket's `recvmsg` is then `tcp_bpf_recvmsg()`, which returns `EAGAIN` to a
+/// blocking reader when it is woken without data (a send's write-space wakeup, a
+/// reset's error report: `tcp_msg_wait_data()` waits once). Such an early `EAGAIN` is
+/// retried and counted in `spurious`; one after the socket's whole read timeout is an
+/// error.
+fn read_retrying(s: &mut TcpStream, buf: &mut [u8], spurious: &mut u64) -> io::Result<usize> {
+    let timeout = s.read_timeout()?.unwrap_or(Duration::from_secs(30));
+    loop {
+        let start = Instant::now();
+        match s.read(buf) {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock && start.elapsed() < timeout => {
+                *spurious += 1;
+                assert!(*spurious < 10_000_000, "endless EAGAIN");
+            }
+            r => return r,
+        }
+    }
+}
+
+/// As `common::recv_stream`, reading with [`read_retrying`]: (bytes, first bad
+/// offset, early `EAGAIN`s).
+fn recv_stream_retrying(mut s: TcpStream, seed: u64) -> (u64, Option<u64>, u64) {
+    let mut stream = Stream::new(seed);
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut want = vec![0u8; 256 * 1024];
+    let (mut total, mut bad, mut spurious) = (0u64, None, 0u64);
+    loop {
+        let n = read_retrying(&mut s, &mut buf, &mut spurious).expect("receive");
+        if n == 0 {
+            return (total, bad, spurious);
+        }
+        stream.fill(&mut want[..n]);
+        if bad.is_none()
+            && let Some(i) = (0..n).find(|&i| buf[i] != want[i])
+        {
+            bad = Some(total + i as u64);
+        }
+        total += n as u64;
+    }
+}
+
+fn start(bed: &Bed, routes: &[&str], ports: &[u16]) -> Agent {
+    let mut args = vec!["--datapath", "sockmap", "--local-shortcut"];
+    for r in routes {
+        args.extend(["--route", r]);
+    }
+    Agent::start(bed, &args, ports)
+}
+
+/// Stops the agent and checks it left no program on the cgroup root.
+fn stop_clean(mut agent: Agent) {
+    let ids = sock_ops_links_of(agent.child.id());
+    assert_eq!(ids.len(), 1, "one sock_ops link held by the agent");
+    assert!(
+        cgroup_program_ids().contains(&ids[0]),
+        "its program is on the cgroup root"
+    );
+    let status = agent.stop();
+    assert!(status.success(), "agent exit: {status}");
+    assert!(
+        !cgroup_program_ids().contains(&ids[0]),
+        "program {} left on the cgroup root",
+        ids[0]
+    );
+}
+
+/// 64 MiB each way between a client in the node namespace and the backend, both
+/// directions at once, each byte checked; the client's bytes went through the
+/// shortcut (`sk_msg` redirect), not over loopback.
+#[test]
+fn local_shortcut_integrity_64mib_each_way() {
+    require_root();
+    let total = 64 * MIB;
+    let bed = Bed::new(1).expect("bed");
+    let (tx, rx) = mpsc::channel();
+    let tx = std::sync::Mutex::new(tx);
+    let handler: servers::Handler = Arc::new(move |s: TcpStream| {
+        let got = duplex(&s, 2, 1, total, Writes::Large);
+        let _ = tx.lock().expect("lock").send(got);
+    });
+    let _server =
+        servers::Server::start(bed.backend(0), backend(&bed, 0, 3001), handler).expect("server");
+    let route = format!("8088={}", backend(&bed, 0, 3001));
+    let agent = start(&bed, &[&route], &[8088]);
+    let addr = listener_addr(&bed, 8088);
+    let client_got = bed
+        .node()
+        .run(move || {
+            let s = connect(addr).expect("connect");
+            s.set_read_timeout(Some(Duration::from_mins(2)))
+                .expect("timeout");
+            let tx = s.try_clone().expect("clone");
+            let sender =
+                std::thread::spawn(move || common::send_stream(tx, 1, total, Writes::Large));
+            let got = recv_stream_retrying(s, 2);
+            sender.join().expect("sender").expect("send");
+            got
+        })
+        .expect("client");
+    let (client_bytes, client_bad, spurious) = client_got;
+    eprintln!("client: {spurious} early EAGAIN from a blocking read");
+    let client_got = (client_bytes, client_bad);
+    let server_got = rx
+        .recv_timeout(Duration::from_mins(2))
+        .expect("server result");
+    assert_eq!(server_got, (total, None), "client -> backend");
+    assert_eq!(client_got, (total, None), "backend -> client");
+    let clients = local_stat(&agent, "clients");
+    let redirected = local_stat(&agent, "bytes_redirected");
+    let passed = local_stat(&agent, "bytes_passed");
+    eprintln!(
+        "clients {clients}, bytes redirected {redirected}, passed {passed}, switches {}",
+        local_stat(&agent, "switches")
+    );
+    assert_eq!(clients, 1, "the sock_ops program took the client socket");
+    assert_eq!(local_stat(&agent, "switches"), 1, "the client switched");
+    assert_eq!(redirected + passed, total, "every send seen once");
+    assert!(
+        redirected >= total / 2,
+        "most of the client's bytes took the shortcut: {redirected} of {total}"
+    );
+    assert_eq!(local_stat(&agent, "redirect_failures"), 0);
+    let stats = agent.stats(8088);
+    assert_eq!(stats["kernel_connections"], 1, "{stats}");
+    // Only what the client passed to its TCP crossed the accepted socket.
+    let n = |k: &str| stats[k].as_u64().unwrap_or(0);
+    assert_eq!(
+        n("bytes_client_to_backend_kernel") + n("bytes_client_to_backend_userspace"),
+        passed,
+        "{stats}"
+    );
+    stop_clean(agent);
+}
+
+/// Client FIN first and backend FIN first, from a node-local client.
+#[test]
+fn local_shortcut_half_close() {
+    require_root();
+    let bed = Bed::new(1).expect("bed");
+    let agent = common::half_close_both_ways_from(&bed, bed.node(), |r1, r2| {
+        start(&bed, &[r1, r2], &[8088, 8089])
+    });
+    assert_eq!(local_stat(&agent, "clients"), 2);
+    assert!(
+        local_stat(&agent, "bytes_redirected") > 0,
+        "some sends took the shortcut: switches {}, passed {} bytes in {} sends",
+        local_stat(&agent, "switches"),
+        local_stat(&agent, "bytes_passed"),
+        local_stat(&agent, "msgs_passed"),
+    );
+    assert_eq!(local_stat(&agent, "redirect_failures"), 0);
+    stop_clean(agent);
+}
+
+/// A reset from either side reaches the other, from a node-local client: the
+/// client's RST (`SO_LINGER` 0) reaches backend 0:3001 as a reset; backend 0:3002's
+/// RST reaches the client as `ECONNRESET` (after early `EAGAIN`s, see
+/// [`read_retrying`]).
+#[test]
+fn local_shortcut_resets() {
+    require_root();
+    let bed = Bed::new(1).expect("bed");
+    let (tx, rx) = mpsc::channel::<io::ErrorKind>();
+    let tx = std::sync::Mutex::new(tx);
+    let watcher: servers::Handler = Arc::new(move |mut s: TcpStream| {
+        let mut buf = [0u8; 1024];
+        let kind = loop {
+            match s.read(&mut buf) {
+                Ok(0) => break io::ErrorKind::UnexpectedEof,
+                Ok(_) => {}
+                Err(e) => break e.kind(),
+            }
+        };
+        let _ = tx.lock().expect("lock").send(kind);
+    });
+    let resetter: servers::Handler = Arc::new(|mut s: TcpStream| {
+        let mut buf = [0u8; 5];
+        let _ = s.read_exact(&mut buf);
+        common::reset_with_linger(&s);
+    });
+    let _w =
+        servers::Server::start(bed.backend(0), backend(&bed, 0, 3001), watcher).expect("watcher");
+    let _r =
+        servers::Server::start(bed.backend(0), backend(&bed, 0, 3002), resetter).expect("resetter");
+    let r1 = format!("8088={}", backend(&bed, 0, 3001));
+    let r2 = format!("8089={}", backend(&bed, 0, 3002));
+    let agent = start(&bed, &[&r1, &r2], &[8088, 8089]);
+    let (a1, a2) = (listener_addr(&bed, 8088), listener_addr(&bed, 8089));
+    let (client_saw, spurious) = bed
+        .node()
+        .run(move || {
+            let mut s = connect(a1).expect("connect");
+            s.write_all(b"hello").expect("write");
+            std::thread::sleep(Duration::from_millis(200));
+            s.write_all(b"again").expect("write through the shortcut");
+            std::thread::sleep(Duration::from_millis(200));
+            common::reset_with_linger(&s);
+            drop(s);
+            let mut s = connect(a2).expect("connect");
+            s.write_all(b"hello").expect("write");
+            let mut buf = [0u8; 16];
+            let mut spurious = 0;
+            match read_retrying(&mut s, &mut buf, &mut spurious) {
+                Ok(n) => panic!("expected a reset, read {n} bytes"),
+                Err(e) => (e.kind(), spurious),
+            }
+        })
+        .expect("client");
+    eprintln!("client: {spurious} early EAGAIN before the reset");
+    assert_eq!(
+        client_saw,
+        io::ErrorKind::ConnectionReset,
+        "backend reset reaches the client"
+    );
+    let backend_saw = rx
+        .recv_timeout(Duration::from_secs(10))
+        .expect("watcher result");
+    assert_eq!(
+        backend_saw,
+        io::ErrorKind::ConnectionReset,
+        "client reset reaches the backend"
+    );
+    assert_eq!(local_stat(&agent, "clients"), 2);
+    assert!(
+        local_stat(&agent, "bytes_redirected") >= 5,
+        "\"again\" took the shortcut"
+    );
+    stop_clean(agent);
+}
+
+/// Without the flag nothing goes on the cgroup root and a node-local client is an
+/// ordinary kernel-path pair.
+#[test]
+fn local_shortcut_off_by_default() {
+    require_root();
+    let bed = Bed::new(1).expect("bed");
+    let _echo = servers::Server::start(bed.backend(0), backend(&bed, 0, 3001), servers::echo())
+        .expect("echo");
+    let route = format!("8088={}", backend(&bed, 0, 3001));
+    let agent = Agent::start(&bed, &["--datapath", "sockmap", "--route", &route], &[8088]);
+    assert!(sock_ops_links_of(agent.child.id()).is_empty());
+    assert!(!agent.pin_dir.join("GW_LOCAL_STATS").exists());
+    let addr = listener_addr(&bed, 8088);
+    let echoed = bed
+        .node()
+        .run(move || {
+            let mut s = connect(addr).expect("connect");
+            common::exchange(&mut s, "ping\n")
+        })
+        .expect("client");
+    assert_eq!(echoed, "ping\n");
+}
