@@ -25,6 +25,7 @@
 )]
 
 mod chart;
+pub mod many;
 pub mod measure;
 pub mod peers;
 mod procfs;
@@ -122,7 +123,27 @@ const SLOW: Service = Service {
     backend_port: 7001,
     listen_port: 17001,
 };
-const SERVICES: [Service; 4] = [IPERF, SOCKPERF, EXCHANGE, SLOW];
+/// The echo services of the many-connection measurements: three, so that the forward
+/// path's NAT ports (4,536 by default, per backend address and port) cover 10,000
+/// connections at once.
+const ECHO: [Service; 3] = [
+    Service {
+        backend_port: 7010,
+        listen_port: 17010,
+    },
+    Service {
+        backend_port: 7011,
+        listen_port: 17011,
+    },
+    Service {
+        backend_port: 7012,
+        listen_port: 17012,
+    },
+];
+const SERVICES: [Service; 7] = [IPERF, SOCKPERF, EXCHANGE, SLOW, ECHO[0], ECHO[1], ECHO[2]];
+/// The descriptor limit the bench gives itself, and so the proxies it starts (they
+/// inherit it): client and backend of 10,000 connections live in the bench's process.
+const NOFILE: u64 = 262_144;
 
 /// Durations of one run.
 #[derive(Clone, Copy, Debug)]
@@ -133,6 +154,8 @@ pub struct Timing {
     pub slow_secs: f64,
     /// Seconds of each SYN flood of the guard's drop-rate rows.
     pub flood_secs: f64,
+    /// Seconds of each fixed-rate request/response run over many connections.
+    pub many_secs: f64,
     pub quiet_max: Duration,
 }
 
@@ -243,7 +266,101 @@ pub const METRICS: &[(&str, &str, &str, bool)] = &[
         "count",
         true,
     ),
+    ("idle_conns", "idle: connections held", "count", true),
+    (
+        "idle_fds",
+        "idle: proxy descriptors per connection",
+        "fd",
+        false,
+    ),
+    ("idle_rss", "idle: proxy RSS per connection", "KiB", false),
+    (
+        "idle_slab",
+        "idle: kernel slab (SUnreclaim) per connection",
+        "KiB",
+        false,
+    ),
+    (
+        "idle_tcp_mem",
+        "idle: TCP memory per connection",
+        "KiB",
+        false,
+    ),
+    (
+        "idle_node_socks",
+        "idle: TCP sockets in the node namespace per connection",
+        "sockets",
+        false,
+    ),
+    (
+        "idle_table",
+        "idle: forward table entries per connection",
+        "entries",
+        false,
+    ),
+    (
+        "many1k_cpu",
+        "1,000 conns: CPU per transaction",
+        "µs/txn",
+        false,
+    ),
+    (
+        "many1k_cpu_proxy",
+        "1,000 conns: proxy processes CPU per transaction",
+        "µs/txn",
+        false,
+    ),
+    ("many1k_p50", "1,000 conns: latency p50", "µs", false),
+    ("many1k_p99", "1,000 conns: latency p99", "µs", false),
+    (
+        "many1k_rate",
+        "1,000 conns: transactions per second",
+        "txn/s",
+        true,
+    ),
+    (
+        "many5k_cpu",
+        "5,000 conns: CPU per transaction",
+        "µs/txn",
+        false,
+    ),
+    (
+        "many5k_cpu_proxy",
+        "5,000 conns: proxy processes CPU per transaction",
+        "µs/txn",
+        false,
+    ),
+    ("many5k_p50", "5,000 conns: latency p50", "µs", false),
+    ("many5k_p99", "5,000 conns: latency p99", "µs", false),
+    (
+        "many5k_rate",
+        "5,000 conns: transactions per second",
+        "txn/s",
+        true,
+    ),
 ];
+
+/// The metric keys of one connection count of the fixed-rate run: CPU per
+/// transaction (all), of the proxy's processes, p50, p99, transactions per second.
+pub fn many_keys(conns: usize) -> [&'static str; 5] {
+    if conns <= 1_000 {
+        [
+            "many1k_cpu",
+            "many1k_cpu_proxy",
+            "many1k_p50",
+            "many1k_p99",
+            "many1k_rate",
+        ]
+    } else {
+        [
+            "many5k_cpu",
+            "many5k_cpu_proxy",
+            "many5k_p50",
+            "many5k_p99",
+            "many5k_rate",
+        ]
+    }
+}
 
 /// One measured value.
 #[derive(Clone, Debug)]
@@ -315,6 +432,7 @@ fn utc_now() -> String {
 #[expect(clippy::too_many_lines, reason = "the run's steps, in order")]
 pub fn run(opts: &Options) -> anyhow::Result<()> {
     let started = Instant::now();
+    raise_nofile()?;
     peers::install_debian()?;
     let sockgate = build_release()?;
     let repeats = opts
@@ -328,16 +446,19 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
             conn_secs: 1.0,
             slow_secs: 1.0,
             flood_secs: 1.0,
+            many_secs: 1.0,
             quiet_max: Duration::ZERO,
         }
     } else {
+        // Three repeats of every row in about 15 minutes on a quiet machine.
         Timing {
-            iperf_secs: 5,
-            rr_secs: 3,
-            conn_secs: 3.0,
-            slow_secs: 4.0,
-            flood_secs: 3.0,
-            quiet_max: Duration::from_secs(10),
+            iperf_secs: 4,
+            rr_secs: 2,
+            conn_secs: 2.0,
+            slow_secs: 3.0,
+            flood_secs: 2.0,
+            many_secs: 3.0,
+            quiet_max: Duration::from_secs(3),
         }
     };
     let timing = Timing {
@@ -490,6 +611,12 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
         bed.backend(0),
         SocketAddr::new(backend.into(), SLOW.backend_port),
     )?;
+    let _echo = many::EchoBackend::start(
+        bed.backend(0),
+        ECHO.iter()
+            .map(|s| SocketAddr::new(backend.into(), s.backend_port))
+            .collect(),
+    )?;
     std::thread::sleep(Duration::from_millis(500));
 
     let mut samples = Vec::new();
@@ -521,6 +648,178 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
         out.join("bench/benchmarks.png").display(),
         info.elapsed_s
     );
+    Ok(())
+}
+
+/// Raises the bench's own descriptor limit (soft and hard) to [`NOFILE`] before any
+/// proxy is started, so that every proxy inherits it.
+fn raise_nofile() -> anyhow::Result<()> {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE)?;
+    if soft < NOFILE || hard < NOFILE {
+        setrlimit(Resource::RLIMIT_NOFILE, NOFILE, NOFILE)
+            .context("raising the open-file limit (the bench needs root)")?;
+        println!("bench: open-file limit {soft}/{hard} raised to {NOFILE}");
+    }
+    Ok(())
+}
+
+/// Whether a row takes the idle-connection and many-connection measurements: no proxy,
+/// sockgate's three paths and the peers that hold thousands of connections in one
+/// process (socat forks a process per connection; `HAProxy` splice-auto and sockgate
+/// auto measure like `HAProxy` and sockgate splice).
+fn many_row(proxy: &Proxy) -> bool {
+    matches!(
+        proxy,
+        Proxy::Direct
+            | Proxy::Sockgate("sockmap" | "splice" | "forward")
+            | Proxy::Haproxy(HaSplice::Off | HaSplice::Forced)
+            | Proxy::Nginx
+            | Proxy::Envoy(_)
+    )
+}
+
+/// The idle-connection figures of one row: [`many::IDLE_CONNS`] connections over the
+/// echo services, each echoed one byte, held idle; the footprint before and after.
+fn idle_connections(
+    bed: &Bed,
+    proxy: &Proxy,
+    running: Option<&peers::Running>,
+    t: Timing,
+    push: &mut impl FnMut(&'static str, f64, Load),
+) -> anyhow::Result<()> {
+    let pids = running.map(peers::Running::pids).unwrap_or_default();
+    let status = match proxy {
+        Proxy::Sockgate(_) => running.map(peers::Running::status_reader).transpose()?,
+        _ => None,
+    };
+    let table = || {
+        status
+            .as_ref()
+            .map_or(Ok(0), peers::StatusReader::forward_table_entries)
+    };
+    let load = measure::wait_quiet(t.quiet_max);
+    let before = many::footprint(&pids, bed.node(), table)?;
+    let targets = echo_targets(bed, proxy);
+    let conns = many::Conns::open(
+        bed.client(),
+        targets,
+        many::IDLE_CONNS,
+        Duration::from_mins(1),
+    )?;
+    // Let the proxies finish what a connection's start leaves (pool returns, timers).
+    std::thread::sleep(Duration::from_secs(1));
+    let after = many::footprint(&pids, bed.node(), table)?;
+    let (opened, failed) = (conns.opened, conns.failed);
+    drop(conns);
+    let page = nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE)
+        .ok()
+        .flatten()
+        .and_then(|p| u64::try_from(p).ok())
+        .unwrap_or(4096);
+    let p = after
+        .per_connection(&before, opened, page)
+        .context("no idle connection opened")?;
+    println!(
+        "bench: {}: {opened} idle connections ({failed} failed): per connection {:.2} fd, \
+         {:.2} KiB proxy RSS, {:.2} KiB slab, {:.2} KiB TCP memory, {:.2} node sockets, \
+         {:.2} forward table entries",
+        proxy.name(),
+        p.fds,
+        p.rss_kib,
+        p.slab_kib,
+        p.tcp_kib,
+        p.node_sockets,
+        p.table_entries
+    );
+    push("idle_conns", opened as f64, load);
+    push("idle_fds", p.fds, load);
+    push("idle_rss", p.rss_kib, load);
+    push("idle_slab", p.slab_kib, load);
+    push("idle_tcp_mem", p.tcp_kib, load);
+    push("idle_node_socks", p.node_sockets, load);
+    if status.is_some() {
+        push("idle_table", p.table_entries, load);
+    }
+    many::check_opened(proxy.name(), opened, failed, many::IDLE_CONNS)?;
+    // The forward path keeps a closed connection's entries and NAT port for 2 s.
+    std::thread::sleep(Duration::from_millis(
+        if matches!(proxy, Proxy::Sockgate("forward")) {
+            2_500
+        } else {
+            500
+        },
+    ));
+    Ok(())
+}
+
+/// The echo services' addresses as the client reaches them through `proxy`.
+fn echo_targets(bed: &Bed, proxy: &Proxy) -> Vec<SocketAddr> {
+    ECHO.iter()
+        .map(|s| match proxy {
+            Proxy::Direct => SocketAddr::new(bed.backend_addr(0).into(), s.backend_port),
+            _ => SocketAddr::new(bed.node_addr().into(), s.listen_port),
+        })
+        .collect()
+}
+
+/// The fixed-rate request/response runs of one row, one per [`many::MANY_COUNTS`]:
+/// latency percentiles and CPU per transaction (the proxy's processes, kernel workers
+/// and the machine's softirq time, as for CPU per GB).
+fn many_connections(
+    bed: &Bed,
+    proxy: &Proxy,
+    pids: &[u32],
+    t: Timing,
+    push: &mut impl FnMut(&'static str, f64, Load),
+) -> anyhow::Result<()> {
+    for n in many::MANY_COUNTS {
+        let conns = many::Conns::open(
+            bed.client(),
+            echo_targets(bed, proxy),
+            n,
+            Duration::from_secs(30),
+        )?;
+        many::check_opened(proxy.name(), conns.opened, conns.failed, n)?;
+        let load = measure::wait_quiet(t.quiet_max);
+        let before = measure::cpu_snapshot(pids);
+        let r = conns.load(many::MANY_RATE, t.many_secs)?;
+        let after = measure::cpu_snapshot(pids);
+        drop(conns);
+        anyhow::ensure!(r.txns > 0, "{n} connections: no transaction answered");
+        let hz = measure::ticks_per_sec();
+        let us_per_txn = |a: u64, b: u64| a.saturating_sub(b) as f64 / hz * 1e6 / r.txns as f64;
+        let proxy_us = us_per_txn(after.proxy, before.proxy);
+        let all = proxy_us
+            + us_per_txn(after.kworker, before.kworker)
+            + us_per_txn(after.softirq, before.softirq);
+        let p50 = many::percentile(&r.latencies_us, 50.0).unwrap_or(0);
+        let p99 = many::percentile(&r.latencies_us, 99.0).unwrap_or(0);
+        let rate = r.txns as f64 / r.secs;
+        println!(
+            "bench: {}: {n} connections at {} req/s: {} answered ({rate:.0}/s), {} late, \
+             {} failed; p50 {p50} µs, p99 {p99} µs; CPU {all:.1} µs/txn ({proxy_us:.1} in \
+             the proxy's processes)",
+            proxy.name(),
+            many::MANY_RATE,
+            r.txns,
+            r.late,
+            r.failed
+        );
+        let [cpu, cpu_proxy, k50, k99, krate] = many_keys(n);
+        push(cpu, all, load);
+        push(cpu_proxy, proxy_us, load);
+        push(k50, f64::from(p50), load);
+        push(k99, f64::from(p99), load);
+        push(krate, rate, load);
+        std::thread::sleep(Duration::from_millis(
+            if matches!(proxy, Proxy::Sockgate("forward")) {
+                2_500
+            } else {
+                300
+            },
+        ));
+    }
     Ok(())
 }
 
@@ -829,6 +1128,11 @@ fn run_row(
             "bench: {row}: slow receiver stopped early: memory grew past {} MiB",
             measure::SLOW_CAP / mib
         );
+    }
+
+    if many_row(proxy) {
+        idle_connections(bed, proxy, running.as_ref(), t, &mut push)?;
+        many_connections(bed, proxy, &pids, t, &mut push)?;
     }
 
     let paths = match running.as_mut() {

@@ -667,7 +667,7 @@ pub fn start(
         }
         Proxy::Haproxy(splice) => {
             let mut cfg = String::from(
-                "global\n  nbthread 1\n  maxconn 4000\ndefaults\n  mode tcp\n  \
+                "global\n  nbthread 1\n  maxconn 30000\ndefaults\n  mode tcp\n  maxconn 30000\n  \
                  timeout connect 5s\n  timeout client 60s\n  timeout server 60s\n",
             );
             match splice {
@@ -695,7 +695,7 @@ pub fn start(
                 "load_module /usr/lib/nginx/modules/ngx_stream_module.so;\nuser root;\n\
                  worker_processes 1;\ndaemon off;\npid {0}/nginx.pid;\n\
                  error_log {0}/logs/error.log warn;\n\
-                 events {{ worker_connections 8000; }}\nstream {{\n",
+                 worker_rlimit_nofile 70000;\nevents {{ worker_connections 30000; }}\nstream {{\n",
                 dir.display()
             );
             for s in services {

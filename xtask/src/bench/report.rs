@@ -350,6 +350,111 @@ fn forward_flood(md: &mut String, stats: &Stats, info: &RunInfo) {
     );
 }
 
+/// The idle-connection and many-connection rows: what an idle connection costs, and
+/// request/response at a fixed rate over many connections.
+fn many_connections(md: &mut String, stats: &Stats, info: &RunInfo) {
+    use super::many;
+    let idle = [
+        "idle_conns",
+        "idle_fds",
+        "idle_rss",
+        "idle_slab",
+        "idle_tcp_mem",
+        "idle_node_socks",
+        "idle_table",
+    ];
+    if !info
+        .rows
+        .iter()
+        .any(|r| stats.contains_key(&(r.clone(), "idle_conns")))
+    {
+        return;
+    }
+    let _ = writeln!(
+        md,
+        "\n## Idle connections ({} at once)\n",
+        num(many::IDLE_CONNS as f64)
+    );
+    table(md, info, &idle, |row, m| cell(stats, row, m));
+    let _ = writeln!(
+        md,
+        "\nThe client opens {} connections over three echo listeners ({} at a time), \
+         sends one byte on each and reads its echo, then holds them all idle; one second \
+         later the bench reads the footprint again and divides the growth by the \
+         connections held. *Descriptors* and *RSS* are the proxy's process tree's \
+         (`/proc/PID/fd`, `VmRSS`); *slab* is the machine's `SUnreclaim` (`/proc/meminfo`; \
+         sockets live there, so it counts the client's and the backend's sockets too, \
+         which *direct* shows alone, and anything else the machine allocated meanwhile); \
+         *TCP memory* is the `mem` pages of `/proc/net/sockstat` (queued data: idle \
+         connections hold none); *sockets in the node namespace* is its sockstat `inuse`; \
+         *forward table entries* is `forward_table_entries` of `sockgate status`. The \
+         bench raises its descriptor limit to {}, which the proxies inherit; HAProxy runs \
+         with `maxconn 30000`, nginx with `worker_connections 30000`. socat is left out: \
+         it forks a process per connection, {} processes here.",
+        num(many::IDLE_CONNS as f64),
+        64,
+        super::NOFILE,
+        num(many::IDLE_CONNS as f64),
+    );
+    for n in many::MANY_COUNTS {
+        let keys = super::many_keys(n);
+        if !info
+            .rows
+            .iter()
+            .any(|r| stats.contains_key(&(r.clone(), keys[0])))
+        {
+            continue;
+        }
+        let _ = writeln!(
+            md,
+            "\n## {} connections, request/response at {} per second in all\n",
+            num(n as f64),
+            num(many::MANY_RATE)
+        );
+        table(md, info, &keys, |row, m| cell(stats, row, m));
+        let cpu = keys[0];
+        let (kernel, splice) = (
+            median(stats, "sockgate kernel", cpu),
+            median(stats, "sockgate splice", cpu),
+        );
+        if let (Some(k), Some(s)) = (kernel, splice)
+            && k > 0.0
+        {
+            let verdict = if s / k >= 1.5 {
+                "the kernel path wins (at least 1.5x less CPU per transaction)"
+            } else if s > k {
+                "the kernel path spends less, but not 1.5x less"
+            } else {
+                "the kernel path does not win"
+            };
+            let _ = writeln!(
+                md,
+                "\nCPU per transaction, sockgate splice / sockgate kernel: {:.2}x: {verdict}.",
+                s / k
+            );
+        }
+    }
+    if let Some(t) = info.timing {
+        let _ = writeln!(
+            md,
+            "\nThe client (one thread, tokio, in the client namespace) opens N connections \
+             over the three echo listeners, then sends a {}-byte request on each in turn \
+             so that {} requests per second leave in all (each connection once every \
+             N/{} s, staggered evenly), for {} s; each waits for its echo (the backend, one \
+             tokio thread, echoes). *Latency* is from the send to the whole echo; a send that \
+             would start a whole period late is skipped (the CSV keeps the rate reached). \
+             *CPU per transaction* is, as for CPU per GB, the proxy's processes + all \
+             `kworker` threads + the machine's softirq time over the run, divided by the \
+             transactions answered; the proxy part alone is the next column. *direct* shows \
+             what the client's and the backend's own stacks cost.",
+            many::REQUEST_BYTES,
+            num(many::MANY_RATE),
+            num(many::MANY_RATE),
+            t.many_secs
+        );
+    }
+}
+
 /// Writes the three result files under `out`.
 #[expect(
     clippy::too_many_lines,
@@ -480,6 +585,7 @@ pub fn write(out: &Path, samples: &[Sample], info: &RunInfo) -> anyhow::Result<(
     }
     guard(&mut md, &stats, info);
     forward_flood(&mut md, &stats, info);
+    many_connections(&mut md, &stats, info);
     if !info.paths.is_empty() {
         md.push_str(
             "\n## Data path of sockgate's connections\n\nFrom `sockgate status` after each \
