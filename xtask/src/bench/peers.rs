@@ -144,13 +144,13 @@ pub fn version(cmd: &mut Command) -> Option<String> {
     version_in(&text)
 }
 
-/// The first version number in `text`: digits, a dot, digits, then whatever belongs to
-/// the same word (`2.6.12-1+deb12u4`, `1.40.0`), at the start of a word. Paths, program
-/// names, build hashes and dates around it are left out, so that the report names each
-/// tool by its version only.
+/// The first version number in `text`: digits and dots (`2.6.12`, `1.40.0`) at the start
+/// of a word. Paths, program names, build hashes, dates and a distribution's package
+/// revision after it (`-1+deb12u4`, `-no.git`) are left out, so that the report names
+/// each tool by its upstream version only.
 pub fn version_in(text: &str) -> Option<String> {
     let b = text.as_bytes();
-    let word = |c: u8| c.is_ascii_alphanumeric() || b"._+~-".contains(&c);
+    let word = |c: u8| c.is_ascii_digit() || c == b'.';
     (0..b.len()).find_map(|i| {
         let boundary = i == 0 || (!b[i - 1].is_ascii_alphanumeric() && b[i - 1] != b'.');
         let digits = b[i..].iter().take_while(|c| c.is_ascii_digit()).count();
@@ -162,7 +162,7 @@ pub fn version_in(text: &str) -> Option<String> {
                 .iter()
                 .position(|&c| !word(c))
                 .map_or(b.len(), |n| i + n);
-            text[i..end].trim_end_matches(['.', '-']).to_owned()
+            text[i..end].trim_end_matches('.').to_owned()
         })
     })
 }
@@ -801,8 +801,11 @@ mod tests {
             ),
             (
                 "HAProxy version 2.6.12-1+deb12u4 2026/10/17 - https://haproxy.org/",
-                "2.6.12-1+deb12u4",
+                "2.6.12",
             ),
+            ("sockperf, version 3.7-no.git", "3.7"),
+            ("nginx version: nginx/1.22.1~bpo12+1", "1.22.1"),
+            ("Version 1.2. Done", "1.2"),
             ("nginx version: nginx/1.22.1", "1.22.1"),
             (
                 "socat by Gerhard Rieger and contributors - see www.dest-unreach.org\n\
