@@ -623,7 +623,14 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
     for repeat in 1..=repeats {
         for proxy in &proxies {
             println!("bench: repeat {repeat}/{repeats}: {}", proxy.name());
-            match run_row(&bed, proxy, &sockgate, opts, repeat, timing, &mut samples) {
+            let row_started = Instant::now();
+            let result = run_row(&bed, proxy, &sockgate, opts, repeat, timing, &mut samples);
+            println!(
+                "bench: {} took {:.1} s",
+                proxy.name(),
+                row_started.elapsed().as_secs_f64()
+            );
+            match result {
                 Ok(paths) => {
                     if let Some(p) = paths {
                         info.paths.push((proxy.name().to_owned(), p));
@@ -1131,8 +1138,15 @@ fn run_row(
     }
 
     if many_row(proxy) {
+        let idle_started = Instant::now();
         idle_connections(bed, proxy, running.as_ref(), t, &mut push)?;
+        let many_started = Instant::now();
         many_connections(bed, proxy, &pids, t, &mut push)?;
+        println!(
+            "bench: {row}: idle connections took {:.1} s, many connections {:.1} s",
+            (many_started - idle_started).as_secs_f64(),
+            many_started.elapsed().as_secs_f64()
+        );
     }
 
     let paths = match running.as_mut() {
