@@ -9,7 +9,8 @@
 //! * **Request/response at a fixed rate** over N connections ([`MANY_COUNTS`]):
 //!   64-byte requests echoed by the backend, [`MANY_RATE`] requests per second in
 //!   all, spread evenly over the connections; per-request latency percentiles and CPU
-//!   per transaction.
+//!   per transaction. The connections are the idle measurement's, the others closed
+//!   first (largest N first), so that a row opens its 10,000 connections once.
 //!
 //! The pure parts ([`percentile`], [`Footprint::per_connection`]) are unit-tested.
 //! Every loop is bounded in count and time; every socket is closed afterwards.
@@ -151,14 +152,24 @@ pub struct LoadResult {
 }
 
 enum Cmd {
-    Load { rate: f64, secs: f64 },
+    Load {
+        rate: f64,
+        secs: f64,
+    },
+    /// Keep this many connections open, closing the others.
+    Keep(usize),
     Close,
+}
+
+enum Reply {
+    Load(LoadResult),
+    Kept(usize),
 }
 
 /// Connections held by a client thread in the client namespace; closed on drop.
 pub struct Conns {
     cmd: mpsc::Sender<Cmd>,
-    reply: mpsc::Receiver<LoadResult>,
+    reply: mpsc::Receiver<Reply>,
     thread: Option<JoinHandle<()>>,
     /// Connections opened and echoed.
     pub opened: usize,
@@ -178,7 +189,7 @@ impl Conns {
         anyhow::ensure!(!targets.is_empty(), "no target");
         let (cmd_tx, cmd_rx) = mpsc::channel::<Cmd>();
         let (opened_tx, opened_rx) = mpsc::channel::<io::Result<(usize, usize)>>();
-        let (reply_tx, reply_rx) = mpsc::channel::<LoadResult>();
+        let (reply_tx, reply_rx) = mpsc::channel::<Reply>();
         let thread = client.spawn(move || {
             let rt = match runtime() {
                 Ok(rt) => rt,
@@ -190,13 +201,26 @@ impl Conns {
             let (mut conns, failed) = rt.block_on(open_all(&targets, n, limit));
             let _ = opened_tx.send(Ok((conns.len(), failed)));
             // Bounded: each command is answered, and an idle minute ends the holding.
-            while let Ok(Cmd::Load { rate, secs }) = cmd_rx.recv_timeout(Duration::from_mins(1)) {
-                let (kept, result) = rt.block_on(load(conns, rate, secs));
-                conns = kept;
-                if reply_tx.send(result).is_err() {
+            loop {
+                let reply = match cmd_rx.recv_timeout(Duration::from_mins(1)) {
+                    Ok(Cmd::Load { rate, secs }) => {
+                        let (kept, result) = rt.block_on(load(conns, rate, secs));
+                        conns = kept;
+                        Reply::Load(result)
+                    }
+                    Ok(Cmd::Keep(n)) => {
+                        // Closed inside the runtime, which owns the sockets' registrations.
+                        let _guard = rt.enter();
+                        conns.truncate(n);
+                        Reply::Kept(conns.len())
+                    }
+                    Ok(Cmd::Close) | Err(_) => break,
+                };
+                if reply_tx.send(reply).is_err() {
                     break;
                 }
             }
+            let _guard = rt.enter();
             drop(conns);
         })?;
         let (opened, failed) = opened_rx
@@ -217,9 +241,30 @@ impl Conns {
         self.cmd
             .send(Cmd::Load { rate, secs })
             .map_err(|_| anyhow::anyhow!("the client thread ended"))?;
-        self.reply
+        match self
+            .reply
             .recv_timeout(Duration::from_secs_f64(secs) + ECHO_WAIT + Duration::from_secs(10))
-            .context("no result from the load")
+            .context("no result from the load")?
+        {
+            Reply::Load(r) => Ok(r),
+            Reply::Kept(_) => bail!("the client answered another command"),
+        }
+    }
+
+    /// Keeps the first `n` connections open and closes the others; returns how many
+    /// are open now.
+    pub fn keep(&self, n: usize) -> anyhow::Result<usize> {
+        self.cmd
+            .send(Cmd::Keep(n))
+            .map_err(|_| anyhow::anyhow!("the client thread ended"))?;
+        match self
+            .reply
+            .recv_timeout(Duration::from_secs(10))
+            .context("the client did not close its connections")?
+        {
+            Reply::Kept(n) => Ok(n),
+            Reply::Load(_) => bail!("the client answered another command"),
+        }
     }
 }
 

@@ -688,13 +688,14 @@ fn many_row(proxy: &Proxy) -> bool {
 
 /// The idle-connection figures of one row: [`many::IDLE_CONNS`] connections over the
 /// echo services, each echoed one byte, held idle; the footprint before and after.
+/// Returns the connections, still open, for [`many_connections`].
 fn idle_connections(
     bed: &Bed,
     proxy: &Proxy,
     running: Option<&peers::Running>,
     t: Timing,
     push: &mut impl FnMut(&'static str, f64, Load),
-) -> anyhow::Result<()> {
+) -> anyhow::Result<many::Conns> {
     let pids = running.map(peers::Running::pids).unwrap_or_default();
     let status = match proxy {
         Proxy::Sockgate(_) => running.map(peers::Running::status_reader).transpose()?,
@@ -718,7 +719,6 @@ fn idle_connections(
     std::thread::sleep(Duration::from_secs(1));
     let after = many::footprint(&pids, bed.node(), table)?;
     let (opened, failed) = (conns.opened, conns.failed);
-    drop(conns);
     let page = nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE)
         .ok()
         .flatten()
@@ -749,15 +749,7 @@ fn idle_connections(
         push("idle_table", p.table_entries, load);
     }
     many::check_opened(proxy.name(), opened, failed, many::IDLE_CONNS)?;
-    // The forward path keeps a closed connection's entries and NAT port for 2 s.
-    std::thread::sleep(Duration::from_millis(
-        if matches!(proxy, Proxy::Sockgate("forward")) {
-            2_500
-        } else {
-            500
-        },
-    ));
-    Ok(())
+    Ok(conns)
 }
 
 /// The echo services' addresses as the client reaches them through `proxy`.
@@ -770,29 +762,33 @@ fn echo_targets(bed: &Bed, proxy: &Proxy) -> Vec<SocketAddr> {
         .collect()
 }
 
-/// The fixed-rate request/response runs of one row, one per [`many::MANY_COUNTS`]:
+/// Time for the proxy and the kernel to finish closing the connections the last
+/// [`many::Conns::keep`] closed, before the next measurement.
+pub const CLOSE_SETTLE: Duration = Duration::from_millis(700);
+
+/// The fixed-rate request/response runs of one row, one per [`many::MANY_COUNTS`],
+/// largest first, over the idle measurement's `conns` (the others closed first):
 /// latency percentiles and CPU per transaction (the proxy's processes, kernel workers
 /// and the machine's softirq time, as for CPU per GB).
 fn many_connections(
-    bed: &Bed,
+    conns: &many::Conns,
     proxy: &Proxy,
     pids: &[u32],
     t: Timing,
     push: &mut impl FnMut(&'static str, f64, Load),
 ) -> anyhow::Result<()> {
-    for n in many::MANY_COUNTS {
-        let conns = many::Conns::open(
-            bed.client(),
-            echo_targets(bed, proxy),
-            n,
-            Duration::from_secs(30),
-        )?;
-        many::check_opened(proxy.name(), conns.opened, conns.failed, n)?;
+    for n in many::MANY_COUNTS.into_iter().rev() {
+        let open = conns.keep(n)?;
+        anyhow::ensure!(
+            open >= n,
+            "{}: only {open} of {n} connections left open",
+            proxy.name()
+        );
+        std::thread::sleep(CLOSE_SETTLE);
         let load = measure::wait_quiet(t.quiet_max);
         let before = measure::cpu_snapshot(pids);
         let r = conns.load(many::MANY_RATE, t.many_secs)?;
         let after = measure::cpu_snapshot(pids);
-        drop(conns);
         anyhow::ensure!(r.txns > 0, "{n} connections: no transaction answered");
         let hz = measure::ticks_per_sec();
         let us_per_txn = |a: u64, b: u64| a.saturating_sub(b) as f64 / hz * 1e6 / r.txns as f64;
@@ -819,13 +815,6 @@ fn many_connections(
         push(k50, f64::from(p50), load);
         push(k99, f64::from(p99), load);
         push(krate, rate, load);
-        std::thread::sleep(Duration::from_millis(
-            if matches!(proxy, Proxy::Sockgate("forward")) {
-                2_500
-            } else {
-                300
-            },
-        ));
     }
     Ok(())
 }
@@ -1139,9 +1128,18 @@ fn run_row(
 
     if many_row(proxy) {
         let idle_started = Instant::now();
-        idle_connections(bed, proxy, running.as_ref(), t, &mut push)?;
+        let conns = idle_connections(bed, proxy, running.as_ref(), t, &mut push)?;
         let many_started = Instant::now();
-        many_connections(bed, proxy, &pids, t, &mut push)?;
+        many_connections(&conns, proxy, &pids, t, &mut push)?;
+        drop(conns);
+        // The forward path keeps a closed connection's entries and NAT port for 2 s.
+        std::thread::sleep(Duration::from_millis(
+            if matches!(proxy, Proxy::Sockgate("forward")) {
+                2_500
+            } else {
+                500
+            },
+        ));
         println!(
             "bench: {row}: idle connections took {:.1} s, many connections {:.1} s",
             (many_started - idle_started).as_secs_f64(),

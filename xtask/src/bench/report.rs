@@ -435,24 +435,32 @@ fn many_connections(md: &mut String, stats: &Stats, info: &RunInfo) {
         }
     }
     if let Some(t) = info.timing {
-        let _ = writeln!(
-            md,
-            "\nThe client (one thread, tokio, in the client namespace) opens N connections \
-             over the three echo listeners, then sends a {}-byte request on each in turn \
-             so that {} requests per second leave in all (each connection once every \
-             N/{} s, staggered evenly), for {} s; each waits for its echo (the backend, one \
-             tokio thread, echoes). *Latency* is from the send to the whole echo; a send that \
-             would start a whole period late is skipped (the CSV keeps the rate reached). \
-             *CPU per transaction* is, as for CPU per GB, the proxy's processes + all \
-             `kworker` threads + the machine's softirq time over the run, divided by the \
-             transactions answered; the proxy part alone is the next column. *direct* shows \
-             what the client's and the backend's own stacks cost.",
-            many::REQUEST_BYTES,
-            num(many::MANY_RATE),
-            num(many::MANY_RATE),
-            t.many_secs
-        );
+        many_connections_note(md, t);
     }
+}
+
+/// How the fixed-rate request/response runs over many connections are made.
+fn many_connections_note(md: &mut String, t: super::Timing) {
+    use super::many;
+    let _ = writeln!(
+        md,
+        "\nThe client (one thread, tokio, in the client namespace) keeps N of the idle \
+         measurement's connections open (5,000, then 1,000; the others closed {} ms \
+         before), then sends a {}-byte request on each in turn \
+         so that {} requests per second leave in all (each connection once every \
+         N/{} s, staggered evenly), for {} s; each waits for its echo (the backend, one \
+         tokio thread, echoes). *Latency* is from the send to the whole echo; a send that \
+         would start a whole period late is skipped (the CSV keeps the rate reached). \
+         *CPU per transaction* is, as for CPU per GB, the proxy's processes + all \
+         `kworker` threads + the machine's softirq time over the run, divided by the \
+         transactions answered; the proxy part alone is the next column. *direct* shows \
+         what the client's and the backend's own stacks cost.",
+        super::CLOSE_SETTLE.as_millis(),
+        many::REQUEST_BYTES,
+        num(many::MANY_RATE),
+        num(many::MANY_RATE),
+        t.many_secs
+    );
 }
 
 /// Writes the three result files under `out`.
