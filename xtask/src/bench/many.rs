@@ -31,8 +31,21 @@ use tokio::{
 
 use super::procfs::descendants;
 
-/// Connections held open by the idle-connection measurement.
+/// Connections held open by the idle-connection measurement, where the descriptor
+/// limit allows them (see [`idle_conns`]).
 pub const IDLE_CONNS: usize = 10_000;
+/// Descriptors a proxy (or the bench, holding client and backend) needs besides two
+/// per connection: listeners, logs, epoll, pipes (sockgate's splice pool: up to 128;
+/// `HAProxy`'s `maxpipes`: 128), pins.
+pub const FD_MARGIN: u64 = 400;
+
+/// Connections the idle measurement holds under the descriptor limit `nofile` (soft =
+/// hard, inherited by the proxies): [`IDLE_CONNS`], or fewer where a process holding
+/// two descriptors per connection would run out.
+pub fn idle_conns(nofile: u64) -> usize {
+    let fit = usize::try_from(nofile.saturating_sub(FD_MARGIN) / 2).unwrap_or(usize::MAX);
+    IDLE_CONNS.min(fit)
+}
 /// Connection counts of the fixed-rate request/response measurement.
 pub const MANY_COUNTS: [usize; 2] = [1_000, 5_000];
 /// Requests per second, all connections together. Client, echo backend and proxy
@@ -412,7 +425,8 @@ pub struct Footprint {
     pub slab_kib: u64,
     /// TCP memory of the whole machine (`mem` of `/proc/net/sockstat`), pages.
     pub tcp_pages: u64,
-    /// TCP sockets in use in the node namespace (`inuse` of its sockstat).
+    /// TCP sockets in use in the node namespace (`inuse` of its sockstat and sockstat6:
+    /// a dual-stack listener's accepted sockets are `TCPv6` sockets).
     pub node_sockets: u64,
     /// Entries of the forward path's connection table.
     pub table_entries: u64,
@@ -463,6 +477,13 @@ pub fn sockstat_tcp(text: &str, field: &str) -> Option<u64> {
         .and_then(|l| value_after(l, field))
 }
 
+/// `field` of the `TCP6:` line of a sockstat6 text.
+pub fn sockstat6_tcp(text: &str, field: &str) -> Option<u64> {
+    text.lines()
+        .find(|l| l.starts_with("TCP6:"))
+        .and_then(|l| value_after(l, field))
+}
+
 /// A `/proc/meminfo` (or `/proc/PID/status`) field, in kB.
 pub fn kib_field(text: &str, name: &str) -> Option<u64> {
     text.lines()
@@ -488,9 +509,15 @@ pub fn footprint(
     let meminfo = std::fs::read_to_string("/proc/meminfo")?;
     f.slab_kib = kib_field(&meminfo, "SUnreclaim:").context("meminfo without SUnreclaim")?;
     // sockstat's `mem` is machine-wide, `inuse` is the reading thread's namespace.
-    let node_stat = node.run(|| std::fs::read_to_string("/proc/thread-self/net/sockstat"))??;
+    let (node_stat, node_stat6) = node.run(|| {
+        Ok::<_, io::Error>((
+            std::fs::read_to_string("/proc/thread-self/net/sockstat")?,
+            std::fs::read_to_string("/proc/thread-self/net/sockstat6").unwrap_or_default(),
+        ))
+    })??;
     f.tcp_pages = sockstat_tcp(&node_stat, "mem").context("sockstat without TCP mem")?;
-    f.node_sockets = sockstat_tcp(&node_stat, "inuse").context("sockstat without TCP inuse")?;
+    f.node_sockets = sockstat_tcp(&node_stat, "inuse").context("sockstat without TCP inuse")?
+        + sockstat6_tcp(&node_stat6, "inuse").unwrap_or(0);
     f.table_entries = table()?;
     Ok(f)
 }
@@ -517,6 +544,15 @@ mod tests {
         assert_eq!(percentile(&[7], 99.0), Some(7));
         assert_eq!(percentile(&[1, 2, 3], 50.0), Some(2));
         assert_eq!(percentile(&[], 50.0), None);
+    }
+
+    #[test]
+    fn idle_connections_fit_the_descriptor_limit() {
+        assert_eq!(idle_conns(262_144), IDLE_CONNS);
+        assert_eq!(idle_conns(20_400), IDLE_CONNS);
+        // A hard limit of 20,000 the bench may not raise: two per connection and a margin.
+        assert_eq!(idle_conns(20_000), 9_800);
+        assert_eq!(idle_conns(100), 0);
     }
 
     #[test]
@@ -564,6 +600,9 @@ mod tests {
         assert_eq!(sockstat_tcp(sockstat, "inuse"), Some(20_004));
         assert_eq!(sockstat_tcp(sockstat, "mem"), Some(7));
         assert_eq!(sockstat_tcp("UDP: inuse 1", "inuse"), None);
+        let sockstat6 = "TCP6: inuse 9902\nUDP6: inuse 0\n";
+        assert_eq!(sockstat6_tcp(sockstat6, "inuse"), Some(9_902));
+        assert_eq!(sockstat6_tcp(sockstat, "inuse"), None);
         let meminfo = "MemTotal:       24641420 kB\nSlab:             312000 kB\n\
                        SUnreclaim:       123456 kB\n";
         assert_eq!(kib_field(meminfo, "SUnreclaim:"), Some(123_456));

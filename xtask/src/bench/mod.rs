@@ -156,6 +156,9 @@ pub struct Timing {
     pub flood_secs: f64,
     /// Seconds of each fixed-rate request/response run over many connections.
     pub many_secs: f64,
+    /// Connections of the idle measurement (fewer than [`many::IDLE_CONNS`] where the
+    /// descriptor limit does not allow them).
+    pub idle_conns: usize,
     pub quiet_max: Duration,
 }
 
@@ -386,6 +389,8 @@ pub struct RunInfo {
     pub quick: bool,
     pub repeats: u32,
     pub timing: Option<Timing>,
+    /// The descriptor limit the bench and its proxies ran with.
+    pub nofile: u64,
     pub started: String,
     pub elapsed_s: f64,
 }
@@ -432,7 +437,7 @@ fn utc_now() -> String {
 #[expect(clippy::too_many_lines, reason = "the run's steps, in order")]
 pub fn run(opts: &Options) -> anyhow::Result<()> {
     let started = Instant::now();
-    raise_nofile()?;
+    let nofile = raise_nofile()?;
     peers::install_debian()?;
     let sockgate = build_release()?;
     let repeats = opts
@@ -447,6 +452,7 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
             slow_secs: 1.0,
             flood_secs: 1.0,
             many_secs: 1.0,
+            idle_conns: many::idle_conns(nofile),
             quiet_max: Duration::ZERO,
         }
     } else {
@@ -458,6 +464,7 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
             slow_secs: 3.0,
             flood_secs: 2.0,
             many_secs: 3.0,
+            idle_conns: many::idle_conns(nofile),
             quiet_max: Duration::from_secs(3),
         }
     };
@@ -469,6 +476,7 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
         quick: opts.quick,
         repeats,
         timing: Some(timing),
+        nofile,
         started: utc_now(),
         ..RunInfo::default()
     };
@@ -659,16 +667,32 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
 }
 
 /// Raises the bench's own descriptor limit (soft and hard) to [`NOFILE`] before any
-/// proxy is started, so that every proxy inherits it.
-fn raise_nofile() -> anyhow::Result<()> {
+/// proxy is started, so that every proxy inherits it; where raising the hard limit is
+/// not permitted (no `CAP_SYS_RESOURCE`, as in some containers), the soft limit is
+/// raised to the hard one. Returns the limit now in force.
+fn raise_nofile() -> anyhow::Result<u64> {
     use nix::sys::resource::{Resource, getrlimit, setrlimit};
     let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE)?;
-    if soft < NOFILE || hard < NOFILE {
-        setrlimit(Resource::RLIMIT_NOFILE, NOFILE, NOFILE)
-            .context("raising the open-file limit (the bench needs root)")?;
-        println!("bench: open-file limit {soft}/{hard} raised to {NOFILE}");
+    if soft >= NOFILE && hard >= NOFILE {
+        return Ok(soft);
     }
-    Ok(())
+    match setrlimit(Resource::RLIMIT_NOFILE, NOFILE, NOFILE) {
+        Ok(()) => {
+            println!("bench: open-file limit {soft}/{hard} raised to {NOFILE}");
+            Ok(NOFILE)
+        }
+        Err(e) => {
+            setrlimit(Resource::RLIMIT_NOFILE, hard, hard)
+                .context("raising the open-file soft limit to the hard limit")?;
+            println!(
+                "bench: open-file limit {soft}/{hard}: raising it to {NOFILE} was refused \
+                 ({e}); soft limit raised to {hard}, the idle measurement holds {} \
+                 connections",
+                many::idle_conns(hard)
+            );
+            Ok(hard)
+        }
+    }
 }
 
 /// Whether a row takes the idle-connection and many-connection measurements: no proxy,
@@ -686,7 +710,7 @@ fn many_row(proxy: &Proxy) -> bool {
     )
 }
 
-/// The idle-connection figures of one row: [`many::IDLE_CONNS`] connections over the
+/// The idle-connection figures of one row: `t.idle_conns` connections over the
 /// echo services, each echoed one byte, held idle; the footprint before and after.
 /// Returns the connections, still open, for [`many_connections`].
 fn idle_connections(
@@ -709,12 +733,7 @@ fn idle_connections(
     let load = measure::wait_quiet(t.quiet_max);
     let before = many::footprint(&pids, bed.node(), table)?;
     let targets = echo_targets(bed, proxy);
-    let conns = many::Conns::open(
-        bed.client(),
-        targets,
-        many::IDLE_CONNS,
-        Duration::from_mins(1),
-    )?;
+    let conns = many::Conns::open(bed.client(), targets, t.idle_conns, Duration::from_mins(1))?;
     // Let the proxies finish what a connection's start leaves (pool returns, timers).
     std::thread::sleep(Duration::from_secs(1));
     let after = many::footprint(&pids, bed.node(), table)?;
@@ -748,7 +767,7 @@ fn idle_connections(
     if status.is_some() {
         push("idle_table", p.table_entries, load);
     }
-    many::check_opened(proxy.name(), opened, failed, many::IDLE_CONNS)?;
+    many::check_opened(proxy.name(), opened, failed, t.idle_conns)?;
     Ok(conns)
 }
 

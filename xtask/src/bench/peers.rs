@@ -666,8 +666,10 @@ pub fn start(
             running.children.push(spawn(&mut cmd, &log)?);
         }
         Proxy::Haproxy(splice) => {
-            let mut cfg = String::from(
-                "global\n  nbthread 1\n  maxconn 30000\ndefaults\n  mode tcp\n  maxconn 30000\n  \
+            let maxconn = haproxy_maxconn(nofile());
+            let mut cfg = format!(
+                "global\n  nbthread 1\n  maxconn {maxconn}\n  maxpipes {HAPROXY_MAXPIPES}\n\
+                 defaults\n  mode tcp\n  maxconn {maxconn}\n  \
                  timeout connect 5s\n  timeout client 60s\n  timeout server 60s\n",
             );
             match splice {
@@ -695,7 +697,7 @@ pub fn start(
                 "load_module /usr/lib/nginx/modules/ngx_stream_module.so;\nuser root;\n\
                  worker_processes 1;\ndaemon off;\npid {0}/nginx.pid;\n\
                  error_log {0}/logs/error.log warn;\n\
-                 worker_rlimit_nofile 70000;\nevents {{ worker_connections 30000; }}\nstream {{\n",
+                 events {{ worker_connections 30000; }}\nstream {{\n",
                 dir.display()
             );
             for s in services {
@@ -726,6 +728,8 @@ pub fn start(
                 )?);
             }
         }
+        // The clusters' circuit breakers allow 1,024 connections each by default: the
+        // idle measurement holds ten times as many.
         Proxy::Envoy(bin) => {
             let mut cfg = String::from("static_resources:\n  listeners:\n");
             for s in services {
@@ -742,7 +746,9 @@ pub fn start(
             for s in services {
                 let _ = write!(
                     cfg,
-                    "  - name: c{0}\n    type: STATIC\n    connect_timeout: 5s\n    load_assignment:\n      \
+                    "  - name: c{0}\n    type: STATIC\n    connect_timeout: 5s\n    \
+                     circuit_breakers: {{thresholds: [{{max_connections: 100000, \
+                     max_pending_requests: 100000, max_requests: 100000}}]}}\n    load_assignment:\n      \
                      cluster_name: c{0}\n      endpoints:\n      - lb_endpoints:\n        - endpoint: \
                      {{address: {{socket_address: {{address: {backend}, port_value: {1}}}}}}}\n",
                     s.listen_port, s.backend_port
@@ -763,6 +769,23 @@ pub fn start(
     }
     wait_listening(bed, &mut running, services)?;
     Ok(Some(running))
+}
+
+/// `HAProxy`'s `maxpipes`: pipes held at once for splicing (each two descriptors). A
+/// pipe goes back to the pool once empty, so idle connections hold none.
+pub const HAPROXY_MAXPIPES: u64 = 64;
+
+/// The descriptor limit in force (soft), which the proxies inherit.
+fn nofile() -> u64 {
+    nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+        .map_or(1024, |(soft, _)| soft)
+}
+
+/// `HAProxy`'s `maxconn` under the descriptor limit `nofile`: at most 30,000, and no more
+/// than two descriptors per connection plus its pipes and 100 more fit (`HAProxy` refuses
+/// to start when its computed descriptor need exceeds a limit it cannot raise).
+pub fn haproxy_maxconn(nofile: u64) -> u64 {
+    (nofile.saturating_sub(2 * HAPROXY_MAXPIPES + 100) / 2).min(30_000)
 }
 
 fn wait_listening(bed: &Bed, running: &mut Running, services: &[Service]) -> anyhow::Result<()> {
@@ -789,7 +812,17 @@ fn wait_listening(bed: &Bed, running: &mut Running, services: &[Service]) -> any
 
 #[cfg(test)]
 mod tests {
-    use super::version_in;
+    use super::{haproxy_maxconn, version_in};
+
+    #[test]
+    fn haproxy_maxconn_fits_the_descriptor_limit() {
+        assert_eq!(haproxy_maxconn(262_144), 30_000);
+        assert_eq!(haproxy_maxconn(20_000), 9_886);
+        // The idle measurement's connections fit under the same limit.
+        let idle = super::super::many::idle_conns(20_000) as u64;
+        assert!(haproxy_maxconn(20_000) >= idle);
+        assert_eq!(haproxy_maxconn(100), 0);
+    }
 
     #[test]
     fn versions_are_read_without_paths_names_or_hashes() {

@@ -370,11 +370,8 @@ fn many_connections(md: &mut String, stats: &Stats, info: &RunInfo) {
     {
         return;
     }
-    let _ = writeln!(
-        md,
-        "\n## Idle connections ({} at once)\n",
-        num(many::IDLE_CONNS as f64)
-    );
+    let held = info.timing.map_or(many::IDLE_CONNS, |t| t.idle_conns);
+    let _ = writeln!(md, "\n## Idle connections ({} at once)\n", num(held as f64));
     table(md, info, &idle, |row, m| cell(stats, row, m));
     let _ = writeln!(
         md,
@@ -388,13 +385,24 @@ fn many_connections(md: &mut String, stats: &Stats, info: &RunInfo) {
          *TCP memory* is the `mem` pages of `/proc/net/sockstat` (queued data: idle \
          connections hold none); *sockets in the node namespace* is its sockstat `inuse`; \
          *forward table entries* is `forward_table_entries` of `sockgate status`. The \
-         bench raises its descriptor limit to {}, which the proxies inherit; HAProxy runs \
-         with `maxconn 30000`, nginx with `worker_connections 30000`. socat is left out: \
-         it forks a process per connection, {} processes here.",
-        num(many::IDLE_CONNS as f64),
+         bench raised its descriptor limit to {} (soft = hard), which the proxies \
+         inherit{}; HAProxy runs with `maxconn 30000`, nginx with `worker_connections \
+         30000`. socat is left out: it forks a process per connection, {} processes here.",
+        num(held as f64),
         64,
-        super::NOFILE,
-        num(many::IDLE_CONNS as f64),
+        num(info.nofile as f64),
+        if held < many::IDLE_CONNS {
+            format!(
+                " (raising it to {} was refused: no `CAP_SYS_RESOURCE`); a proxy holds two \
+                 descriptors per connection, so the run holds {} connections, not {}",
+                num(super::NOFILE as f64),
+                num(held as f64),
+                num(many::IDLE_CONNS as f64)
+            )
+        } else {
+            String::new()
+        },
+        num(held as f64),
     );
     for n in many::MANY_COUNTS {
         let keys = super::many_keys(n);
