@@ -64,7 +64,7 @@ pub struct Options {
     /// Only the rows whose name contains one of these (comma-separated, case-insensitive).
     #[arg(long, value_delimiter = ',')]
     pub only: Vec<String>,
-    /// Seconds of each iperf3 run (default 5; 1 with --quick).
+    /// Seconds of each iperf3 run (default 3; 1 with --quick).
     #[arg(long)]
     pub iperf_secs: Option<u32>,
     /// Experiments: a sysctl set in the node namespace before the rows run
@@ -456,16 +456,18 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
             quiet_max: Duration::ZERO,
         }
     } else {
-        // Three repeats of every row in about 15 minutes on a quiet machine.
+        // Three repeats of every row in about 15 minutes on a quiet machine: about
+        // 28 s per row with the idle and many-connection measurements, 17 s without
+        // (docs/performance.md, "Idle and many connections").
         Timing {
-            iperf_secs: 4,
+            iperf_secs: 3,
             rr_secs: 2,
             conn_secs: 2.0,
-            slow_secs: 3.0,
+            slow_secs: 2.0,
             flood_secs: 2.0,
-            many_secs: 3.0,
+            many_secs: 2.0,
             idle_conns: many::idle_conns(nofile),
-            quiet_max: Duration::from_secs(3),
+            quiet_max: Duration::from_secs(2),
         }
     };
     let timing = Timing {
@@ -697,14 +699,16 @@ fn raise_nofile() -> anyhow::Result<u64> {
 
 /// Whether a row takes the idle-connection and many-connection measurements: no proxy,
 /// sockgate's three paths and the peers that hold thousands of connections in one
-/// process (socat forks a process per connection; `HAProxy` splice-auto and sockgate
-/// auto measure like `HAProxy` and sockgate splice).
+/// process, `HAProxy` by its forced splice row (the splice(2) reference). socat forks a
+/// process per connection; `HAProxy` without splice or with splice-auto and sockgate
+/// auto would measure like `HAProxy` forced splice and sockgate splice, for time a full
+/// run does not have.
 fn many_row(proxy: &Proxy) -> bool {
     matches!(
         proxy,
         Proxy::Direct
             | Proxy::Sockgate("sockmap" | "splice" | "forward")
-            | Proxy::Haproxy(HaSplice::Off | HaSplice::Forced)
+            | Proxy::Haproxy(HaSplice::Forced)
             | Proxy::Nginx
             | Proxy::Envoy(_)
     )

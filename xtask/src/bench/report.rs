@@ -386,8 +386,10 @@ fn many_connections(md: &mut String, stats: &Stats, info: &RunInfo) {
          connections hold none); *sockets in the node namespace* is its sockstat `inuse`; \
          *forward table entries* is `forward_table_entries` of `sockgate status`. The \
          bench raised its descriptor limit to {} (soft = hard), which the proxies \
-         inherit{}; HAProxy runs with `maxconn 30000`, nginx with `worker_connections \
-         30000`. socat is left out: it forks a process per connection, {} processes here.",
+         inherit{}; HAProxy runs with `maxconn {}` and `maxpipes {}` (a pipe goes back to its \
+         pool once empty), nginx with `worker_connections 30000`, Envoy's clusters with \
+         circuit breakers at 100,000 connections (1,024 by default). socat is left out: it \
+         forks a process per connection, {} processes here.",
         num(held as f64),
         64,
         num(info.nofile as f64),
@@ -402,6 +404,8 @@ fn many_connections(md: &mut String, stats: &Stats, info: &RunInfo) {
         } else {
             String::new()
         },
+        super::peers::haproxy_maxconn(info.nofile),
+        super::peers::HAPROXY_MAXPIPES,
         num(held as f64),
     );
     for n in many::MANY_COUNTS {
