@@ -456,9 +456,9 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
             quiet_max: Duration::ZERO,
         }
     } else {
-        // Three repeats of every row in about 15 minutes on a quiet machine: about
-        // 28 s per row with the idle and many-connection measurements, 17 s without
-        // (docs/performance.md, "Idle and many connections").
+        // Three repeats of every row in about 15 minutes: one repeat took 380 s on a
+        // busy machine with quiet waits of up to 2 s (docs/performance.md, "Idle and
+        // many connections"); waits of up to 1 s take about 80 s less.
         Timing {
             iperf_secs: 3,
             rr_secs: 2,
@@ -467,7 +467,7 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
             flood_secs: 2.0,
             many_secs: 2.0,
             idle_conns: many::idle_conns(nofile),
-            quiet_max: Duration::from_secs(2),
+            quiet_max: Duration::from_secs(1),
         }
     };
     let timing = Timing {
