@@ -91,16 +91,6 @@ pub struct ProxyConfig {
     pub socket_buffer: Option<sock::BufferSize>,
 }
 
-/// The sockmap path's buffers by default (`--socket-buffer auto`): 4 MiB each, kept
-/// at that size. With the kernel's defaults (16 KiB send buffer to start, autotuned)
-/// the psock backlog that sends redirected bytes stops each time the peer's send
-/// buffer is full; fixed 4 MiB measured less CPU per GB and no less throughput
-/// (docs/performance.md, "Socket buffers").
-pub const SOCKMAP_SOCKET_BUFFER: sock::BufferSize = sock::BufferSize {
-    bytes: 4 << 20,
-    autotune: false,
-};
-
 impl Default for ProxyConfig {
     fn default() -> Self {
         Self {
