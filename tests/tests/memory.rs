@@ -34,6 +34,9 @@ const SEND_TIME: Duration = Duration::from_secs(5);
 const SLOW_RATE: u64 = MIB;
 /// `--kernel-queue-limit` of the agent (the default).
 const QUEUE_LIMIT: u64 = 4 * MIB;
+/// Most of the client's bytes, in percent, that may cross userspace (parked by the
+/// verdict and forwarded by the agent) under the slow reader; measured 1-3%.
+const MAX_USERSPACE_PERCENT: f64 = 10.0;
 
 /// Kernel memory outside the page LRU lists, in bytes (`/proc/meminfo`). Printed for
 /// information only: it is machine-wide, and other traffic on the machine moves it by
@@ -281,12 +284,6 @@ fn kernel_path_agent(
 
 /// What one slow-receiver run measured.
 struct SlowReceiver {
-    /// Bytes the client wrote (all of them reached the backend, in order).
-    sent: u64,
-    /// Largest connection kernel memory sampled, in bytes.
-    held_max: u64,
-    /// The bound `held_max` was checked against.
-    bound: u64,
     /// Bytes client->backend the agent forwarded from userspace (parked bytes).
     userspace: u64,
     /// Bytes client->backend the verdict redirected in the kernel.
@@ -356,9 +353,6 @@ fn slow_receiver(extra: &[&str], socket_buffer: u64) -> SlowReceiver {
     let stats = agent.stats(8088);
     let count = |name: &str| stats[name].as_u64().unwrap_or(0);
     let run = SlowReceiver {
-        sent,
-        held_max,
-        bound,
         userspace: count("bytes_client_to_backend_userspace"),
         kernel: count("bytes_client_to_backend_kernel"),
         throttles: count("kernel_throttles"),
@@ -375,8 +369,10 @@ fn slow_receiver(extra: &[&str], socket_buffer: u64) -> SlowReceiver {
         machine_growth / MIB
     );
     assert_eq!(got, (sent, None), "backend: (bytes, first bad offset)");
+    // Flow control holds the client back to the backend's pace once the queue is
+    // full, but it must have written more than the backend could read meanwhile.
     assert!(
-        sent > 2 * SLOW_RATE * SEND_TIME.as_secs(),
+        sent > SLOW_RATE * SEND_TIME.as_secs(),
         "the client must outrun the backend for the test to mean anything: sent {sent}"
     );
     assert!(samples >= 10, "too few memory samples: {samples}");
@@ -388,6 +384,12 @@ fn slow_receiver(extra: &[&str], socket_buffer: u64) -> SlowReceiver {
     assert_eq!(stats["kernel_connections"], 1, "{stats}");
     assert_eq!(stats["userspace_connections"], 0, "{stats}");
     assert_eq!(run.userspace + run.kernel, sent, "{stats}");
+    // Flow control, not parking, keeps the queue bounded: few bytes cross userspace.
+    assert!(
+        run.userspace_percent() < MAX_USERSPACE_PERCENT,
+        "{:.2}% of the bytes crossed userspace: {stats}",
+        run.userspace_percent()
+    );
     run
 }
 

@@ -204,6 +204,38 @@ pub fn readable_bytes(fd: &impl AsRawFd) -> io::Result<usize> {
     }
 }
 
+/// `SO_RCVBUF`: the receive buffer size as the kernel keeps it (`sk_rcvbuf`, twice
+/// what was asked for).
+pub fn rcvbuf(fd: &impl AsRawFd) -> io::Result<i32> {
+    getsockopt_int(fd, libc::SOL_SOCKET, libc::SO_RCVBUF)
+}
+
+/// Sets `SO_RCVBUF` to `bytes` as the kernel keeps it (asks for half; the kernel
+/// raises tiny values to `SOCK_MIN_RCVBUF`). This locks the size against autotuning:
+/// [`set_buf_lock`] restores the lock bits.
+pub fn set_rcvbuf(fd: &impl AsRawFd, bytes: i32) -> io::Result<()> {
+    setsockopt_int(fd, libc::SOL_SOCKET, libc::SO_RCVBUF, (bytes / 2).max(1))
+}
+
+/// `SO_BUF_LOCK` (Linux 5.14): which of the buffer sizes autotuning may not change
+/// (`SOCK_SNDBUF_LOCK` 1, `SOCK_RCVBUF_LOCK` 2).
+pub fn buf_lock(fd: &impl AsRawFd) -> io::Result<i32> {
+    getsockopt_int(fd, libc::SOL_SOCKET, libc::SO_BUF_LOCK)
+}
+
+/// Sets `SO_BUF_LOCK` (see [`buf_lock`]).
+pub fn set_buf_lock(fd: &impl AsRawFd, bits: i32) -> io::Result<()> {
+    setsockopt_int(fd, libc::SOL_SOCKET, libc::SO_BUF_LOCK, bits)
+}
+
+fn getsockopt_int(fd: &impl AsRawFd, level: libc::c_int, name: libc::c_int) -> io::Result<i32> {
+    let (buf, len) = getsockopt_raw::<4>(fd, level, name)?;
+    if len != 4 {
+        return Err(io::Error::other("short socket option"));
+    }
+    Ok(i32::from_ne_bytes(buf))
+}
+
 #[cfg(test)]
 mod tests {
     use std::{net::TcpListener, time::Duration};
