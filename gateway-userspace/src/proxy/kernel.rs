@@ -18,7 +18,11 @@
 //!    `TCP_INFO` `tcpi_bytes_acked` + `SIOCOUTQ`), so it cannot overtake them. The
 //!    verdict keeps parking until the peer took the parked bytes too, then redirects
 //!    again by itself: this is what bounds kernel memory on this path (see
-//!    `docs/datapath.md`, "Kernel memory").
+//!    `docs/datapath.md`, "Kernel memory"). Parked bytes are peeked, sent, and only
+//!    then read off the source, so its window stays shut meanwhile.
+//!    Before that limit, each direction watches its queue and stops the sender with
+//!    TCP flow control (the [`Brake`]: window clamp and receive buffer at their
+//!    minimum), so that under a slow receiver few bytes are ever parked.
 //! 5. On EOF the FIN is passed on only once the peer's TCP has taken every byte
 //!    redirected or forwarded to it, by the same comparison: a `shutdown()` issued
 //!    earlier overtakes the psock queue and truncates the stream.
