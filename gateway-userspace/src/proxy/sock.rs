@@ -211,10 +211,18 @@ pub fn rcvbuf(fd: &impl AsRawFd) -> io::Result<i32> {
 }
 
 /// Sets `SO_RCVBUF` to `bytes` as the kernel keeps it (asks for half; the kernel
-/// raises tiny values to `SOCK_MIN_RCVBUF`). This locks the size against autotuning:
-/// [`set_buf_lock`] restores the lock bits.
+/// raises tiny values to `SOCK_MIN_RCVBUF`), with `SO_RCVBUFFORCE` so that a size
+/// above `net.core.rmem_max` (set by [`set_buffers`]) comes back whole, falling back
+/// to the capped `SO_RCVBUF` without `CAP_NET_ADMIN`. This locks the size against
+/// autotuning: [`set_buf_lock`] restores the lock bits.
 pub fn set_rcvbuf(fd: &impl AsRawFd, bytes: i32) -> io::Result<()> {
-    setsockopt_int(fd, libc::SOL_SOCKET, libc::SO_RCVBUF, (bytes / 2).max(1))
+    let half = (bytes / 2).max(1);
+    match setsockopt_int(fd, libc::SOL_SOCKET, libc::SO_RCVBUFFORCE, half) {
+        Err(e) if e.raw_os_error() == Some(libc::EPERM) => {
+            setsockopt_int(fd, libc::SOL_SOCKET, libc::SO_RCVBUF, half)
+        }
+        r => r,
+    }
 }
 
 /// `SO_BUF_LOCK` (Linux 5.14): which of the buffer sizes autotuning may not change
