@@ -35,8 +35,10 @@ const SLOW_RATE: u64 = MIB;
 /// `--kernel-queue-limit` of the agent (the default).
 const QUEUE_LIMIT: u64 = 4 * MIB;
 /// Most of the client's bytes, in percent, that may cross userspace (parked by the
-/// verdict and forwarded by the agent) under the slow reader; measured 1-3%.
-const MAX_USERSPACE_PERCENT: f64 = 10.0;
+/// verdict and forwarded by the agent) under the slow reader: at most one offered
+/// window (a quarter of the queue limit) per throttle, against the limit's worth moved
+/// in the kernel; measured 2.7-15% (docs/performance.md), 75-84% before the brake.
+const MAX_USERSPACE_PERCENT: f64 = 25.0;
 
 /// Kernel memory outside the page LRU lists, in bytes (`/proc/meminfo`). Printed for
 /// information only: it is machine-wide, and other traffic on the machine moves it by

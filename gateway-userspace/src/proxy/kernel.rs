@@ -20,9 +20,10 @@
 //!    again by itself: this is what bounds kernel memory on this path (see
 //!    `docs/datapath.md`, "Kernel memory"). Parked bytes are peeked, sent, and only
 //!    then read off the source, so its window stays shut meanwhile.
-//!    Before that limit, each direction watches its queue and stops the sender with
-//!    TCP flow control (the [`Brake`]: window clamp and receive buffer at their
-//!    minimum), so that under a slow receiver few bytes are ever parked.
+//!    The first parked bytes engage the [`Brake`] (window clamp and receive buffer at
+//!    their minimum): TCP flow control stops the sender, so that under a slow receiver
+//!    at most about one window is parked per throttle. Only an engaged brake is
+//!    watched with a timer, to release it.
 //! 5. On EOF the FIN is passed on only once the peer's TCP has taken every byte
 //!    redirected or forwarded to it, by the same comparison: a `shutdown()` issued
 //!    earlier overtakes the psock queue and truncates the stream.
@@ -314,10 +315,10 @@ impl Watch {
 
 /// One direction: waits for EOF on `src`, forwards any data the verdict parked on
 /// `src` (in order, after everything redirected before it), and passes the FIN on
-/// once `dst` has taken everything. Meanwhile it watches the queue towards `dst`:
-/// past a quarter of `queue_limit` it engages the [`Brake`] on `src` (the sender may
-/// still finish the window it was offered, which the rest of the limit absorbs), and
-/// releases it once the queue drained below a sixteenth.
+/// once `dst` has taken everything. Parked bytes engage the [`Brake`] on `src` (the
+/// sender may still finish the window it was offered); while it is engaged, the
+/// direction watches the queue towards `dst` and releases it once the queue drained
+/// below a sixteenth of `queue_limit`.
 async fn direction(
     dp: &Datapath,
     (src, dst): (&Sock<'_>, &Sock<'_>),
@@ -344,7 +345,10 @@ async fn direction(
     loop {
         tokio::select! {
             r = src.stream.readable() => r.map_err(DirError::Src)?,
-            () = tokio::time::sleep(watch.every) => {
+            // Only an engaged brake is watched (to release it): a timer per direction
+            // of every connection cost more than the path saves (the many-connection
+            // bench rows), so the brake engages on the verdict's first parked bytes.
+            () = tokio::time::sleep(watch.every), if brake.engaged() => {
                 watch.look(dp, (src, dst), written, &mut brake);
                 continue;
             }
