@@ -139,9 +139,9 @@ pub fn insert(
     } else {
         queue_limit
     };
-    // A window within the queue's headroom above the brake (see `direction`).
-    let _ = sock::set_window_clamp(client, max_window(queue_limit));
-    let _ = sock::set_window_clamp(backend, max_window(queue_limit));
+    // No window clamp at pairing: a clamp of a quarter of the queue limit (1 MiB)
+    // on both sockets cut one stream from 2.1 to 0.3 Gbit/s (docs/performance.md,
+    // "Memory bound without parking"); the brake clamps only after a throttle.
     // Run data queued before the insertion through the verdict.
     let _ = sock::set_rcvlowat(client, 1);
     let _ = sock::set_rcvlowat(backend, 1);
