@@ -216,13 +216,11 @@ fn outstanding(dp: &Datapath, src: &Sock<'_>, dst: &Sock<'_>) -> Option<u64> {
 /// Engaged, the brake clamps the window to its minimum (the sender may only finish
 /// the window it was offered) and shrinks `SO_RCVBUF` to its minimum: the few bytes
 /// the verdict then parks on `src` are charged to it, and its window drops to zero.
-/// Released, both come back as they were, autotuning included (`SO_BUF_LOCK`), but
-/// the window clamp no larger than `max_window`: a window larger than the queue's
-/// headroom would let the sender overrun the queue limit before the agent looks again.
+/// Released, both come back as they were, autotuning included (`SO_BUF_LOCK`). (A
+/// window clamp kept at a quarter of the queue limit after a release, or set at
+/// pairing, cut one stream to a sixth: docs/performance.md.)
 struct Brake<'a> {
     src: &'a TcpStream,
-    /// Largest window clamp the brake leaves once released.
-    max_window: i32,
     /// Window clamp, receive buffer and buffer lock bits before the brake.
     saved: Option<(i32, i32, i32)>,
 }
@@ -253,51 +251,32 @@ impl Brake<'_> {
             let _ = sock::set_rcvbuf(self.src, rcvbuf);
             let _ = sock::set_buf_lock(self.src, lock);
             let now = sock::window_clamp(self.src).unwrap_or(0);
-            let _ = sock::set_window_clamp(self.src, clamp.max(now).min(self.max_window));
+            let _ = sock::set_window_clamp(self.src, clamp.max(now));
         }
     }
 }
 
-/// The largest receive window of a socket on the kernel path: a quarter of the queue
-/// limit, so that a sender the [`Brake`] stopped at a quarter of the limit cannot
-/// overrun it with the window it was offered before, and what it may still send once
-/// the verdict parks its bytes stays small.
-fn max_window(queue_limit: u32) -> i32 {
-    i32::try_from(queue_limit / 4).unwrap_or(i32::MAX)
-}
+/// Time between two looks at the queue of a direction whose brake is engaged: short,
+/// so that the sender it holds resumes as soon as the queue drained (a backoff to
+/// 64 ms while the held sender moved nothing kept one stream at 0.3 Gbit/s).
+const WATCH_EVERY: Duration = Duration::from_millis(1);
 
-/// Shortest and longest time between two looks at a direction's queue.
-const WATCH_MIN: Duration = Duration::from_millis(1);
-const WATCH_MAX: Duration = Duration::from_millis(64);
-
-/// A direction's periodic look at its queue, which drives the [`Brake`].
+/// A direction's periodic look at its queue while its [`Brake`] is engaged.
 struct Watch {
     /// Queue length past which the brake engages.
     high: u64,
     /// Queue length under which it is released.
     low: u64,
-    /// Time until the next look: [`WATCH_MIN`] while bytes move, doubling up to
-    /// [`WATCH_MAX`] while they do not.
-    every: Duration,
-    /// `bytes_redirected` at the last look.
-    last_owed: u64,
 }
 
 impl Watch {
     fn look(
-        &mut self,
+        &self,
         dp: &Datapath,
         (src, dst): (&Sock<'_>, &Sock<'_>),
         written: u64,
         brake: &mut Brake<'_>,
     ) {
-        let owed = dp.bytes_redirected(src.cookie).unwrap_or(0);
-        self.every = if owed == self.last_owed {
-            (self.every * 2).min(WATCH_MAX)
-        } else {
-            WATCH_MIN
-        };
-        self.last_owed = owed;
         match outstanding(dp, src, dst) {
             Some(o) if o > self.high => brake.engage(),
             Some(o)
@@ -306,7 +285,6 @@ impl Watch {
                     && dp.bytes_passed(src.cookie).unwrap_or(0) <= written =>
             {
                 brake.release();
-                self.every = WATCH_MIN;
             }
             _ => {}
         }
@@ -330,14 +308,11 @@ async fn direction(
     let mut written: u64 = 0;
     let mut brake = Brake {
         src: src.stream,
-        max_window: max_window(queue_limit),
         saved: None,
     };
-    let mut watch = Watch {
+    let watch = Watch {
         high: u64::from(queue_limit / 4),
         low: u64::from(queue_limit / 16),
-        every: WATCH_MIN,
-        last_owed: 0,
     };
     // Held while reading; given back when src has nothing more to read.
     let mut held: Option<Vec<u8>> = None;
@@ -348,7 +323,7 @@ async fn direction(
             // Only an engaged brake is watched (to release it): a timer per direction
             // of every connection cost more than the path saves (the many-connection
             // bench rows), so the brake engages on the verdict's first parked bytes.
-            () = tokio::time::sleep(watch.every), if brake.engaged() => {
+            () = tokio::time::sleep(WATCH_EVERY), if brake.engaged() => {
                 watch.look(dp, (src, dst), written, &mut brake);
                 continue;
             }
@@ -420,7 +395,6 @@ async fn direction(
                     && outstanding(dp, src, dst).is_none_or(|o| o < watch.low)
                 {
                     brake.release();
-                    watch.every = WATCH_MIN;
                 }
             }
             Err(e) => return Err(DirError::Src(e)),
