@@ -170,6 +170,10 @@ enum SourceKind {
 }
 
 #[derive(clap::Args)]
+#[expect(
+    clippy::struct_excessive_bools,
+    reason = "each bool is one command-line switch"
+)]
 struct RunArgs {
     /// A fixed route: PORT=ADDR:PORT[*WEIGHT][,...] (repeatable). `invalid` stands for
     /// an invalid backendRef (its connections are reset).
@@ -237,6 +241,13 @@ struct RunArgs {
     #[arg(long, default_value_t = gateway_common::PEER_QUEUE_LIMIT,
           value_parser = clap::value_parser!(u32).range(65536..))]
     kernel_queue_limit: u32,
+    /// Kernel path: when the verdict throttles a sender, also stop it with TCP flow
+    /// control (window clamp and receive buffer at their minimum until the queue
+    /// drained), so that under a slow receiver a few percent of the bytes cross
+    /// userspace instead of most; it holds one fast stream to a sixth of its
+    /// throughput here (docs/performance.md, "Memory bound without parking").
+    #[arg(long, default_value_t = false, action = clap::ArgAction::Set)]
+    kernel_brake: bool,
     /// Socket paths: send and receive buffer size of both sockets of a connection, in
     /// bytes (suffix `K` or `M` for KiB or MiB); `kernel` for the kernel's defaults
     /// (`net.ipv4.tcp_wmem`/`tcp_rmem`, autotuned); `auto` for what measured best on
@@ -861,6 +872,7 @@ fn proxy_config(args: &RunArgs) -> anyhow::Result<ProxyConfig> {
         backend_timeout: secs(args.backend_timeout, "backend-timeout")?,
         bind: args.bind,
         kernel_queue_limit: args.kernel_queue_limit,
+        kernel_brake: args.kernel_brake,
         socket_buffer: socket_buffer(args.socket_buffer, args.socket_buffer_autotune),
     })
 }

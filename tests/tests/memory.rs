@@ -388,26 +388,45 @@ fn slow_receiver(extra: &[&str], socket_buffer: u64) -> SlowReceiver {
     assert_eq!(stats["kernel_connections"], 1, "{stats}");
     assert_eq!(stats["userspace_connections"], 0, "{stats}");
     assert_eq!(run.userspace + run.kernel, sent, "{stats}");
-    // Flow control, not parking, keeps the queue bounded: few bytes cross userspace.
-    assert!(
-        run.userspace_percent() < MAX_USERSPACE_PERCENT,
-        "{:.2}% of the bytes crossed userspace: {stats}",
-        run.userspace_percent()
-    );
+    // With the brake, flow control, not parking, keeps the queue bounded: few bytes
+    // cross userspace.
+    if extra.contains(&"--kernel-brake") {
+        assert!(
+            run.userspace_percent() < MAX_USERSPACE_PERCENT,
+            "{:.2}% of the bytes crossed userspace: {stats}",
+            run.userspace_percent()
+        );
+    }
     run
 }
 
+/// The default (`--kernel-brake false`): the throttle alone bounds the memory, and
+/// parked bytes cross userspace (75-84% of them measured).
 #[test]
 fn fast_client_slow_backend_kernel_memory_bounded() {
     let run = slow_receiver(&[], 0);
     assert!(run.throttles >= 1, "the queue never reached its limit");
 }
 
+/// With the brake: bounded, and few bytes cross userspace.
+#[test]
+fn fast_client_slow_backend_brake_memory_bounded() {
+    let run = slow_receiver(&["--kernel-brake", "true"], 0);
+    assert!(run.throttles >= 1, "the queue never reached its limit");
+}
+
 /// The same with fixed 4 MiB socket buffers (no autotuning).
 #[test]
-fn fast_client_slow_backend_fixed_buffers_memory_bounded() {
+fn fast_client_slow_backend_brake_fixed_buffers_memory_bounded() {
     slow_receiver(
-        &["--socket-buffer", "4M", "--socket-buffer-autotune", "false"],
+        &[
+            "--kernel-brake",
+            "true",
+            "--socket-buffer",
+            "4M",
+            "--socket-buffer-autotune",
+            "false",
+        ],
         4 * MIB,
     );
 }

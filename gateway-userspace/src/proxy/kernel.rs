@@ -20,10 +20,10 @@
 //!    again by itself: this is what bounds kernel memory on this path (see
 //!    `docs/datapath.md`, "Kernel memory"). Parked bytes are peeked, sent, and only
 //!    then read off the source, so its window stays shut meanwhile.
-//!    The first parked bytes engage the [`Brake`] (window clamp and receive buffer at
-//!    their minimum): TCP flow control stops the sender, so that under a slow receiver
-//!    at most about one window is parked per throttle. Only an engaged brake is
-//!    watched with a timer, to release it.
+//!    With `--kernel-brake`, the first parked bytes engage the [`Brake`] (window
+//!    clamp and receive buffer at their minimum): TCP flow control stops the sender,
+//!    so that under a slow receiver about one window is parked per throttle. Only an
+//!    engaged brake is watched with a timer, to release it.
 //! 5. On EOF the FIN is passed on only once the peer's TCP has taken every byte
 //!    redirected or forwarded to it, by the same comparison: a `shutdown()` issued
 //!    earlier overtakes the psock queue and truncates the stream.
@@ -102,6 +102,8 @@ pub struct Pair {
     conn: Arc<Conn>,
     /// The verdict's queue limit for this pair, in bytes.
     queue_limit: u32,
+    /// Whether a throttle engages the [`Brake`] (`--kernel-brake`).
+    brake: bool,
 }
 
 impl Drop for Pair {
@@ -118,13 +120,14 @@ impl Drop for Pair {
 
 /// Puts `client` and `backend` in the maps. On success the pair is live: the caller
 /// must then [`run`] it. `queue_limit` bounds what the verdict queues towards either
-/// socket before it throttles the sender (default [`QUEUE_LIMIT`]).
+/// socket before it throttles the sender (default [`QUEUE_LIMIT`]); with `brake`, a
+/// throttle also stops the sender with TCP flow control ([`Brake`]).
 pub fn insert(
     dp: &Arc<Datapath>,
     client: &TcpStream,
     backend: &TcpStream,
     listener_port: u16,
-    queue_limit: u32,
+    (queue_limit, brake): (u32, bool),
     conn: &Arc<Conn>,
 ) -> Result<(Pair, [u64; 2]), PairError> {
     let c = sock::cookie(client).map_err(PairError::Cookie)?;
@@ -153,6 +156,7 @@ pub fn insert(
             backend_cookie: b,
             conn: conn.clone(),
             queue_limit,
+            brake,
         },
         bases,
     ))
@@ -221,6 +225,8 @@ fn outstanding(dp: &Datapath, src: &Sock<'_>, dst: &Sock<'_>) -> Option<u64> {
 /// pairing, cut one stream to a sixth: docs/performance.md.)
 struct Brake<'a> {
     src: &'a TcpStream,
+    /// `--kernel-brake`: off, [`Brake::engage`] does nothing.
+    enabled: bool,
     /// Window clamp, receive buffer and buffer lock bits before the brake.
     saved: Option<(i32, i32, i32)>,
 }
@@ -231,7 +237,7 @@ impl Brake<'_> {
     }
 
     fn engage(&mut self) {
-        if self.saved.is_some() {
+        if !self.enabled || self.saved.is_some() {
             return;
         }
         let (Ok(clamp), Ok(rcvbuf), Ok(lock)) = (
@@ -300,7 +306,7 @@ impl Watch {
 async fn direction(
     dp: &Datapath,
     (src, dst): (&Sock<'_>, &Sock<'_>),
-    queue_limit: u32,
+    (queue_limit, brake_on): (u32, bool),
     (counters, conn): (&Counters, &Conn),
     client_to_backend: bool,
 ) -> Result<(), DirError> {
@@ -308,6 +314,7 @@ async fn direction(
     let mut written: u64 = 0;
     let mut brake = Brake {
         src: src.stream,
+        enabled: brake_on,
         saved: None,
     };
     let watch = Watch {
@@ -510,14 +517,14 @@ pub async fn run(
         let c2b = direction(
             &pair.dp,
             (&c, &b),
-            pair.queue_limit,
+            (pair.queue_limit, pair.brake),
             (&counters, &conn),
             true,
         );
         let b2c = direction(
             &pair.dp,
             (&b, &c),
-            pair.queue_limit,
+            (pair.queue_limit, pair.brake),
             (&counters, &conn),
             false,
         );

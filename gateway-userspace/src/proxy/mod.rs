@@ -86,6 +86,9 @@ pub struct ProxyConfig {
     /// Bytes the kernel path may queue towards a socket before the sender is
     /// throttled (`Peer::queue_limit`).
     pub kernel_queue_limit: u32,
+    /// A throttle on the kernel path also stops the sender with TCP flow control
+    /// (`kernel::Brake`), so that few bytes cross userspace under a slow receiver.
+    pub kernel_brake: bool,
     /// Buffer sizes set on both sockets of a connection (client and backend) before
     /// they are paired; `None` leaves the kernel's `tcp_wmem`/`tcp_rmem` defaults.
     pub socket_buffer: Option<sock::BufferSize>,
@@ -101,6 +104,7 @@ impl Default for ProxyConfig {
             backend_timeout: Duration::from_secs(30),
             bind: Ipv6Addr::UNSPECIFIED.into(),
             kernel_queue_limit: kernel::QUEUE_LIMIT,
+            kernel_brake: false,
             socket_buffer: None,
         }
     }
@@ -654,7 +658,7 @@ async fn handle(
             &client,
             &backend,
             port,
-            shared.cfg.kernel_queue_limit,
+            (shared.cfg.kernel_queue_limit, shared.cfg.kernel_brake),
             conn,
         ) {
             Ok(paired) => Some(paired),
