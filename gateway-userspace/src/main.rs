@@ -172,7 +172,7 @@ enum SourceKind {
 #[derive(clap::Args)]
 #[expect(
     clippy::struct_excessive_bools,
-    reason = "independent command-line switches, as clap declares them"
+    reason = "each bool is one command-line switch"
 )]
 struct RunArgs {
     /// A fixed route: PORT=ADDR:PORT[*WEIGHT][,...] (repeatable). `invalid` stands for
@@ -247,11 +247,18 @@ struct RunArgs {
     /// docs/datapath.md, "Node-local shortcut"). Off by default.
     #[arg(long)]
     local_shortcut: bool,
+    /// Kernel path: when the verdict throttles a sender, also stop it with TCP flow
+    /// control (window clamp and receive buffer at their minimum until the queue
+    /// drained), so that under a slow receiver a few percent of the bytes cross
+    /// userspace instead of most; it holds one fast stream to a sixth of its
+    /// throughput here (docs/performance.md, "Memory bound without parking").
+    #[arg(long, default_value_t = false, action = clap::ArgAction::Set)]
+    kernel_brake: bool,
     /// Socket paths: send and receive buffer size of both sockets of a connection, in
     /// bytes (suffix `K` or `M` for KiB or MiB); `kernel` for the kernel's defaults
     /// (`net.ipv4.tcp_wmem`/`tcp_rmem`, autotuned); `auto` for what measured best on
-    /// the data path: 4 MiB, fixed, for `sockmap`, the kernel's for splice
-    /// (docs/performance.md, "Socket buffers").
+    /// each data path, today the kernel's on both (docs/performance.md, "Socket
+    /// buffers").
     #[arg(long, default_value = "auto", value_parser = parse_socket_buffer)]
     socket_buffer: SocketBuffer,
     /// Socket paths, with `--socket-buffer BYTES`: let TCP's autotuning change the
@@ -819,20 +826,15 @@ enum SocketBuffer {
     Bytes(u32),
 }
 
-/// The buffers the socket paths set, from `--socket-buffer`, `--socket-buffer-autotune`
-/// and `--datapath` (`auto`: [`proxy::SOCKMAP_SOCKET_BUFFER`] on the sockmap path,
-/// the kernel's elsewhere; splice carries `auto`'s and `forward`'s socket connections).
-fn socket_buffer(
-    flag: SocketBuffer,
-    autotune: bool,
-    mode: DatapathMode,
-) -> Option<proxy::sock::BufferSize> {
+/// The buffers the socket paths set, from `--socket-buffer` and
+/// `--socket-buffer-autotune`. `auto` is what measured best on each data path: the
+/// kernel's on both today: fixed 4 MiB on the sockmap path measured faster in two
+/// runs, then five times slower on one stream in the run of this build
+/// (docs/performance.md, "Socket buffers").
+fn socket_buffer(flag: SocketBuffer, autotune: bool) -> Option<proxy::sock::BufferSize> {
     match flag {
-        SocketBuffer::Kernel => None,
+        SocketBuffer::Kernel | SocketBuffer::Auto => None,
         SocketBuffer::Bytes(bytes) => Some(proxy::sock::BufferSize { bytes, autotune }),
-        SocketBuffer::Auto => {
-            (mode == DatapathMode::Sockmap).then_some(proxy::SOCKMAP_SOCKET_BUFFER)
-        }
     }
 }
 
@@ -885,11 +887,8 @@ fn proxy_config(args: &RunArgs) -> anyhow::Result<ProxyConfig> {
         bind: args.bind,
         kernel_queue_limit: args.kernel_queue_limit,
         local_shortcut: args.local_shortcut,
-        socket_buffer: socket_buffer(
-            args.socket_buffer,
-            args.socket_buffer_autotune,
-            args.datapath,
-        ),
+        kernel_brake: args.kernel_brake,
+        socket_buffer: socket_buffer(args.socket_buffer, args.socket_buffer_autotune),
     })
 }
 
@@ -1093,26 +1092,15 @@ async fn wait_for_signal(access: Option<&sockgate::access_log::Writer>) -> anyho
 
 #[cfg(test)]
 mod tests {
-    use super::{DatapathMode, SocketBuffer, parse_socket_buffer, socket_buffer};
-    use sockgate::proxy::{SOCKMAP_SOCKET_BUFFER, sock::BufferSize};
+    use super::{SocketBuffer, parse_socket_buffer, socket_buffer};
+    use sockgate::proxy::sock::BufferSize;
 
     #[test]
-    fn socket_buffer_defaults_per_data_path() {
-        let auto = |mode| socket_buffer(SocketBuffer::Auto, false, mode);
-        assert_eq!(auto(DatapathMode::Sockmap), Some(SOCKMAP_SOCKET_BUFFER));
-        for mode in [
-            DatapathMode::Splice,
-            DatapathMode::Auto,
-            DatapathMode::Forward,
-        ] {
-            assert_eq!(auto(mode), None, "{mode:?}");
-        }
+    fn socket_buffer_sizes() {
+        assert_eq!(socket_buffer(SocketBuffer::Auto, false), None);
+        assert_eq!(socket_buffer(SocketBuffer::Kernel, true), None);
         assert_eq!(
-            socket_buffer(SocketBuffer::Kernel, false, DatapathMode::Sockmap),
-            None
-        );
-        assert_eq!(
-            socket_buffer(SocketBuffer::Bytes(1 << 20), true, DatapathMode::Splice),
+            socket_buffer(SocketBuffer::Bytes(1 << 20), true),
             Some(BufferSize {
                 bytes: 1 << 20,
                 autotune: true

@@ -87,6 +87,9 @@ pub struct ProxyConfig {
     /// Bytes the kernel path may queue towards a socket before the sender is
     /// throttled (`Peer::queue_limit`).
     pub kernel_queue_limit: u32,
+    /// A throttle on the kernel path also stops the sender with TCP flow control
+    /// (`kernel::Brake`), so that few bytes cross userspace under a slow receiver.
+    pub kernel_brake: bool,
     /// Buffer sizes set on both sockets of a connection (client and backend) before
     /// they are paired; `None` leaves the kernel's `tcp_wmem`/`tcp_rmem` defaults.
     pub socket_buffer: Option<sock::BufferSize>,
@@ -94,16 +97,6 @@ pub struct ProxyConfig {
     /// `sock_ops` program took gets a `GW_LOCAL_PAIRS` entry ([`local`]).
     pub local_shortcut: bool,
 }
-
-/// The sockmap path's buffers by default (`--socket-buffer auto`): 4 MiB each, kept
-/// at that size. With the kernel's defaults (16 KiB send buffer to start, autotuned)
-/// the psock backlog that sends redirected bytes stops each time the peer's send
-/// buffer is full; fixed 4 MiB measured less CPU per GB and no less throughput
-/// (docs/performance.md, "Socket buffers").
-pub const SOCKMAP_SOCKET_BUFFER: sock::BufferSize = sock::BufferSize {
-    bytes: 4 << 20,
-    autotune: false,
-};
 
 impl Default for ProxyConfig {
     fn default() -> Self {
@@ -115,6 +108,7 @@ impl Default for ProxyConfig {
             backend_timeout: Duration::from_secs(30),
             bind: Ipv6Addr::UNSPECIFIED.into(),
             kernel_queue_limit: kernel::QUEUE_LIMIT,
+            kernel_brake: false,
             socket_buffer: None,
             local_shortcut: false,
         }
@@ -669,7 +663,7 @@ async fn handle(
             &client,
             &backend,
             port,
-            shared.cfg.kernel_queue_limit,
+            (shared.cfg.kernel_queue_limit, shared.cfg.kernel_brake),
             conn,
         ) {
             Ok(paired) => Some(paired),

@@ -204,6 +204,46 @@ pub fn readable_bytes(fd: &impl AsRawFd) -> io::Result<usize> {
     }
 }
 
+/// `SO_RCVBUF`: the receive buffer size as the kernel keeps it (`sk_rcvbuf`, twice
+/// what was asked for).
+pub fn rcvbuf(fd: &impl AsRawFd) -> io::Result<i32> {
+    getsockopt_int(fd, libc::SOL_SOCKET, libc::SO_RCVBUF)
+}
+
+/// Sets `SO_RCVBUF` to `bytes` as the kernel keeps it (asks for half; the kernel
+/// raises tiny values to `SOCK_MIN_RCVBUF`), with `SO_RCVBUFFORCE` so that a size
+/// above `net.core.rmem_max` (set by [`set_buffers`]) comes back whole, falling back
+/// to the capped `SO_RCVBUF` without `CAP_NET_ADMIN`. This locks the size against
+/// autotuning: [`set_buf_lock`] restores the lock bits.
+pub fn set_rcvbuf(fd: &impl AsRawFd, bytes: i32) -> io::Result<()> {
+    let half = (bytes / 2).max(1);
+    match setsockopt_int(fd, libc::SOL_SOCKET, libc::SO_RCVBUFFORCE, half) {
+        Err(e) if e.raw_os_error() == Some(libc::EPERM) => {
+            setsockopt_int(fd, libc::SOL_SOCKET, libc::SO_RCVBUF, half)
+        }
+        r => r,
+    }
+}
+
+/// `SO_BUF_LOCK` (Linux 5.14): which of the buffer sizes autotuning may not change
+/// (`SOCK_SNDBUF_LOCK` 1, `SOCK_RCVBUF_LOCK` 2).
+pub fn buf_lock(fd: &impl AsRawFd) -> io::Result<i32> {
+    getsockopt_int(fd, libc::SOL_SOCKET, libc::SO_BUF_LOCK)
+}
+
+/// Sets `SO_BUF_LOCK` (see [`buf_lock`]).
+pub fn set_buf_lock(fd: &impl AsRawFd, bits: i32) -> io::Result<()> {
+    setsockopt_int(fd, libc::SOL_SOCKET, libc::SO_BUF_LOCK, bits)
+}
+
+fn getsockopt_int(fd: &impl AsRawFd, level: libc::c_int, name: libc::c_int) -> io::Result<i32> {
+    let (buf, len) = getsockopt_raw::<4>(fd, level, name)?;
+    if len != 4 {
+        return Err(io::Error::other("short socket option"));
+    }
+    Ok(i32::from_ne_bytes(buf))
+}
+
 #[cfg(test)]
 mod tests {
     use std::{net::TcpListener, time::Duration};

@@ -26,6 +26,7 @@
 
 mod access_log;
 mod chart;
+pub mod many;
 pub mod measure;
 pub mod peers;
 mod procfs;
@@ -64,7 +65,7 @@ pub struct Options {
     /// Only the rows whose name contains one of these (comma-separated, case-insensitive).
     #[arg(long, value_delimiter = ',')]
     pub only: Vec<String>,
-    /// Seconds of each iperf3 run (default 5; 1 with --quick).
+    /// Seconds of each iperf3 run (default 3; 1 with --quick).
     #[arg(long)]
     pub iperf_secs: Option<u32>,
     /// Experiments: a sysctl set in the node namespace before the rows run
@@ -118,7 +119,27 @@ const SLOW: Service = Service {
     backend_port: 7001,
     listen_port: 17001,
 };
-const SERVICES: [Service; 4] = [IPERF, SOCKPERF, EXCHANGE, SLOW];
+/// The echo services of the many-connection measurements: three, so that the forward
+/// path's NAT ports (4,536 by default, per backend address and port) cover 10,000
+/// connections at once.
+const ECHO: [Service; 3] = [
+    Service {
+        backend_port: 7010,
+        listen_port: 17010,
+    },
+    Service {
+        backend_port: 7011,
+        listen_port: 17011,
+    },
+    Service {
+        backend_port: 7012,
+        listen_port: 17012,
+    },
+];
+const SERVICES: [Service; 7] = [IPERF, SOCKPERF, EXCHANGE, SLOW, ECHO[0], ECHO[1], ECHO[2]];
+/// The descriptor limit the bench gives itself, and so the proxies it starts (they
+/// inherit it): client and backend of 10,000 connections live in the bench's process.
+const NOFILE: u64 = 262_144;
 
 /// Durations of one run.
 #[derive(Clone, Copy, Debug)]
@@ -129,6 +150,11 @@ pub struct Timing {
     pub slow_secs: f64,
     /// Seconds of each SYN flood of the guard's drop-rate rows.
     pub flood_secs: f64,
+    /// Seconds of each fixed-rate request/response run over many connections.
+    pub many_secs: f64,
+    /// Connections of the idle measurement (fewer than [`many::IDLE_CONNS`] where the
+    /// descriptor limit does not allow them).
+    pub idle_conns: usize,
     pub quiet_max: Duration,
 }
 
@@ -239,7 +265,101 @@ pub const METRICS: &[(&str, &str, &str, bool)] = &[
         "count",
         true,
     ),
+    ("idle_conns", "idle: connections held", "count", true),
+    (
+        "idle_fds",
+        "idle: proxy descriptors per connection",
+        "fd",
+        false,
+    ),
+    ("idle_rss", "idle: proxy RSS per connection", "KiB", false),
+    (
+        "idle_slab",
+        "idle: kernel slab (SUnreclaim) per connection",
+        "KiB",
+        false,
+    ),
+    (
+        "idle_tcp_mem",
+        "idle: TCP memory per connection",
+        "KiB",
+        false,
+    ),
+    (
+        "idle_node_socks",
+        "idle: TCP sockets in the node namespace per connection",
+        "sockets",
+        false,
+    ),
+    (
+        "idle_table",
+        "idle: forward table entries per connection",
+        "entries",
+        false,
+    ),
+    (
+        "many1k_cpu",
+        "1,000 conns: CPU per transaction",
+        "µs/txn",
+        false,
+    ),
+    (
+        "many1k_cpu_proxy",
+        "1,000 conns: proxy processes CPU per transaction",
+        "µs/txn",
+        false,
+    ),
+    ("many1k_p50", "1,000 conns: latency p50", "µs", false),
+    ("many1k_p99", "1,000 conns: latency p99", "µs", false),
+    (
+        "many1k_rate",
+        "1,000 conns: transactions per second",
+        "txn/s",
+        true,
+    ),
+    (
+        "many5k_cpu",
+        "5,000 conns: CPU per transaction",
+        "µs/txn",
+        false,
+    ),
+    (
+        "many5k_cpu_proxy",
+        "5,000 conns: proxy processes CPU per transaction",
+        "µs/txn",
+        false,
+    ),
+    ("many5k_p50", "5,000 conns: latency p50", "µs", false),
+    ("many5k_p99", "5,000 conns: latency p99", "µs", false),
+    (
+        "many5k_rate",
+        "5,000 conns: transactions per second",
+        "txn/s",
+        true,
+    ),
 ];
+
+/// The metric keys of one connection count of the fixed-rate run: CPU per
+/// transaction (all), of the proxy's processes, p50, p99, transactions per second.
+pub fn many_keys(conns: usize) -> [&'static str; 5] {
+    if conns <= 1_000 {
+        [
+            "many1k_cpu",
+            "many1k_cpu_proxy",
+            "many1k_p50",
+            "many1k_p99",
+            "many1k_rate",
+        ]
+    } else {
+        [
+            "many5k_cpu",
+            "many5k_cpu_proxy",
+            "many5k_p50",
+            "many5k_p99",
+            "many5k_rate",
+        ]
+    }
+}
 
 /// One measured value.
 #[derive(Clone, Debug)]
@@ -265,6 +385,8 @@ pub struct RunInfo {
     pub quick: bool,
     pub repeats: u32,
     pub timing: Option<Timing>,
+    /// The descriptor limit the bench and its proxies ran with.
+    pub nofile: u64,
     pub started: String,
     /// Seconds the rows of `BENCHMARKS.md` took, every repeat (not the install, the
     /// build, nor the access log's rows, which have their own file).
@@ -313,6 +435,7 @@ fn utc_now() -> String {
 #[expect(clippy::too_many_lines, reason = "the run's steps, in order")]
 pub fn run(opts: &Options) -> anyhow::Result<()> {
     let started = Instant::now();
+    let nofile = raise_nofile()?;
     peers::install_debian()?;
     let sockgate = build_release()?;
     let repeats = opts
@@ -326,16 +449,23 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
             conn_secs: 1.0,
             slow_secs: 1.0,
             flood_secs: 1.0,
+            many_secs: 1.0,
+            idle_conns: many::idle_conns(nofile),
             quiet_max: Duration::ZERO,
         }
     } else {
+        // Three repeats of every row in about 15 minutes: one repeat took 380 s on a
+        // busy machine with quiet waits of up to 2 s (docs/performance.md, "Idle and
+        // many connections"); waits of up to 1 s take about 80 s less.
         Timing {
-            iperf_secs: 5,
-            rr_secs: 3,
-            conn_secs: 3.0,
-            slow_secs: 4.0,
-            flood_secs: 3.0,
-            quiet_max: Duration::from_secs(10),
+            iperf_secs: 3,
+            rr_secs: 2,
+            conn_secs: 2.0,
+            slow_secs: 2.0,
+            flood_secs: 2.0,
+            many_secs: 2.0,
+            idle_conns: many::idle_conns(nofile),
+            quiet_max: Duration::from_secs(1),
         }
     };
     let timing = Timing {
@@ -346,6 +476,7 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
         quick: opts.quick,
         repeats,
         timing: Some(timing),
+        nofile,
         started: utc_now(),
         ..RunInfo::default()
     };
@@ -479,6 +610,12 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
         bed.backend(0),
         SocketAddr::new(backend.into(), SLOW.backend_port),
     )?;
+    let _echo = many::EchoBackend::start(
+        bed.backend(0),
+        ECHO.iter()
+            .map(|s| SocketAddr::new(backend.into(), s.backend_port))
+            .collect(),
+    )?;
     std::thread::sleep(Duration::from_millis(500));
 
     let mut samples = Vec::new();
@@ -488,7 +625,9 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
             println!("bench: repeat {repeat}/{repeats}: {}", proxy.name());
             let row_started = Instant::now();
             let result = run_row(&bed, proxy, &sockgate, opts, repeat, timing, &mut samples);
-            rows_s += row_started.elapsed().as_secs_f64();
+            let took = row_started.elapsed().as_secs_f64();
+            rows_s += took;
+            println!("bench: {} took {took:.1} s", proxy.name());
             match result {
                 Ok(paths) => {
                     if let Some(p) = paths {
@@ -523,6 +662,180 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
         out.join("bench/benchmarks.png").display(),
         started.elapsed().as_secs_f64()
     );
+    Ok(())
+}
+
+/// Raises the bench's own descriptor limit (soft and hard) to [`NOFILE`] before any
+/// proxy is started, so that every proxy inherits it; where raising the hard limit is
+/// not permitted (no `CAP_SYS_RESOURCE`, as in some containers), the soft limit is
+/// raised to the hard one. Returns the limit now in force.
+fn raise_nofile() -> anyhow::Result<u64> {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE)?;
+    if soft >= NOFILE && hard >= NOFILE {
+        return Ok(soft);
+    }
+    match setrlimit(Resource::RLIMIT_NOFILE, NOFILE, NOFILE) {
+        Ok(()) => {
+            println!("bench: open-file limit {soft}/{hard} raised to {NOFILE}");
+            Ok(NOFILE)
+        }
+        Err(e) => {
+            setrlimit(Resource::RLIMIT_NOFILE, hard, hard)
+                .context("raising the open-file soft limit to the hard limit")?;
+            println!(
+                "bench: open-file limit {soft}/{hard}: raising it to {NOFILE} was refused \
+                 ({e}); soft limit raised to {hard}, the idle measurement holds {} \
+                 connections",
+                many::idle_conns(hard)
+            );
+            Ok(hard)
+        }
+    }
+}
+
+/// Whether a row takes the idle-connection and many-connection measurements: no proxy,
+/// sockgate's three paths and the peers that hold thousands of connections in one
+/// process, `HAProxy` by its forced splice row (the splice(2) reference). socat forks a
+/// process per connection; `HAProxy` without splice or with splice-auto and sockgate
+/// auto would measure like `HAProxy` forced splice and sockgate splice, for time a full
+/// run does not have.
+fn many_row(proxy: &Proxy) -> bool {
+    matches!(
+        proxy,
+        Proxy::Direct
+            | Proxy::Sockgate("sockmap" | "splice" | "forward")
+            | Proxy::Haproxy(HaSplice::Forced)
+            | Proxy::Nginx
+            | Proxy::Envoy(_)
+    )
+}
+
+/// The idle-connection figures of one row: `t.idle_conns` connections over the
+/// echo services, each echoed one byte, held idle; the footprint before and after.
+/// Returns the connections, still open, for [`many_connections`].
+fn idle_connections(
+    bed: &Bed,
+    proxy: &Proxy,
+    running: Option<&peers::Running>,
+    t: Timing,
+    push: &mut impl FnMut(&'static str, f64, Load),
+) -> anyhow::Result<many::Conns> {
+    let pids = running.map(peers::Running::pids).unwrap_or_default();
+    let status = match proxy {
+        Proxy::Sockgate(_) => running.map(peers::Running::status_reader).transpose()?,
+        _ => None,
+    };
+    let table = || {
+        status
+            .as_ref()
+            .map_or(Ok(0), peers::StatusReader::forward_table_entries)
+    };
+    let load = measure::wait_quiet(t.quiet_max);
+    let before = many::footprint(&pids, bed.node(), table)?;
+    let targets = echo_targets(bed, proxy);
+    let conns = many::Conns::open(bed.client(), targets, t.idle_conns, Duration::from_mins(1))?;
+    // Let the proxies finish what a connection's start leaves (pool returns, timers).
+    std::thread::sleep(Duration::from_secs(1));
+    let after = many::footprint(&pids, bed.node(), table)?;
+    let (opened, failed) = (conns.opened, conns.failed);
+    let page = nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE)
+        .ok()
+        .flatten()
+        .and_then(|p| u64::try_from(p).ok())
+        .unwrap_or(4096);
+    let p = after
+        .per_connection(&before, opened, page)
+        .context("no idle connection opened")?;
+    println!(
+        "bench: {}: {opened} idle connections ({failed} failed): per connection {:.2} fd, \
+         {:.2} KiB proxy RSS, {:.2} KiB slab, {:.2} KiB TCP memory, {:.2} node sockets, \
+         {:.2} forward table entries",
+        proxy.name(),
+        p.fds,
+        p.rss_kib,
+        p.slab_kib,
+        p.tcp_kib,
+        p.node_sockets,
+        p.table_entries
+    );
+    push("idle_conns", opened as f64, load);
+    push("idle_fds", p.fds, load);
+    push("idle_rss", p.rss_kib, load);
+    push("idle_slab", p.slab_kib, load);
+    push("idle_tcp_mem", p.tcp_kib, load);
+    push("idle_node_socks", p.node_sockets, load);
+    if status.is_some() {
+        push("idle_table", p.table_entries, load);
+    }
+    many::check_opened(proxy.name(), opened, failed, t.idle_conns)?;
+    Ok(conns)
+}
+
+/// The echo services' addresses as the client reaches them through `proxy`.
+fn echo_targets(bed: &Bed, proxy: &Proxy) -> Vec<SocketAddr> {
+    ECHO.iter()
+        .map(|s| match proxy {
+            Proxy::Direct => SocketAddr::new(bed.backend_addr(0).into(), s.backend_port),
+            _ => SocketAddr::new(bed.node_addr().into(), s.listen_port),
+        })
+        .collect()
+}
+
+/// Time for the proxy and the kernel to finish closing the connections the last
+/// [`many::Conns::keep`] closed, before the next measurement.
+pub const CLOSE_SETTLE: Duration = Duration::from_millis(700);
+
+/// The fixed-rate request/response runs of one row, one per [`many::MANY_COUNTS`],
+/// largest first, over the idle measurement's `conns` (the others closed first):
+/// latency percentiles and CPU per transaction (the proxy's processes, kernel workers
+/// and the machine's softirq time, as for CPU per GB).
+fn many_connections(
+    conns: &many::Conns,
+    proxy: &Proxy,
+    pids: &[u32],
+    t: Timing,
+    push: &mut impl FnMut(&'static str, f64, Load),
+) -> anyhow::Result<()> {
+    for n in many::MANY_COUNTS.into_iter().rev() {
+        let open = conns.keep(n)?;
+        anyhow::ensure!(
+            open >= n,
+            "{}: only {open} of {n} connections left open",
+            proxy.name()
+        );
+        std::thread::sleep(CLOSE_SETTLE);
+        let load = measure::wait_quiet(t.quiet_max);
+        let before = measure::cpu_snapshot(pids);
+        let r = conns.load(many::MANY_RATE, t.many_secs)?;
+        let after = measure::cpu_snapshot(pids);
+        anyhow::ensure!(r.txns > 0, "{n} connections: no transaction answered");
+        let hz = measure::ticks_per_sec();
+        let us_per_txn = |a: u64, b: u64| a.saturating_sub(b) as f64 / hz * 1e6 / r.txns as f64;
+        let proxy_us = us_per_txn(after.proxy, before.proxy);
+        let all = proxy_us
+            + us_per_txn(after.kworker, before.kworker)
+            + us_per_txn(after.softirq, before.softirq);
+        let p50 = many::percentile(&r.latencies_us, 50.0).unwrap_or(0);
+        let p99 = many::percentile(&r.latencies_us, 99.0).unwrap_or(0);
+        let rate = r.txns as f64 / r.secs;
+        println!(
+            "bench: {}: {n} connections at {} req/s: {} answered ({rate:.0}/s), {} late, \
+             {} failed; p50 {p50} µs, p99 {p99} µs; CPU {all:.1} µs/txn ({proxy_us:.1} in \
+             the proxy's processes)",
+            proxy.name(),
+            many::MANY_RATE,
+            r.txns,
+            r.late,
+            r.failed
+        );
+        let [cpu, cpu_proxy, k50, k99, krate] = many_keys(n);
+        push(cpu, all, load);
+        push(cpu_proxy, proxy_us, load);
+        push(k50, f64::from(p50), load);
+        push(k99, f64::from(p99), load);
+        push(krate, rate, load);
+    }
     Ok(())
 }
 
@@ -827,6 +1140,27 @@ fn run_row(
         println!(
             "bench: {row}: slow receiver stopped early: memory grew past {} MiB",
             measure::SLOW_CAP / mib
+        );
+    }
+
+    if many_row(proxy) {
+        let idle_started = Instant::now();
+        let conns = idle_connections(bed, proxy, running.as_ref(), t, &mut push)?;
+        let many_started = Instant::now();
+        many_connections(&conns, proxy, &pids, t, &mut push)?;
+        drop(conns);
+        // The forward path keeps a closed connection's entries and NAT port for 2 s.
+        std::thread::sleep(Duration::from_millis(
+            if matches!(proxy, Proxy::Sockgate("forward")) {
+                2_500
+            } else {
+                500
+            },
+        ));
+        println!(
+            "bench: {row}: idle connections took {:.1} s, many connections {:.1} s",
+            (many_started - idle_started).as_secs_f64(),
+            many_started.elapsed().as_secs_f64()
         );
     }
 

@@ -144,13 +144,13 @@ pub fn version(cmd: &mut Command) -> Option<String> {
     version_in(&text)
 }
 
-/// The first version number in `text`: digits, a dot, digits, then whatever belongs to
-/// the same word (`2.6.12-1+deb12u4`, `1.40.0`), at the start of a word. Paths, program
-/// names, build hashes and dates around it are left out, so that the report names each
-/// tool by its version only.
+/// The first version number in `text`: digits and dots (`2.6.12`, `1.40.0`) at the start
+/// of a word. Paths, program names, build hashes, dates and a distribution's package
+/// revision after it (`-1+deb12u4`, `-no.git`) are left out, so that the report names
+/// each tool by its upstream version only.
 pub fn version_in(text: &str) -> Option<String> {
     let b = text.as_bytes();
-    let word = |c: u8| c.is_ascii_alphanumeric() || b"._+~-".contains(&c);
+    let word = |c: u8| c.is_ascii_digit() || c == b'.';
     (0..b.len()).find_map(|i| {
         let boundary = i == 0 || (!b[i - 1].is_ascii_alphanumeric() && b[i - 1] != b'.');
         let digits = b[i..].iter().take_while(|c| c.is_ascii_digit()).count();
@@ -162,7 +162,7 @@ pub fn version_in(text: &str) -> Option<String> {
                 .iter()
                 .position(|&c| !word(c))
                 .map_or(b.len(), |n| i + n);
-            text[i..end].trim_end_matches(['.', '-']).to_owned()
+            text[i..end].trim_end_matches('.').to_owned()
         })
     })
 }
@@ -647,8 +647,10 @@ pub fn start(
             running.children.push(spawn(&mut cmd, &log)?);
         }
         Proxy::Haproxy(splice) => {
-            let mut cfg = String::from(
-                "global\n  nbthread 1\n  maxconn 4000\ndefaults\n  mode tcp\n  \
+            let maxconn = haproxy_maxconn(nofile());
+            let mut cfg = format!(
+                "global\n  nbthread 1\n  maxconn {maxconn}\n  maxpipes {HAPROXY_MAXPIPES}\n\
+                 defaults\n  mode tcp\n  maxconn {maxconn}\n  \
                  timeout connect 5s\n  timeout client 60s\n  timeout server 60s\n",
             );
             match splice {
@@ -676,7 +678,7 @@ pub fn start(
                 "load_module /usr/lib/nginx/modules/ngx_stream_module.so;\nuser root;\n\
                  worker_processes 1;\ndaemon off;\npid {0}/nginx.pid;\n\
                  error_log {0}/logs/error.log warn;\n\
-                 events {{ worker_connections 8000; }}\nstream {{\n",
+                 events {{ worker_connections 30000; }}\nstream {{\n",
                 dir.display()
             );
             for s in services {
@@ -707,6 +709,8 @@ pub fn start(
                 )?);
             }
         }
+        // The clusters' circuit breakers allow 1,024 connections each by default: the
+        // idle measurement holds ten times as many.
         Proxy::Envoy(bin) => {
             let mut cfg = String::from("static_resources:\n  listeners:\n");
             for s in services {
@@ -723,7 +727,9 @@ pub fn start(
             for s in services {
                 let _ = write!(
                     cfg,
-                    "  - name: c{0}\n    type: STATIC\n    connect_timeout: 5s\n    load_assignment:\n      \
+                    "  - name: c{0}\n    type: STATIC\n    connect_timeout: 5s\n    \
+                     circuit_breakers: {{thresholds: [{{max_connections: 100000, \
+                     max_pending_requests: 100000, max_requests: 100000}}]}}\n    load_assignment:\n      \
                      cluster_name: c{0}\n      endpoints:\n      - lb_endpoints:\n        - endpoint: \
                      {{address: {{socket_address: {{address: {backend}, port_value: {1}}}}}}}\n",
                     s.listen_port, s.backend_port
@@ -744,6 +750,23 @@ pub fn start(
     }
     wait_listening(bed, &mut running, services)?;
     Ok(Some(running))
+}
+
+/// `HAProxy`'s `maxpipes`: pipes held at once for splicing (each two descriptors). A
+/// pipe goes back to the pool once empty, so idle connections hold none.
+pub const HAPROXY_MAXPIPES: u64 = 64;
+
+/// The descriptor limit in force (soft), which the proxies inherit.
+fn nofile() -> u64 {
+    nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+        .map_or(1024, |(soft, _)| soft)
+}
+
+/// `HAProxy`'s `maxconn` under the descriptor limit `nofile`: at most 30,000, and no more
+/// than two descriptors per connection plus its pipes and 100 more fit (`HAProxy` refuses
+/// to start when its computed descriptor need exceeds a limit it cannot raise).
+pub fn haproxy_maxconn(nofile: u64) -> u64 {
+    (nofile.saturating_sub(2 * HAPROXY_MAXPIPES + 100) / 2).min(30_000)
 }
 
 fn wait_listening(bed: &Bed, running: &mut Running, services: &[Service]) -> anyhow::Result<()> {
@@ -770,7 +793,17 @@ fn wait_listening(bed: &Bed, running: &mut Running, services: &[Service]) -> any
 
 #[cfg(test)]
 mod tests {
-    use super::version_in;
+    use super::{haproxy_maxconn, version_in};
+
+    #[test]
+    fn haproxy_maxconn_fits_the_descriptor_limit() {
+        assert_eq!(haproxy_maxconn(262_144), 30_000);
+        assert_eq!(haproxy_maxconn(20_000), 9_886);
+        // The idle measurement's connections fit under the same limit.
+        let idle = super::super::many::idle_conns(20_000) as u64;
+        assert!(haproxy_maxconn(20_000) >= idle);
+        assert_eq!(haproxy_maxconn(100), 0);
+    }
 
     #[test]
     fn versions_are_read_without_paths_names_or_hashes() {
@@ -782,8 +815,11 @@ mod tests {
             ),
             (
                 "HAProxy version 2.6.12-1+deb12u4 2026/10/17 - https://haproxy.org/",
-                "2.6.12-1+deb12u4",
+                "2.6.12",
             ),
+            ("sockperf, version 3.7-no.git", "3.7"),
+            ("nginx version: nginx/1.22.1~bpo12+1", "1.22.1"),
+            ("Version 1.2. Done", "1.2"),
             ("nginx version: nginx/1.22.1", "1.22.1"),
             (
                 "socat by Gerhard Rieger and contributors - see www.dest-unreach.org\n\

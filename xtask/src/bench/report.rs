@@ -350,6 +350,131 @@ fn forward_flood(md: &mut String, stats: &Stats, info: &RunInfo) {
     );
 }
 
+/// The idle-connection and many-connection rows: what an idle connection costs, and
+/// request/response at a fixed rate over many connections.
+fn many_connections(md: &mut String, stats: &Stats, info: &RunInfo) {
+    use super::many;
+    let idle = [
+        "idle_conns",
+        "idle_fds",
+        "idle_rss",
+        "idle_slab",
+        "idle_tcp_mem",
+        "idle_node_socks",
+        "idle_table",
+    ];
+    if !info
+        .rows
+        .iter()
+        .any(|r| stats.contains_key(&(r.clone(), "idle_conns")))
+    {
+        return;
+    }
+    let held = info.timing.map_or(many::IDLE_CONNS, |t| t.idle_conns);
+    let _ = writeln!(md, "\n## Idle connections ({} at once)\n", num(held as f64));
+    table(md, info, &idle, |row, m| cell(stats, row, m));
+    let _ = writeln!(
+        md,
+        "\nThe client opens {} connections over three echo listeners ({} at a time), \
+         sends one byte on each and reads its echo, then holds them all idle; one second \
+         later the bench reads the footprint again and divides the growth by the \
+         connections held. *Descriptors* and *RSS* are the proxy's process tree's \
+         (`/proc/PID/fd`, `VmRSS`); *slab* is the machine's `SUnreclaim` (`/proc/meminfo`; \
+         sockets live there, so it counts the client's and the backend's sockets too, \
+         which *direct* shows alone, and anything else the machine allocated meanwhile); \
+         *TCP memory* is the `mem` pages of `/proc/net/sockstat` (queued data: idle \
+         connections hold none); *sockets in the node namespace* is its sockstat `inuse`; \
+         *forward table entries* is `forward_table_entries` of `sockgate status`. The \
+         bench raised its descriptor limit to {} (soft = hard), which the proxies \
+         inherit{}; HAProxy runs with `maxconn {}` and `maxpipes {}` (a pipe goes back to its \
+         pool once empty), nginx with `worker_connections 30000`, Envoy's clusters with \
+         circuit breakers at 100,000 connections (1,024 by default). socat is left out: it \
+         forks a process per connection, {} processes here.",
+        num(held as f64),
+        64,
+        num(info.nofile as f64),
+        if held < many::IDLE_CONNS {
+            format!(
+                " (raising it to {} was refused: no `CAP_SYS_RESOURCE`); a proxy holds two \
+                 descriptors per connection, so the run holds {} connections, not {}",
+                num(super::NOFILE as f64),
+                num(held as f64),
+                num(many::IDLE_CONNS as f64)
+            )
+        } else {
+            String::new()
+        },
+        super::peers::haproxy_maxconn(info.nofile),
+        super::peers::HAPROXY_MAXPIPES,
+        num(held as f64),
+    );
+    for n in many::MANY_COUNTS {
+        let keys = super::many_keys(n);
+        if !info
+            .rows
+            .iter()
+            .any(|r| stats.contains_key(&(r.clone(), keys[0])))
+        {
+            continue;
+        }
+        let _ = writeln!(
+            md,
+            "\n## {} connections, request/response at {} per second in all\n",
+            num(n as f64),
+            num(many::MANY_RATE)
+        );
+        table(md, info, &keys, |row, m| cell(stats, row, m));
+        let cpu = keys[0];
+        let (kernel, splice) = (
+            median(stats, "sockgate kernel", cpu),
+            median(stats, "sockgate splice", cpu),
+        );
+        if let (Some(k), Some(s)) = (kernel, splice)
+            && k > 0.0
+        {
+            let verdict = if s / k >= 1.5 {
+                "the kernel path wins (at least 1.5x less CPU per transaction)"
+            } else if s > k {
+                "the kernel path spends less, but not 1.5x less"
+            } else {
+                "the kernel path does not win"
+            };
+            let _ = writeln!(
+                md,
+                "\nCPU per transaction, sockgate splice / sockgate kernel: {:.2}x: {verdict}.",
+                s / k
+            );
+        }
+    }
+    if let Some(t) = info.timing {
+        many_connections_note(md, t);
+    }
+}
+
+/// How the fixed-rate request/response runs over many connections are made.
+fn many_connections_note(md: &mut String, t: super::Timing) {
+    use super::many;
+    let _ = writeln!(
+        md,
+        "\nThe client (one thread, tokio, in the client namespace) keeps N of the idle \
+         measurement's connections open (5,000, then 1,000; the others closed {} ms \
+         before), then sends a {}-byte request on each in turn \
+         so that {} requests per second leave in all (each connection once every \
+         N/{} s, staggered evenly), for {} s; each waits for its echo (the backend, one \
+         tokio thread, echoes). *Latency* is from the send to the whole echo; a send that \
+         would start a whole period late is skipped (the CSV keeps the rate reached). \
+         *CPU per transaction* is, as for CPU per GB, the proxy's processes + all \
+         `kworker` threads + the machine's softirq time over the run, divided by the \
+         transactions answered; the proxy part alone is the next column. *direct* shows \
+         what the client's and the backend's own stacks cost.",
+        super::CLOSE_SETTLE.as_millis(),
+        many::REQUEST_BYTES,
+        num(many::MANY_RATE),
+        num(many::MANY_RATE),
+        t.many_secs
+    );
+}
+
 /// The report's first paragraph: the command, when, the repeats and the seconds its
 /// rows took ([`RunInfo::elapsed_s`]).
 fn run_line(info: &RunInfo) -> String {
@@ -491,6 +616,7 @@ pub fn write(out: &Path, samples: &[Sample], info: &RunInfo) -> anyhow::Result<(
     }
     guard(&mut md, &stats, info);
     forward_flood(&mut md, &stats, info);
+    many_connections(&mut md, &stats, info);
     if !info.paths.is_empty() {
         md.push_str(
             "\n## Data path of sockgate's connections\n\nFrom `sockgate status` after each \
