@@ -546,8 +546,6 @@ fn existing(ctx: &TcContext, seg: &Segment, flow: *mut Flow) -> i32 {
         if !answered && !retry(ctx, seg, f) {
             // Every attempt failed: the client is answered with a RST (its record
             // ends now).
-            // SAFETY: helper without arguments.
-            f.last_seen_ns = unsafe { bpf_ktime_get_ns() };
             return reject(ctx, seg, f.listener_port, Refusal::ConnectFailed);
         }
     }

@@ -824,11 +824,6 @@ fn forward_failed_connect_is_recorded_once_as_connect_failed() {
         r["detail"].as_str().is_some_and(|d| d.contains("attempts")),
         "{r}"
     );
-    // Until the program reset the client, at its SYN's retransmission (1 s).
-    assert!(
-        r["duration_seconds"].as_f64().is_some_and(|d| d >= 0.5),
-        "{r}"
-    );
     drop(agent);
     let _ = std::fs::remove_dir_all(&dir);
 }
