@@ -48,8 +48,6 @@
 //! segment carrying the second FIN of the two directions (the final ACK after it is
 //! not counted in the event). The client's entry is then marked `FLOW_S_LOGGED`, so a
 //! retransmitted FIN or RST emits nothing more and the sweeper does not log it again.
-//! A client's new SYN on the tuple of such a logged connection (its port reused within
-//! the closing or reset timeout) removes the old entries and opens a new connection.
 //! Only segments with FIN or RST look at the other entry; a full ring buffer is counted
 //! (`events_lost`) and the sweeper logs that connection when it removes it. Ends the
 //! agent decides (idle, handshake and drain timeouts) are logged by the sweeper.
@@ -248,9 +246,7 @@ pub fn gw_fwd(ctx: TcContext) -> i32 {
     if !parse(&ctx, &mut seg) {
         return icmp_error(&ctx).unwrap_or(TCX_NEXT);
     }
-    if let Some(flow) = GW_FWD_FLOWS.get_ptr_mut(&seg.key)
-        && !reused(&seg, flow)
-    {
+    if let Some(flow) = GW_FWD_FLOWS.get_ptr_mut(&seg.key) {
         return existing(&ctx, &seg, flow);
     }
     if seg.flags & (TCP_SYN | TCP_ACK | TCP_RST) == TCP_SYN {
@@ -528,31 +524,6 @@ enum Refusal {
     ConnectFailed,
 }
 
-/// Whether `seg` is a client's new SYN on the tuple of a connection that is over and
-/// logged (`FLOW_S_LOGGED`: a client that reuses its port within the closing or reset
-/// timeout). Both entries of the old connection are then removed, so the SYN opens a
-/// new connection with its own state, counters and record; the old connection's
-/// record is already out.
-#[inline(never)]
-fn reused(seg: &Segment, flow: *mut Flow) -> bool {
-    if seg.flags & (TCP_SYN | TCP_ACK | TCP_RST) != TCP_SYN {
-        return false;
-    }
-    // SAFETY: a value of GW_FWD_FLOWS from the lookup, valid while the program runs
-    // (RCU); read only.
-    let f = unsafe { &*flow };
-    if u32::from(f.direction) != DIR_CLIENT_TO_BACKEND || f.state & FLOW_S_LOGGED == 0 {
-        return false;
-    }
-    let Some(sc) = scratch() else {
-        return false;
-    };
-    sc.key = reverse_key(f);
-    let _ = GW_FWD_FLOWS.remove(&sc.key);
-    let _ = GW_FWD_FLOWS.remove(&seg.key);
-    true
-}
-
 /// A segment of a connection in the table.
 #[inline(never)]
 fn existing(ctx: &TcContext, seg: &Segment, flow: *mut Flow) -> i32 {
@@ -575,8 +546,6 @@ fn existing(ctx: &TcContext, seg: &Segment, flow: *mut Flow) -> i32 {
         if !answered && !retry(ctx, seg, f) {
             // Every attempt failed: the client is answered with a RST (its record
             // ends now).
-            // SAFETY: helper without arguments.
-            f.last_seen_ns = unsafe { bpf_ktime_get_ns() };
             return reject(ctx, seg, f.listener_port, Refusal::ConnectFailed);
         }
     }

@@ -1740,57 +1740,6 @@ fn ipv6_one_event_per_end() {
     in_bed(|| ends(Fam::V6));
 }
 
-/// A client's new SYN on the tuple of a connection that ended and was logged (its port
-/// reused within the reset timeout) opens a new connection: the old entries go, the new
-/// one has a NAT port of its own, fresh state and counters, and its end is an event
-/// of its own with its own bytes.
-fn reused_tuple(fam: Fam) {
-    let mut fwd = Fwd::load(Load::default());
-    let backend = SocketAddr::new(fam.backend(0), BACKEND_PORT);
-    fwd.listener(LISTENER, &[be(backend, 1)]);
-    let front = SocketAddr::new(fam.node(), LISTENER);
-    let (client, backend, old_nat) = established(&mut fwd, fam, 34002);
-    fwd.client(&Tcp::new(client, front, RST | ACK).seq(1101).ack(7251));
-    assert_eq!(fwd.events().len(), 1, "the first connection's end");
-
-    let syn = Tcp::new(client, front, SYN).seq(5000).options(&SYN_OPTIONS);
-    let (action, out) = fwd.client(&syn);
-    assert_eq!(action, 7, "the new SYN is forwarded");
-    let nat = SocketAddr::new(fam.nat(), nat_port("new SYN", &out, Load::default()));
-    assert_ne!(nat, old_nat, "a NAT port of its own");
-    assert!(
-        fwd.flow(&key(backend, old_nat)).is_none(),
-        "the old backend entry is gone"
-    );
-    let c = fwd.flow(&key(client, front)).expect("client entry");
-    assert_eq!(c.state, FLOW_S_SYN, "fresh state, not logged: {c:?}");
-    assert_eq!((c.packets, c.bytes), (1, 0), "fresh counters: {c:?}");
-    assert_eq!(c.new_sport, nat.port(), "{c:?}");
-    fwd.backend(&Tcp::new(backend, nat, SYN | ACK).seq(9000).ack(5001));
-    fwd.client(
-        &Tcp::new(client, front, ACK | PSH)
-            .seq(5001)
-            .ack(9001)
-            .payload(&pattern(10, 3)),
-    );
-    fwd.client(&Tcp::new(client, front, RST | ACK).seq(5011).ack(9001));
-    let events = fwd.events();
-    assert_eq!(events.len(), 1, "the second connection's end: {events:?}");
-    let e = events[0];
-    assert_eq!(e.end, FWD_END_CLIENT_RESET, "{e:?}");
-    assert_eq!((e.bytes_c2b, e.bytes_b2c), (10, 0), "its own bytes: {e:?}");
-}
-
-#[test]
-fn ipv4_reused_tuple_opens_a_new_connection() {
-    in_bed(|| reused_tuple(Fam::V4));
-}
-
-#[test]
-fn ipv6_reused_tuple_opens_a_new_connection() {
-    in_bed(|| reused_tuple(Fam::V6));
-}
-
 /// A full ring buffer does not stop forwarding: the end that finds no room is counted
 /// (`events_lost`) and its client entry is left unmarked, so the agent's sweeper logs
 /// that connection; once the agent has read the ring, ends are emitted again.

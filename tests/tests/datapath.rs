@@ -29,10 +29,22 @@ fn agent_with_backend(
     path: &str,
     handler: servers::Handler,
 ) -> (servers::Server, Agent, SocketAddr) {
+    agent_with_backend_args(bed, path, handler, &[])
+}
+
+/// [`agent_with_backend`] with `extra` flags for the agent.
+fn agent_with_backend_args(
+    bed: &Bed,
+    path: &str,
+    handler: servers::Handler,
+    extra: &[&str],
+) -> (servers::Server, Agent, SocketAddr) {
     let server =
         servers::Server::start(bed.backend(0), backend(bed, 0, 3001), handler).expect("server");
     let route = format!("8088={}", backend(bed, 0, 3001));
-    let agent = Agent::start(bed, &["--route", &route, "--datapath", path], &[8088]);
+    let mut args = vec!["--route", &route, "--datapath", path];
+    args.extend_from_slice(extra);
+    let agent = Agent::start(bed, &args, &[8088]);
     (server, agent, listener_addr(bed, 8088))
 }
 
@@ -477,13 +489,7 @@ fn node_socket_buffers(bed: &Bed, port: u16) -> Vec<(u64, u64)> {
 fn socket_buffers(path: &str, args: &[&str]) -> Vec<(u64, u64)> {
     require_root();
     let bed = Bed::new(1).expect("bed");
-    let _server = servers::Server::start(bed.backend(0), backend(&bed, 0, 3001), servers::echo())
-        .expect("server");
-    let route = format!("8088={}", backend(&bed, 0, 3001));
-    let mut all = vec!["--route", &route, "--datapath", path];
-    all.extend_from_slice(args);
-    let agent = Agent::start(&bed, &all, &[8088]);
-    let addr = listener_addr(&bed, 8088);
+    let (_server, agent, addr) = agent_with_backend_args(&bed, path, servers::echo(), args);
     let (done_tx, done_rx) = mpsc::channel::<()>();
     let (up_tx, up_rx) = mpsc::channel();
     let client = bed
@@ -553,16 +559,7 @@ fn worker_threads_flag() {
     let bed = Bed::new(1).expect("bed");
     let cpus = std::thread::available_parallelism().expect("cpus").get();
     for (args, want) in [(vec![], cpus), (vec!["--worker-threads", "1"], 1)] {
-        let (_server, agent, addr) = {
-            let server =
-                servers::Server::start(bed.backend(0), backend(&bed, 0, 3001), servers::echo())
-                    .expect("server");
-            let route = format!("8088={}", backend(&bed, 0, 3001));
-            let mut all = vec!["--route", &route, "--datapath", SPLICE];
-            all.extend_from_slice(&args);
-            let agent = Agent::start(&bed, &all, &[8088]);
-            (server, agent, listener_addr(&bed, 8088))
-        };
+        let (_server, agent, addr) = agent_with_backend_args(&bed, SPLICE, servers::echo(), &args);
         let echoed = bed
             .client()
             .run(move || exchange(&mut connect(addr).expect("connect"), "one\n"))

@@ -274,11 +274,10 @@ impl Brake<'_> {
 /// 64 ms while the held sender moved nothing kept one stream at 0.3 Gbit/s).
 const WATCH_EVERY: Duration = Duration::from_millis(1);
 
-/// A direction's periodic look at its queue while its [`Brake`] is engaged.
+/// A direction's periodic look at its queue while its [`Brake`] is engaged:
+/// releases it once nothing parked is left and the queue is shorter than `low`.
 struct Watch {
-    /// Queue length past which the brake engages.
-    high: u64,
-    /// Queue length under which it is released.
+    /// Queue length under which the brake is released.
     low: u64,
 }
 
@@ -290,16 +289,10 @@ impl Watch {
         written: u64,
         brake: &mut Brake<'_>,
     ) {
-        match outstanding(dp, src, dst) {
-            Some(o) if o > self.high => brake.engage(),
-            Some(o)
-                if o < self.low
-                    && brake.engaged()
-                    && dp.bytes_passed(src.cookie).unwrap_or(0) <= written =>
-            {
-                brake.release();
-            }
-            _ => {}
+        if outstanding(dp, src, dst).is_some_and(|o| o < self.low)
+            && dp.bytes_passed(src.cookie).unwrap_or(0) <= written
+        {
+            brake.release();
         }
     }
 }
@@ -325,7 +318,6 @@ async fn direction(
         saved: None,
     };
     let watch = Watch {
-        high: u64::from(queue_limit / 4),
         low: u64::from(queue_limit / 16),
     };
     // Held while reading; given back when src has nothing more to read.
