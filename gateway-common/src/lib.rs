@@ -774,6 +774,11 @@ pub const GW_LOCAL: &str = "GW_LOCAL";
 pub const GW_LOCAL_STATE: &str = "GW_LOCAL_STATE";
 /// Name of the shortcut's pairs, written by the agent once a client's pair is live.
 pub const GW_LOCAL_PAIRS: &str = "GW_LOCAL_PAIRS";
+/// Name of the shortcut's set of the node's IPv4 addresses (key: the address in
+/// network byte order, value: 1), written by the agent.
+pub const GW_LOCAL_ADDRS: &str = "GW_LOCAL_ADDRS";
+/// Capacity of [`GW_LOCAL_ADDRS`].
+pub const MAX_LOCAL_ADDRS: u32 = 1024;
 /// Name of the shortcut's per-CPU counters (one [`LocalStats`]); pinned beside the
 /// other maps while the shortcut is on.
 pub const GW_LOCAL_STATS: &str = "GW_LOCAL_STATS";

@@ -3,7 +3,8 @@
 //! for what it sends.
 //!
 //! * [`gw_local_ops`], a `sock_ops` program on the cgroup v2 root: at
-//!   `BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB` it puts such a socket into `GW_LOCAL` (keyed
+//!   `BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB` it puts such a socket (one connected to a
+//!   listener port at an address of the node, `GW_LOCAL_ADDRS`) into `GW_LOCAL` (keyed
 //!   by its 4-tuple, [`LocalKey`]) with a zeroed `GW_LOCAL_STATE` entry, and removes
 //!   the state when the socket closes (`BPF_SOCK_OPS_STATE_CB`).
 //! * [`gw_local_msg`], the `sk_msg` program of `GW_LOCAL`: once the agent wrote the
@@ -29,7 +30,8 @@ use aya_ebpf::{
     programs::{SkMsgContext, SockOpsContext},
 };
 use gateway_common::{
-    LOCAL_F_REDIRECTING, ListenerKey, LocalKey, LocalPair, LocalState, LocalStats, MAX_SOCKETS,
+    LOCAL_F_REDIRECTING, ListenerKey, LocalKey, LocalPair, LocalState, LocalStats, MAX_LOCAL_ADDRS,
+    MAX_SOCKETS,
 };
 
 use crate::{GW_LISTENERS, GW_SOCKS};
@@ -45,6 +47,13 @@ static GW_LOCAL_STATE: HashMap<LocalKey, LocalState, { MAX_SOCKETS as usize }> =
 /// The kernel-path pair of each node-local client, written by the agent.
 #[btf_map]
 static GW_LOCAL_PAIRS: HashMap<LocalKey, LocalPair, { MAX_SOCKETS as usize }> = HashMap::new();
+
+/// The node's own IPv4 addresses (network byte order), written by the agent: a
+/// connection to a listener port is node-local only when its remote address is one of
+/// them (or in 127.0.0.0/8). A socket connecting to a remote host on a port that happens
+/// to be a listener port is left alone.
+#[btf_map]
+static GW_LOCAL_ADDRS: HashMap<u32, u8, { MAX_LOCAL_ADDRS as usize }> = HashMap::new();
 
 /// The shortcut's counters.
 #[btf_map]
@@ -71,6 +80,13 @@ fn remote_port(raw: u32) -> u16 {
     u16::from_be(v as u16)
 }
 
+/// Whether `addr_be` (network byte order) is an address of the node: 127.0.0.0/8 or
+/// one of `GW_LOCAL_ADDRS`.
+#[inline(always)]
+fn is_node_addr(addr_be: u32) -> bool {
+    u32::from_be(addr_be) >> 24 == 127 || GW_LOCAL_ADDRS.get_ptr(&addr_be).is_some()
+}
+
 #[sock_ops]
 pub fn gw_local_ops(ctx: SockOpsContext) -> u32 {
     // SAFETY: a read-only global.
@@ -94,7 +110,7 @@ pub fn gw_local_ops(ctx: SockOpsContext) -> u32 {
                 port: key.listener_port,
                 _pad: 0,
             };
-            if GW_LISTENERS.get_ptr(&lk).is_none() {
+            if GW_LISTENERS.get_ptr(&lk).is_none() || !is_node_addr(key.listener_addr_be) {
                 return 1;
             }
             if GW_LOCAL_STATE

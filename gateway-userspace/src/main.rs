@@ -1051,6 +1051,12 @@ fn spawn_datapath_tasks(
         sockgate::pin_watch::CHECK_INTERVAL,
         shutdown.clone(),
     ));
+    if dp.local.is_some() {
+        tokio::spawn(proxy::local::follow_node_addrs(
+            dp.clone(),
+            shutdown.clone(),
+        ));
+    }
     let (dp, shutdown) = (dp.clone(), shutdown.clone());
     tokio::spawn(async move { dp.forward_kernel_logs(shutdown).await })
 }

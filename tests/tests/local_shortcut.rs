@@ -191,9 +191,38 @@ fn stop_clean(mut agent: Agent) {
     );
 }
 
+/// As `common::send_stream`, pausing `pause` after the first KiB when `pause` is set
+/// (a client that waits, as most do after a request, gives the agent the moment it
+/// needs to switch it: everything it sent over loopback taken by the backend socket).
+fn send_stream_pausing(
+    mut s: TcpStream,
+    seed: u64,
+    total: u64,
+    pause: Option<Duration>,
+) -> io::Result<()> {
+    let mut stream = Stream::new(seed);
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut left = total;
+    if let Some(pause) = pause {
+        stream.fill(&mut buf[..1024]);
+        s.write_all(&buf[..1024])?;
+        left -= 1024;
+        std::thread::sleep(pause);
+    }
+    while left > 0 {
+        let n = buf.len().min(usize::try_from(left).unwrap_or(usize::MAX));
+        stream.fill(&mut buf[..n]);
+        s.write_all(&buf[..n])?;
+        left -= n as u64;
+    }
+    s.shutdown(std::net::Shutdown::Write)
+}
+
 /// 64 MiB each way between a client in the node namespace and the backend, both
-/// directions at once, each byte checked; the client's bytes went through the
-/// shortcut (`sk_msg` redirect), not over loopback.
+/// directions at once, each byte checked, twice: a client that pauses after its first
+/// KiB (it is switched: the rest of its bytes go through the shortcut, `sk_msg`
+/// redirect, not over loopback), then one that sends without a pause (it may never
+/// be switched; its bytes arrive whole and in order either way).
 #[test]
 fn local_shortcut_integrity_64mib_each_way() {
     require_root();
@@ -210,51 +239,119 @@ fn local_shortcut_integrity_64mib_each_way() {
     let route = format!("8088={}", backend(&bed, 0, 3001));
     let agent = start(&bed, &[&route], &[8088]);
     let addr = listener_addr(&bed, 8088);
-    let client_got = bed
-        .node()
-        .run(move || {
-            let s = connect(addr).expect("connect");
-            s.set_read_timeout(Some(Duration::from_mins(2)))
-                .expect("timeout");
-            let tx = s.try_clone().expect("clone");
-            let sender =
-                std::thread::spawn(move || common::send_stream(tx, 1, total, Writes::Large));
-            let got = recv_stream_retrying(s, 2);
-            sender.join().expect("sender").expect("send");
-            got
-        })
-        .expect("client");
-    let (client_bytes, client_bad, spurious) = client_got;
-    eprintln!("client: {spurious} early EAGAIN from a blocking read");
-    let client_got = (client_bytes, client_bad);
-    let server_got = rx
-        .recv_timeout(Duration::from_mins(2))
-        .expect("server result");
-    assert_eq!(server_got, (total, None), "client -> backend");
-    assert_eq!(client_got, (total, None), "backend -> client");
-    let clients = local_stat(&agent, "clients");
+    for (name, pause) in [
+        ("pausing client", Some(Duration::from_millis(300))),
+        ("client without a pause", None),
+    ] {
+        let client_got = bed
+            .node()
+            .run(move || {
+                let s = connect(addr).expect("connect");
+                s.set_read_timeout(Some(Duration::from_mins(2)))
+                    .expect("timeout");
+                let tx = s.try_clone().expect("clone");
+                let sender = std::thread::spawn(move || send_stream_pausing(tx, 1, total, pause));
+                let got = recv_stream_retrying(s, 2);
+                sender.join().expect("sender").expect("send");
+                got
+            })
+            .expect("client");
+        let (client_bytes, client_bad, spurious) = client_got;
+        eprintln!("{name}: {spurious} early EAGAIN from a blocking read");
+        let server_got = rx
+            .recv_timeout(Duration::from_mins(2))
+            .expect("server result");
+        assert_eq!(server_got, (total, None), "{name}: client -> backend");
+        assert_eq!(
+            (client_bytes, client_bad),
+            (total, None),
+            "{name}: backend -> client"
+        );
+        let switches = local_stat(&agent, "switches");
+        eprintln!(
+            "after the {name}: clients {}, bytes redirected {}, passed {}, switches {switches}",
+            local_stat(&agent, "clients"),
+            local_stat(&agent, "bytes_redirected"),
+            local_stat(&agent, "bytes_passed"),
+        );
+        if pause.is_some() {
+            assert_eq!(switches, 1, "the pausing client switched");
+            assert!(
+                local_stat(&agent, "bytes_redirected") >= total - 1024,
+                "every byte after the pause took the shortcut"
+            );
+        }
+    }
     let redirected = local_stat(&agent, "bytes_redirected");
     let passed = local_stat(&agent, "bytes_passed");
-    eprintln!(
-        "clients {clients}, bytes redirected {redirected}, passed {passed}, switches {}",
-        local_stat(&agent, "switches")
+    assert_eq!(
+        local_stat(&agent, "clients"),
+        2,
+        "the sock_ops program took both clients"
     );
-    assert_eq!(clients, 1, "the sock_ops program took the client socket");
-    assert_eq!(local_stat(&agent, "switches"), 1, "the client switched");
-    assert_eq!(redirected + passed, total, "every send seen once");
-    assert!(
-        redirected >= total / 2,
-        "most of the client's bytes took the shortcut: {redirected} of {total}"
-    );
+    assert_eq!(redirected + passed, 2 * total, "every send seen once");
     assert_eq!(local_stat(&agent, "redirect_failures"), 0);
     let stats = agent.stats(8088);
-    assert_eq!(stats["kernel_connections"], 1, "{stats}");
-    // Only what the client passed to its TCP crossed the accepted socket.
+    assert_eq!(stats["kernel_connections"], 2, "{stats}");
+    // Only what the clients passed to their TCP crossed the accepted sockets.
     let n = |k: &str| stats[k].as_u64().unwrap_or(0);
     assert_eq!(
         n("bytes_client_to_backend_kernel") + n("bytes_client_to_backend_userspace"),
         passed,
         "{stats}"
+    );
+    stop_clean(agent);
+}
+
+/// A host socket connecting to a listener port at an address that is not the node's
+/// (here the backend's own port 8088, the same number as the listener) is not taken:
+/// only connections to the node's addresses (`GW_LOCAL_ADDRS`, 127.0.0.0/8) are.
+#[test]
+fn local_shortcut_leaves_remote_connections_alone() {
+    require_root();
+    let bed = Bed::new(1).expect("bed");
+    let _echo = servers::Server::start(bed.backend(0), backend(&bed, 0, 3001), servers::echo())
+        .expect("echo");
+    let _same_port =
+        servers::Server::start(bed.backend(0), backend(&bed, 0, 8088), servers::echo())
+            .expect("echo on 8088");
+    let route = format!("8088={}", backend(&bed, 0, 3001));
+    let agent = start(&bed, &[&route], &[8088]);
+    let (remote, listener) = (backend(&bed, 0, 8088), listener_addr(&bed, 8088));
+    let echoed = bed
+        .node()
+        .run(move || {
+            let mut s = connect(remote).expect("connect");
+            common::exchange(&mut s, "remote\n")
+        })
+        .expect("client");
+    assert_eq!(echoed, "remote\n");
+    assert_eq!(
+        local_stat(&agent, "clients"),
+        0,
+        "a remote host's 8088 is not a listener"
+    );
+    let echoed = bed
+        .node()
+        .run(move || {
+            let mut s = connect(listener).expect("connect");
+            s.write_all(b"local\n").expect("write");
+            let (mut buf, mut spurious) = ([0u8; 6], 0);
+            let mut got = 0;
+            while got < buf.len() {
+                match read_retrying(&mut s, &mut buf[got..], &mut spurious).expect("read") {
+                    0 => break,
+                    n => got += n,
+                }
+            }
+            String::from_utf8_lossy(&buf[..got]).into_owned()
+        })
+        .expect("client");
+    assert_eq!(echoed, "local\n");
+    assert_eq!(
+        local_stat(&agent, "clients"),
+        1,
+        "the listener's client is taken"
     );
     stop_clean(agent);
 }

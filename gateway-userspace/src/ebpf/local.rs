@@ -3,7 +3,14 @@
 //! typed handles on the shortcut's maps. Without the flag none of this is attached and
 //! the maps are created with one entry each (see `docs/datapath.md`, "Node-local
 //! shortcut").
-use std::{fs, io, os::fd::AsRawFd, path::PathBuf, sync::Mutex};
+use std::{
+    collections::BTreeSet,
+    fs, io,
+    net::{IpAddr, Ipv4Addr},
+    os::fd::AsRawFd,
+    path::PathBuf,
+    sync::Mutex,
+};
 
 use aya::{
     Ebpf, EbpfLoader,
@@ -11,8 +18,8 @@ use aya::{
     programs::{CgroupAttachMode, SkMsg, SockOps},
 };
 use gateway_common::{
-    GW_LOCAL, GW_LOCAL_PAIRS, GW_LOCAL_STATE, GW_LOCAL_STATS, LocalKey, LocalPair, LocalState,
-    LocalStats, PROG_LOCAL_MSG, PROG_LOCAL_OPS,
+    GW_LOCAL, GW_LOCAL_ADDRS, GW_LOCAL_PAIRS, GW_LOCAL_STATE, GW_LOCAL_STATS, LocalKey, LocalPair,
+    LocalState, LocalStats, MAX_LOCAL_ADDRS, PROG_LOCAL_MSG, PROG_LOCAL_OPS,
 };
 
 use super::{LoadError, LoadOptions, MapOpError, lock, take};
@@ -79,14 +86,26 @@ pub(super) fn prepare(loader: &mut EbpfLoader<'_>, on: bool) -> Result<u64, Load
             source: aya::programs::ProgramError::IOError(e),
         });
     }
-    for name in [GW_LOCAL, GW_LOCAL_STATE, GW_LOCAL_PAIRS] {
+    for name in [GW_LOCAL, GW_LOCAL_STATE, GW_LOCAL_PAIRS, GW_LOCAL_ADDRS] {
         loader.map_max_entries(name, 1);
     }
     Ok(0)
 }
 
+/// The IPv4 addresses of the interfaces of the agent's network namespace (loopback's
+/// included; 127.0.0.0/8 needs no entry, the program takes it as the node's).
+pub fn node_ipv4_addrs() -> io::Result<BTreeSet<Ipv4Addr>> {
+    let addrs = nix::ifaddrs::getifaddrs().map_err(io::Error::from)?;
+    Ok(addrs
+        .filter_map(|a| a.address?.as_sockaddr_in().map(|s| s.ip()))
+        .filter(|ip| !ip.is_loopback() && !ip.is_unspecified())
+        .collect())
+}
+
 /// The shortcut's maps, as the agent uses them.
 pub struct LocalMaps {
+    /// `GW_LOCAL_ADDRS` and the addresses written to it.
+    addrs: Mutex<(HashMap<MapData, u32, u8>, BTreeSet<Ipv4Addr>)>,
     state: Mutex<HashMap<MapData, LocalKey, LocalState>>,
     pairs: Mutex<HashMap<MapData, LocalKey, LocalPair>>,
     stats: Mutex<PerCpuArray<MapData, LocalStats>>,
@@ -165,12 +184,55 @@ impl LocalMaps {
             cgroup = %cgroup.display(),
             "node-local shortcut on: sock_ops on the cgroup, sk_msg on GW_LOCAL (prototype)"
         );
-        Ok(Some(Self {
+        let maps = Self {
+            addrs: Mutex::new((take(ebpf, GW_LOCAL_ADDRS)?, BTreeSet::new())),
             state: Mutex::new(take(ebpf, GW_LOCAL_STATE)?),
             pairs: Mutex::new(take(ebpf, GW_LOCAL_PAIRS)?),
             stats: Mutex::new(stats),
             stats_pin,
-        }))
+        };
+        // Before the first client can connect: without its addresses the program
+        // takes only clients of 127.0.0.0/8.
+        match node_ipv4_addrs() {
+            Ok(addrs) => {
+                if let Err(e) = maps.set_node_addrs(&addrs) {
+                    tracing::warn!(error = %e, "node-local shortcut: node addresses not written");
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "node-local shortcut: cannot list addresses"),
+        }
+        Ok(Some(maps))
+    }
+
+    /// Makes `addrs` the node's addresses for the `sock_ops` program (adds the new,
+    /// removes the gone); true when anything changed. At most [`MAX_LOCAL_ADDRS`].
+    pub fn set_node_addrs(&self, addrs: &BTreeSet<Ipv4Addr>) -> Result<bool, MapOpError> {
+        let mut guard = lock(&self.addrs);
+        let (map, written) = &mut *guard;
+        if written == addrs {
+            return Ok(false);
+        }
+        let err = |source| MapOpError {
+            map: GW_LOCAL_ADDRS,
+            source,
+        };
+        for gone in written.difference(addrs) {
+            let _ = map.remove(&u32::from(*gone).to_be());
+        }
+        written.retain(|a| addrs.contains(a));
+        for new in addrs.difference(&written.clone()) {
+            if written.len() >= MAX_LOCAL_ADDRS as usize {
+                break;
+            }
+            map.insert(u32::from(*new).to_be(), 1, 0).map_err(err)?;
+            written.insert(*new);
+        }
+        Ok(true)
+    }
+
+    /// The node's addresses as last written for the `sock_ops` program.
+    pub fn node_addrs(&self) -> Vec<IpAddr> {
+        lock(&self.addrs).1.iter().map(|a| IpAddr::V4(*a)).collect()
     }
 
     /// Whether the `sock_ops` program took a client socket with this tuple.

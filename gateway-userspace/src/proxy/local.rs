@@ -60,6 +60,44 @@ impl Drop for LocalEntry {
     }
 }
 
+/// How often the node's addresses are read again for the `sock_ops` program.
+pub const ADDRS_EVERY: Duration = Duration::from_secs(2);
+
+/// Keeps `GW_LOCAL_ADDRS` equal to the addresses of the agent's namespace until
+/// `shutdown` (they were first written at load): a client connecting to an address
+/// added later is node-local from the next read on.
+pub async fn follow_node_addrs(dp: Arc<Datapath>, shutdown: tokio_util::sync::CancellationToken) {
+    let Some(local) = dp.local.as_ref() else {
+        return;
+    };
+    let mut failing = false;
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = tokio::time::sleep(ADDRS_EVERY) => {}
+        }
+        let written = crate::ebpf::local::node_ipv4_addrs()
+            .map_err(|e| e.to_string())
+            .and_then(|a| local.set_node_addrs(&a).map_err(|e| e.to_string()));
+        match written {
+            Ok(changed) => {
+                failing = false;
+                if changed {
+                    tracing::info!(
+                        addrs = ?local.node_addrs(),
+                        "node-local shortcut: the node's addresses changed"
+                    );
+                }
+            }
+            Err(e) if !failing => {
+                failing = true;
+                tracing::warn!(error = %e, "node-local shortcut: node addresses not updated (retried)");
+            }
+            Err(_) => {}
+        }
+    }
+}
+
 /// Longest pause between two checks of a client that has not switched yet.
 const WATCH_MAX_PAUSE: Duration = Duration::from_millis(20);
 
