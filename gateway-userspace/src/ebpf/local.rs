@@ -97,7 +97,7 @@ pub(super) fn prepare(loader: &mut EbpfLoader<'_>, on: bool) -> Result<u64, Load
 pub fn node_ipv4_addrs() -> io::Result<BTreeSet<Ipv4Addr>> {
     let addrs = nix::ifaddrs::getifaddrs().map_err(io::Error::from)?;
     Ok(addrs
-        .filter_map(|a| a.address?.as_sockaddr_in().map(|s| s.ip()))
+        .filter_map(|a| a.address?.as_sockaddr_in().map(nix::sys::socket::SockaddrIn::ip))
         .filter(|ip| !ip.is_loopback() && !ip.is_unspecified())
         .collect())
 }
