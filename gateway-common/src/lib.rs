@@ -848,7 +848,10 @@ pub struct LocalPair {
 }
 const _: () = assert!(size_of::<LocalPair>() == 24);
 
-/// Value of [`GW_LOCAL_STATS`] (per CPU, one entry): the shortcut's counters.
+/// Value of [`GW_LOCAL_STATS`] (per CPU, one entry): the shortcut's counters. The
+/// message and byte counts are the `sk_msg` program's verdicts: a send that fails after
+/// its verdict (`EAGAIN` from a full backend send buffer) and that the client retries
+/// is counted again.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 #[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]

@@ -1,4 +1,4 @@
-//! The node-local shortcut (prototype, `--local-shortcut`): a client socket of the
+//! The node-local shortcut (`--local-shortcut`, off by default): a client socket of the
 //! agent's network namespace that connects to a listener port skips the loopback hop
 //! for what it sends.
 //!

@@ -8,7 +8,7 @@
 //!   userspace fallback loses nothing.
 //! * No `sk_msg` program on `GW_SOCKS`: one would send every byte of a paired socket
 //!   through `tcp_bpf_sendmsg` (an extra copy into an `sk_msg`). The node-local
-//!   shortcut ([`local`], prototype) has its own sockhash and `sk_msg` program, for
+//!   shortcut ([`local`], `--local-shortcut`) has its own sockhash and `sk_msg` program, for
 //!   node-local client sockets only.
 //! * [`xdp::gw_xdp`], the XDP listener guard: per-listener client CIDR policy and SYN
 //!   rate limit at the NIC (see the module).

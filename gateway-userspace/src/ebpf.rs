@@ -137,7 +137,7 @@ pub struct LoadOptions {
     pub forward: ForwardLoad,
     /// Sizes of the listener and backend maps.
     pub capacity: Capacity,
-    /// The node-local shortcut (prototype): the cgroup its `sock_ops` program goes
+    /// The node-local shortcut (`--local-shortcut`): the cgroup its `sock_ops` program goes
     /// on, or `None` to attach nothing (the default).
     pub local_shortcut: Option<PathBuf>,
 }

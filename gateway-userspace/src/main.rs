@@ -241,10 +241,11 @@ struct RunArgs {
     #[arg(long, default_value_t = gateway_common::PEER_QUEUE_LIMIT,
           value_parser = clap::value_parser!(u32).range(65536..))]
     kernel_queue_limit: u32,
-    /// Prototype, `--datapath sockmap` only: node-local clients (sockets of the agent's
-    /// network namespace connecting to a listener) send straight into the backend
-    /// socket (`sock_ops` on the cgroup v2 root, `sk_msg` on a sockhash of their own;
-    /// docs/datapath.md, "Node-local shortcut"). Off by default.
+    /// `--datapath sockmap` only: node-local clients (sockets of the agent's network
+    /// namespace connecting to a listener at an address of the node) send straight
+    /// into the backend socket (`sock_ops` on the cgroup v2 root, `sk_msg` on a
+    /// sockhash of their own). Off by default: such a client's blocking reads can
+    /// return EAGAIN early (docs/datapath.md, "Node-local shortcut").
     #[arg(long)]
     local_shortcut: bool,
     /// Kernel path: when the verdict throttles a sender, also stop it with TCP flow

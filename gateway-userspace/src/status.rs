@@ -1,11 +1,11 @@
 //! `sockgate status`: what is programmed now, read from the pinned maps alone.
 use std::{collections::BTreeMap, path::Path};
 
-use aya::maps::{HashMap, Map, MapData, PerCpuHashMap};
+use aya::maps::{HashMap, Map, MapData, PerCpuArray, PerCpuHashMap};
 use gateway_common::{
     Backend, BackendKey, DIR_CLIENT_TO_BACKEND, Flow, FlowKey, FwdStats, GW_BACKENDS, GW_FWD_FLOWS,
-    GW_FWD_STATS, GW_LISTENERS, GW_PEERS, GW_STATS, GW_XDP_STATS, ListenerInfo, ListenerKey,
-    ListenerStats, Peer, StatsKey, XdpStats,
+    GW_FWD_STATS, GW_LISTENERS, GW_LOCAL_STATS, GW_PEERS, GW_STATS, GW_XDP_STATS, ListenerInfo,
+    ListenerKey, ListenerStats, LocalStats, Peer, StatsKey, XdpStats,
 };
 use serde::Serialize;
 
@@ -231,6 +231,51 @@ impl From<ListenerStats> for Counts {
     }
 }
 
+/// The node-local shortcut's counters (`--local-shortcut`), summed over CPUs. The
+/// message and byte counts are the `sk_msg` program's verdicts: a send the client
+/// retries (after `EAGAIN` from a full backend send buffer) is counted again.
+#[derive(Debug, Default, Serialize, PartialEq, Eq)]
+pub struct LocalCounts {
+    /// Client sockets taken by the `sock_ops` program (node-local clients of a listener).
+    pub clients: u64,
+    /// Client sockets that could not be taken (map full).
+    pub insert_failures: u64,
+    /// Clients switched from loopback to the shortcut.
+    pub switches: u64,
+    /// Sends passed to the client's own TCP (over loopback), and their bytes.
+    pub msgs_passed: u64,
+    pub bytes_passed: u64,
+    /// Sends redirected into the backend socket, and their bytes.
+    pub msgs_redirected: u64,
+    pub bytes_redirected: u64,
+    /// Sends dropped because the backend socket had left (the pair was ending).
+    pub redirect_failures: u64,
+}
+
+/// The shortcut's counters, when its map is pinned (the agent runs with
+/// `--local-shortcut`).
+fn read_local(dir: &Path) -> Result<Option<LocalCounts>, StatusError> {
+    if !dir.join(GW_LOCAL_STATS).exists() {
+        return Ok(None);
+    }
+    let stats: PerCpuArray<_, LocalStats> =
+        PerCpuArray::try_from(Map::PerCpuArray(open(dir, GW_LOCAL_STATS)?))
+            .map_err(map_err(dir, GW_LOCAL_STATS))?;
+    let per_cpu = stats.get(&0, 0).map_err(map_err(dir, GW_LOCAL_STATS))?;
+    let mut c = LocalCounts::default();
+    for v in per_cpu.iter() {
+        c.clients += v.clients;
+        c.insert_failures += v.insert_failures;
+        c.switches += v.switches;
+        c.msgs_passed += v.msgs_passed;
+        c.bytes_passed += v.bytes_passed;
+        c.msgs_redirected += v.msgs_redirected;
+        c.bytes_redirected += v.bytes_redirected;
+        c.redirect_failures += v.redirect_failures;
+    }
+    Ok(Some(c))
+}
+
 /// Everything `sockgate status` shows.
 #[derive(Debug, Serialize)]
 pub struct Status {
@@ -240,6 +285,9 @@ pub struct Status {
     pub paired_sockets: usize,
     /// Entries in the forward path's connection table (two per connection).
     pub forward_table_entries: usize,
+    /// The node-local shortcut's counters; absent when it is off.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub local_shortcut: Option<LocalCounts>,
 }
 
 pub(crate) fn open(dir: &Path, name: &str) -> Result<MapData, StatusError> {
@@ -328,6 +376,7 @@ pub fn read(dir: &Path) -> Result<Status, StatusError> {
         listeners: out,
         paired_sockets: peers.keys().filter_map(Result::ok).count(),
         forward_table_entries: fwd_entries,
+        local_shortcut: read_local(dir)?,
     })
 }
 
@@ -371,6 +420,21 @@ pub fn render(s: &Status) -> String {
         "pinned maps: {}    paired sockets (sockmap path): {}    forward table entries: {}",
         s.pin_dir, s.paired_sockets, s.forward_table_entries
     );
+    if let Some(l) = &s.local_shortcut {
+        let _ = writeln!(
+            o,
+            "node-local shortcut: clients {}  switched {}  sends redirected {} ({} bytes)  \
+             passed over loopback {} ({} bytes)  redirect failures {}  not taken (map full) {}",
+            l.clients,
+            l.switches,
+            l.msgs_redirected,
+            l.bytes_redirected,
+            l.msgs_passed,
+            l.bytes_passed,
+            l.redirect_failures,
+            l.insert_failures
+        );
+    }
     if s.listeners.is_empty() {
         let _ = writeln!(o, "no listeners programmed");
     }

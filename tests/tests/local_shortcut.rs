@@ -1,4 +1,4 @@
-//! The node-local shortcut (prototype, `--local-shortcut`): a client in the node's own
+//! The node-local shortcut (`--local-shortcut`, off by default): a client in the node's own
 //! namespace (where the agent runs) sends straight into the backend socket. Integrity,
 //! half-close and resets, the shortcut really taken (its counters), and nothing left
 //! on the cgroup root once the agent stopped.
@@ -18,54 +18,13 @@ use netbed::{Bed, servers};
 
 const MIB: u64 = 1024 * 1024;
 
-/// A field of the pinned `GW_LOCAL_STATS` (per CPU, one entry), summed over the CPUs.
+/// A counter of the shortcut, as `sockgate status --json` shows it (`local_shortcut`,
+/// read from the pinned `GW_LOCAL_STATS`, summed over the CPUs).
 fn local_stat(agent: &Agent, field: &str) -> u64 {
-    // `LocalStats`, in order (bpftool shows the value as bytes when the pinned map
-    // carries no BTF, by name when it does).
-    const FIELDS: [&str; 8] = [
-        "clients",
-        "insert_failures",
-        "msgs_passed",
-        "bytes_passed",
-        "msgs_redirected",
-        "bytes_redirected",
-        "switches",
-        "redirect_failures",
-    ];
-    let pinned = agent.pin_dir.join("GW_LOCAL_STATS");
-    let dump = common::bpftool_json(&["map", "dump", "pinned", &pinned.to_string_lossy()]);
-    let entry = dump
-        .as_array()
-        .and_then(|a| a.first())
-        .cloned()
-        .unwrap_or_else(|| panic!("GW_LOCAL_STATS dump: {dump}"));
-    let values = entry["values"]
-        .as_array()
-        .unwrap_or_else(|| panic!("per-CPU values: {entry}"));
-    let index = FIELDS
-        .iter()
-        .position(|f| *f == field)
-        .expect("a LocalStats field");
-    values
-        .iter()
-        .map(|v| {
-            if let Some(n) = v["value"][field].as_u64() {
-                return n;
-            }
-            let bytes: Vec<u8> = v["value"]
-                .as_array()
-                .unwrap_or_else(|| panic!("{field} in {v}"))
-                .iter()
-                .map(|b| {
-                    let h = b.as_str().expect("hex byte").trim_start_matches("0x");
-                    u8::from_str_radix(h, 16).expect("hex byte")
-                })
-                .collect();
-            let mut word = [0u8; 8];
-            word.copy_from_slice(&bytes[index * 8..index * 8 + 8]);
-            u64::from_le_bytes(word)
-        })
-        .sum()
+    let status = agent.status();
+    status["local_shortcut"][field]
+        .as_u64()
+        .unwrap_or_else(|| panic!("local_shortcut.{field} in the status: {status}"))
 }
 
 /// The cgroup v2 root (`/sys/fs/cgroup`, or `/sys/fs/cgroup/unified` on a hybrid host).
@@ -464,6 +423,10 @@ fn local_shortcut_off_by_default() {
     let agent = Agent::start(&bed, &["--datapath", "sockmap", "--route", &route], &[8088]);
     assert!(sock_ops_links_of(agent.child.id()).is_empty());
     assert!(!agent.pin_dir.join("GW_LOCAL_STATS").exists());
+    assert!(
+        agent.status().get("local_shortcut").is_none(),
+        "no shortcut counters in the status without the flag"
+    );
     let addr = listener_addr(&bed, 8088);
     let echoed = bed
         .node()

@@ -1,4 +1,4 @@
-//! Loading side of the node-local shortcut (prototype, `--local-shortcut`): the
+//! Loading side of the node-local shortcut (`--local-shortcut`, off by default): the
 //! `sk_msg` program on `GW_LOCAL`, the `sock_ops` program on the cgroup v2 root, and
 //! typed handles on the shortcut's maps. Without the flag none of this is attached and
 //! the maps are created with one entry each (see `docs/datapath.md`, "Node-local
@@ -97,7 +97,11 @@ pub(super) fn prepare(loader: &mut EbpfLoader<'_>, on: bool) -> Result<u64, Load
 pub fn node_ipv4_addrs() -> io::Result<BTreeSet<Ipv4Addr>> {
     let addrs = nix::ifaddrs::getifaddrs().map_err(io::Error::from)?;
     Ok(addrs
-        .filter_map(|a| a.address?.as_sockaddr_in().map(nix::sys::socket::SockaddrIn::ip))
+        .filter_map(|a| {
+            a.address?
+                .as_sockaddr_in()
+                .map(nix::sys::socket::SockaddrIn::ip)
+        })
         .filter(|ip| !ip.is_loopback() && !ip.is_unspecified())
         .collect())
 }
@@ -182,7 +186,7 @@ impl LocalMaps {
         };
         tracing::info!(
             cgroup = %cgroup.display(),
-            "node-local shortcut on: sock_ops on the cgroup, sk_msg on GW_LOCAL (prototype)"
+            "node-local shortcut on: sock_ops on the cgroup, sk_msg on GW_LOCAL"
         );
         let maps = Self {
             addrs: Mutex::new((take(ebpf, GW_LOCAL_ADDRS)?, BTreeSet::new())),

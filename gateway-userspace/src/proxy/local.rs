@@ -1,4 +1,4 @@
-//! The agent's side of the node-local shortcut (prototype, `--local-shortcut`): once a
+//! The agent's side of the node-local shortcut (`--local-shortcut`, off by default): once a
 //! kernel-path pair is live, a client that the `sock_ops` program took (a socket of the
 //! agent's network namespace) gets its `GW_LOCAL_PAIRS` entry, so the `sk_msg` program
 //! can send its bytes straight into the backend socket, once a watch saw the backend

@@ -93,7 +93,7 @@ pub struct ProxyConfig {
     /// Buffer sizes set on both sockets of a connection (client and backend) before
     /// they are paired; `None` leaves the kernel's `tcp_wmem`/`tcp_rmem` defaults.
     pub socket_buffer: Option<sock::BufferSize>,
-    /// The node-local shortcut (prototype): a pair whose client is a socket the
+    /// The node-local shortcut (`--local-shortcut`): a pair whose client is a socket the
     /// `sock_ops` program took gets a `GW_LOCAL_PAIRS` entry ([`local`]).
     pub local_shortcut: bool,
 }

@@ -28,7 +28,7 @@ const PANELS: &[(&str, &str)] = &[
 ];
 
 fn color(row: &str) -> RGBColor {
-    if row == "direct" {
+    if row.starts_with("direct") {
         RGBColor(120, 120, 120)
     } else if row.starts_with("sockgate") {
         RGBColor(31, 119, 180)

@@ -45,7 +45,7 @@ use netbed::Bed;
 
 use self::{
     measure::{Backend, Daemon, Load},
-    peers::{HaSplice, Proxy, Service},
+    peers::{HaSplice, NodeLocal, Proxy, Service},
 };
 use crate::root;
 
@@ -97,6 +97,8 @@ const QUICK_ROWS: &[&str] = &[
     "guard SYN drop native",
     "forward SYN flood",
     "HAProxy",
+    peers::NODE_LOCAL_DIRECT,
+    "sockgate kernel + local shortcut (node-local client)",
 ];
 /// The row the guard rows are compared with: the same sockgate without the guard.
 const GUARD_BASE_ROW: &str = "sockgate auto";
@@ -262,6 +264,12 @@ pub const METRICS: &[(&str, &str, &str, bool)] = &[
     (
         "fwd_flood_tried",
         "another client's exchanges tried during the flood",
+        "count",
+        true,
+    ),
+    (
+        "local_switches",
+        "node-local shortcut: clients switched to it",
         "count",
         true,
     ),
@@ -513,6 +521,10 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
         Proxy::Haproxy(HaSplice::Forced),
         Proxy::Nginx,
         Proxy::Socat,
+        Proxy::NodeLocal(NodeLocal::Direct),
+        Proxy::NodeLocal(NodeLocal::Kernel),
+        Proxy::NodeLocal(NodeLocal::Shortcut),
+        Proxy::NodeLocal(NodeLocal::Splice),
     ]
     .into_iter()
     .filter(|p| wanted(p.name()))
@@ -1034,9 +1046,12 @@ fn run_row(
     {
         r.reattach_verdict_as_skb()?;
     }
-    let addr = |s: Service| match proxy {
-        Proxy::Direct => SocketAddr::new(bed.backend_addr(0).into(), s.backend_port),
-        _ => SocketAddr::new(bed.node_addr().into(), s.listen_port),
+    let addr = |s: Service| {
+        if proxy.direct() {
+            SocketAddr::new(bed.backend_addr(0).into(), s.backend_port)
+        } else {
+            SocketAddr::new(bed.node_addr().into(), s.listen_port)
+        }
     };
     let pids = running
         .as_ref()
@@ -1052,7 +1067,13 @@ fn run_row(
             load,
         });
     };
-    let client = bed.client();
+    // A node-local row's client is a process of the node namespace, where the proxy
+    // runs; every other row's client is in the client namespace.
+    let client = if proxy.node_local() {
+        bed.node()
+    } else {
+        bed.client()
+    };
 
     if let Proxy::SynFlood(_) = proxy {
         let r = running.as_mut().context("sockgate runs")?;
@@ -1127,6 +1148,40 @@ fn run_row(
     let (rate, failed) = measure::conn_rate(client, addr(EXCHANGE), t.conn_secs)?;
     push("conn_rate", rate, load);
     push("conn_failures", failed as f64, load);
+
+    // The node-local rows measure what the shortcut is for: throughput, latency and
+    // new connections of a client on the node (the slow receiver and the idle and
+    // many-connection runs are the remote client's).
+    if proxy.node_local() {
+        if let Some(r) = running.as_ref()
+            && let Some(l) = r.local_shortcut()?
+        {
+            println!(
+                "bench: {row}: node-local shortcut: {} clients, {} switched, {} sends \
+                 redirected, {} sends passed over loopback, {} redirect failures",
+                l["clients"],
+                l["switches"],
+                l["msgs_redirected"],
+                l["msgs_passed"],
+                l["redirect_failures"]
+            );
+            push(
+                "local_switches",
+                l["switches"].as_f64().unwrap_or(0.0),
+                load,
+            );
+        }
+        let paths = match running.as_mut() {
+            Some(r) => {
+                r.check_alive()?;
+                r.sockgate_paths()
+            }
+            None => None,
+        };
+        drop(running);
+        std::thread::sleep(Duration::from_millis(500));
+        return Ok(paths);
+    }
 
     let load = measure::wait_quiet(t.quiet_max);
     let slow = measure::slow_receiver(client, addr(SLOW), t.slow_secs).context("slow receiver")?;

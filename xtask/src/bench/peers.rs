@@ -206,7 +206,39 @@ pub enum Proxy {
     Envoy(PathBuf),
     /// An experiment: a sockgate row with extra flags (`--variant`).
     SockgateVariant(Variant),
+    /// A row whose client runs in the node namespace itself (a host process of the
+    /// node), not in the client namespace.
+    NodeLocal(NodeLocal),
 }
+
+/// The rows of a client in the node namespace.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NodeLocal {
+    /// No proxy: the node's process connects to the backend.
+    Direct,
+    /// sockgate `--datapath sockmap`, the shortcut off.
+    Kernel,
+    /// sockgate `--datapath sockmap --local-shortcut`.
+    Shortcut,
+    /// sockgate `--datapath splice`.
+    Splice,
+}
+
+impl NodeLocal {
+    /// `--datapath` of the row; `None` without a proxy.
+    pub fn datapath(self) -> Option<&'static str> {
+        match self {
+            Self::Direct => None,
+            Self::Kernel | Self::Shortcut => Some("sockmap"),
+            Self::Splice => Some("splice"),
+        }
+    }
+}
+
+/// The suffix of every row whose client runs in the node namespace.
+pub const NODE_LOCAL: &str = "(node-local client)";
+/// The baseline of the node-local rows.
+pub const NODE_LOCAL_DIRECT: &str = "direct (node-local client)";
 
 /// A sockgate row with extra flags, measured beside the unchanged rows of the same run.
 #[derive(Clone, Debug, PartialEq)]
@@ -265,7 +297,23 @@ impl Proxy {
             Self::Socat => "socat",
             Self::Envoy(_) => "Envoy tcp_proxy",
             Self::SockgateVariant(v) => v.name,
+            Self::NodeLocal(NodeLocal::Direct) => NODE_LOCAL_DIRECT,
+            Self::NodeLocal(NodeLocal::Kernel) => "sockgate kernel (node-local client)",
+            Self::NodeLocal(NodeLocal::Shortcut) => {
+                "sockgate kernel + local shortcut (node-local client)"
+            }
+            Self::NodeLocal(NodeLocal::Splice) => "sockgate splice (node-local client)",
         }
+    }
+
+    /// Whether the row's client runs in the node namespace.
+    pub fn node_local(&self) -> bool {
+        matches!(self, Self::NodeLocal(_))
+    }
+
+    /// Whether the row has no proxy (the client connects to the backend).
+    pub fn direct(&self) -> bool {
+        matches!(self, Self::Direct | Self::NodeLocal(NodeLocal::Direct))
     }
 }
 
@@ -389,6 +437,13 @@ impl Running {
             bin: self.sockgate.clone().context("not sockgate")?,
             pins: self.pin_dir.clone().context("not sockgate")?,
         })
+    }
+
+    /// The node-local shortcut's counters from `sockgate status` (`local_shortcut`);
+    /// `None` when the agent runs without it.
+    pub fn local_shortcut(&self) -> anyhow::Result<Option<serde_json::Value>> {
+        let v = self.status_reader()?.read()?;
+        Ok(v.get("local_shortcut").cloned())
     }
 
     /// The XDP guard's counters of every listener, summed, from `sockgate status`:
@@ -590,18 +645,20 @@ pub fn start(
         sockgate: None,
     };
     match proxy {
-        Proxy::Direct => return Ok(None),
+        Proxy::Direct | Proxy::NodeLocal(NodeLocal::Direct) => return Ok(None),
         Proxy::Sockgate(_)
         | Proxy::SockgateGuard(_)
         | Proxy::SynFlood(_)
         | Proxy::ForwardFlood
-        | Proxy::SockgateVariant(_) => {
+        | Proxy::SockgateVariant(_)
+        | Proxy::NodeLocal(_) => {
             let pins = PathBuf::from(format!("/sys/fs/bpf/sockgate-bench-{}", std::process::id()));
             running.pin_dir = Some(pins.clone());
             running.sockgate = Some(sockgate.to_path_buf());
             let datapath = match proxy {
                 Proxy::Sockgate(d) => d,
                 Proxy::SockgateVariant(v) => v.datapath,
+                Proxy::NodeLocal(n) => n.datapath().unwrap_or("auto"),
                 Proxy::ForwardFlood => "forward",
                 _ => "auto",
             };
@@ -624,6 +681,9 @@ pub fn start(
             }
             if let Proxy::SockgateVariant(v) = proxy {
                 cmd.args(&v.args);
+            }
+            if let Proxy::NodeLocal(NodeLocal::Shortcut) = proxy {
+                cmd.arg("--local-shortcut");
             }
             if let Proxy::SockgateGuard(mode) | Proxy::SynFlood(mode) = proxy {
                 cmd.args(["--xdp-iface", CLIENT_IFACE, "--xdp-mode", mode]);

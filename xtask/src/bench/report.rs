@@ -73,7 +73,7 @@ fn machine() -> Vec<(String, String)> {
 
 /// The peers: rows that are neither the limit nor sockgate.
 fn is_peer(row: &str) -> bool {
-    row != "direct" && !row.starts_with("sockgate")
+    !row.starts_with("direct") && !row.starts_with("sockgate")
 }
 
 fn cell(stats: &Stats, row: &str, metric: &'static str) -> String {
@@ -550,8 +550,31 @@ pub fn write(out: &Path, samples: &[Sample], info: &RunInfo) -> anyhow::Result<(
     table(&mut md, info, HEADLINE, |row, m| cell(&stats, row, m));
     md.push_str("\n## Ratios against direct (no proxy: the limit)\n\n");
     table(&mut md, info, HEADLINE, |row, m| {
-        ratio(&stats, row, "direct", m)
+        let base = if row.ends_with(super::peers::NODE_LOCAL) {
+            super::peers::NODE_LOCAL_DIRECT
+        } else {
+            "direct"
+        };
+        ratio(&stats, row, base, m)
     });
+    if info
+        .rows
+        .iter()
+        .any(|r| r.ends_with(super::peers::NODE_LOCAL))
+    {
+        let _ = writeln!(
+            md,
+            "\nRows ending in *{}* run their client in the node namespace (a process of \
+             the node, where the proxy runs) instead of the client namespace, and are \
+             compared with *{}*, the same client connecting to the backend itself. \
+             *sockgate kernel + local shortcut* is `--datapath sockmap --local-shortcut`: \
+             the client's sends go through `sk_msg` straight into the backend socket \
+             (docs/datapath.md, \"Node-local shortcut\"). These rows take throughput, \
+             latency and new connections only.",
+            super::peers::NODE_LOCAL,
+            super::peers::NODE_LOCAL_DIRECT
+        );
+    }
     md.push_str("\n## Ratios against HAProxy (`mode tcp`, no splice)\n\n");
     table(&mut md, info, HEADLINE, |row, m| {
         ratio(&stats, row, "HAProxy", m)
