@@ -62,6 +62,7 @@ fn bench_quick_runs_and_writes_its_files() {
 
     check_guard_rows(&csv);
     check_forward_flood(&csv);
+    check_node_local_rows(&csv);
 
     let md = std::fs::read_to_string(out_dir.join("BENCHMARKS.md")).expect("BENCHMARKS.md");
     for part in [
@@ -74,6 +75,8 @@ fn bench_quick_runs_and_writes_its_files() {
         "| guard SYN drop generic |",
         "## The forward path under a SYN flood",
         "| forward SYN flood |",
+        "| sockgate kernel + local shortcut (node-local client) |",
+        "compared with *direct (node-local client)*",
         "| CPU | ",
         "| kernel | ",
         "bench/benchmarks.png",
@@ -163,6 +166,29 @@ fn check_forward_flood(csv: &str) {
         tried > 0.0 && served > 0.0,
         "the other client: {served}% of {tried} answered"
     );
+}
+
+/// The rows of a client in the node namespace: measured, and the shortcut's row had
+/// clients switched to the shortcut (its counters in `sockgate status`).
+fn check_node_local_rows(csv: &str) {
+    let median = |row: &str, metric: &str| -> f64 {
+        csv.lines()
+            .find(|l| l.starts_with(&format!("{row},{metric},")) && l.contains(",median,"))
+            .unwrap_or_else(|| panic!("no median of {metric} for {row}:\n{csv}"))
+            .split(',')
+            .nth(4)
+            .and_then(|v| v.parse().ok())
+            .expect("a number")
+    };
+    let shortcut = "sockgate kernel + local shortcut (node-local client)";
+    for row in ["direct (node-local client)", shortcut] {
+        for metric in ["tput_1", "tput_4", "rr_p50", "conn_rate"] {
+            let v = median(row, metric);
+            assert!(v.is_finite() && v > 0.0, "{row} {metric} = {v}");
+        }
+    }
+    let switched = median(shortcut, "local_switches");
+    assert!(switched >= 1.0, "{shortcut}: {switched} clients switched");
 }
 
 /// The XDP guard rows: throughput and RR with the guard attached (generic and
