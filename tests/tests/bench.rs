@@ -42,14 +42,7 @@ fn bench_quick_runs_and_writes_its_files() {
             "cpu_per_gb",
             "slow_queued",
         ] {
-            let value: f64 = csv
-                .lines()
-                .find(|l| l.starts_with(&format!("{row},{metric},")) && l.contains(",median,"))
-                .unwrap_or_else(|| panic!("no median of {metric} for {row}:\n{csv}"))
-                .split(',')
-                .nth(4)
-                .and_then(|v| v.parse().ok())
-                .expect("a number");
+            let value = median(&csv, row, metric);
             assert!(
                 value.is_finite() && value >= 0.0,
                 "{row} {metric} = {value}"
@@ -137,19 +130,9 @@ fn check_paths(md: &str) {
 /// The SYN flood against a forward listener: the flood opened connections, the table
 /// held them within its bound, and the other client was answered.
 fn check_forward_flood(csv: &str) {
-    let median = |metric: &str| -> f64 {
-        csv.lines()
-            .find(|l| {
-                l.starts_with(&format!("forward SYN flood,{metric},")) && l.contains(",median,")
-            })
-            .unwrap_or_else(|| panic!("no median of {metric} for the forward flood:\n{csv}"))
-            .split(',')
-            .nth(4)
-            .and_then(|v| v.parse().ok())
-            .expect("a number")
-    };
-    let (opened, peak) = (median("fwd_flood_opened"), median("fwd_flood_table_peak"));
-    let (served, tried) = (median("fwd_flood_served"), median("fwd_flood_tried"));
+    let flood = |metric: &str| median(csv, "forward SYN flood", metric);
+    let (opened, peak) = (flood("fwd_flood_opened"), flood("fwd_flood_table_peak"));
+    let (served, tried) = (flood("fwd_flood_served"), flood("fwd_flood_tried"));
     assert!(opened > 0.0, "the flood opened no forward connection");
     // The flood is at most netbed::raw::PORTS connections at a time (its source
     // ports), the other client one at a time; two entries per connection. Runs have
@@ -168,54 +151,47 @@ fn check_forward_flood(csv: &str) {
     );
 }
 
+/// The median of `metric` for `row` in results.csv.
+fn median(csv: &str, row: &str, metric: &str) -> f64 {
+    csv.lines()
+        .find(|l| l.starts_with(&format!("{row},{metric},")) && l.contains(",median,"))
+        .unwrap_or_else(|| panic!("no median of {metric} for {row}:\n{csv}"))
+        .split(',')
+        .nth(4)
+        .and_then(|v| v.parse().ok())
+        .expect("a number")
+}
+
 /// The rows of a client in the node namespace: measured, and the shortcut's row had
 /// clients switched to the shortcut (its counters in `sockgate status`).
 fn check_node_local_rows(csv: &str) {
-    let median = |row: &str, metric: &str| -> f64 {
-        csv.lines()
-            .find(|l| l.starts_with(&format!("{row},{metric},")) && l.contains(",median,"))
-            .unwrap_or_else(|| panic!("no median of {metric} for {row}:\n{csv}"))
-            .split(',')
-            .nth(4)
-            .and_then(|v| v.parse().ok())
-            .expect("a number")
-    };
     let shortcut = "sockgate kernel + local shortcut (node-local client)";
     for row in ["direct (node-local client)", shortcut] {
         for metric in ["tput_1", "tput_4", "rr_p50", "conn_rate"] {
-            let v = median(row, metric);
+            let v = median(csv, row, metric);
             assert!(v.is_finite() && v > 0.0, "{row} {metric} = {v}");
         }
     }
-    let switched = median(shortcut, "local_switches");
+    let switched = median(csv, shortcut, "local_switches");
     assert!(switched >= 1.0, "{shortcut}: {switched} clients switched");
 }
 
 /// The XDP guard rows: throughput and RR with the guard attached (generic and
 /// native) beside the same sockgate without it, and the SYN drop rate.
 fn check_guard_rows(csv: &str) {
-    let median = |row: &str, metric: &str| -> f64 {
-        csv.lines()
-            .find(|l| l.starts_with(&format!("{row},{metric},")) && l.contains(",median,"))
-            .unwrap_or_else(|| panic!("no median of {metric} for {row}:\n{csv}"))
-            .split(',')
-            .nth(4)
-            .and_then(|v| v.parse().ok())
-            .expect("a number")
-    };
     for row in [
         "sockgate auto",
         "sockgate auto + guard generic",
         "sockgate auto + guard native",
     ] {
         for metric in ["tput_1", "rr_p50"] {
-            let v = median(row, metric);
+            let v = median(csv, row, metric);
             assert!(v.is_finite() && v > 0.0, "{row} {metric} = {v}");
         }
     }
     for row in ["guard SYN drop generic", "guard SYN drop native"] {
-        let dropped = median(row, "syn_drop_rate");
-        let sent = median(row, "syn_sent_rate");
+        let dropped = median(csv, row, "syn_drop_rate");
+        let sent = median(csv, row, "syn_sent_rate");
         // Every SYN of the flood comes from a denied source: the guard drops what
         // reaches it, and cannot drop more than was sent.
         assert!(
