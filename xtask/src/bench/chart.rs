@@ -37,6 +37,13 @@ fn color(row: &str) -> RGBColor {
     }
 }
 
+/// A row's name as the chart shows it: the node-local rows' suffix shortened, so that
+/// the names fit beside the bars.
+fn label(row: &str) -> String {
+    row.replace(" (node-local client)", ", node-local")
+        .replace("+ local shortcut", "+ shortcut")
+}
+
 fn register_font() -> anyhow::Result<()> {
     let bytes = std::fs::read(FONT).with_context(|| format!("reading the font {FONT}"))?;
     let bytes: &'static [u8] = Box::leak(bytes.into_boxed_slice());
@@ -58,6 +65,14 @@ pub fn draw(path: &Path, stats: &Stats, rows: &[String]) -> anyhow::Result<()> {
         .map_err(|e| anyhow!("{e}"))?;
     let panels = body.split_evenly((3, 2));
     let n = rows.len();
+    let labels: Vec<String> = rows.iter().map(|r| label(r)).collect();
+    // About 7.5 pixels per character at the labels' size.
+    let label_area = labels
+        .iter()
+        .map(|l| l.chars().count() * 15 / 2 + 12)
+        .max()
+        .unwrap_or(0)
+        .max(190);
     for (area, (metric, caption)) in panels.iter().zip(PANELS) {
         let values: Vec<Option<(f64, f64, f64)>> = rows
             .iter()
@@ -78,7 +93,7 @@ pub fn draw(path: &Path, stats: &Stats, rows: &[String]) -> anyhow::Result<()> {
             .caption(*caption, ("sans-serif", 20))
             .margin(12)
             .x_label_area_size(28)
-            .y_label_area_size(190)
+            .y_label_area_size(u32::try_from(label_area).unwrap_or(190))
             .build_cartesian_2d(0.0..xmax, (0..n.saturating_sub(1)).into_segmented())
             .map_err(|e| anyhow!("{e}"))?;
         chart
@@ -89,7 +104,7 @@ pub fn draw(path: &Path, stats: &Stats, rows: &[String]) -> anyhow::Result<()> {
             .y_label_formatter(&|v| match v {
                 SegmentValue::CenterOf(i) => n
                     .checked_sub(1 + *i)
-                    .and_then(|k| rows.get(k))
+                    .and_then(|k| labels.get(k))
                     .cloned()
                     .unwrap_or_default(),
                 _ => String::new(),
