@@ -264,7 +264,8 @@ fn local_shortcut_integrity_64mib_each_way() {
 
 /// A host socket connecting to a listener port at an address that is not the node's
 /// (here the backend's own port 8088, the same number as the listener) is not taken:
-/// only connections to the node's addresses (`GW_LOCAL_ADDRS`, 127.0.0.0/8) are.
+/// only connections to the node's addresses (`GW_LOCAL_ADDRS`, 127.0.0.0/8) are; nor
+/// is a client of another network namespace, which the cgroup program also sees.
 #[test]
 fn local_shortcut_leaves_remote_connections_alone() {
     require_root();
@@ -312,6 +313,22 @@ fn local_shortcut_leaves_remote_connections_alone() {
         1,
         "the listener's client is taken"
     );
+    // A client of another namespace (a remote client, as the agent sees it) is an
+    // ordinary kernel-path pair: not taken, its bytes carried.
+    let echoed = bed
+        .client()
+        .run(move || {
+            let mut s = connect(listener).expect("connect");
+            common::exchange(&mut s, "remote client\n")
+        })
+        .expect("client");
+    assert_eq!(echoed, "remote client\n");
+    assert_eq!(
+        local_stat(&agent, "clients"),
+        1,
+        "a remote client is not taken"
+    );
+    assert_eq!(agent.stats(8088)["kernel_connections"], 2);
     stop_clean(agent);
 }
 

@@ -234,6 +234,13 @@ impl LocalMaps {
         Ok(true)
     }
 
+    /// Whether the `sock_ops` program takes a client at `addr` as node-local: 127.0.0.0/8
+    /// or an address last written to `GW_LOCAL_ADDRS`. Lets the agent skip the map
+    /// lookup of [`Self::is_local_client`] for remote clients.
+    pub fn is_node_addr(&self, addr: Ipv4Addr) -> bool {
+        addr.is_loopback() || lock(&self.addrs).1.contains(&addr)
+    }
+
     /// The node's addresses as last written for the `sock_ops` program.
     pub fn node_addrs(&self) -> Vec<IpAddr> {
         lock(&self.addrs).1.iter().map(|a| IpAddr::V4(*a)).collect()

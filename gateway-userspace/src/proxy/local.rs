@@ -150,7 +150,9 @@ pub fn enable(
 ) -> Option<LocalEntry> {
     let local = dp.local.as_ref()?;
     let key = key_of(client.peer_addr().ok()?, client.local_addr().ok()?)?;
-    if !local.is_local_client(&key) {
+    // A remote client (its address is none of the node's) costs no map lookup.
+    let client_addr = std::net::Ipv4Addr::from(u32::from_be(key.client_addr_be));
+    if !local.is_node_addr(client_addr) || !local.is_local_client(&key) {
         return None;
     }
     let backend_fd = backend.as_fd().try_clone_to_owned().ok()?;

@@ -667,11 +667,19 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
     let out = opts.out.clone().unwrap_or_else(root);
     report::write(&out, &samples, &info)?;
     access_log::write_summary(&out, &samples)?;
+    // `report::write` says so when it left BENCHMARKS.md and the chart as they were.
+    let written = if info.rows.is_empty() {
+        out.join("bench/results.csv").display().to_string()
+    } else {
+        format!(
+            "{}, {} and {}",
+            out.join("bench/results.csv").display(),
+            out.join("BENCHMARKS.md").display(),
+            out.join("bench/benchmarks.png").display()
+        )
+    };
     println!(
-        "bench: wrote {}, {} and {} ({:.0} s)",
-        out.join("bench/results.csv").display(),
-        out.join("BENCHMARKS.md").display(),
-        out.join("bench/benchmarks.png").display(),
+        "bench: wrote {written} ({:.0} s)",
         started.elapsed().as_secs_f64()
     );
     Ok(())
