@@ -875,6 +875,22 @@ pub struct LocalStats {
 }
 const _: () = assert!(size_of::<LocalStats>() == 64);
 
+impl LocalStats {
+    /// Field-wise sum, for adding up per-CPU values.
+    #[must_use]
+    pub const fn add(mut self, o: &Self) -> Self {
+        self.clients += o.clients;
+        self.insert_failures += o.insert_failures;
+        self.msgs_passed += o.msgs_passed;
+        self.bytes_passed += o.bytes_passed;
+        self.msgs_redirected += o.msgs_redirected;
+        self.bytes_redirected += o.bytes_redirected;
+        self.switches += o.switches;
+        self.redirect_failures += o.redirect_failures;
+        self
+    }
+}
+
 #[cfg(feature = "user")]
 mod user {
     //! `aya::Pod` for every map type, so the agent can read and write the maps.

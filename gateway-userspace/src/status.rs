@@ -262,17 +262,17 @@ fn read_local(dir: &Path) -> Result<Option<LocalCounts>, StatusError> {
         PerCpuArray::try_from(Map::PerCpuArray(open(dir, GW_LOCAL_STATS)?))
             .map_err(map_err(dir, GW_LOCAL_STATS))?;
     let per_cpu = stats.get(&0, 0).map_err(map_err(dir, GW_LOCAL_STATS))?;
-    let mut c = LocalCounts::default();
-    for v in per_cpu.iter() {
-        c.clients += v.clients;
-        c.insert_failures += v.insert_failures;
-        c.switches += v.switches;
-        c.msgs_passed += v.msgs_passed;
-        c.bytes_passed += v.bytes_passed;
-        c.msgs_redirected += v.msgs_redirected;
-        c.bytes_redirected += v.bytes_redirected;
-        c.redirect_failures += v.redirect_failures;
-    }
+    let v = per_cpu.iter().fold(LocalStats::default(), LocalStats::add);
+    let c = LocalCounts {
+        clients: v.clients,
+        insert_failures: v.insert_failures,
+        switches: v.switches,
+        msgs_passed: v.msgs_passed,
+        bytes_passed: v.bytes_passed,
+        msgs_redirected: v.msgs_redirected,
+        bytes_redirected: v.bytes_redirected,
+        redirect_failures: v.redirect_failures,
+    };
     Ok(Some(c))
 }
 
@@ -509,4 +509,60 @@ pub fn render(s: &Status) -> String {
         }
     }
     o
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn status(local_shortcut: Option<LocalCounts>) -> Status {
+        Status {
+            pin_dir: "/sys/fs/bpf/sockgate".into(),
+            listeners: Vec::new(),
+            paired_sockets: 0,
+            forward_table_entries: 0,
+            local_shortcut,
+        }
+    }
+
+    #[test]
+    fn the_shortcut_line_shows_its_counters_and_only_when_it_is_on() {
+        let per_cpu = [
+            LocalStats {
+                clients: 2,
+                switches: 1,
+                bytes_redirected: 1000,
+                ..LocalStats::default()
+            },
+            LocalStats {
+                clients: 1,
+                bytes_passed: 24,
+                redirect_failures: 1,
+                ..LocalStats::default()
+            },
+        ];
+        let v = per_cpu.iter().fold(LocalStats::default(), LocalStats::add);
+        assert_eq!((v.clients, v.switches, v.bytes_redirected), (3, 1, 1000));
+        assert_eq!((v.bytes_passed, v.redirect_failures), (24, 1));
+        let on = render(&status(Some(LocalCounts {
+            clients: v.clients,
+            switches: v.switches,
+            bytes_redirected: v.bytes_redirected,
+            bytes_passed: v.bytes_passed,
+            redirect_failures: v.redirect_failures,
+            ..LocalCounts::default()
+        })));
+        assert!(
+            on.contains("node-local shortcut: clients 3  switched 1"),
+            "{on}"
+        );
+        assert!(
+            on.contains("(1000 bytes)") && on.contains("redirect failures 1"),
+            "{on}"
+        );
+        let off = render(&status(None));
+        assert!(!off.contains("node-local shortcut"), "{off}");
+        let json = serde_json::to_value(status(None)).expect("json");
+        assert!(json.get("local_shortcut").is_none(), "{json}");
+    }
 }

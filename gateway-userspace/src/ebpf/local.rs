@@ -112,7 +112,9 @@ pub struct LocalMaps {
     addrs: Mutex<(HashMap<MapData, u32, u8>, BTreeSet<Ipv4Addr>)>,
     state: Mutex<HashMap<MapData, LocalKey, LocalState>>,
     pairs: Mutex<HashMap<MapData, LocalKey, LocalPair>>,
-    stats: Mutex<PerCpuArray<MapData, LocalStats>>,
+    /// `GW_LOCAL_STATS`, read through its pin (`sockgate status`); held here so the
+    /// map lives as long as the agent's handle on it.
+    _stats: PerCpuArray<MapData, LocalStats>,
     /// Pin of `GW_LOCAL_STATS`, removed when the maps are dropped.
     stats_pin: Option<PathBuf>,
 }
@@ -192,7 +194,7 @@ impl LocalMaps {
             addrs: Mutex::new((take(ebpf, GW_LOCAL_ADDRS)?, BTreeSet::new())),
             state: Mutex::new(take(ebpf, GW_LOCAL_STATE)?),
             pairs: Mutex::new(take(ebpf, GW_LOCAL_PAIRS)?),
-            stats: Mutex::new(stats),
+            _stats: stats,
             stats_pin,
         };
         // Before the first client can connect: without its addresses the program
@@ -269,23 +271,5 @@ impl LocalMaps {
     /// Removes the client's pair entry (the pair ended).
     pub fn remove_pair(&self, key: &LocalKey) {
         let _ = lock(&self.pairs).remove(key);
-    }
-
-    /// The counters, summed over the CPUs.
-    pub fn stats(&self) -> LocalStats {
-        let mut sum = LocalStats::default();
-        if let Ok(values) = lock(&self.stats).get(&0, 0) {
-            for v in values.iter() {
-                sum.clients += v.clients;
-                sum.insert_failures += v.insert_failures;
-                sum.msgs_passed += v.msgs_passed;
-                sum.bytes_passed += v.bytes_passed;
-                sum.msgs_redirected += v.msgs_redirected;
-                sum.bytes_redirected += v.bytes_redirected;
-                sum.switches += v.switches;
-                sum.redirect_failures += v.redirect_failures;
-            }
-        }
-        sum
     }
 }
