@@ -360,28 +360,7 @@ fn local_shortcut_half_close() {
 fn local_shortcut_resets() {
     require_root();
     let bed = Bed::new(1).expect("bed");
-    let (tx, rx) = mpsc::channel::<io::ErrorKind>();
-    let tx = std::sync::Mutex::new(tx);
-    let watcher: servers::Handler = Arc::new(move |mut s: TcpStream| {
-        let mut buf = [0u8; 1024];
-        let kind = loop {
-            match s.read(&mut buf) {
-                Ok(0) => break io::ErrorKind::UnexpectedEof,
-                Ok(_) => {}
-                Err(e) => break e.kind(),
-            }
-        };
-        let _ = tx.lock().expect("lock").send(kind);
-    });
-    let resetter: servers::Handler = Arc::new(|mut s: TcpStream| {
-        let mut buf = [0u8; 5];
-        let _ = s.read_exact(&mut buf);
-        common::reset_with_linger(&s);
-    });
-    let _w =
-        servers::Server::start(bed.backend(0), backend(&bed, 0, 3001), watcher).expect("watcher");
-    let _r =
-        servers::Server::start(bed.backend(0), backend(&bed, 0, 3002), resetter).expect("resetter");
+    let (_w, _r, rx) = common::reset_backends(&bed);
     let r1 = format!("8088={}", backend(&bed, 0, 3001));
     let r2 = format!("8089={}", backend(&bed, 0, 3002));
     let agent = start(&bed, &[&r1, &r2], &[8088, 8089]);

@@ -226,19 +226,20 @@ impl LocalMaps {
             let _ = map.remove(&u32::from(*gone).to_be());
         }
         written.retain(|a| addrs.contains(a));
-        for new in addrs.difference(&written.clone()) {
+        let new: Vec<Ipv4Addr> = addrs.difference(written).copied().collect();
+        for a in new {
             if written.len() >= MAX_LOCAL_ADDRS as usize {
                 break;
             }
-            map.insert(u32::from(*new).to_be(), 1, 0).map_err(err)?;
-            written.insert(*new);
+            map.insert(u32::from(a).to_be(), 1, 0).map_err(err)?;
+            written.insert(a);
         }
         Ok(true)
     }
 
     /// Whether the `sock_ops` program takes a client at `addr` as node-local: 127.0.0.0/8
     /// or an address last written to `GW_LOCAL_ADDRS`. Lets the agent skip the map
-    /// lookup of [`Self::is_local_client`] for remote clients.
+    /// lookup of [`Self::state`] for remote clients.
     pub fn is_node_addr(&self, addr: Ipv4Addr) -> bool {
         addr.is_loopback() || lock(&self.addrs).1.contains(&addr)
     }
@@ -248,12 +249,8 @@ impl LocalMaps {
         lock(&self.addrs).1.iter().map(|a| IpAddr::V4(*a)).collect()
     }
 
-    /// Whether the `sock_ops` program took a client socket with this tuple.
-    pub fn is_local_client(&self, key: &LocalKey) -> bool {
-        lock(&self.state).get(key, 0).is_ok()
-    }
-
-    /// What the `sk_msg` program did with the client's sends so far.
+    /// What the `sk_msg` program did with the client's sends so far; `None` when the
+    /// `sock_ops` program did not take a client socket with this tuple.
     pub fn state(&self, key: &LocalKey) -> Option<LocalState> {
         lock(&self.state).get(key, 0).ok()
     }

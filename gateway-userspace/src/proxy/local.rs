@@ -152,7 +152,7 @@ pub fn enable(
     let key = key_of(client.peer_addr().ok()?, client.local_addr().ok()?)?;
     // A remote client (its address is none of the node's) costs no map lookup.
     let client_addr = std::net::Ipv4Addr::from(u32::from_be(key.client_addr_be));
-    if !local.is_node_addr(client_addr) || !local.is_local_client(&key) {
+    if !local.is_node_addr(client_addr) || local.state(&key).is_none() {
         return None;
     }
     let backend_fd = backend.as_fd().try_clone_to_owned().ok()?;

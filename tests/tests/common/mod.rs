@@ -512,23 +512,18 @@ pub fn half_close_both_ways_from(
     agent
 }
 
-/// A reset from either side resets the other: the client's RST (`SO_LINGER` 0, then
-/// close) through listener 8088 reaches backend 0:3001 as a reset, and backend
-/// 0:3002's RST reaches the client through 8089. `start` starts the agent with the two
-/// `--route` specs; it is returned for the caller's checks.
-pub fn resets_both_ways(bed: &Bed, start: impl FnOnce(&str, &str) -> Agent) -> Agent {
-    resets_both_ways_from(bed, bed.client(), start)
-}
-
-/// As [`resets_both_ways`], with the client in `client_ns`.
-pub fn resets_both_ways_from(
+/// The backends of a reset test: 0:3001 reads until an error and sends its kind on the
+/// returned channel (the client resets); 0:3002 reads 5 bytes and resets the
+/// connection. Both serve while the returned servers live.
+pub fn reset_backends(
     bed: &Bed,
-    client_ns: &netbed::Netns,
-    start: impl FnOnce(&str, &str) -> Agent,
-) -> Agent {
+) -> (
+    servers::Server,
+    servers::Server,
+    mpsc::Receiver<io::ErrorKind>,
+) {
     let (tx, rx) = mpsc::channel::<io::ErrorKind>();
     let tx = std::sync::Mutex::new(tx);
-    // 3001: reads until error and reports it (the client resets).
     let watcher: servers::Handler = Arc::new(move |mut s: TcpStream| {
         let mut buf = [0u8; 1024];
         let kind = loop {
@@ -540,22 +535,30 @@ pub fn resets_both_ways_from(
         };
         let _ = tx.lock().expect("lock").send(kind);
     });
-    // 3002: resets the connection at once.
-    let resetter: servers::Handler = Arc::new(|s: TcpStream| {
-        let mut s = s;
+    let resetter: servers::Handler = Arc::new(|mut s: TcpStream| {
         let mut buf = [0u8; 5];
         let _ = s.read_exact(&mut buf);
         reset_with_linger(&s);
     });
-    let _w = servers::Server::start(bed.backend(0), backend_addr(bed, 0, 3001), watcher)
+    let w = servers::Server::start(bed.backend(0), backend_addr(bed, 0, 3001), watcher)
         .expect("watcher");
-    let _r = servers::Server::start(bed.backend(0), backend_addr(bed, 0, 3002), resetter)
+    let r = servers::Server::start(bed.backend(0), backend_addr(bed, 0, 3002), resetter)
         .expect("resetter");
+    (w, r, rx)
+}
+
+/// A reset from either side resets the other: the client's RST (`SO_LINGER` 0, then
+/// close) through listener 8088 reaches backend 0:3001 as a reset, and backend
+/// 0:3002's RST reaches the client through 8089. `start` starts the agent with the two
+/// `--route` specs; it is returned for the caller's checks.
+pub fn resets_both_ways(bed: &Bed, start: impl FnOnce(&str, &str) -> Agent) -> Agent {
+    let (_w, _r, rx) = reset_backends(bed);
     let r1 = format!("8088={}", backend_addr(bed, 0, 3001));
     let r2 = format!("8089={}", backend_addr(bed, 0, 3002));
     let agent = start(&r1, &r2);
     let (a1, a2) = (listener_addr(bed, 8088), listener_addr(bed, 8089));
-    let client_saw = client_ns
+    let client_saw = bed
+        .client()
         .run(move || {
             let mut s = connect(a1).expect("connect");
             s.write_all(b"hello").expect("write");

@@ -1179,16 +1179,7 @@ fn run_row(
                 load,
             );
         }
-        let paths = match running.as_mut() {
-            Some(r) => {
-                r.check_alive()?;
-                r.sockgate_paths()
-            }
-            None => None,
-        };
-        drop(running);
-        std::thread::sleep(Duration::from_millis(500));
-        return Ok(paths);
+        return end_row(running);
     }
 
     let load = measure::wait_quiet(t.quiet_max);
@@ -1227,6 +1218,13 @@ fn run_row(
         );
     }
 
+    end_row(running)
+}
+
+/// The end of a row: checks the proxy is still alive, reads sockgate's connections by
+/// data path, stops the proxy and lets the kernel free what the row's connections held
+/// before the next row.
+fn end_row(mut running: Option<peers::Running>) -> anyhow::Result<Option<peers::Paths>> {
     let paths = match running.as_mut() {
         Some(r) => {
             r.check_alive()?;
@@ -1235,7 +1233,6 @@ fn run_row(
         None => None,
     };
     drop(running);
-    // Let the kernel free what the row's connections held before the next row.
     std::thread::sleep(Duration::from_millis(500));
     Ok(paths)
 }
